@@ -1,0 +1,232 @@
+"""The reference backend: every IR op with plain torch. It is the oracle every other backend and every pass is
+tested against, so it favours the obvious formulation over speed.
+
+State is functional here: ``kv_cache_write`` returns a new cache tensor and ``run`` returns the final version of
+every state. Weights (params and weight expressions) are evaluated once per program, when it is built.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from lowerlm.ir.errors import CompileError, InputError
+from lowerlm.ir.fold import CORE_OPS, run_core
+from lowerlm.ir.graph import Graph, Module, Node
+from lowerlm.ir.ops import Op
+from lowerlm.ir.shapes import Sym, evaluate
+from lowerlm.ir.weights import Param, evaluate_weight, tensor_digest, weight_fingerprint
+
+
+# ---- LLM ops ------------------------------------------------------------------------------------------------
+def rms_norm(x, w, eps: float):
+    # x: [..., H]; computed in f32 and cast back before the weight, as transformers' LlamaRMSNorm does
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return w * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions, inv_freq, scaling: float, layout: str, dtype):
+    # positions: [B, S] -> cos, sin: [B, S, 1, R] with R = 2 * len(inv_freq)
+    freqs = positions.float()[..., None] * torch.tensor(inv_freq, dtype=torch.float32)
+    emb = torch.cat([freqs, freqs], -1) if layout == "half" else freqs.repeat_interleave(2, -1)
+    return (emb.cos() * scaling).to(dtype)[:, :, None, :], (emb.sin() * scaling).to(dtype)[:, :, None, :]
+
+
+def _rotate(x, layout: str):
+    if layout == "half":
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([-x2, x1], dim=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([-x2, x1], dim=-1).flatten(-2)
+
+
+def rope(q, k, positions, heads, inv_freq, scaling: float, layout: str):
+    # q: [B, S, Hq*D], k: [B, S, Hk*D]; the first R = 2*len(inv_freq) dims of each head rotate
+    cos, sin = rope_cos_sin(positions, inv_freq, scaling, layout, q.dtype)
+    rdim = cos.shape[-1]
+    out = []
+    for x, h in zip((q, k), heads):
+        b, s, width = x.shape
+        xh = x.reshape(b, s, h, width // h)
+        rot, rest = xh[..., :rdim], xh[..., rdim:]
+        rot = rot * cos + _rotate(rot, layout) * sin
+        out.append(torch.cat([rot, rest], -1).reshape(b, s, width))
+    return tuple(out)
+
+
+def _heads(x, h):
+    # [B, S, H*D] -> [B, H, S, D]
+    b, s, width = x.shape
+    return x.reshape(b, s, h, width // h).transpose(1, 2)
+
+
+def _attend(q, k, v, visible, scale: float):
+    # q: [B, Hq, S, D]; k, v: [B, Hk, L, D*]; visible: [B, S, L] bool -> [B, S, Hq*Dv]
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    mask = visible[:, None, :, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = torch.where(visible.any(-1)[:, None, :, None], out, torch.zeros((), dtype=out.dtype))
+    b, h, s, dv = out.shape
+    return out.transpose(1, 2).reshape(b, s, h * dv)
+
+
+def _visible(q_pos, k_pos, k_valid, causal: bool, window: int):
+    # q_pos: [B, S], k_pos: [B, L], k_valid: [B, L] -> [B, S, L]
+    vis = k_valid[:, None, :].expand(-1, q_pos.shape[1], -1)
+    diff = q_pos[:, :, None] - k_pos[:, None, :]
+    if causal:
+        vis = vis & (diff >= 0)
+    if window:
+        vis = vis & (diff < window)
+    return vis
+
+
+def attention(q, k, v, positions, seq_lens, heads, scale, causal, window):
+    hq, hk = heads
+    s = q.shape[1]
+    k_valid = torch.arange(s)[None, :] < seq_lens[:, None].long()
+    vis = _visible(positions, positions, k_valid, causal, window)
+    return _attend(_heads(q, hq), _heads(k, hk), _heads(v, hk), vis, scale)
+
+
+def kv_cache_write(cache, values, positions):
+    # cache: [B, Hk, T, D]; values: [B, S, Hk*D]; slots with positions outside [0, T) are skipped
+    b, hk, t, d = cache.shape
+    out = cache.clone()
+    valid = (positions >= 0) & (positions < t)
+    bi, si = valid.nonzero(as_tuple=True)
+    out[bi, :, positions[bi, si], :] = values.reshape(b, -1, hk, d)[bi, si].to(out.dtype)
+    return out
+
+
+def cached_attention(q, k_cache, v_cache, positions, seq_lens, scale, causal, window):
+    b, hk, t, d = k_cache.shape
+    slots = torch.arange(t)[None, :].expand(b, -1)
+    vis = _visible(positions, slots, slots < seq_lens[:, None].long(), causal, window)
+    return _attend(_heads(q, q.shape[2] // d), k_cache, v_cache, vis, scale)
+
+
+def _llm(node: Node, args: list):
+    a = node.all_attrs()
+    op = node.op
+    if op is Op.RMS_NORM:
+        return rms_norm(args[0], args[1], a["eps"])
+    if op is Op.ROPE:
+        return rope(*args, a["heads"], a["inv_freq"], a["scaling"], a["layout"])
+    if op is Op.ATTENTION:
+        return attention(*args, a["heads"], a["scale"], a["causal"], a["window"])
+    if op is Op.KV_CACHE_WRITE:
+        return kv_cache_write(*args)
+    if op is Op.CACHED_ATTENTION:
+        return cached_attention(*args, a["scale"], a["causal"], a["window"])
+    raise CompileError(f"the reference backend has no implementation of {op}")
+
+
+LLM_OPS = frozenset({Op.RMS_NORM, Op.ROPE, Op.ATTENTION, Op.KV_CACHE_WRITE, Op.CACHED_ATTENTION})
+IMPLEMENTED = CORE_OPS | LLM_OPS | {Op.PARAM, Op.WEIGHT}
+
+
+# ---- programs -----------------------------------------------------------------------------------------------
+def bind_symbols(declared, actual, env: dict, what: str) -> None:
+    """Bind the symbols of a declared shape to an actual shape; raise InputError on a mismatch."""
+    if len(declared) != len(actual):
+        raise InputError(f"{what}: expected rank {len(declared)} {list(map(str, declared))}, got {list(actual)}")
+    for d, n in zip(declared, actual):
+        if isinstance(d, Sym) and len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1 \
+                and isinstance(d.terms[0][0][0][0], str) and d.terms[0][0][0][1] == 1:
+            name = d.terms[0][0][0][0]
+            if env.setdefault(name, n) != n:
+                raise InputError(f"{what}: dimension {name} is {env[name]} elsewhere but {n} here")
+    for d, n in zip(declared, actual):
+        try:
+            want = evaluate(d, env)
+        except KeyError:
+            continue
+        if want != n:
+            raise InputError(f"{what}: expected shape {list(map(str, declared))}, got {list(actual)}")
+
+
+class ReferenceProgram:
+    """A module ready to run on the reference backend: ``run(graph, inputs, state) -> (outputs, new_state)``."""
+
+    def __init__(self, module: Module, weights: Mapping[str, torch.Tensor]):
+        self.module = module
+        self.weights = weights
+        missing = [n for n, _ in module.params if n not in weights]
+        if missing:
+            raise CompileError(f"weights missing for params: {', '.join(missing[:5])}")
+        self._param_digests: dict = {}
+        self._constants: dict = {}
+        for g in module.graphs:
+            for node in g.nodes:
+                if node.op in (Op.PARAM, Op.WEIGHT):
+                    self._constants.setdefault(self._weight_key(node), None)
+        for key in self._constants:
+            self._constants[key] = evaluate_weight(key, self.weights.__getitem__)
+
+    @staticmethod
+    def _weight_key(node: Node):
+        return Param(node.attrs["name"]) if node.op is Op.PARAM else node.attrs["expr"]
+
+    def param_digest(self, name: str) -> str:
+        if name not in self._param_digests:
+            self._param_digests[name] = tensor_digest(self.weights[name])
+        return self._param_digests[name]
+
+    def weight_fingerprint(self) -> str:
+        """A digest over every weight the program evaluates (expression structure and parameter values)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for key in sorted(self._constants, key=repr):
+            h.update(weight_fingerprint(key, self.param_digest).encode())
+        return h.hexdigest()[:16]
+
+    def run(self, graph: str | Graph, inputs: Mapping[str, torch.Tensor] | list,
+            state: Mapping[str, torch.Tensor] | None = None) -> tuple[list, dict]:
+        g = self.module.graph(graph) if isinstance(graph, str) else graph
+        if not isinstance(inputs, Mapping):
+            inputs = dict(zip((v.name for v in g.inputs), inputs))
+        state = state or {}
+        env: dict = {}
+        values: dict = {}
+        for v in g.inputs:
+            values[v.name] = self._check(v.name, v.type, inputs, env, "input")
+        for s in g.state:
+            values[s.name] = self._check(s.name, s.type, state, env, "state")
+        for node in g.nodes:
+            args = [values[i] for i in node.args]
+            if node.op in (Op.PARAM, Op.WEIGHT):
+                out = self._constants[self._weight_key(node)]
+            elif node.op in CORE_OPS:
+                out = run_core(node, args, env)
+            else:
+                out = _llm(node, args)
+            outs = out if isinstance(out, tuple) else (out,)
+            for r, t in zip(node.results, outs):
+                values[r.name] = t
+        return ([values[o] for o in g.outputs],
+                {s.name: values[o] for s, o in zip(g.state, g.state_outputs)})
+
+    @staticmethod
+    def _check(name, type_, given: Mapping, env: dict, what: str):
+        if name not in given:
+            raise InputError(f"{what} %{name} ({type_}) was not given")
+        t = given[name]
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{what} %{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != type_.dtype.to_torch():
+            raise InputError(f"{what} %{name} must have dtype {type_.dtype}, got {t.dtype}")
+        bind_symbols(type_.shape, tuple(t.shape), env, f"{what} %{name}")
+        return t
+
+
+def run_graph(graph: Graph, weights: Mapping[str, torch.Tensor], inputs, state=None, params=None):
+    """Run one graph on the reference backend (a convenience for tests)."""
+    params = params if params is not None else {n: None for n in weights}
+    module = Module.of([graph], {n: t for n, t in params.items()})
+    return ReferenceProgram(module, weights).run(graph.name, inputs, state)

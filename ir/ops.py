@@ -1,0 +1,64 @@
+"""The op enum, grouped by kind, and the op sets passes refer to. What each op takes and yields is in
+``ir/opdefs.py``; how it computes is in ``codegen/reference.py``."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Op(enum.Enum):
+    # ---- leaves: parameters, weight expressions, constants
+    PARAM = "param"
+    WEIGHT = "weight"
+    CONSTANT = "constant"
+    # ---- element-wise, binary (numpy broadcasting, equal dtypes)
+    ADD = "add"
+    SUB = "sub"
+    MUL = "mul"
+    DIV = "div"
+    # ---- element-wise, unary
+    NEG = "neg"
+    EXP = "exp"
+    RSQRT = "rsqrt"
+    POW = "pow"
+    SILU = "silu"
+    GELU = "gelu"
+    SIGMOID = "sigmoid"
+    CAST = "cast"
+    # ---- reductions
+    MEAN = "mean"
+    SUM = "sum"
+    SOFTMAX = "softmax"
+    ARGMAX = "argmax"
+    TOPK = "topk"
+    # ---- views and data movement
+    RESHAPE = "reshape"
+    TRANSPOSE = "transpose"
+    CONCAT = "concat"
+    SPLIT = "split"
+    SLICE = "slice"
+    GATHER = "gather"
+    EMBEDDING = "embedding"
+    # ---- contractions
+    LINEAR = "linear"
+    MATMUL = "matmul"
+    # ---- LLM ops raised by the frontend
+    RMS_NORM = "rms_norm"
+    ROPE = "rope"
+    ATTENTION = "attention"
+    # ---- state: made by insert_kv_cache
+    KV_CACHE_WRITE = "kv_cache_write"
+    CACHED_ATTENTION = "cached_attention"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV})
+UNARY = frozenset({Op.NEG, Op.EXP, Op.RSQRT, Op.POW, Op.SILU, Op.GELU, Op.SIGMOID, Op.CAST})
+ELEMENTWISE = BINARY | UNARY
+REDUCE = frozenset({Op.MEAN, Op.SUM, Op.SOFTMAX, Op.ARGMAX, Op.TOPK})
+VIEW = frozenset({Op.RESHAPE, Op.TRANSPOSE, Op.SLICE})
+LEAF = frozenset({Op.PARAM, Op.WEIGHT, Op.CONSTANT})
+# ops whose result is computed from the weight table alone, once at load time
+WEIGHT_LEAF = frozenset({Op.PARAM, Op.WEIGHT})

@@ -1,0 +1,164 @@
+"""The verifier: every node against the op table, SSA order, and state linearity.
+
+State linearity is what makes aliasing a state output to its input buffer sound: every version of a state is
+consumed by at most one writer, nothing reads a version after a writer consumed it, each returned state is the
+last version of its own chain, and every state is returned.
+"""
+
+from __future__ import annotations
+
+import re
+
+from lowerlm.ir.dtypes import DType
+from lowerlm.ir.errors import ShapeError, VerifyError
+from lowerlm.ir.graph import Graph, Module, Node, infer_types
+from lowerlm.ir.opdefs import OPDEFS, REQUIRED, AttrKind
+from lowerlm.ir.ops import Op
+from lowerlm.ir.shapes import is_dim
+from lowerlm.ir.weights import WeightExpr, weight_type
+
+_NAME = re.compile(r"[A-Za-z0-9_.]+")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_KIND_CHECK = {
+    AttrKind.INT: _is_int,
+    AttrKind.FLOAT: _is_number,
+    AttrKind.BOOL: lambda v: isinstance(v, bool),
+    AttrKind.STR: lambda v: isinstance(v, str),
+    AttrKind.DTYPE: lambda v: isinstance(v, DType),
+    AttrKind.INTS: lambda v: isinstance(v, tuple) and all(map(_is_int, v)),
+    AttrKind.FLOATS: lambda v: isinstance(v, tuple) and all(map(_is_number, v)),
+    AttrKind.DIM: is_dim,
+    AttrKind.DIMS: lambda v: isinstance(v, tuple) and all(map(is_dim, v)),
+    AttrKind.NUMBERS: lambda v: _is_number(v) or isinstance(v, tuple) and all(map(_is_number, v)),
+    AttrKind.EXPR: lambda v: isinstance(v, WeightExpr.__args__),
+}
+
+
+def check_node(node: Node, in_types: list, params: dict | None = None) -> None:
+    """Arity, attributes and result types of one node; raises VerifyError (ShapeError for types)."""
+    d = OPDEFS.get(node.op)
+    if d is None:
+        raise VerifyError(f"op {node.op} is not in the op table")
+    n_spec = len(d.inputs)
+    if d.variadic:
+        if len(node.inputs) < n_spec:
+            raise VerifyError(f"{node.op} takes at least {n_spec} operands, got {len(node.inputs)}")
+    elif len(node.inputs) != n_spec:
+        raise VerifyError(f"{node.op} takes {n_spec} operands, got {len(node.inputs)}")
+    for i, v in enumerate(node.inputs):
+        spec = d.inputs[min(i, n_spec - 1)]
+        if v is None and not spec.optional:
+            raise VerifyError(f"{node.op} operand '{spec.name}' is missing")
+    for name, value in node.attrs.items():
+        if name not in d.attrs:
+            raise VerifyError(f"{node.op} has no attribute '{name}' (it takes: {', '.join(d.attrs) or 'none'})")
+        spec = d.attrs[name]
+        if not _KIND_CHECK[spec.kind](value):
+            raise VerifyError(f"{node.op} attribute '{name}' must be {spec.kind.value}, got {value!r}")
+        if spec.choices and value not in spec.choices:
+            raise VerifyError(f"{node.op} attribute '{name}' must be one of {list(spec.choices)}, got {value!r}")
+    for name, spec in d.attrs.items():
+        if spec.default is REQUIRED and name not in node.attrs:
+            raise VerifyError(f"{node.op} needs attribute '{name}'")
+    if not node.results:
+        raise VerifyError(f"{node.op} has no results")
+    declared = [r.type for r in node.results]
+    if node.op is Op.PARAM:
+        inferred = [params[node.attrs["name"]]] if params is not None and node.attrs["name"] in params else None
+        if params is not None and inferred is None:
+            raise VerifyError(f"param '{node.attrs['name']}' is not in the weight table")
+    elif node.op is Op.WEIGHT:
+        inferred = [weight_type(node.attrs["expr"], params)] if params is not None else None
+    else:
+        inferred = infer_types(node.op, in_types, node.attrs)
+    if inferred is not None and list(inferred) != declared:
+        raise ShapeError(f"{node.op} yields {', '.join(map(str, inferred))} but the node declares "
+                         f"{', '.join(map(str, declared))}")
+
+
+def verify_graph(g: Graph, params: dict | None = None) -> Graph:
+    """Check ``g``; return it unchanged or raise VerifyError naming the graph and the node."""
+    defined: dict = {}
+
+    def define(name: str, type_, where: str) -> None:
+        if not _NAME.fullmatch(name):
+            raise VerifyError(f"bad value name '%{name}'", g.name, where)
+        if name in defined:
+            raise VerifyError(f"%{name} is defined twice", g.name, where)
+        defined[name] = type_
+
+    for v in g.inputs:
+        define(v.name, v.type, "inputs")
+    # state chains: version -> index of the state it descends from; consumed versions -> consumer
+    chain: dict = {}
+    consumed: dict = {}
+    for i, s in enumerate(g.state):
+        define(s.name, s.type, "state")
+        chain[s.name] = i
+
+    for node in g.nodes:
+        where = "%" + node.name if node.results else str(node.op)
+        writes = OPDEFS[node.op].writes if node.op in OPDEFS else {}
+        for slot, v in enumerate(node.inputs):
+            if v is None:
+                continue
+            if v not in defined:
+                raise VerifyError(f"%{v} is used before it is defined", g.name, where)
+            if v in consumed:
+                verb = "written twice: already" if slot in writes else "read after"
+                raise VerifyError(f"state version %{v} is {verb} overwritten by {consumed[v]}", g.name, where)
+        in_types = [defined[v] if v is not None else None for v in node.inputs]
+        try:
+            check_node(node, in_types, params)
+        except VerifyError as e:
+            raise type(e)(str(e), g.name, where) from None
+        for slot, result in writes.items():
+            old = node.inputs[slot]
+            if old not in chain:
+                raise VerifyError(f"{node.op} writes %{old}, which is not a state version", g.name, where)
+            consumed[old] = where
+            chain[node.results[result].name] = chain[old]
+        for r in node.results:
+            define(r.name, r.type, where)
+
+    for o in g.outputs:
+        if o not in defined:
+            raise VerifyError(f"output %{o} is not defined", g.name, "return")
+    if len(g.state_outputs) != len(g.state):
+        raise VerifyError(f"{len(g.state)} states declared but {len(g.state_outputs)} returned: every state must be "
+                          "returned in declaration order", g.name, "return")
+    for i, (s, o) in enumerate(zip(g.state, g.state_outputs)):
+        if o not in chain or chain[o] != i:
+            raise VerifyError(f"returned state {i} (%{o}) does not descend from state %{s.name}", g.name, "return")
+        if o in consumed:
+            raise VerifyError(f"returned state %{o} was overwritten by {consumed[o]}; return the last version",
+                              g.name, "return")
+    for o in g.outputs:
+        if o in chain:
+            raise VerifyError(f"state version %{o} returned as a plain output", g.name, "return")
+    return g
+
+
+def verify_module(m: Module) -> Module:
+    """Verify every graph against the module's weight table, and that graphs agree on shared state."""
+    params = m.param_types
+    names = [g.name for g in m.graphs]
+    if len(set(names)) != len(names):
+        raise VerifyError(f"graph names repeat: {names}")
+    seen: dict = {}
+    for g in m.graphs:
+        verify_graph(g, params)
+        for s in g.state:
+            if s.name in seen and seen[s.name] != s:
+                raise VerifyError(f"state %{s.name} is declared differently in two graphs", g.name, "state")
+            seen[s.name] = s
+    return m

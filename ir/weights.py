@@ -1,0 +1,219 @@
+"""Weight expressions: weights computed from parameters once, when a program is loaded.
+
+Passes that need new weights (q/k/v concatenated, ARM's ``W_d·diag(s)`` and ``M = W_d·diag(μ)·W_u``) emit a
+``weight`` node holding an expression over ``param`` leaves and ``data`` leaves (constants handed to a pass, such
+as calibration statistics). Expressions are immutable, print as text, have a result type computed from the
+parameter table, a fingerprint that covers the values of every leaf, and evaluate to a tensor with torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Union
+
+from lowerlm.ir.dtypes import DType
+from lowerlm.ir.errors import ShapeError
+from lowerlm.ir.types import TensorType
+
+
+@dataclass(frozen=True)
+class Param:
+    """An entry of the module's weight table."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Data:
+    """A constant handed to a pass. ``values`` is a tuple of numbers (row-major); it is None after parsing text,
+    which records only the ``digest`` of the values."""
+
+    key: str
+    type: TensorType
+    digest: str
+    values: tuple | None = field(default=None, compare=False, repr=False)
+
+    @staticmethod
+    def of(key: str, type: TensorType, values) -> Data:
+        flat = tuple(float(v) if type.dtype.is_float else int(v) for v in values)
+        if not isinstance(type.numel, int) or len(flat) != type.numel:
+            raise ShapeError(f"data '{key}' has {len(flat)} values for type {type}")
+        return Data(key, type, hashlib.sha256(repr(flat).encode()).hexdigest()[:16], flat)
+
+
+@dataclass(frozen=True)
+class Concat:
+    """Concatenation along ``axis``."""
+
+    args: tuple
+    axis: int = 0
+
+
+@dataclass(frozen=True)
+class Transpose:
+    """Swap of the two axes of a matrix."""
+
+    arg: WeightExpr
+
+
+@dataclass(frozen=True)
+class MatMul:
+    """Matrix product of two matrices."""
+
+    lhs: WeightExpr
+    rhs: WeightExpr
+
+
+@dataclass(frozen=True)
+class Scale:
+    """``arg`` times a vector ``by`` broadcast along ``axis`` (``W·diag(s)`` is axis 1)."""
+
+    arg: WeightExpr
+    by: WeightExpr
+    axis: int
+
+
+@dataclass(frozen=True)
+class Cast:
+    """Conversion to another dtype."""
+
+    arg: WeightExpr
+    dtype: DType
+
+
+WeightExpr = Union[Param, Data, Concat, Transpose, MatMul, Scale, Cast]
+
+
+def children(expr: WeightExpr) -> tuple:
+    if isinstance(expr, Concat):
+        return expr.args
+    if isinstance(expr, (Transpose, Cast)):
+        return (expr.arg,)
+    if isinstance(expr, MatMul):
+        return (expr.lhs, expr.rhs)
+    if isinstance(expr, Scale):
+        return (expr.arg, expr.by)
+    return ()
+
+
+def params_of(expr: WeightExpr) -> list[str]:
+    """Names of the parameters an expression reads, in order of appearance."""
+    if isinstance(expr, Param):
+        return [expr.name]
+    return [p for c in children(expr) for p in params_of(c)]
+
+
+def weight_type(expr: WeightExpr, params: Mapping[str, TensorType]) -> TensorType:
+    """The result type of ``expr``; raises ShapeError for operands that do not fit."""
+    if isinstance(expr, Param):
+        if expr.name not in params:
+            raise ShapeError(f"param '{expr.name}' is not in the weight table")
+        return params[expr.name]
+    if isinstance(expr, Data):
+        return expr.type
+    kids = [weight_type(c, params) for c in children(expr)]
+    if isinstance(expr, Concat):
+        if not kids:
+            raise ShapeError("weight concat needs at least one operand")
+        first = kids[0]
+        if not -first.rank <= expr.axis < first.rank:
+            raise ShapeError(f"weight concat axis {expr.axis} out of range for rank {first.rank}")
+        axis = expr.axis % first.rank
+        total = 0
+        for k in kids:
+            if k.dtype != first.dtype or k.rank != first.rank or any(
+                    a != b for i, (a, b) in enumerate(zip(k.shape, first.shape)) if i != axis):
+                raise ShapeError(f"weight concat operands {first} and {k} do not fit along axis {expr.axis}")
+            total = total + k.shape[axis]
+        return first.with_shape(first.shape[:axis] + (total,) + first.shape[axis + 1:])
+    if isinstance(expr, Transpose):
+        (a,) = kids
+        if a.rank != 2:
+            raise ShapeError(f"weight transpose needs a matrix, got {a}")
+        return a.with_shape(a.shape[::-1])
+    if isinstance(expr, MatMul):
+        a, b = kids
+        if a.rank != 2 or b.rank != 2 or a.shape[1] != b.shape[0] or a.dtype != b.dtype:
+            raise ShapeError(f"weight matmul operands {a} and {b} do not fit")
+        return a.with_shape((a.shape[0], b.shape[1]))
+    if isinstance(expr, Scale):
+        a, s = kids
+        if s.rank != 1 or not 0 <= expr.axis < a.rank or a.shape[expr.axis] != s.shape[0]:
+            raise ShapeError(f"weight scale of {a} by {s} along axis {expr.axis} does not fit")
+        return a
+    if isinstance(expr, Cast):
+        return kids[0].with_dtype(expr.dtype)
+    raise ShapeError(f"not a weight expression: {expr!r}")
+
+
+def weight_fingerprint(expr: WeightExpr, param_digest: Callable[[str], str]) -> str:
+    """A digest of the expression's structure and of every leaf's values (params through ``param_digest``)."""
+    h = hashlib.sha256(expr_str(expr).encode())
+    for name in params_of(expr):
+        h.update(param_digest(name).encode())
+    return h.hexdigest()[:16]
+
+
+def evaluate_weight(expr: WeightExpr, get_param: Callable[[str], object]):
+    """Compute the tensor for ``expr``; ``get_param(name)`` returns a parameter's tensor."""
+    import torch
+
+    if isinstance(expr, Param):
+        return get_param(expr.name)
+    if isinstance(expr, Data):
+        if expr.values is None:
+            raise ShapeError(f"data '{expr.key}' has no values (it was parsed from text); hand the pass its data")
+        return torch.tensor(expr.values, dtype=expr.type.dtype.to_torch()).reshape(expr.type.shape)
+    kids = [evaluate_weight(c, get_param) for c in children(expr)]
+    if isinstance(expr, Concat):
+        return torch.cat(kids, dim=expr.axis)
+    if isinstance(expr, Transpose):
+        return kids[0].t().contiguous()
+    if isinstance(expr, MatMul):
+        return kids[0] @ kids[1]
+    if isinstance(expr, Scale):
+        a, s = kids
+        view = [1] * a.dim()
+        view[expr.axis] = -1
+        return a * s.to(a.dtype).reshape(view)
+    if isinstance(expr, Cast):
+        return kids[0].to(expr.dtype.to_torch())
+    raise TypeError(f"not a weight expression: {expr!r}")
+
+
+def expr_str(expr: WeightExpr) -> str:
+    """Canonical text: ``concat(param "a", param "b") {axis=0}`` style, nested without attributes braces."""
+    import json
+
+    if isinstance(expr, Param):
+        return f"param {json.dumps(expr.name)}"
+    if isinstance(expr, Data):
+        return f"data {json.dumps(expr.key)} : {expr.type} sha {expr.digest}"
+    if isinstance(expr, Concat):
+        return f"concat[{expr.axis}](" + ", ".join(expr_str(a) for a in expr.args) + ")"
+    if isinstance(expr, Transpose):
+        return f"transpose({expr_str(expr.arg)})"
+    if isinstance(expr, MatMul):
+        return f"matmul({expr_str(expr.lhs)}, {expr_str(expr.rhs)})"
+    if isinstance(expr, Scale):
+        return f"scale[{expr.axis}]({expr_str(expr.arg)}, {expr_str(expr.by)})"
+    if isinstance(expr, Cast):
+        return f"cast[{expr.dtype}]({expr_str(expr.arg)})"
+    raise TypeError(f"not a weight expression: {expr!r}")
+
+
+def tensor_digest(tensor) -> str:
+    """A digest of a tensor's dtype, shape and bytes (for weight fingerprints)."""
+    import torch
+
+    t = tensor.detach().contiguous().cpu()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        raw = t.view(torch.int16).numpy().tobytes()
+    elif t.dtype == torch.bool:
+        raw = t.to(torch.uint8).numpy().tobytes()
+    else:
+        raw = t.numpy().tobytes()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(raw)
+    return h.hexdigest()[:16]

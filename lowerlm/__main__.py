@@ -1,0 +1,5 @@
+import sys
+
+from lowerlm.cli import main
+
+sys.exit(main())

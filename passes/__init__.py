@@ -1,0 +1,99 @@
+"""Passes: pure ``Graph -> Graph`` rewrites, and the driver that runs them over a module.
+
+The default pipeline is the list below, in order, one line per pass. ``PASSES`` maps every pass name (default or
+not) to its function for ``dump-ir --after NAME`` and ``compile_model(passes=[...])``. The driver maps a pass
+over every graph of the module, verifies after each pass, counts rewrites, and prints the IR after a pass when
+``LOWERLM_DUMP`` names it (``all``, or names separated by commas).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Iterable, TextIO
+
+from lowerlm.ir.errors import PassError, VerifyError
+from lowerlm.ir.graph import Graph, Module
+from lowerlm.ir.printer import print_module
+from lowerlm.ir.verifier import verify_module
+from lowerlm.passes.canonicalize import canonicalize
+from lowerlm.passes.pattern import take_rewrite_count
+
+PassFn = Callable[[Graph], Graph]
+
+PIPELINE: list[tuple[str, PassFn]] = [
+    ("canonicalize", canonicalize),  # one canonical form first: no-op views/casts gone, constants folded, CSE, DCE
+]
+
+PASSES: dict[str, PassFn] = dict(PIPELINE)
+
+PASS_DOCS: dict[str, str] = {name: (fn.__module__ and sys.modules[fn.__module__].__doc__ or "").strip().split("\n")[0]
+                             for name, fn in PASSES.items()}
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """What one pass did: its name, the module after it and how many rewrites it made."""
+
+    name: str
+    module: Module
+    rewrites: int
+
+
+def resolve(passes: str | Iterable[str | tuple] = "default") -> list[tuple[str, PassFn]]:
+    """The (name, function) list for ``"default"``, ``"none"`` or a list of names (or (name, fn) pairs)."""
+    if passes == "default":
+        return list(PIPELINE)
+    if passes in ("none", None):
+        return []
+    if isinstance(passes, str):
+        passes = [p.strip() for p in passes.split(",") if p.strip()]
+    out = []
+    for p in passes:
+        if isinstance(p, tuple):
+            out.append(p)
+        elif p in PASSES:
+            out.append((p, PASSES[p]))
+        else:
+            raise PassError(f"unknown pass '{p}'; known passes: {', '.join(PASSES)} (see `lowerlm passes`)")
+    return out
+
+
+def run_pass(name: str, fn: PassFn, module: Module, verify: bool = True) -> PassRecord:
+    """Run one pass over every graph of ``module``; verify the result."""
+    take_rewrite_count()
+    out = module.map(fn)
+    count = take_rewrite_count()
+    if verify:
+        try:
+            verify_module(out)
+        except VerifyError as e:
+            raise PassError(f"pass '{name}' produced an invalid graph: {e}") from e
+    return PassRecord(name, out, count)
+
+
+def _dump_names() -> set:
+    return {n.strip() for n in os.environ.get("LOWERLM_DUMP", "").split(",") if n.strip()}
+
+
+def dump_header(record: PassRecord) -> str:
+    return f"// after {record.name} ({record.rewrites} rewrites)"
+
+
+def run_pipeline(module: Module, passes="default", verify: bool = True, dump: set | None = None,
+                 out: TextIO | None = None, on_pass: Callable[[PassRecord], None] | None = None) -> Module:
+    """Run the passes in order. ``dump`` (default: from LOWERLM_DUMP) names the passes whose result is printed to
+    ``out`` (default stderr); ``on_pass`` receives each PassRecord."""
+    dump = _dump_names() if dump is None else dump
+    if verify:
+        verify_module(module)
+    for name, fn in resolve(passes):
+        record = run_pass(name, fn, module, verify)
+        module = record.module
+        if "all" in dump or name in dump:
+            print(dump_header(record), file=out or sys.stderr)
+            print(print_module(module), file=out or sys.stderr)
+        if on_pass is not None:
+            on_pass(record)
+    return module
