@@ -392,7 +392,7 @@ class _Parser:
             self.expect(":")
             t = self.tensor_type()
             self.expect("sha")
-            digest = self.take().text
+            digest = self.string()
             out = Data(key, t, digest)
         elif head in ("concat", "scale", "cast"):
             self.expect("[")

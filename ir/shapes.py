@@ -162,9 +162,10 @@ def _print_atom(atom: Atom, alone: bool) -> str:
     return text if alone else f"({text})"
 
 
-def _print_monomial(m: Monomial, coef: int) -> str:
+def _print_monomial(m: Monomial, coef: int, negated: bool = False) -> str:
     factors = [a for a, p in m for _ in range(p)]
-    alone = len(factors) == 1 and coef == 1
+    # a lone floor-division prints bare unless negated: "-S//2" would read as (-S)//2
+    alone = len(factors) == 1 and coef == 1 and not negated
     parts = ([str(coef)] if coef != 1 else []) + [_print_atom(a, alone) for a in factors]
     return "*".join(parts)
 
@@ -172,7 +173,7 @@ def _print_monomial(m: Monomial, coef: int) -> str:
 def _print_poly(p: Sym) -> str:
     out = ""
     for m, c in p.terms:
-        text = str(c) if m == () else _print_monomial(m, abs(c))
+        text = str(c) if m == () else _print_monomial(m, abs(c), c < 0)
         if c < 0:
             out += "-" + (text.lstrip("-") if m == () else text)
         else:

@@ -189,7 +189,7 @@ def expr_str(expr: WeightExpr) -> str:
     if isinstance(expr, Param):
         return f"param {json.dumps(expr.name)}"
     if isinstance(expr, Data):
-        return f"data {json.dumps(expr.key)} : {expr.type} sha {expr.digest}"
+        return f"data {json.dumps(expr.key)} : {expr.type} sha {json.dumps(expr.digest)}"
     if isinstance(expr, Concat):
         return f"concat[{expr.axis}](" + ", ".join(expr_str(a) for a in expr.args) + ")"
     if isinstance(expr, Transpose):
