@@ -187,17 +187,24 @@ class ReferenceProgram:
         return h.hexdigest()[:16]
 
     def run(self, graph: str | Graph, inputs: Mapping[str, torch.Tensor] | list,
-            state: Mapping[str, torch.Tensor] | None = None) -> tuple[list, dict]:
+            state: Mapping[str, torch.Tensor] | None = None, symbols: Mapping[str, int] | None = None
+            ) -> tuple[list, dict]:
+        """Run a graph. Shape symbols bind from the inputs' shapes; ``symbols`` gives those that appear only
+        inside compound dimensions such as ``(S+1)//2``."""
         g = self.module.graph(graph) if isinstance(graph, str) else graph
         if not isinstance(inputs, Mapping):
             inputs = dict(zip((v.name for v in g.inputs), inputs))
         state = state or {}
-        env: dict = {}
+        env: dict = dict(symbols or {})
         values: dict = {}
         for v in g.inputs:
             values[v.name] = self._check(v.name, v.type, inputs, env, "input")
         for s in g.state:
             values[s.name] = self._check(s.name, s.type, state, env, "state")
+        unbound = set().union(*(v.type.symbols for v in g.inputs + g.state)) - set(env)
+        if unbound:
+            raise InputError(f"shape symbols {', '.join(sorted(unbound))} cannot be read off the inputs of graph "
+                             f"'{g.name}'; pass symbols={{...}}")
         for node in g.nodes:
             args = [values[i] for i in node.args]
             if node.op in (Op.PARAM, Op.WEIGHT):

@@ -4,8 +4,17 @@ Importing it pulls in neither torch nor transformers: torch is imported lazily b
 """
 
 from lowerlm.ir.dtypes import DType
-from lowerlm.ir.errors import (CompileError, InputError, LowerlmError, ModelFileError, ParseError, PassError,
-                               ShapeError, UnsupportedOpError, VerifyError)
+from lowerlm.ir.errors import (
+                               CompileError,
+                               InputError,
+                               LowerlmError,
+                               ModelFileError,
+                               ParseError,
+                               PassError,
+                               ShapeError,
+                               UnsupportedOpError,
+                               VerifyError,
+)
 from lowerlm.ir.graph import Attrs, Graph, GraphBuilder, Module, Node, infer_types
 from lowerlm.ir.opdefs import OPDEFS, AttrKind, AttrSpec, InputSpec, OpDef
 from lowerlm.ir.ops import BINARY, ELEMENTWISE, LEAF, REDUCE, UNARY, VIEW, Op

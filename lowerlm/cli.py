@@ -40,12 +40,10 @@ def _cmd_dump_ir(args) -> int:
 
     if args.after in ("all", "none"):
         show("// imported", module)
-    last = [module]
 
     def on_pass(record) -> None:
-        if args.after == "all" or args.after == record.name:
+        if args.after in ("all", record.name):
             show(dump_header(record), record.module)
-        last[0] = record.module
 
     run_pipeline(module, passes="none" if args.after == "none" else "default", dump=set(), on_pass=on_pass)
     return 0

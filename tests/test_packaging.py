@@ -1,0 +1,108 @@
+"""Packaging: one import package ``lowerlm`` from a checkout, an editable install and a wheel; no bare stage
+imports; lint; ``import lowerlm.ir`` stays light."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("ir", "passes", "frontend", "codegen", "runtime")
+
+
+def _python(code: str, cwd: Path, *flags: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, *flags, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def _source_files():
+    skip = {".venv", "build", "dist", ".git"}
+    for p in ROOT.rglob("*.py"):
+        if not skip & set(p.relative_to(ROOT).parts):
+            yield p
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path_factory.mktemp("cwd"))
+    assert build.returncode == 0, build.stderr
+    (whl,) = out.glob("lowerlm-*.whl")
+    return whl
+
+
+def test_wheel_holds_only_the_lowerlm_package(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert names and all(n.startswith(("lowerlm/", "lowerlm-")) for n in names), names
+    for stage in STAGES:
+        assert f"lowerlm/{stage}/__init__.py" in names
+    assert "lowerlm/ir/parser.py" in names and "lowerlm/cli.py" in names
+    assert not any(n.startswith("lowerlm/tests") for n in names)
+
+
+def test_wheel_resolves_lowerlm_ir(wheel, tmp_path):
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = f"import sys; sys.path.insert(0, {str(site)!r}); import lowerlm.ir; print(lowerlm.ir.__file__)"
+    assert _python(code, tmp_path, "-S") == str(site / "lowerlm" / "ir" / "__init__.py")
+
+
+def test_checkout_resolves_lowerlm_ir_without_install(tmp_path):
+    # -S: no site-packages, so neither the editable install nor anything else can help
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import lowerlm.ir; print(lowerlm.ir.__file__)"
+    assert _python(code, tmp_path, "-S") == str(ROOT / "ir" / "__init__.py")
+    assert _python("import lowerlm.ir; print(lowerlm.ir.__file__)", ROOT, "-S") == str(ROOT / "ir" / "__init__.py")
+
+
+def test_installed_package_resolves_from_anywhere(tmp_path):
+    # the editable install the Makefile makes (or a regular one): the same file either way
+    assert _python("import lowerlm.ir; print(lowerlm.ir.__file__)", tmp_path).endswith(
+        os.path.join("ir", "__init__.py"))
+
+
+def test_every_stage_package_is_declared():
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    declared = set(cfg["packages"])
+    for stage in STAGES:
+        for init in (ROOT / stage).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT).parts
+            assert "lowerlm." + ".".join(rel) in declared, f"{init.parent} is not in pyproject's packages"
+            assert cfg["package-dir"]["lowerlm." + rel[0]] == rel[0]
+
+
+def test_no_bare_stage_imports():
+    offenders = []
+    for path in _source_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names
+                          if n.split(".")[0] in STAGES]
+    assert not offenders, "import lowerlm.<stage> instead:\n" + "\n".join(offenders)
+
+
+def test_ruff_is_clean():
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_import_lowerlm_ir_is_light(tmp_path):
+    code = ("import sys, lowerlm, lowerlm.ir, lowerlm.passes; "
+            "print(sorted(m for m in ('torch', 'transformers', 'networkx') if m in sys.modules))")
+    assert _python(code, tmp_path) == "[]"
