@@ -78,6 +78,12 @@ def _run(node: Node, args: list, env: dict):
         return F.gelu(x, approximate=a["approximate"])
     if op is Op.SIGMOID:
         return torch.sigmoid(x)
+    if op is Op.TANH:
+        return torch.tanh(x)
+    if op is Op.COS:
+        return torch.cos(x)
+    if op is Op.SIN:
+        return torch.sin(x)
     if op is Op.CAST:
         return x.to(a["dtype"].to_torch())
     if op is Op.MEAN:
@@ -95,6 +101,8 @@ def _run(node: Node, args: list, env: dict):
         return x.reshape(_dims(a["shape"], env))
     if op is Op.TRANSPOSE:
         return x.permute(*a["perm"])
+    if op is Op.EXPAND:
+        return x.expand(_dims(a["shape"], env))
     if op is Op.CONCAT:
         return torch.cat(args, dim=a["dim"])
     if op is Op.SPLIT:
@@ -118,7 +126,8 @@ def _run(node: Node, args: list, env: dict):
 
 CORE_OPS = frozenset({
     Op.CONSTANT, Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.NEG, Op.EXP, Op.RSQRT, Op.POW, Op.SILU, Op.GELU, Op.SIGMOID,
-    Op.CAST, Op.MEAN, Op.SUM, Op.SOFTMAX, Op.ARGMAX, Op.TOPK, Op.RESHAPE, Op.TRANSPOSE, Op.CONCAT, Op.SPLIT,
+    Op.TANH, Op.COS, Op.SIN, Op.CAST, Op.MEAN, Op.SUM, Op.SOFTMAX, Op.ARGMAX, Op.TOPK, Op.RESHAPE, Op.TRANSPOSE,
+    Op.EXPAND, Op.CONCAT, Op.SPLIT,
     Op.SLICE, Op.GATHER, Op.EMBEDDING, Op.LINEAR, Op.MATMUL,
 })
 

@@ -200,6 +200,13 @@ def _transpose(ts, a):
     return [ts[0].with_shape(tuple(ts[0].shape[p] for p in perm))]
 
 
+def _expand(ts, a):
+    shape = tuple(a["shape"])
+    if len(shape) < ts[0].rank or broadcast_shapes(ts[0].shape, shape) != shape:
+        _fail(f"cannot expand {ts[0]} to [{','.join(map(str, shape))}]")
+    return [ts[0].with_shape(shape)]
+
+
 def _concat(ts, a):
     if not ts:
         _fail("concat needs at least one operand")
@@ -411,6 +418,9 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
     _d(Op.GELU, _X, _unary_float, "GeLU, exact (erf) or the tanh approximation",
        {"approximate": AttrSpec(K.STR, "none", ("none", "tanh"))}),
     _d(Op.SIGMOID, _X, _unary_float, "1 / (1 + e^-x)"),
+    _d(Op.TANH, _X, _unary_float, "tanh(x)"),
+    _d(Op.COS, _X, _unary_float, "cos(x)"),
+    _d(Op.SIN, _X, _unary_float, "sin(x)"),
     _d(Op.CAST, _X, lambda ts, a: [ts[0].with_dtype(a["dtype"])], "conversion to dtype",
        {"dtype": AttrSpec(K.DTYPE)}),
     _d(Op.MEAN, _X, _reduce, "mean over dims", {"dims": AttrSpec(K.INTS), "keepdim": AttrSpec(K.BOOL, False)}),
@@ -423,6 +433,8 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
     _d(Op.RESHAPE, _X, _reshape, "the same elements, row-major, in another shape", {"shape": AttrSpec(K.DIMS)}),
     _d(Op.TRANSPOSE, _X, _transpose, "axes permuted: result axis i is input axis perm[i]",
        {"perm": AttrSpec(K.INTS)}),
+    _d(Op.EXPAND, _X, _expand, "x broadcast to shape (numpy rules: size-1 axes stretch, new axes in front)",
+       {"shape": AttrSpec(K.DIMS)}),
     _d(Op.CONCAT, (I("xs", variadic=True),), _concat, "concatenation along dim", {"dim": AttrSpec(K.INT)}),
     _d(Op.SPLIT, _X, _split, "consecutive pieces of the given sizes along dim",
        {"dim": AttrSpec(K.INT), "sizes": AttrSpec(K.DIMS)}),

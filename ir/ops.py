@@ -24,6 +24,9 @@ class Op(enum.Enum):
     SILU = "silu"
     GELU = "gelu"
     SIGMOID = "sigmoid"
+    TANH = "tanh"
+    COS = "cos"
+    SIN = "sin"
     CAST = "cast"
     # ---- reductions
     MEAN = "mean"
@@ -34,6 +37,7 @@ class Op(enum.Enum):
     # ---- views and data movement
     RESHAPE = "reshape"
     TRANSPOSE = "transpose"
+    EXPAND = "expand"
     CONCAT = "concat"
     SPLIT = "split"
     SLICE = "slice"
@@ -55,10 +59,11 @@ class Op(enum.Enum):
 
 
 BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV})
-UNARY = frozenset({Op.NEG, Op.EXP, Op.RSQRT, Op.POW, Op.SILU, Op.GELU, Op.SIGMOID, Op.CAST})
+UNARY = frozenset({Op.NEG, Op.EXP, Op.RSQRT, Op.POW, Op.SILU, Op.GELU, Op.SIGMOID, Op.TANH, Op.COS, Op.SIN,
+                   Op.CAST})
 ELEMENTWISE = BINARY | UNARY
 REDUCE = frozenset({Op.MEAN, Op.SUM, Op.SOFTMAX, Op.ARGMAX, Op.TOPK})
-VIEW = frozenset({Op.RESHAPE, Op.TRANSPOSE, Op.SLICE})
+VIEW = frozenset({Op.RESHAPE, Op.TRANSPOSE, Op.EXPAND, Op.SLICE})
 LEAF = frozenset({Op.PARAM, Op.WEIGHT, Op.CONSTANT})
 # ops whose result is computed from the weight table alone, once at load time
 WEIGHT_LEAF = frozenset({Op.PARAM, Op.WEIGHT})

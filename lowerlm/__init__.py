@@ -24,6 +24,9 @@ _LAZY = {
     "passes": "lowerlm.passes",
     "codegen": "lowerlm.codegen",
     "LowerlmError": "lowerlm.errors",
+    "load": "lowerlm.models",
+    "compile_model": "lowerlm.compile",
+    "CompiledModel": "lowerlm.compile",
 }
 
 

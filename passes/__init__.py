@@ -28,7 +28,8 @@ PIPELINE: list[tuple[str, PassFn]] = [
 
 PASSES: dict[str, PassFn] = dict(PIPELINE)
 
-PASS_DOCS: dict[str, str] = {name: (fn.__module__ and sys.modules[fn.__module__].__doc__ or "").strip().split("\n")[0]
+# first docstring line of each pass's module, for `lowerlm passes`
+PASS_DOCS: dict[str, str] = {name: (sys.modules[fn.__module__].__doc__ or "").strip().split("\n")[0]
                              for name, fn in PASSES.items()}
 
 

@@ -1,7 +1,8 @@
 """canonicalize: remove no-op views and casts, fold constants, merge common subexpressions, drop dead code.
 
-Why: the frontend imports graphs full of views that do nothing and repeated subexpressions (one ``rsqrt`` chain
-per use); every later pattern is simpler when it sees one canonical form. Needs nothing before it; runs first.
+Why: the frontend imports graphs full of views that do nothing (reshapes, casts and expands to the shape or
+dtype they already have, transposes that undo each other) and repeated subexpressions; every later pattern is
+simpler when it sees one canonical form. Needs nothing before it; runs first.
 Assertions are not IR ops (the frontend drops aten's ``_assert_*`` nodes at import), so none remain to remove.
 DCE keeps state updates because every final state version is returned. CSE never merges state writers.
 """
@@ -81,6 +82,7 @@ RULES = [
     (Pat(Op.RESHAPE, (Pat(Op.RESHAPE, name="inner"),), name="root"), _reshape_reshape),
     (Pat(Op.RESHAPE, name="root"), _same_as_input),
     (Pat(Op.CAST, name="root"), _same_as_input),
+    (Pat(Op.EXPAND, name="root"), _same_as_input),
     (Pat(Op.TRANSPOSE, (Pat(Op.TRANSPOSE, name="inner"),), name="root"), _transpose_transpose),
     (Pat(Op.TRANSPOSE, name="root"), _identity_transpose),
     (Pat(Op.SLICE, name="root"), _full_slice),

@@ -1,7 +1,8 @@
-"""Shared helpers: the example IR, random weights and inputs for a module."""
+"""Shared helpers: the example IR, random weights and inputs for a module, tiny transformers models."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,36 @@ import torch
 import lowerlm.ir as ir
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# One cache for the whole session (and later sessions in this checkout): the SmolLM2 conversion and its trace are
+# made once. Tests of the caches themselves use their own temporary roots.
+os.environ.setdefault("LOWERLM_CACHE_DIR", str(ROOT / ".cache" / "lowerlm-test"))
+
+
+def tiny_config(family: str, **overrides):
+    """A 2-layer config of a transformers family with GQA (4 query heads, 2 kv heads)."""
+    import transformers
+
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "mistral": transformers.MistralConfig}[family]
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128)
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    import transformers
+
+    cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+           "mistral": transformers.MistralForCausalLM}[family]
+    torch.manual_seed(seed)
+    model = cls(tiny_config(family, **overrides)).eval()
+    with torch.no_grad():  # random biases too (Qwen2's q/k/v), so they are not silently dropped
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    return model
 
 
 def example_text(name: str = "tiny_llama") -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from .conftest import ROOT
+import pytest
+
+from .conftest import ROOT, tiny_model
 
 
 def lowerlm(*args: str, cwd=ROOT):
@@ -30,13 +32,47 @@ def test_dump_ir_after_all_and_one_pass():
     assert one.returncode == 0 and one.stdout.startswith("// after canonicalize") and "digraph" in one.stdout
 
 
+def test_dump_ir_diff_shows_what_a_pass_changed():
+    out = lowerlm("dump-ir", "--ir", str(ROOT / "examples" / "tiny_llama.ir"), "--after", "canonicalize", "--diff")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "// after canonicalize (5 rewrites)"
+    assert lines[1].startswith("--- imported") and lines[2].startswith("+++ after canonicalize")
+    assert any(line.startswith("-  %q4 = reshape") for line in lines)
+
+
+@pytest.mark.slow
+def test_dump_ir_of_the_default_model():
+    out = lowerlm("dump-ir", "--model", "smollm2", "--after", "all")
+    assert out.returncode == 0, out.stderr
+    imported, canonical = out.stdout.split("// after canonicalize")
+    assert imported.startswith("// imported\n")
+    for text in (imported, canonical):
+        assert text.count(" = attention(") == 30 and text.count(" = rms_norm(") == 61
+        assert "# model.layers.29.self_attn" in text
+    assert "reshape" in imported and " = reshape(" not in canonical
+
+
 def test_errors_are_one_line_with_exit_code_2(tmp_path):
     bad = tmp_path / "bad.ir"
     bad.write_text("graph f(%x: f32[2]) {\n  %y = nope(%x) : f32[2]\n  return %y\n}\n")
     invalid = tmp_path / "invalid.ir"
     invalid.write_text("graph f(%x: f32[2]) {\n  %y = neg(%x) : f32[3]\n  return %y\n}\n")
     example = str(ROOT / "examples" / "tiny_llama.ir")
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"\x00" * 64)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x01" * 40)
+    dynamic = tmp_path / "dynamic"
+    tiny_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+               ).save_pretrained(dynamic)
     cases = [
+        (("dump-ir", "--model", "gpt-17"), "unknown model 'gpt-17'"),
+        (("dump-ir", "--model", str(tmp_path / "missing.gguf")), "GGUF file not found"),
+        (("dump-ir", "--model", str(garbage)), "not a GGUF file"),
+        (("dump-ir", "--model", str(truncated)), "cannot read GGUF file"),
+        (("dump-ir", "--model", str(dynamic)), "unsupported op 'dynamic NTK rotary embedding' in module "
+                                               "'model.rotary_emb'"),
         (("dump-ir", "--ir", example, "--after", "fuse_all"), "unknown pass 'fuse_all'"),
         (("dump-ir", "--ir", str(tmp_path / "missing.ir")), "cannot read IR file"),
         (("dump-ir", "--ir", str(bad)), "2:8: unknown op 'nope'"),
@@ -45,4 +81,8 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
     for args, message in cases:
         out = lowerlm(*args)
         assert out.returncode == 2, (args, out.stderr)
-        assert out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+        # progress lines ("lowerlm: converting …") may come first; the error is one line, no traceback
+        lines = out.stderr.splitlines()
+        errors = [line for line in lines if line.startswith("lowerlm: error: ")]
+        assert len(errors) == 1 and message in errors[0], out.stderr
+        assert all(line.startswith("lowerlm: ") for line in lines), out.stderr

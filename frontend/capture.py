@@ -1,0 +1,109 @@
+"""Module capture: blocks that tracing would unroll or that change between library versions (MoE, KDA, MLA) are
+swapped, before export, for a ``torch.library.custom_op`` and become one IR node whatever their implementation.
+
+A ``Capture`` says which modules it takes (``matches``), which of their tensors the op reads (``weights``: names
+of parameters or buffers, passed as op inputs so export lifts them to weights), the IR attributes
+(``attrs``), the IR op, and the result's shape (``fake``, default: like the input). During export each matched
+module's ``forward`` calls ``torch.ops.lowerlm.<name>(x, weights, key)``; in eager mode that runs the module's own
+forward (``key`` finds it), under export the fake implementation gives the result's shape. The importer turns the
+op into ``op(x, *weights) {attrs}`` with the module path as its source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import types
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from lowerlm.ir.ops import Op
+
+
+@dataclass(frozen=True)
+class Capture:
+    name: str
+    matches: Callable[[torch.nn.Module], bool]
+    weights: Callable[[torch.nn.Module], list]
+    attrs: Callable[[torch.nn.Module], dict]
+    op: Op
+    fake: Callable | None = None  # (x, weights) -> empty tensor of the result's shape and dtype
+
+
+_CAPTURES: dict = {}  # op name -> Capture, for the importer
+_MODULES: dict = {}  # key -> (module, original forward), for the eager implementation
+_KEYS = itertools.count()
+
+
+def _define(cap: Capture):
+    """The custom op for a capture, defined once per name."""
+    qualname = f"lowerlm::{cap.name}"
+    if cap.name in _CAPTURES:
+        _CAPTURES[cap.name] = cap
+        return getattr(torch.ops.lowerlm, cap.name)
+
+    @torch.library.custom_op(qualname, mutates_args=())
+    def op(x: torch.Tensor, weights: list[torch.Tensor], key: int) -> torch.Tensor:
+        module, forward = _MODULES[key]
+        return forward(x).clone()
+
+    @op.register_fake
+    def _(x, weights, key):
+        fake = _CAPTURES[cap.name].fake
+        return fake(x, weights) if fake is not None else torch.empty_like(x)
+
+    _CAPTURES[cap.name] = cap
+    return getattr(torch.ops.lowerlm, cap.name)
+
+
+@contextlib.contextmanager
+def captured(model: torch.nn.Module, captures: list):
+    """Within the context, every module a capture matches runs as its custom op."""
+    swapped = []
+    try:
+        for cap in captures:
+            op = _define(cap)
+            for path, module in model.named_modules():
+                if not cap.matches(module) or any(path.startswith(p + ".") for p, _ in swapped):
+                    continue
+                key = next(_KEYS)
+                original = module.forward
+                _MODULES[key] = (module, original)
+                names = cap.weights(module)
+
+                # tensors are looked up on the module at call time so that export sees its own parameters
+                def forward(self, x, *args, _op=op, _names=names, _key=key, **kwargs):
+                    params = dict(self.named_parameters())
+                    return _op(x, [params[n] if n in params else self.get_buffer(n) for n in _names], _key)
+
+                module.forward = types.MethodType(forward, module)
+                swapped.append((path, (module, original, key)))
+        yield
+    finally:
+        for _, (module, original, key) in swapped:
+            module.forward = original
+            _MODULES.pop(key, None)
+
+
+def captured_module(node) -> tuple | None:
+    """(Capture, module) for an fx node calling a lowerlm custom op."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "lowerlm":
+        return None
+    cap = _CAPTURES.get(target._opname)
+    key = node.args[2]
+    if cap is None or key not in _MODULES:
+        return None
+    return cap, _MODULES[key][0]
+
+
+def convert_captured(imp, node):
+    """The IR for a captured module's op, or None when the node is no capture."""
+    found = captured_module(node)
+    if found is None:
+        return None
+    cap, module = found
+    x, weights = node.args[0], node.args[1]
+    return imp.emit(node, cap.op, [imp.value(x)] + [imp.value(w) for w in weights], cap.attrs(module))

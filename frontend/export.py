@@ -1,0 +1,96 @@
+"""torch.export capture of a model, with the settings that keep the graph importable.
+
+``export(..., strict=False)`` with batch and sequence ≥ 2 and explicit ``Dim``s, then ``run_decompositions({})``:
+an empty table keeps ``linear`` and ``scaled_dot_product_attention`` whole and inlines the grad-mode wrapper
+around the rotary cos/sin. The wrapper passes ``position_ids`` explicitly when the model accepts them, so the
+positions are a graph input that RoPE reads instead of an ``arange`` the model builds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+
+from lowerlm.frontend.importer import ExportInfo
+from lowerlm.ir.errors import UnsupportedOpError
+
+EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 5
+WRAPPER_ATTR = "model"
+
+
+class _Wrapper(torch.nn.Module):
+    """``(input_ids[, position_ids]) -> logits`` around an HF causal LM or a plain module."""
+
+    def __init__(self, model: torch.nn.Module, with_positions: bool):
+        super().__init__()
+        setattr(self, WRAPPER_ATTR, model)
+        self.with_positions = with_positions
+
+    def forward(self, input_ids, position_ids=None):
+        model = getattr(self, WRAPPER_ATTR)
+        kwargs = {"position_ids": position_ids} if self.with_positions else {}
+        if _is_hf(model):
+            kwargs["use_cache"] = False
+        out = model(input_ids, **kwargs)
+        return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _is_hf(model) -> bool:
+    return hasattr(model, "config") and hasattr(model.config, "model_type")
+
+
+def accepts_positions(model: torch.nn.Module) -> bool:
+    try:
+        return "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def config_value(model, *names, default=None):
+    cfg = getattr(model, "config", None)
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Refuse what the IR cannot express before spending time on export."""
+    for path, mod in model.named_modules():
+        rope_type = getattr(mod, "rope_type", None)
+        if rope_type == "dynamic" or "dynamic" in str(getattr(mod, "rope_init_fn", "")).lower():
+            raise UnsupportedOpError("dynamic NTK rotary embedding", path,
+                                     "its frequencies change with the sequence length; use a model with static "
+                                     "RoPE scaling (default, linear, llama3, yarn)")
+
+
+def export_model(model: torch.nn.Module, vocab_size: int | None = None):
+    """Export ``model``; returns (ExportedProgram, ExportInfo)."""
+    model = model.eval()
+    check_supported(model)
+    if _is_hf(model) and getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
+        model.set_attn_implementation("sdpa")
+    vocab = vocab_size or config_value(model, "vocab_size", default=2)
+    max_pos = int(config_value(model, "max_position_embeddings", default=2048))
+    with_positions = accepts_positions(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=g)
+    example = {"input_ids": ids}
+    batch = torch.export.Dim("B", min=1, max=1024)
+    seq = torch.export.Dim("S", min=1, max=max(max_pos, EXAMPLE_SEQ + 1))
+    dynamic = {"input_ids": {0: batch, 1: seq}}
+    args = (ids,)
+    if with_positions:
+        example["position_ids"] = torch.arange(EXAMPLE_SEQ).repeat(EXAMPLE_BATCH, 1)
+        dynamic["position_ids"] = {0: batch, 1: seq}
+        args = (ids, example["position_ids"])
+    wrapper = _Wrapper(model, with_positions)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)
+        ep = ep.run_decompositions({})
+    window = config_value(model, "sliding_window", default=0) or 0
+    return ep, ExportInfo(WRAPPER_ATTR, example, max_pos, int(window) if window < max_pos else 0)

