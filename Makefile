@@ -22,7 +22,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 demo: setup
-	$(BIN)/lowerlm dump-ir --ir examples/tiny_llama.ir --after all
+	$(BIN)/lowerlm generate --compare-eager "What is the capital of France?"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -66,7 +66,7 @@ def _heads(x, h):
 def _attend(q, k, v, visible, scale: float):
     # q: [B, Hq, S, D]; k, v: [B, Hk, L, D*]; visible: [B, S, L] bool -> [B, S, Hq*Dv]
     rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # query head h reads kv head h // rep
     mask = visible[:, None, :, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     out = torch.where(visible.any(-1)[:, None, :, None], out, torch.zeros((), dtype=out.dtype))
@@ -93,10 +93,11 @@ def attention(q, k, v, positions, seq_lens, heads, scale, causal, window):
     return _attend(_heads(q, hq), _heads(k, hk), _heads(v, hk), vis, scale)
 
 
-def kv_cache_write(cache, values, positions):
-    # cache: [B, Hk, T, D]; values: [B, S, Hk*D]; slots with positions outside [0, T) are skipped
+def kv_cache_write(cache, values, positions, inplace: bool = False):
+    # cache: [B, Hk, T, D]; values: [B, S, Hk*D]; slots with positions outside [0, T) are skipped. In place only
+    # when the caller owns the buffer (the verifier's state linearity makes that sound).
     b, hk, t, d = cache.shape
-    out = cache.clone()
+    out = cache if inplace else cache.clone()
     valid = (positions >= 0) & (positions < t)
     bi, si = valid.nonzero(as_tuple=True)
     out[bi, :, positions[bi, si], :] = values.reshape(b, -1, hk, d)[bi, si].to(out.dtype)
@@ -105,12 +106,15 @@ def kv_cache_write(cache, values, positions):
 
 def cached_attention(q, k_cache, v_cache, positions, seq_lens, scale, causal, window):
     b, hk, t, d = k_cache.shape
+    # slots at or past the longest valid length are never visible: leave them out (exact, and T may be large)
+    t = max(1, min(t, int(seq_lens.max()) if seq_lens.numel() else 1))
+    k_cache, v_cache = k_cache[:, :, :t], v_cache[:, :, :t]
     slots = torch.arange(t)[None, :].expand(b, -1)
     vis = _visible(positions, slots, slots < seq_lens[:, None].long(), causal, window)
     return _attend(_heads(q, q.shape[2] // d), k_cache, v_cache, vis, scale)
 
 
-def _llm(node: Node, args: list):
+def _llm(node: Node, args: list, inplace: bool = False):
     a = node.all_attrs()
     op = node.op
     if op is Op.RMS_NORM:
@@ -120,7 +124,7 @@ def _llm(node: Node, args: list):
     if op is Op.ATTENTION:
         return attention(*args, a["heads"], a["scale"], a["causal"], a["window"])
     if op is Op.KV_CACHE_WRITE:
-        return kv_cache_write(*args)
+        return kv_cache_write(*args, inplace=inplace)
     if op is Op.CACHED_ATTENTION:
         return cached_attention(*args, a["scale"], a["causal"], a["window"])
     raise CompileError(f"the reference backend has no implementation of {op}")
@@ -187,10 +191,11 @@ class ReferenceProgram:
         return h.hexdigest()[:16]
 
     def run(self, graph: str | Graph, inputs: Mapping[str, torch.Tensor] | list,
-            state: Mapping[str, torch.Tensor] | None = None, symbols: Mapping[str, int] | None = None
-            ) -> tuple[list, dict]:
+            state: Mapping[str, torch.Tensor] | None = None, symbols: Mapping[str, int] | None = None,
+            inplace: bool = False) -> tuple[list, dict]:
         """Run a graph. Shape symbols bind from the inputs' shapes; ``symbols`` gives those that appear only
-        inside compound dimensions such as ``(S+1)//2``."""
+        inside compound dimensions such as ``(S+1)//2``. With ``inplace`` state writes update the given state
+        tensors (the runtime's buffers) instead of copies."""
         g = self.module.graph(graph) if isinstance(graph, str) else graph
         if not isinstance(inputs, Mapping):
             inputs = dict(zip((v.name for v in g.inputs), inputs))
@@ -212,7 +217,7 @@ class ReferenceProgram:
             elif node.op in CORE_OPS:
                 out = run_core(node, args, env)
             else:
-                out = _llm(node, args)
+                out = _llm(node, args, inplace)
             outs = out if isinstance(out, tuple) else (out,)
             for r, t in zip(node.results, outs):
                 values[r.name] = t

@@ -329,3 +329,21 @@ def parse_shape(text: str) -> tuple:
             return tuple(dims)
         if tok != ",":
             raise DimSyntaxError(f"expected ',' between dimensions, got '{tok}'", pos)
+
+
+def substitute(d: Dim, env: dict) -> Dim:
+    """``d`` with the symbols in ``env`` replaced by dimensions (ints or other expressions)."""
+    if not isinstance(d, Sym):
+        return d
+    total: Dim = 0
+    for m, c in d.terms:
+        term: Dim = c
+        for atom, power in m:
+            if isinstance(atom, str):
+                base = env.get(atom, Sym.symbol(atom))
+            else:
+                base = substitute(atom.num, env) // atom.den
+            for _ in range(power):
+                term = base * term if isinstance(base, Sym) else term * base
+        total = term + total if isinstance(term, Sym) else total + term
+    return total

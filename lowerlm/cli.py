@@ -70,6 +70,76 @@ def _cmd_dump_ir(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    import time
+
+    import lowerlm
+    from lowerlm.errors import InputError
+
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if any(not p.strip() for p in args.prompt):
+        raise InputError("the prompt is empty")
+    if len(args.prompt) > args.max_batch:
+        raise InputError(f"{len(args.prompt)} prompts are more than --max-batch {args.max_batch}")
+    model = lowerlm.load(args.model, progress=_progress)
+    cm = lowerlm.compile_model(model, backend=args.backend, max_seq_len=args.max_seq_len,
+                               max_batch=args.max_batch, progress=_progress)
+    if args.token_ids:
+        try:
+            prompts = [[int(t) for t in p.replace(",", " ").split()] for p in args.prompt]
+        except ValueError:
+            raise InputError("--token-ids prompts must be integers separated by commas or spaces") from None
+    else:
+        from lowerlm.runtime.text import encode
+
+        prompts = [encode(cm.tokenizer, p, chat=not args.raw) for p in args.prompt]
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    start = time.perf_counter()
+    count = 0
+    if len(prompts) == 1 and cm.tokenizer is not None:
+        from lowerlm.runtime.text import StreamDecoder
+
+        decoder = StreamDecoder(cm.tokenizer)
+        tokens = []
+        for (token,) in cm.generate_ids(prompts, args.max_new_tokens, **sampling):
+            count += 1
+            tokens.append(token)
+            print(decoder.push(token), end="", flush=True)
+        print()
+        outputs = [tokens]
+    else:
+        steps = list(cm.generate_ids(prompts, args.max_new_tokens, **sampling))
+        outputs = [[s[i] for s in steps if s[i] is not None] for i in range(len(prompts))]
+        count = sum(map(len, outputs))
+        for i, toks in enumerate(outputs):
+            text = cm.tokenizer.decode(toks, skip_special_tokens=True) if cm.tokenizer is not None else toks
+            print(f"[{i}] {text}")
+    seconds = time.perf_counter() - start
+    print(f"-- {count} tokens in {seconds:.2f} s: {count / seconds:.1f} tokens/s (lowerlm, {args.backend} backend)")
+    if args.compare_eager:
+        _compare_eager(model, prompts, outputs, args)
+    return 0
+
+
+def _compare_eager(model, prompts, outputs, args) -> None:
+    """The same greedy generation with transformers' eager generate, timed, and whether the tokens agree."""
+    import time
+
+    import torch
+
+    for prompt, ours in zip(prompts, outputs):
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=args.max_new_tokens, do_sample=False)
+            seconds = time.perf_counter() - start
+        theirs = out[0, len(prompt):].tolist()
+        same = "identical tokens" if theirs == ours[:len(theirs)] and len(theirs) == len(ours) else \
+            "tokens DIFFER"
+        print(f"-- {len(theirs)} tokens in {seconds:.2f} s: {len(theirs) / seconds:.1f} tokens/s "
+              f"(transformers eager); {same}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowerlm", description="Lower PyTorch language models to fast kernels.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,6 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", choices=("text", "dot"), default="text")
     d.add_argument("--diff", action="store_true", help="show each stage as a diff against the one before")
     d.set_defaults(fn=_cmd_dump_ir)
+    g = sub.add_parser("generate", help="generate text with a compiled model, streaming it")
+    g.add_argument("prompt", nargs="+", help="the prompt (several make a batch)")
+    g.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf file or an HF model folder")
+    g.add_argument("--backend", default="reference")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0: off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-seq-len", type=int, default=2048)
+    g.add_argument("--max-batch", type=int, default=1)
+    g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    g.add_argument("--token-ids", action="store_true", help="prompts are token ids separated by commas")
+    g.add_argument("--compare-eager", action="store_true",
+                   help="also run transformers' eager greedy generate: tokens/s and token agreement")
+    g.set_defaults(fn=_cmd_generate)
     return p
 
 

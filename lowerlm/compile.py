@@ -1,9 +1,10 @@
-"""``lowerlm.compile_model``: trace a model, run the pass pipeline, build a program on a backend."""
+"""``lowerlm.compile_model``: trace a model, run the pass pipeline, build a program on a backend, and wrap it with
+the runtime (logits for a batch, or streamed generation)."""
 
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -11,19 +12,29 @@ from lowerlm.errors import CompileError, InputError
 from lowerlm.ir.graph import Module
 from lowerlm.ir.printer import print_module
 from lowerlm.passes import PassRecord, dump_header, run_pipeline
+from lowerlm.runtime.generate import Generator, allocate_state
+from lowerlm.runtime.sampler import Sampling
+from lowerlm.runtime.text import StreamDecoder, encode
 
 BACKENDS = ("reference",)
 
 
 class CompiledModel:
-    """A compiled model: ``cm(input_ids)`` gives the logits ``model(input_ids).logits`` would."""
+    """A compiled model: ``cm(input_ids)`` gives the logits ``model(input_ids).logits`` would; ``cm.generate``
+    streams text."""
 
-    def __init__(self, imported: Module, records: list, weights: dict, program, vocab_size: int | None):
+    def __init__(self, imported: Module, records: list, weights: dict, program, vocab_size: int | None,
+                 max_seq_len: int, max_batch: int, tokenizer=None, stop_ids=()):
         self.imported = imported
         self.records = records  # one PassRecord per pass, in order
         self.weights = weights
         self.program = program
         self.vocab_size = vocab_size
+        self.max_seq_len, self.max_batch = max_seq_len, max_batch
+        self.tokenizer = tokenizer
+        self.stop_ids = tuple(stop_ids)
+        self._generator: Generator | None = None
+        self._stateless = None  # reference program for logits at arbitrary positions, built on first use
 
     @property
     def ir(self) -> Module:
@@ -41,10 +52,31 @@ class CompiledModel:
                 print(header, file=file or sys.stdout)
                 print(print_module(module), file=file or sys.stdout)
 
+    # ---- logits ---------------------------------------------------------------------------------------------
     def __call__(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         ids, positions, seq_lens = self.prepare(input_ids, attention_mask, position_ids)
-        (logits,), _ = self.program.run("forward", {"input_ids": ids, "positions": positions, "seq_lens": seq_lens})
-        return logits
+        inputs = {"input_ids": ids, "positions": positions, "seq_lens": seq_lens}
+        names = [g.name for g in self.ir.graphs]
+        from_zero = torch.equal(positions, torch.arange(ids.shape[1]).expand_as(positions))
+        if "prefill" in names and from_zero:
+            # a prefill into a fresh cache just long enough for this call
+            state = allocate_state(self.ir, ids.shape[0], ids.shape[1])
+            (logits,), _ = self.program.run("prefill", inputs, state, inplace=True)
+            return logits
+        if "forward" in names and not self.ir.graph("forward").state:
+            return self.program.run("forward", inputs)[0][0]
+        # positions that do not start at 0 are cache slots in the compiled graphs: run the last graph that
+        # still attends within the call (before insert_kv_cache) on the reference backend
+        return self._stateless_program().run("forward", inputs)[0][0]
+
+    def _stateless_program(self):
+        from lowerlm.codegen.reference import ReferenceProgram
+
+        if self._stateless is None:
+            module = next(m for _, m in reversed(self.stages())
+                          if [g.name for g in m.graphs] == ["forward"] and not m.graphs[0].state)
+            self._stateless = ReferenceProgram(module, self.weights)
+        return self._stateless
 
     def prepare(self, input_ids, attention_mask=None, position_ids=None):
         """Check inputs and derive ``positions`` and ``seq_lens`` (right padding only)."""
@@ -73,7 +105,56 @@ class CompiledModel:
         positions = torch.arange(s).repeat(b, 1) if position_ids is None else torch.as_tensor(position_ids).long()
         if positions.shape != ids.shape:
             raise InputError(f"position_ids shape {list(positions.shape)} differs from input_ids {list(ids.shape)}")
+        if positions.min() < 0:
+            raise InputError("position_ids must be >= 0")
         return ids, positions, seq_lens
+
+    # ---- generation -----------------------------------------------------------------------------------------
+    @property
+    def generator(self) -> Generator:
+        if self._generator is None:
+            if "decode" not in [g.name for g in self.ir.graphs]:
+                raise CompileError("generation needs the insert_kv_cache and specialize passes")
+            self._generator = Generator(self.program, self.ir, self.max_seq_len, self.max_batch, self.vocab_size)
+        return self._generator
+
+    def generate_ids(self, prompts: list, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                     top_p: float = 1.0, seed: int = 0, stop_ids=None) -> Iterator[list]:
+        """Token-level generation for a batch of token-id prompts: yields, per step, each sequence's new token
+        (None once it stopped)."""
+        sampling = Sampling(temperature, top_k, top_p, seed)
+        stop = self.stop_ids if stop_ids is None else tuple(stop_ids)
+        return self.generator.generate([list(map(int, p)) for p in prompts], max_new_tokens, sampling, stop)
+
+    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stream: bool = True, chat: bool = True, stop_ids=None):
+        """Generate text. ``prompt``: a string (through the chat template when ``chat`` and the tokenizer has one)
+        or a list of strings (a batch; returns their texts). A single string streams text pieces when ``stream``,
+        else returns the whole text."""
+        if isinstance(prompt, (list, tuple)):
+            ids = [encode(self.tokenizer, p, chat) for p in prompt]
+            steps = list(self.generate_ids(ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids))
+            return [self._text([s[i] for s in steps]) for i in range(len(ids))]
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+        pieces = self._stream(encode(self.tokenizer, prompt, chat), max_new_tokens, temperature, top_k, top_p,
+                              seed, stop_ids)
+        return pieces if stream else "".join(pieces)
+
+    def _stream(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids) -> Iterator[str]:
+        steps = self.generate_ids([ids], max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
+        decoder = StreamDecoder(self.tokenizer)
+        self.last_token_count = 0
+        for (token,) in steps:
+            if token is None:
+                break
+            self.last_token_count += 1
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+
+    def _text(self, tokens: list) -> str:
+        return self.tokenizer.decode([t for t in tokens if t is not None], skip_special_tokens=True)
 
 
 def model_weights(model: torch.nn.Module) -> dict:
@@ -83,18 +164,34 @@ def model_weights(model: torch.nn.Module) -> dict:
     return out
 
 
+def stop_token_ids(model, tokenizer) -> list:
+    """End-of-sequence ids from the generation config, the config and the tokenizer."""
+    ids: list = []
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        for t in eos if isinstance(eos, (list, tuple)) else [eos]:
+            if isinstance(t, int) and t not in ids:
+                ids.append(t)
+    return ids
+
+
 def compile_model(model: torch.nn.Module, backend: str = "reference", dtype=None, device=None,
                   max_seq_len: int = 2048, max_batch: int = 8, passes="default", arm=None, tp: int = 1,
-                  captures=(), use_cache: bool = True,
+                  captures=(), use_cache: bool = True, tokenizer=None,
                   progress: Callable[[str], None] | None = None) -> CompiledModel:
     """Compile a causal LM (a transformers model or an ``nn.Module`` mapping input_ids to logits)."""
     from lowerlm.codegen.reference import ReferenceProgram
     from lowerlm.frontend.trace import trace_model
+    from lowerlm.runtime.text import load_tokenizer
 
     if backend not in BACKENDS:
         raise CompileError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
     if tp != 1 or arm is not None:
         raise CompileError("tensor parallelism and ARM are not available yet (tp=1, arm=None)")
+    if dtype is not None or device not in (None, "cpu"):
+        raise CompileError("the reference backend runs the model's own dtype on the CPU (dtype=None, device=None)")
+    if max_seq_len < 2 or max_batch < 1:
+        raise CompileError(f"max_seq_len must be >= 2 and max_batch >= 1, got {max_seq_len} and {max_batch}")
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"compile_model takes a torch.nn.Module, got {type(model).__name__}")
     imported = trace_model(model, use_cache=use_cache, progress=progress, captures=captures)
@@ -103,4 +200,6 @@ def compile_model(model: torch.nn.Module, backend: str = "reference", dtype=None
     final = records[-1].module if records else imported
     weights = model_weights(model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    return CompiledModel(imported, records, weights, ReferenceProgram(final, weights), vocab)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
+    return CompiledModel(imported, records, weights, ReferenceProgram(final, weights), vocab, max_seq_len,
+                         max_batch, tokenizer, stop_token_ids(model, tokenizer))

@@ -8,6 +8,7 @@ over every graph of the module, verifies after each pass, counts rewrites, and p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -18,12 +19,17 @@ from lowerlm.ir.graph import Graph, Module
 from lowerlm.ir.printer import print_module
 from lowerlm.ir.verifier import verify_module
 from lowerlm.passes.canonicalize import canonicalize
+from lowerlm.passes.insert_kv_cache import insert_kv_cache
 from lowerlm.passes.pattern import take_rewrite_count
+from lowerlm.passes.specialize import specialize
 
-PassFn = Callable[[Graph], Graph]
+# A pass maps a graph to a graph, or (specialize) to a tuple of graphs that replace it in the module.
+PassFn = Callable[[Graph], "Graph | tuple"]
 
 PIPELINE: list[tuple[str, PassFn]] = [
     ("canonicalize", canonicalize),  # one canonical form first: no-op views/casts gone, constants folded, CSE, DCE
+    ("insert_kv_cache", insert_kv_cache),  # attention reads and writes declared KV-cache state
+    ("specialize", specialize),  # forward -> prefill (S free) + decode (S = 1), sharing weights and state
 ]
 
 PASSES: dict[str, PassFn] = dict(PIPELINE)
@@ -64,7 +70,11 @@ def resolve(passes: str | Iterable[str | tuple] = "default") -> list[tuple[str, 
 def run_pass(name: str, fn: PassFn, module: Module, verify: bool = True) -> PassRecord:
     """Run one pass over every graph of ``module``; verify the result."""
     take_rewrite_count()
-    out = module.map(fn)
+    graphs = []
+    for g in module.graphs:
+        result = fn(g)
+        graphs += list(result) if isinstance(result, tuple) else [result]
+    out = dataclasses.replace(module, graphs=tuple(graphs))
     count = take_rewrite_count()
     if verify:
         try:

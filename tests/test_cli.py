@@ -45,12 +45,57 @@ def test_dump_ir_diff_shows_what_a_pass_changed():
 def test_dump_ir_of_the_default_model():
     out = lowerlm("dump-ir", "--model", "smollm2", "--after", "all")
     assert out.returncode == 0, out.stderr
-    imported, canonical = out.stdout.split("// after canonicalize")
-    assert imported.startswith("// imported\n")
-    for text in (imported, canonical):
+    stages = {}
+    for chunk in out.stdout.split("// ")[1:]:
+        header, text = chunk.split("\n", 1)
+        stages[header.split(" (")[0]] = text
+    assert list(stages) == ["imported", "after canonicalize", "after insert_kv_cache", "after specialize"]
+    for name in ("imported", "after canonicalize"):
+        text = stages[name]
         assert text.count(" = attention(") == 30 and text.count(" = rms_norm(") == 61
         assert "# model.layers.29.self_attn" in text
-    assert "reshape" in imported and " = reshape(" not in canonical
+    assert " = reshape(" in stages["imported"] and " = reshape(" not in stages["after canonicalize"]
+    prefill, decode = stages["after specialize"].split("graph decode(")
+    assert "graph prefill(%input_ids: i64[B,S]" in prefill and decode.startswith("%input_ids: i64[B,1]")
+    assert decode.count(" = cached_attention(") == 30 and decode.count(" = kv_cache_write(") == 60
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    tiny_model("llama").save_pretrained(path)
+    return str(path)
+
+
+def test_generate_with_token_ids(tiny_dir):
+    out = lowerlm("generate", "--model", tiny_dir, "--token-ids", "--max-batch", "2", "--max-new-tokens", "5",
+                  "5,7,9", "8 1")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("[0] [") and lines[1].startswith("[1] [") and "tokens/s" in lines[2]
+
+
+@pytest.mark.slow
+def test_generate_answers_the_demo_prompt():
+    out = lowerlm("generate", "--compare-eager", "What is the capital of France?")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout and "identical tokens" in out.stdout and "tokens/s (transformers eager)" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--token-ids", "--max-seq-len", "4", "1,2,3,4,5"), "longer than max_seq_len 4"),
+    (("--token-ids", "1,2,999"), "token id 999 in prompt 0 is outside the vocabulary [0, 64)"),
+    (("--token-ids", " "), "the prompt is empty"),
+    (("--max-new-tokens", "0", "hi"), "--max-new-tokens must be >= 1"),
+    (("--max-batch", "1", "--token-ids", "1", "2"), "2 prompts are more than --max-batch 1"),
+    (("hello",), "this model has no tokenizer"),
+])
+def test_generate_errors_are_one_line_with_exit_code_2(tiny_dir, args, message):
+    out = lowerlm("generate", "--model", tiny_dir, *args)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.splitlines()
+    assert [line for line in lines if line.startswith("lowerlm: error: ")] == [f"lowerlm: error: {lines[-1][16:]}"]
+    assert message in lines[-1], out.stderr
 
 
 def test_errors_are_one_line_with_exit_code_2(tmp_path):

@@ -23,7 +23,8 @@ def assert_logits_close(got, want):
 
 
 def ops_of(cm) -> list:
-    return [n.op for n in cm.ir.graphs[0].nodes]
+    """Ops of the imported graph (before passes turn attention into cached attention)."""
+    return [n.op for n in cm.imported.graphs[0].nodes]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
@@ -62,7 +63,7 @@ def test_right_padded_batch_matches_hf_with_the_same_mask_and_positions(family):
 def test_sliding_window_is_read_from_the_mask():
     model = tiny_model("mistral", sliding_window=4)
     cm = lowerlm.compile_model(model)
-    attn = [n for n in cm.ir.graphs[0].nodes if n.op is Op.ATTENTION]
+    attn = [n for n in cm.imported.graphs[0].nodes if n.op is Op.ATTENTION]
     assert all(n.attr("window") == 4 and n.attr("causal") for n in attn)
     ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -75,7 +76,7 @@ def test_yarn_rope_scaling_is_raised_with_its_multiplier():
                        rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                         "original_max_position_embeddings": 64})
     cm = lowerlm.compile_model(model)
-    rope = next(n for n in cm.ir.graphs[0].nodes if n.op is Op.ROPE)
+    rope = next(n for n in cm.imported.graphs[0].nodes if n.op is Op.ROPE)
     assert rope.attr("scaling") == pytest.approx(model.model.rotary_emb.attention_scaling)
     assert list(rope.attr("inv_freq")) == pytest.approx(model.model.rotary_emb.inv_freq.tolist())
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(4))
@@ -97,7 +98,8 @@ def test_golden_import_of_one_tiny_llama_layer():
     model = tiny_model("llama", num_hidden_layers=1, hidden_size=16, intermediate_size=32)
     cm = lowerlm.compile_model(model, use_cache=False)
     stages = {header.split()[2] if "after" in header else "import": ir.print_module(m) for header, m in cm.stages()}
-    for stage, text in stages.items():
+    for stage in ("import", "canonicalize"):
+        text = stages[stage]
         path = ROOT / "tests" / "golden" / f"tiny_llama_{stage}.ir"
         if os.environ.get("LOWERLM_UPDATE_GOLDEN"):
             path.write_text(f"// transformers {transformers.__version__}\n{text}")
@@ -228,5 +230,7 @@ def test_smollm2_real_weights_match_eager():
     with torch.no_grad():
         want = model(ids).logits
     assert_logits_close(cm(ids), want)
-    g = cm.ir.graphs[0]
+    g = cm.imported.graphs[0]
     assert sum(n.op is Op.ATTENTION for n in g.nodes) == 30 and sum(n.op is Op.RMS_NORM for n in g.nodes) == 61
+    decode = cm.ir.graph("decode")
+    assert sum(n.op is Op.CACHED_ATTENTION for n in decode.nodes) == 30 and len(decode.state) == 60
