@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lowerlm.ir.errors import CompileError, InputError
-from lowerlm.ir.fold import CORE_OPS, run_core
+from lowerlm.ir.fold import CORE_OPS, by_slot, run_core
 from lowerlm.ir.graph import Graph, Module, Node
 from lowerlm.ir.ops import Op
 from lowerlm.ir.shapes import Sym, evaluate
@@ -114,6 +114,38 @@ def cached_attention(q, k_cache, v_cache, positions, seq_lens, scale, causal, wi
     return _attend(_heads(q, q.shape[2] // d), k_cache, v_cache, vis, scale)
 
 
+def activation(x, act: str):
+    if act == "silu":
+        return F.silu(x)
+    if act == "gelu":
+        return F.gelu(x)
+    if act == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    raise CompileError(f"unknown activation '{act}'")
+
+
+def rms_norm_linear(x, norm_weight, weight, bias, residual, eps, splits, act):
+    # x: [..., H]; weight: [N, H] -> pieces [..., n] (or act(gate) * up), then the new residual stream
+    r = x if residual is None else x + residual
+    y = F.linear(rms_norm(r, norm_weight, eps), weight, bias)
+    pieces = list(torch.split(y, list(splits), dim=-1))
+    if act != "none":
+        pieces = [activation(pieces[0], act) * pieces[1]]
+    return tuple(pieces + ([r] if residual is not None else []))
+
+
+def arm_mlp(x, norm_weight, gate_m, up, down_scaled, mu, scale, residual, eps, tau, act):
+    # x: [..., H]; gate_m: [I + H, H] = [W_g; M]; up: [I, H]; down_scaled: [H, I] = W_d diag(scale)
+    h = rms_norm(x, norm_weight, eps)
+    i = up.shape[0]
+    gm = F.linear(h, gate_m)
+    g, m = gm[..., :i], gm[..., i:]
+    a_hat = (activation(g, act) - mu) / scale
+    a_hat = torch.where(a_hat.abs() >= tau, a_hat, torch.zeros((), dtype=a_hat.dtype))
+    y = F.linear(a_hat * F.linear(h, up), down_scaled) + m
+    return y if residual is None else y + residual
+
+
 def _llm(node: Node, args: list, inplace: bool = False):
     a = node.all_attrs()
     op = node.op
@@ -121,6 +153,12 @@ def _llm(node: Node, args: list, inplace: bool = False):
         return rms_norm(args[0], args[1], a["eps"])
     if op is Op.ROPE:
         return rope(*args, a["heads"], a["inv_freq"], a["scaling"], a["layout"])
+    if op is Op.RMS_NORM_LINEAR:
+        return rms_norm_linear(*by_slot(node, args), a["eps"], a["splits"], a["act"])
+    if op is Op.SWIGLU:
+        return activation(args[0], a["act"]) * args[1]
+    if op is Op.ARM_MLP:
+        return arm_mlp(*by_slot(node, args), a["eps"], a["tau"], a["act"])
     if op is Op.ATTENTION:
         return attention(*args, a["heads"], a["scale"], a["causal"], a["window"])
     if op is Op.KV_CACHE_WRITE:
@@ -130,7 +168,8 @@ def _llm(node: Node, args: list, inplace: bool = False):
     raise CompileError(f"the reference backend has no implementation of {op}")
 
 
-LLM_OPS = frozenset({Op.RMS_NORM, Op.ROPE, Op.ATTENTION, Op.KV_CACHE_WRITE, Op.CACHED_ATTENTION})
+LLM_OPS = frozenset({Op.RMS_NORM, Op.ROPE, Op.ATTENTION, Op.KV_CACHE_WRITE, Op.CACHED_ATTENTION,
+                     Op.RMS_NORM_LINEAR, Op.SWIGLU, Op.ARM_MLP})
 IMPLEMENTED = CORE_OPS | LLM_OPS | {Op.PARAM, Op.WEIGHT}
 
 

@@ -132,16 +132,18 @@ CORE_OPS = frozenset({
 })
 
 
+def by_slot(node: Node, args: list) -> list:
+    """The present inputs' values ``args`` placed in the node's input slots, None for absent optional ones."""
+    it = iter(args)
+    return [next(it) if v is not None else None for v in node.inputs]
+
+
 def run_core(node: Node, args: list, env: dict | None = None):
     """Evaluate a core op on tensors; ``args`` holds the present inputs in input order (absent optional inputs
     are skipped), ``env`` binds shape symbols. Returns a tensor, or a tuple for multi-result ops."""
     if node.op not in CORE_OPS:
         raise NotImplementedError(f"{node.op} is not a core op")
-    full = []
-    it = iter(args)
-    for v in node.inputs:
-        full.append(next(it) if v is not None else None)
-    return _run(node, full, env or {})
+    return _run(node, by_slot(node, args), env or {})
 
 
 def fold(node: Node, args: list):

@@ -384,6 +384,59 @@ def _cached_attention(ts, a):
     return [q.with_shape((b, s, hq * dv))]
 
 
+ACTS = ("silu", "gelu", "gelu_tanh")
+
+
+def _rms_norm_linear(ts, a):
+    x, nw, w, bias, residual = ts
+    _float(x, "rms_norm_linear input")
+    h = x.shape[-1] if x.rank else None
+    if x.rank < 1 or nw.shape != (h,) or w.rank != 2 or w.shape[1] != h:
+        _fail(f"rms_norm_linear of {x} with norm weight {nw} and weight {w} (expected [H] and [N, {h}])")
+    _same_dtype(x, nw, w)
+    splits = tuple(a["splits"])
+    total = 0
+    for n in splits:
+        total = total + n
+    if not splits or total != w.shape[0]:
+        _fail(f"splits {list(splits)} do not add up to the weight's {w.shape[0]} rows")
+    if bias is not None and (bias.shape != (w.shape[0],) or bias.dtype != x.dtype):
+        _fail(f"rms_norm_linear bias {bias} does not match {w.shape[0]} outputs")
+    if residual is not None and residual != x:
+        _fail(f"rms_norm_linear residual {residual} does not match input {x}")
+    if a["act"] != "none":
+        if len(splits) != 2 or splits[0] != splits[1]:
+            _fail(f"a swiglu epilogue needs two equal splits (gate, up), got {list(splits)}")
+        splits = splits[:1]
+    out = [x.with_shape(x.shape[:-1] + (n,)) for n in splits]
+    return out + ([x] if residual is not None else [])
+
+
+def _swiglu(ts, a):
+    gate, up = ts
+    _float(gate, "swiglu gate")
+    if gate != up:
+        _fail(f"swiglu gate {gate} and up {up} differ")
+    return [gate]
+
+
+def _arm_mlp(ts, a):
+    x, nw, wgm, wu, wd, mu, scale, residual = ts
+    _float(x, "arm_mlp input")
+    h = x.shape[-1] if x.rank else None
+    if wu.rank != 2 or wu.shape[1] != h or nw.shape != (h,):
+        _fail(f"arm_mlp up weight {wu} or norm weight {nw} does not fit input {x}")
+    i = wu.shape[0]
+    if wgm.shape != (i + h, h) or wd.shape != (h, i) or mu.shape != (i,) or scale.shape != (i,):
+        _fail(f"arm_mlp weights do not fit: [W_g; M] {wgm}, down {wd}, mu {mu}, scale {scale} for I={i}, H={h}")
+    _same_dtype(x, nw, wgm, wu, wd, mu, scale)
+    if a["tau"] < 0:
+        _fail(f"arm_mlp tau must be >= 0, got {a['tau']}")
+    if residual is not None and residual != x:
+        _fail(f"arm_mlp residual {residual} does not match input {x}")
+    return [x]
+
+
 # ---- the table ----------------------------------------------------------------------------------------------
 K = AttrKind
 I = InputSpec  # noqa: E741
@@ -454,6 +507,17 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
     _d(Op.ATTENTION, ("q", "k", "v", "positions", "seq_lens"), _attention,
        "GQA softmax attention within one call: key j is seen by query i if j < seq_lens and, when causal, "
        "pos_j <= pos_i (and pos_i - pos_j < window); result [B,S,Hq*Dv]", _ATTN),
+    _d(Op.RMS_NORM_LINEAR, ("x", "norm_weight", "weight", I("bias", optional=True), I("residual", optional=True)),
+       _rms_norm_linear,
+       "r = x (+ residual); split(rms_norm(r) @ weight.T (+ bias), splits) -- or act(gate) * up with a swiglu "
+       "act; yields the pieces, then r when a residual is given",
+       {"eps": AttrSpec(K.FLOAT), "splits": AttrSpec(K.DIMS), "act": AttrSpec(K.STR, "none", ("none",) + ACTS)}),
+    _d(Op.SWIGLU, ("gate", "up"), _swiglu, "act(gate) * up", {"act": AttrSpec(K.STR, "silu", ACTS)}),
+    _d(Op.ARM_MLP, ("x", "norm_weight", "gate_m", "up", "down_scaled", "mu", "scale", I("residual", optional=True)),
+       _arm_mlp,
+       "ARM gated MLP: h = rms_norm(x); [g; m] = h @ [W_g; M].T; a_hat = (act(g) - mu) / scale, zero where "
+       "|a_hat| < tau; (a_hat * (h @ W_u.T)) @ (W_d diag(scale)).T + m (+ residual)",
+       {"eps": AttrSpec(K.FLOAT), "tau": AttrSpec(K.FLOAT), "act": AttrSpec(K.STR, "silu", ACTS)}),
     _d(Op.KV_CACHE_WRITE, (I("cache", state=True), "values", "positions"), _kv_cache_write,
        "new cache version with values [B,S,Hkv*D] stored at cache[b, :, positions[b,s]] (positions >= T skipped)",
        writes={0: 0}),

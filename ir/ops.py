@@ -50,6 +50,10 @@ class Op(enum.Enum):
     RMS_NORM = "rms_norm"
     ROPE = "rope"
     ATTENTION = "attention"
+    # ---- fused ops: made by the fusion passes and arm
+    RMS_NORM_LINEAR = "rms_norm_linear"
+    SWIGLU = "swiglu"
+    ARM_MLP = "arm_mlp"
     # ---- state: made by insert_kv_cache
     KV_CACHE_WRITE = "kv_cache_write"
     CACHED_ATTENTION = "cached_attention"
@@ -65,5 +69,7 @@ ELEMENTWISE = BINARY | UNARY
 REDUCE = frozenset({Op.MEAN, Op.SUM, Op.SOFTMAX, Op.ARGMAX, Op.TOPK})
 VIEW = frozenset({Op.RESHAPE, Op.TRANSPOSE, Op.EXPAND, Op.SLICE})
 LEAF = frozenset({Op.PARAM, Op.WEIGHT, Op.CONSTANT})
+# ops with a residual epilogue: an optional ``residual`` input added to the result
+RESIDUAL_EPILOGUE = frozenset({Op.LINEAR, Op.ARM_MLP})
 # ops whose result is computed from the weight table alone, once at load time
 WEIGHT_LEAF = frozenset({Op.PARAM, Op.WEIGHT})

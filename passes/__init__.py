@@ -19,6 +19,9 @@ from lowerlm.ir.graph import Graph, Module
 from lowerlm.ir.printer import print_module
 from lowerlm.ir.verifier import verify_module
 from lowerlm.passes.canonicalize import canonicalize
+from lowerlm.passes.fuse_linear_residual import fuse_linear_residual
+from lowerlm.passes.fuse_rmsnorm_linear import fuse_rmsnorm_linear
+from lowerlm.passes.fuse_swiglu import fuse_swiglu
 from lowerlm.passes.insert_kv_cache import insert_kv_cache
 from lowerlm.passes.pattern import take_rewrite_count
 from lowerlm.passes.specialize import specialize
@@ -28,6 +31,9 @@ PassFn = Callable[[Graph], "Graph | tuple"]
 
 PIPELINE: list[tuple[str, PassFn]] = [
     ("canonicalize", canonicalize),  # one canonical form first: no-op views/casts gone, constants folded, CSE, DCE
+    ("fuse_linear_residual", fuse_linear_residual),  # o_proj/down take the residual add: the norm then reads them
+    ("fuse_rmsnorm_linear", fuse_rmsnorm_linear),  # norm in the prologue of q|k|v, gate|up, lm_head
+    ("fuse_swiglu", fuse_swiglu),  # act(gate)*up as the epilogue of the gate|up rms_norm_linear
     ("insert_kv_cache", insert_kv_cache),  # attention reads and writes declared KV-cache state
     ("specialize", specialize),  # forward -> prefill (S free) + decode (S = 1), sharing weights and state
 ]

@@ -113,15 +113,16 @@ def cse(g: Graph) -> Graph:
                    state_outputs=tuple(subst.get(o, o) for o in g.state_outputs))
 
 
-def dce(g: Graph) -> Graph:
-    """Drop nodes none of whose results reach an output or a returned state."""
+def dce(g: Graph, count: bool = True) -> Graph:
+    """Drop nodes none of whose results reach an output or a returned state (counted as rewrites if ``count``:
+    canonicalize counts them, fusions that leave their matched nodes dead do not)."""
     live = set(g.outputs) | set(g.state_outputs)
     keep = []
     for node in reversed(g.nodes):
         if any(r.name in live for r in node.results):
             keep.append(node)
             live.update(node.args)
-        else:
+        elif count:
             record_rewrites()
     return g.with_(nodes=tuple(reversed(keep)))
 

@@ -44,9 +44,13 @@ class Pat:
 class RewriteContext:
     """What a rule function sees: the graph built so far and a way to add nodes before the root."""
 
-    def __init__(self, builder: GraphBuilder, root: Node):
-        self.builder, self.root = builder, root
+    def __init__(self, builder: GraphBuilder, root: Node, graph: Graph):
+        self.builder, self.root, self.graph = builder, root, graph
         self.producers: dict = {}
+
+    def uses(self, value: str) -> int:
+        """How many nodes and outputs read ``value`` in the graph this round started from."""
+        return self.graph.use_count(value)
 
     def producer(self, value: str) -> Node | None:
         return self.producers.get(value)
@@ -61,6 +65,11 @@ class RewriteContext:
         for n in self.builder.nodes[-1:]:
             self.producers.update({r: n for r in n.result_names})
         return out
+
+
+def merge_sources(*nodes: Node) -> tuple:
+    """The module paths of the nodes a fusion replaces, in order, each once."""
+    return tuple(dict.fromkeys(p for n in nodes for p in n.source))
 
 
 def _match(pat: Pat, value: str, ctx: RewriteContext, caps: dict) -> bool:
@@ -100,7 +109,7 @@ def _one_round(g: Graph, rules: list, name: str) -> tuple:
     builder.types.update({s.name: s.type for s in g.state})
     subst: dict = {}
     fired = 0
-    ctx = RewriteContext(builder, None)
+    ctx = RewriteContext(builder, None, g)
     for node in g.nodes:
         node = node.with_(inputs=tuple(subst.get(i, i) if i is not None else None for i in node.inputs))
         ctx.root = node

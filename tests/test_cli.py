@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from lowerlm.passes import PIPELINE
+
 from .conftest import ROOT, tiny_model
 
 
@@ -49,7 +51,7 @@ def test_dump_ir_of_the_default_model():
     for chunk in out.stdout.split("// ")[1:]:
         header, text = chunk.split("\n", 1)
         stages[header.split(" (")[0]] = text
-    assert list(stages) == ["imported", "after canonicalize", "after insert_kv_cache", "after specialize"]
+    assert list(stages) == ["imported"] + [f"after {name}" for name, _ in PIPELINE]
     for name in ("imported", "after canonicalize"):
         text = stages[name]
         assert text.count(" = attention(") == 30 and text.count(" = rms_norm(") == 61
@@ -58,6 +60,9 @@ def test_dump_ir_of_the_default_model():
     prefill, decode = stages["after specialize"].split("graph decode(")
     assert "graph prefill(%input_ids: i64[B,S]" in prefill and decode.startswith("%input_ids: i64[B,1]")
     assert decode.count(" = cached_attention(") == 30 and decode.count(" = kv_cache_write(") == 60
+    # each layer: qkv and gate|up·swiglu norms fused, o_proj and down with the residual, the head fused too
+    assert decode.count(" = rms_norm_linear(") == 61 and decode.count("act=silu") == 30
+    assert decode.count(", residual=") == 60 and " = rms_norm(" not in decode
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,67 @@
+"""Fusion passes: golden IR before → after (tests/golden/passes; each BEFORE holds cases where the pass must not
+fire), rewrite counts, differential runs on the reference backend, and the fused tiny Llama layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowerlm.ir as ir
+from lowerlm.codegen.reference import ReferenceProgram
+from lowerlm.ir import Op
+from lowerlm.passes import PASSES, run_pass
+
+from .conftest import ROOT, example_text, random_weights, token_inputs
+
+GOLDEN = ROOT / "tests" / "golden" / "passes"
+CASES = [("fuse_linear_residual", 1), ("fuse_rmsnorm_linear", 2), ("fuse_swiglu", 2)]
+
+
+def _random_inputs(g: ir.Graph, b=2, s=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    env = {"B": b, "S": s}
+    return {v.name: torch.randn([ir.evaluate(d, env) for d in v.type.shape], generator=gen) for v in g.inputs}
+
+
+@pytest.mark.parametrize("name, rewrites", CASES)
+def test_golden_and_differential(name, rewrites):
+    before = ir.verify_module(ir.parse_module((GOLDEN / f"{name}.before.ir").read_text()))
+    record = run_pass(name, PASSES[name], before)
+    assert ir.print_module(record.module) == (GOLDEN / f"{name}.after.ir").read_text()
+    assert record.rewrites == rewrites
+    weights = random_weights(before, seed=1)
+    inputs = _random_inputs(before.graphs[0])
+    want = ReferenceProgram(before, weights).run("forward", inputs)[0]
+    got = ReferenceProgram(record.module, weights).run("forward", inputs)[0]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # a second run finds nothing left to fuse
+    again = run_pass(name, PASSES[name], record.module)
+    assert again.rewrites == 0 and ir.print_module(again.module) == ir.print_module(record.module)
+
+
+def test_tiny_llama_layer_becomes_five_ops_plus_rope_and_cache_writes():
+    m = ir.parse_module(example_text())
+    for name in ("canonicalize", "fuse_linear_residual", "fuse_rmsnorm_linear", "fuse_swiglu", "insert_kv_cache",
+                 "specialize"):
+        m = run_pass(name, PASSES[name], m).module
+    decode = m.graph("decode")
+    compute = [n.op for n in decode.nodes if n.op not in (Op.PARAM, Op.WEIGHT)]
+    assert compute == [Op.EMBEDDING, Op.RMS_NORM_LINEAR, Op.ROPE, Op.KV_CACHE_WRITE, Op.KV_CACHE_WRITE,
+                       Op.CACHED_ATTENTION, Op.LINEAR, Op.RMS_NORM_LINEAR, Op.LINEAR, Op.RMS_NORM_LINEAR]
+    gate_up = [n for n in decode.nodes if n.op is Op.RMS_NORM_LINEAR][1]
+    assert gate_up.attr("act") == "silu" and gate_up.source == (
+        "model.layers.0.post_attention_layernorm", "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
+        "model.layers.0.mlp.act_fn", "model.layers.0.mlp")
+
+
+def test_fused_example_matches_unfused_on_the_reference_backend():
+    plain = ir.parse_module(example_text())
+    fused = plain
+    for name in ("canonicalize", "fuse_linear_residual", "fuse_rmsnorm_linear", "fuse_swiglu"):
+        fused = run_pass(name, PASSES[name], fused).module
+    weights = random_weights(plain, seed=4)
+    inputs = token_inputs(2, 7, 64, seed=4, lens=[7, 4])
+    want = ReferenceProgram(plain, weights).run("forward", inputs)[0][0]
+    got = ReferenceProgram(fused, weights).run("forward", inputs)[0][0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
