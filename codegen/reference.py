@@ -231,10 +231,11 @@ class ReferenceProgram:
 
     def run(self, graph: str | Graph, inputs: Mapping[str, torch.Tensor] | list,
             state: Mapping[str, torch.Tensor] | None = None, symbols: Mapping[str, int] | None = None,
-            inplace: bool = False) -> tuple[list, dict]:
+            inplace: bool = False, observe=None) -> tuple[list, dict]:
         """Run a graph. Shape symbols bind from the inputs' shapes; ``symbols`` gives those that appear only
         inside compound dimensions such as ``(S+1)//2``. With ``inplace`` state writes update the given state
-        tensors (the runtime's buffers) instead of copies."""
+        tensors (the runtime's buffers) instead of copies. ``observe(node, results)`` sees every node's results
+        (calibration collects activations with it)."""
         g = self.module.graph(graph) if isinstance(graph, str) else graph
         if not isinstance(inputs, Mapping):
             inputs = dict(zip((v.name for v in g.inputs), inputs))
@@ -258,6 +259,8 @@ class ReferenceProgram:
             else:
                 out = _llm(node, args, inplace)
             outs = out if isinstance(out, tuple) else (out,)
+            if observe is not None:
+                observe(node, outs)
             for r, t in zip(node.results, outs):
                 values[r.name] = t
         return ([values[o] for o in g.outputs],

@@ -27,6 +27,7 @@ _LAZY = {
     "load": "lowerlm.models",
     "compile_model": "lowerlm.compile",
     "CompiledModel": "lowerlm.compile",
+    "calibrate": "lowerlm.calibrate",
 }
 
 

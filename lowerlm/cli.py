@@ -14,9 +14,9 @@ def _progress(msg: str) -> None:
 def _cmd_passes(args) -> int:
     from lowerlm.passes import PASS_DOCS, PIPELINE
 
-    default = {name for name, _ in PIPELINE}
-    for name, doc in PASS_DOCS.items():
-        print(f"{name:24s} {'default' if name in default else '       '}  {doc}")
+    for name, fn in PIPELINE:
+        kind = "default" if fn is not None else "data   "  # arm runs when calibration data is given
+        print(f"{name:24s} {kind}  {PASS_DOCS[name]}")
     return 0
 
 
@@ -140,6 +140,27 @@ def _compare_eager(model, prompts, outputs, args) -> None:
               f"(transformers eager); {same}")
 
 
+def _cmd_arm_hist(args) -> int:
+    import lowerlm
+    from lowerlm.arm_report import arm_hist
+
+    model = lowerlm.load(args.model, progress=_progress)
+    stats = arm_hist(model, args.layer, args.out, args.sparsity)
+    print(f"layer {args.layer}: skew of a {stats['skew_a']:.3f}, skew of a_hat {stats['skew_a_hat']:.3f}; "
+          f"tau {stats['tau']:.4g}, mass of a_hat within +-tau {stats['mass_within_tau']:.3f}; wrote {args.out}")
+    return 0
+
+
+def _cmd_arm_eval(args) -> int:
+    import lowerlm
+    from lowerlm.arm_report import arm_eval, format_rows
+
+    model = lowerlm.load(args.model, progress=_progress)
+    sparsities = [float(p) for p in args.sparsities.split(",")]
+    print(format_rows(arm_eval(model, sparsities, args.max_tokens)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowerlm", description="Lower PyTorch language models to fast kernels.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -168,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare-eager", action="store_true",
                    help="also run transformers' eager greedy generate: tokens/s and token agreement")
     g.set_defaults(fn=_cmd_generate)
+    h = sub.add_parser("arm-hist", help="histogram of one MLP's activation before and after ARM redistribution")
+    h.add_argument("--model", default="smollm2")
+    h.add_argument("--layer", type=int, required=True)
+    h.add_argument("--out", required=True, help="the PNG to write")
+    h.add_argument("--sparsity", type=float, default=0.5)
+    h.set_defaults(fn=_cmd_arm_hist)
+    e = sub.add_parser("arm-eval", help="held-out perplexity and KL: ARM vs plain thresholding at equal bytes")
+    e.add_argument("--model", default="smollm2")
+    e.add_argument("--sparsities", default="0.3,0.4,0.5,0.6,0.7")
+    e.add_argument("--max-tokens", type=int, default=1024, help="held-out tokens to score")
+    e.set_defaults(fn=_cmd_arm_eval)
     return p
 
 

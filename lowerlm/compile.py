@@ -186,8 +186,8 @@ def compile_model(model: torch.nn.Module, backend: str = "reference", dtype=None
 
     if backend not in BACKENDS:
         raise CompileError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
-    if tp != 1 or arm is not None:
-        raise CompileError("tensor parallelism and ARM are not available yet (tp=1, arm=None)")
+    if tp != 1:
+        raise CompileError("tensor parallelism is not available yet (tp=1)")
     if dtype is not None or device not in (None, "cpu"):
         raise CompileError("the reference backend runs the model's own dtype on the CPU (dtype=None, device=None)")
     if max_seq_len < 2 or max_batch < 1:
@@ -196,7 +196,7 @@ def compile_model(model: torch.nn.Module, backend: str = "reference", dtype=None
         raise InputError(f"compile_model takes a torch.nn.Module, got {type(model).__name__}")
     imported = trace_model(model, use_cache=use_cache, progress=progress, captures=captures)
     records: list[PassRecord] = []
-    run_pipeline(imported, passes=passes, on_pass=records.append)
+    run_pipeline(imported, passes=passes, on_pass=records.append, arm=arm)
     final = records[-1].module if records else imported
     weights = model_weights(model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)

@@ -1,7 +1,9 @@
 """Passes: pure ``Graph -> Graph`` rewrites, and the driver that runs them over a module.
 
-The default pipeline is the list below, in order, one line per pass. ``PASSES`` maps every pass name (default or
-not) to its function for ``dump-ir --after NAME`` and ``compile_model(passes=[...])``. The driver maps a pass
+The default pipeline is the list below, in order, one line per pass; ``arm`` has no function there because it
+needs calibration data: ``resolve(arm=...)`` builds it, and without data it is skipped. ``PASSES`` maps the
+names of passes that need no data to their functions, for ``dump-ir --after NAME`` and
+``compile_model(passes=[...])``. The driver maps a pass
 over every graph of the module, verifies after each pass, counts rewrites, and prints the IR after a pass when
 ``LOWERLM_DUMP`` names it (``all``, or names separated by commas).
 """
@@ -18,6 +20,7 @@ from lowerlm.ir.errors import PassError, VerifyError
 from lowerlm.ir.graph import Graph, Module
 from lowerlm.ir.printer import print_module
 from lowerlm.ir.verifier import verify_module
+import lowerlm.passes.arm  # noqa: F401  (its docstring is listed by `lowerlm passes`)
 from lowerlm.passes.canonicalize import canonicalize
 from lowerlm.passes.fuse_linear_residual import fuse_linear_residual
 from lowerlm.passes.fuse_rmsnorm_linear import fuse_rmsnorm_linear
@@ -29,8 +32,9 @@ from lowerlm.passes.specialize import specialize
 # A pass maps a graph to a graph, or (specialize) to a tuple of graphs that replace it in the module.
 PassFn = Callable[[Graph], "Graph | tuple"]
 
-PIPELINE: list[tuple[str, PassFn]] = [
+PIPELINE: list[tuple[str, PassFn | None]] = [
     ("canonicalize", canonicalize),  # one canonical form first: no-op views/casts gone, constants folded, CSE, DCE
+    ("arm", None),  # with calibration data only: gate and up must still be apart, so before the fusions
     ("fuse_linear_residual", fuse_linear_residual),  # o_proj/down take the residual add: the norm then reads them
     ("fuse_rmsnorm_linear", fuse_rmsnorm_linear),  # norm in the prologue of q|k|v, gate|up, lm_head
     ("fuse_swiglu", fuse_swiglu),  # act(gate)*up as the epilogue of the gate|up rms_norm_linear
@@ -38,11 +42,12 @@ PIPELINE: list[tuple[str, PassFn]] = [
     ("specialize", specialize),  # forward -> prefill (S free) + decode (S = 1), sharing weights and state
 ]
 
-PASSES: dict[str, PassFn] = dict(PIPELINE)
+PASSES: dict[str, PassFn] = {name: fn for name, fn in PIPELINE if fn is not None}
 
+_MODULES = {name: fn.__module__ for name, fn in PASSES.items()} | {"arm": "lowerlm.passes.arm"}
 # first docstring line of each pass's module, for `lowerlm passes`
-PASS_DOCS: dict[str, str] = {name: (sys.modules[fn.__module__].__doc__ or "").strip().split("\n")[0]
-                             for name, fn in PASSES.items()}
+PASS_DOCS: dict[str, str] = {name: (sys.modules[_MODULES[name]].__doc__ or "").strip().split("\n")[0]
+                             for name, _ in PIPELINE}
 
 
 @dataclass(frozen=True)
@@ -54,10 +59,15 @@ class PassRecord:
     rewrites: int
 
 
-def resolve(passes: str | Iterable[str | tuple] = "default") -> list[tuple[str, PassFn]]:
-    """The (name, function) list for ``"default"``, ``"none"`` or a list of names (or (name, fn) pairs)."""
+def resolve(passes: str | Iterable[str | tuple] = "default", arm=None) -> list[tuple[str, PassFn]]:
+    """The (name, function) list for ``"default"``, ``"none"`` or a list of names (or (name, fn) pairs). ``arm``
+    (an ``ArmCalibration``) turns the arm pass on."""
     if passes == "default":
-        return list(PIPELINE)
+        if arm is None:
+            return [(name, fn) for name, fn in PIPELINE if fn is not None]
+        from lowerlm.passes.arm import arm as arm_pass
+
+        return [(name, fn if fn is not None else arm_pass(arm)) for name, fn in PIPELINE]
     if passes in ("none", None):
         return []
     if isinstance(passes, str):
@@ -68,6 +78,10 @@ def resolve(passes: str | Iterable[str | tuple] = "default") -> list[tuple[str, 
             out.append(p)
         elif p in PASSES:
             out.append((p, PASSES[p]))
+        elif p == "arm" and arm is not None:
+            from lowerlm.passes.arm import arm as arm_pass
+
+            out.append((p, arm_pass(arm)))
         else:
             raise PassError(f"unknown pass '{p}'; known passes: {', '.join(PASSES)} (see `lowerlm passes`)")
     return out
@@ -99,13 +113,14 @@ def dump_header(record: PassRecord) -> str:
 
 
 def run_pipeline(module: Module, passes="default", verify: bool = True, dump: set | None = None,
-                 out: TextIO | None = None, on_pass: Callable[[PassRecord], None] | None = None) -> Module:
+                 out: TextIO | None = None, on_pass: Callable[[PassRecord], None] | None = None,
+                 arm=None) -> Module:
     """Run the passes in order. ``dump`` (default: from LOWERLM_DUMP) names the passes whose result is printed to
     ``out`` (default stderr); ``on_pass`` receives each PassRecord."""
     dump = _dump_names() if dump is None else dump
     if verify:
         verify_module(module)
-    for name, fn in resolve(passes):
+    for name, fn in resolve(passes, arm):
         record = run_pass(name, fn, module, verify)
         module = record.module
         if "all" in dump or name in dump:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lowerlm.passes import PIPELINE
+from lowerlm.passes import resolve
 
 from .conftest import ROOT, tiny_model
 
@@ -51,7 +51,7 @@ def test_dump_ir_of_the_default_model():
     for chunk in out.stdout.split("// ")[1:]:
         header, text = chunk.split("\n", 1)
         stages[header.split(" (")[0]] = text
-    assert list(stages) == ["imported"] + [f"after {name}" for name, _ in PIPELINE]
+    assert list(stages) == ["imported"] + [f"after {name}" for name, _ in resolve("default")]
     for name in ("imported", "after canonicalize"):
         text = stages[name]
         assert text.count(" = attention(") == 30 and text.count(" = rms_norm(") == 61
