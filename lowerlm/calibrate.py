@@ -16,7 +16,6 @@ import torch
 from lowerlm.errors import InputError
 from lowerlm.passes.arm import ArmCalibration, ArmLayer, find_gated_mlps
 
-
 MODES = ("arm", "center", "plain")
 
 

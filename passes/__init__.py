@@ -16,11 +16,11 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, TextIO
 
+import lowerlm.passes.arm  # noqa: F401  (its docstring is listed by `lowerlm passes`)
 from lowerlm.ir.errors import PassError, VerifyError
 from lowerlm.ir.graph import Graph, Module
 from lowerlm.ir.printer import print_module
 from lowerlm.ir.verifier import verify_module
-import lowerlm.passes.arm  # noqa: F401  (its docstring is listed by `lowerlm passes`)
 from lowerlm.passes.canonicalize import canonicalize
 from lowerlm.passes.fuse_linear_residual import fuse_linear_residual
 from lowerlm.passes.fuse_rmsnorm_linear import fuse_rmsnorm_linear
