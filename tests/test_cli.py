@@ -136,3 +136,16 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
         errors = [line for line in lines if line.startswith("lowerlm: error: ")]
         assert len(errors) == 1 and message in errors[0], out.stderr
         assert all(line.startswith("lowerlm: ") for line in lines), out.stderr
+
+
+@pytest.mark.slow
+def test_arm_hist_and_arm_eval(tmp_path):
+    out = lowerlm("arm-hist", "--model", "smollm2", "--layer", "15", "--out", str(tmp_path / "h.png"))
+    assert out.returncode == 0, out.stderr
+    assert "skew of a" in out.stdout and (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    out = lowerlm("arm-eval", "--model", "smollm2", "--sparsities", "0.5", "--max-tokens", "128")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|")[1].strip() for line in out.stdout.splitlines()[2:]]
+    assert rows == ["dense", "arm", "arm, centre only", "plain"]
+    bad = lowerlm("arm-hist", "--model", "smollm2", "--layer", "99", "--out", str(tmp_path / "x.png"))
+    assert bad.returncode == 2 and "no gated MLP at layer 99" in bad.stderr
