@@ -78,7 +78,10 @@ def resolve(passes: str | Iterable[str | tuple] = "default", arm=None) -> list[t
             out.append(p)
         elif p in PASSES:
             out.append((p, PASSES[p]))
-        elif p == "arm" and arm is not None:
+        elif p == "arm":
+            if arm is None:
+                raise PassError("pass 'arm' needs calibration data: compile_model(model, "
+                                "arm=lowerlm.calibrate(model))")
             from lowerlm.passes.arm import arm as arm_pass
 
             out.append((p, arm_pass(arm)))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import lowerlm.ir as ir
 from lowerlm.codegen.reference import ReferenceProgram
-from lowerlm.passes import PIPELINE, run_pass
+from lowerlm.passes import resolve, run_pass
 from lowerlm.passes.canonicalize import canonicalize
 from lowerlm.runtime.generate import allocate_state
 
@@ -141,7 +141,7 @@ def test_pipeline_preserves_the_example_model(batch, seq, seed):
     lens = [seq - (i % 2 if seq > 1 else 0) for i in range(batch)]
     inputs = token_inputs(batch, seq, 64, seed, lens=lens)
     after = m
-    for name, fn in PIPELINE:
+    for name, fn in resolve("default"):
         after = run_pass(name, fn, after).module
     want = ReferenceProgram(m, weights).run("forward", inputs)[0][0]
     got = ReferenceProgram(after, weights).run("prefill", inputs, allocate_state(after, batch, seq))[0][0]

@@ -15,9 +15,11 @@ from .conftest import example_text
 
 
 def test_pipeline_is_a_visible_list_of_known_passes():
-    assert [name for name, _ in PIPELINE][0] == "canonicalize"
-    assert all(PASSES[name] is fn for name, fn in PIPELINE)
-    assert resolve("default") == PIPELINE and resolve("none") == []
+    assert [name for name, _ in PIPELINE][:2] == ["canonicalize", "arm"]
+    assert all(PASSES[name] is fn for name, fn in PIPELINE if fn is not None)
+    assert resolve("default") == [(n, fn) for n, fn in PIPELINE if n != "arm"] and resolve("none") == []
+    with pytest.raises(ir.PassError, match="pass 'arm' needs calibration data"):
+        resolve(["arm"])  # arm needs calibration data
     assert resolve("canonicalize") == [("canonicalize", PASSES["canonicalize"])]
 
 
