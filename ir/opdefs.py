@@ -227,10 +227,7 @@ def _split(ts, a):
     sizes = tuple(a["sizes"])
     if not sizes:
         _fail("split needs at least one size")
-    total = 0
-    for s in sizes:
-        total = total + s
-    if total != t.shape[ax]:
+    if sum(sizes) != t.shape[ax]:
         _fail(f"split sizes {list(map(str, sizes))} do not add up to {t.shape[ax]}")
     return [t.with_shape(t.shape[:ax] + (s,) + t.shape[ax + 1:]) for s in sizes]
 
@@ -395,10 +392,7 @@ def _rms_norm_linear(ts, a):
         _fail(f"rms_norm_linear of {x} with norm weight {nw} and weight {w} (expected [H] and [N, {h}])")
     _same_dtype(x, nw, w)
     splits = tuple(a["splits"])
-    total = 0
-    for n in splits:
-        total = total + n
-    if not splits or total != w.shape[0]:
+    if not splits or sum(splits) != w.shape[0]:
         _fail(f"splits {list(splits)} do not add up to the weight's {w.shape[0]} rows")
     if bias is not None and (bias.shape != (w.shape[0],) or bias.dtype != x.dtype):
         _fail(f"rms_norm_linear bias {bias} does not match {w.shape[0]} outputs")

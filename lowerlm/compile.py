@@ -144,11 +144,9 @@ class CompiledModel:
     def _stream(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids) -> Iterator[str]:
         steps = self.generate_ids([ids], max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
         decoder = StreamDecoder(self.tokenizer)
-        self.last_token_count = 0
         for (token,) in steps:
             if token is None:
                 break
-            self.last_token_count += 1
             piece = decoder.push(token)
             if piece:
                 yield piece

@@ -32,9 +32,7 @@ def weight_value(b: GraphBuilder, g: Graph, values: list, name: str, source) -> 
         return values[0]
     expr = Concat(tuple(weight_expr(g, v) for v in values), 0)
     first = g.type_of(values[0])
-    rows = 0
-    for v in values:
-        rows = rows + g.type_of(v).shape[0]
+    rows = sum(g.type_of(v).shape[0] for v in values)
     return b.add(Op.WEIGHT, [], {"expr": expr}, types=[first.with_shape((rows,) + first.shape[1:])], name=name,
                  source=source)
 
