@@ -196,6 +196,8 @@ def bind_symbols(declared, actual, env: dict, what: str) -> None:
 class ReferenceProgram:
     """A module ready to run on the reference backend: ``run(graph, inputs, state) -> (outputs, new_state)``."""
 
+    device = torch.device("cpu")
+
     def __init__(self, module: Module, weights: Mapping[str, torch.Tensor]):
         self.module = module
         self.weights = weights
@@ -250,14 +252,13 @@ class ReferenceProgram:
         if unbound:
             raise InputError(f"shape symbols {', '.join(sorted(unbound))} cannot be read off the inputs of graph "
                              f"'{g.name}'; pass symbols={{...}}")
+        plan = self.plan(g)
         for node in g.nodes:
             args = [values[i] for i in node.args]
             if node.op in (Op.PARAM, Op.WEIGHT):
                 out = self._constants[self._weight_key(node)]
-            elif node.op in CORE_OPS:
-                out = run_core(node, args, env)
             else:
-                out = _llm(node, args, inplace)
+                out = self.execute(node, args, env, inplace, values, plan)
             outs = out if isinstance(out, tuple) else (out,)
             if observe is not None:
                 observe(node, outs)
@@ -266,21 +267,25 @@ class ReferenceProgram:
         return ([values[o] for o in g.outputs],
                 {s.name: values[o] for s, o in zip(g.state, g.state_outputs)})
 
-    @staticmethod
-    def _check(name, type_, given: Mapping, env: dict, what: str):
+    def plan(self, g: Graph) -> dict:
+        """Per-graph decisions a backend makes once (which nodes it fuses); none here."""
+        return {}
+
+    def execute(self, node: Node, args: list, env: dict, inplace: bool, values: dict, plan: dict):
+        """One node's results from its inputs' values."""
+        if node.op in CORE_OPS:
+            return run_core(node, args, env)
+        return _llm(node, args, inplace)
+
+    def _check(self, name, type_, given: Mapping, env: dict, what: str):
         if name not in given:
             raise InputError(f"{what} %{name} ({type_}) was not given")
         t = given[name]
         if not isinstance(t, torch.Tensor):
             raise InputError(f"{what} %{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != self.device:
+            raise InputError(f"{what} %{name} is on {t.device}; this program runs on {self.device}")
         if t.dtype != type_.dtype.to_torch():
             raise InputError(f"{what} %{name} must have dtype {type_.dtype}, got {t.dtype}")
         bind_symbols(type_.shape, tuple(t.shape), env, f"{what} %{name}")
         return t
-
-
-def run_graph(graph: Graph, weights: Mapping[str, torch.Tensor], inputs, state=None, params=None):
-    """Run one graph on the reference backend (a convenience for tests)."""
-    params = params if params is not None else {n: None for n in weights}
-    module = Module.of([graph], {n: t for n, t in params.items()})
-    return ReferenceProgram(module, weights).run(graph.name, inputs, state)

@@ -16,7 +16,7 @@ from lowerlm.runtime.generate import Generator, allocate_state
 from lowerlm.runtime.sampler import Sampling
 from lowerlm.runtime.text import StreamDecoder, encode
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "triton")
 
 
 class CompiledModel:
@@ -60,8 +60,10 @@ class CompiledModel:
         from_zero = torch.equal(positions, torch.arange(ids.shape[1]).expand_as(positions))
         if "prefill" in names and from_zero:
             # a prefill into a fresh cache just long enough for this call
-            state = allocate_state(self.ir, ids.shape[0], ids.shape[1])
-            (logits,), _ = self.program.run("prefill", inputs, state, inplace=True)
+            dev = self.program.device
+            state = allocate_state(self.ir, ids.shape[0], ids.shape[1], dev)
+            (logits,), _ = self.program.run("prefill", {k: v.to(dev) for k, v in inputs.items()}, state,
+                                            inplace=True)
             return logits
         if "forward" in names and not self.ir.graph("forward").state:
             return self.program.run("forward", inputs)[0][0]
@@ -186,8 +188,11 @@ def compile_model(model: torch.nn.Module, backend: str = "reference", dtype=None
         raise CompileError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
     if tp != 1:
         raise CompileError("tensor parallelism is not available yet (tp=1)")
-    if dtype is not None or device not in (None, "cpu"):
-        raise CompileError("the reference backend runs the model's own dtype on the CPU (dtype=None, device=None)")
+    if dtype is not None and dtype != next(model.parameters()).dtype:
+        raise CompileError(f"compile the model in the dtype it has ({next(model.parameters()).dtype}); convert it "
+                           f"first (model.to({dtype})) to run in {dtype}")
+    if backend == "reference" and device not in (None, "cpu"):
+        raise CompileError("the reference backend runs on the CPU (device=None)")
     if max_seq_len < 2 or max_batch < 1:
         raise CompileError(f"max_seq_len must be >= 2 and max_batch >= 1, got {max_seq_len} and {max_batch}")
     if not isinstance(model, torch.nn.Module):
@@ -199,5 +204,11 @@ def compile_model(model: torch.nn.Module, backend: str = "reference", dtype=None
     weights = model_weights(model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
-    return CompiledModel(imported, records, weights, ReferenceProgram(final, weights), vocab, max_seq_len,
-                         max_batch, tokenizer, stop_token_ids(model, tokenizer))
+    if backend == "triton":
+        from lowerlm.codegen.triton.program import TritonProgram
+
+        program = TritonProgram(final, weights, device)
+    else:
+        program = ReferenceProgram(final, weights)
+    return CompiledModel(imported, records, weights, program, vocab, max_seq_len, max_batch, tokenizer,
+                         stop_token_ids(model, tokenizer))

@@ -18,10 +18,11 @@ from lowerlm.ir.shapes import evaluate
 from lowerlm.runtime.sampler import Sampling, sample
 
 
-def allocate_state(module: Module, max_batch: int, max_seq_len: int) -> dict:
+def allocate_state(module: Module, max_batch: int, max_seq_len: int, device="cpu") -> dict:
     """Zeroed buffers for every declared state: ``B`` bound to max_batch, ``T`` to max_seq_len."""
     env = {"B": max_batch, "T": max_seq_len}
-    return {name: torch.zeros([evaluate(d, env) for d in spec.type.shape], dtype=spec.type.dtype.to_torch())
+    return {name: torch.zeros([evaluate(d, env) for d in spec.type.shape], dtype=spec.type.dtype.to_torch(),
+                              device=device)
             for name, spec in module.state_specs.items()}
 
 
@@ -33,15 +34,19 @@ def prefill(program, state: dict, ids: torch.Tensor, lengths: torch.Tensor) -> t
     """Run the prompts (right-padded ``ids`` [B, S], valid ``lengths`` [B]) into the cache; logits of each
     sequence's last prompt token [B, V]."""
     b, s = ids.shape
-    inputs = {"input_ids": ids, "positions": torch.arange(s).repeat(b, 1), "seq_lens": lengths.to(torch.int32)}
+    dev = program.device
+    inputs = {"input_ids": ids.to(dev), "positions": torch.arange(s, device=dev).repeat(b, 1),
+              "seq_lens": lengths.to(device=dev, dtype=torch.int32)}
     (logits,), _ = program.run("prefill", inputs, _batch_view(state, b), inplace=True)
     # logits: [B, S, V]
-    return logits[torch.arange(b), lengths.long() - 1]
+    return logits[torch.arange(b, device=dev), lengths.to(dev).long() - 1]
 
 
 def decode_one(program, state: dict, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """One token per sequence (``tokens`` [B] at ``positions`` [B]) through the cache; logits [B, V]."""
     b = tokens.shape[0]
+    dev = program.device
+    tokens, positions = tokens.to(dev), positions.to(dev)
     inputs = {"input_ids": tokens[:, None], "positions": positions[:, None],
               "seq_lens": (positions + 1).to(torch.int32)}
     (logits,), _ = program.run("decode", inputs, _batch_view(state, b), inplace=True)
@@ -60,7 +65,7 @@ class Generator:
     state: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.state = allocate_state(self.module, self.max_batch, self.max_seq_len)
+        self.state = allocate_state(self.module, self.max_batch, self.max_seq_len, self.program.device)
 
     def check_prompts(self, prompts: list, max_new_tokens: int) -> None:
         if not prompts:
@@ -97,7 +102,8 @@ class Generator:
         logits = prefill(self.program, self.state, ids, lengths)
         done = [False] * b
         for step in range(max_new_tokens):
-            tokens = sample(logits, sampling, generator)
+            # streaming needs the tokens on the host anyway: sample there (one small copy per step)
+            tokens = sample(logits.float().cpu(), sampling, generator)
             out = []
             for i in range(b):
                 if done[i]:

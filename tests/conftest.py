@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # One cache for the whole session (and later sessions in this checkout): the SmolLM2 conversion and its trace are
 # made once. Tests of the caches themselves use their own temporary roots.
 os.environ.setdefault("LOWERLM_CACHE_DIR", str(ROOT / ".cache" / "lowerlm-test"))
+# Without a GPU, Triton kernels run in Triton's interpreter; it must be chosen before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def tiny_config(family: str, **overrides):

@@ -1,0 +1,121 @@
+"""Attention, flash style: one program per (batch·query head, block of queries), an online softmax over blocks
+of keys, GQA by reading kv head ``h // (Hq / Hkv)``.
+
+Keys come from a cache ``[B, Hkv, T, D]`` (key j sits at position j) or, for the ``attention`` op, from the
+call's own token-major ``[B, S, Hkv*D]`` tensors (key j at ``positions[b, j]``). Key j is visible to query i when
+``j < seq_lens[b]``, and, when causal, ``pos_j <= pos_i`` (and ``pos_i - pos_j < window``). The loop over keys
+stops at ``seq_lens[b]``, so a decode step's cost follows the valid length, not the cache's. A query that sees no
+key gets zeros. f32 inputs use IEEE dot products (no TF32), so they match the reference closely.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def attention_kernel(
+    q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, lens_ptr, out_ptr,  # pointers
+    S, HQ, GROUP, D, DV,  # sizes: queries per sequence, query heads, query heads per kv head, head dims
+    stride_qb, stride_qs, stride_kb, stride_kh, stride_kj, stride_vb, stride_vh, stride_vj,  # strides
+    stride_ob, stride_os, stride_pb, stride_kpb,
+    scale, window,
+    CAUSAL: tl.constexpr, KEY_POS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    kvh = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < S
+    q = tl.load(q_ptr + b * stride_qb + offs_m[:, None] * stride_qs + h * D + offs_d[None, :],
+                mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    qpos = tl.load(qpos_ptr + b * stride_pb + offs_m, mask=mask_m, other=0)
+    n_keys = tl.load(lens_ptr + b)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for j0 in range(0, n_keys, BLOCK_N):
+        offs_n = j0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_keys
+        k = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kj + offs_d[None, :],
+                    mask=mask_n[:, None] & (offs_d[None, :] < D), other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        if KEY_POS:
+            kpos = tl.load(kpos_ptr + b * stride_kpb + offs_n, mask=mask_n, other=0)
+        else:
+            kpos = offs_n.to(tl.int64)
+        visible = mask_m[:, None] & mask_n[None, :]
+        if CAUSAL:
+            diff = qpos[:, None] - kpos[None, :]
+            visible = visible & (diff >= 0)
+            if window > 0:
+                visible = visible & (diff < window)
+        scores = tl.where(visible, scores, -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.where(visible, tl.exp(scores - m_new[:, None]), 0.0)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vj + offs_dv[None, :],
+                    mask=mask_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+    tl.store(out_ptr + b * stride_ob + offs_m[:, None] * stride_os + h * DV + offs_dv[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_dv[None, :] < DV))
+
+
+def _launch(q, k4, v4, positions, key_positions, seq_lens, hq, scale, causal, window):
+    """q [B, S, Hq*D]; k4, v4 as [B, Hkv, L, D] views (any strides, unit last stride)."""
+    b, s, width = q.shape
+    d, dv, hk = width // hq, v4.shape[-1], k4.shape[1]
+    out = torch.empty(b, s, hq * dv, dtype=q.dtype, device=q.device)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_m = 16
+    block_n = 16 if q.device.type == "cpu" else 64
+    grid = (b * hq, triton.cdiv(s, block_m))
+    kpos = key_positions if key_positions is not None else positions
+    attention_kernel[grid](
+        q, k4, v4, positions, kpos, seq_lens, out,
+        s, hq, hq // hk, d, dv,
+        q.stride(0), q.stride(1), k4.stride(0), k4.stride(1), k4.stride(2), v4.stride(0), v4.stride(1),
+        v4.stride(2), out.stride(0), out.stride(1), positions.stride(0), kpos.stride(0),
+        scale, window,
+        CAUSAL=causal, KEY_POS=key_positions is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 or q.device.type == "cpu" else "tf32",
+        UPCAST=q.device.type == "cpu",  # the interpreter computes bf16 dots wrongly: give it f32
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_DV=max(16, triton.next_power_of_2(dv)))
+    return out
+
+
+def _heads(x, h):
+    b, s, width = x.shape
+    return x.reshape(b, s, h, width // h).transpose(1, 2)
+
+
+def attention(q, k, v, positions, seq_lens, heads, scale, causal=True, window=0):
+    """The ``attention`` op: q [B, S, Hq*D], k [B, S, Hk*D], v [B, S, Hk*Dv] -> [B, S, Hq*Dv]."""
+    hq, hk = heads
+    positions = positions.contiguous()
+    return _launch(q, _heads(k, hk), _heads(v, hk), positions, positions, seq_lens.contiguous(), hq, scale,
+                   causal, window)
+
+
+def cached_attention(q, k_cache, v_cache, positions, seq_lens, scale, causal=True, window=0):
+    """The ``cached_attention`` op: q [B, S, Hq*D] over caches [B, Hk, T, D] -> [B, S, Hq*Dv]."""
+    hq = q.shape[2] // k_cache.shape[3]
+    return _launch(q, k_cache, v_cache, positions.contiguous(), None, seq_lens.contiguous(), hq, scale, causal,
+                   window)

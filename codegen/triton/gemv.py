@@ -1,0 +1,176 @@
+"""Row-wise matrix-vector products for decode: ``linear`` (bias and residual epilogues) and ``rms_norm_linear``
+(the RMSNorm in the prologue, the residual add before it, a SwiGLU epilogue), one kernel for both.
+
+One program computes BLOCK_N outputs of one row (token): a first pass over K gets the row's sum of squares (and,
+with a residual input, writes the new residual stream), a second pass accumulates ``W[n, :] · h`` in f32 where
+``h = (x · rsqrt(mean(x²) + eps)).to(dtype) · w_norm``, as transformers' RMSNorm computes it. With a SwiGLU
+epilogue the program also accumulates the matching ``up`` row (n + I) and stores ``act(gate) · up``. Rows past
+GEMV_MAX_ROWS (prefill) go through torch's matmul (cuBLAS on a GPU) after the same normalisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+GEMV_MAX_ROWS = 16
+ACTS = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    if ACT == 1:
+        x = x * tl.sigmoid(x)
+    elif ACT == 2:
+        x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACT == 3:
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        x = 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+    return x
+
+
+@triton.jit
+def gemv_kernel(
+    x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, r_out_ptr,  # pointers
+    N, K, UP_OFFSET,  # sizes: outputs per row, reduction length, row offset of `up` in W for SwiGLU
+    stride_xm, stride_resm, stride_wn, stride_om, stride_rom,  # strides (the last dimension is contiguous)
+    eps,
+    NORM: tl.constexpr, RES_IN: tl.constexpr, RES_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    x_row = x_ptr + pid_m * stride_xm
+    res_row = res_ptr + pid_m * stride_resm
+    inv = 1.0
+    if NORM:
+        sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            xk = tl.load(x_row + offs_k, mask=mask_k, other=0.0)
+            if RES_IN:
+                res = tl.load(res_row + offs_k, mask=mask_k, other=0.0)
+                xk = (xk.to(tl.float32) + res.to(tl.float32)).to(res.dtype)
+                if pid_n == 0:
+                    tl.store(r_out_ptr + pid_m * stride_rom + offs_k, xk, mask=mask_k)
+            xk = xk.to(tl.float32)
+            sumsq += xk * xk
+        inv = 1.0 / tl.sqrt(tl.sum(sumsq, axis=0) / K + eps)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        xk = tl.load(x_row + offs_k, mask=mask_k, other=0.0)
+        dt = xk.dtype
+        h = xk.to(tl.float32)
+        if RES_IN:
+            h = (h + tl.load(res_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        if NORM:
+            # transformers' RMSNorm: normalise in f32, round to the activation dtype, times the weight (rounded)
+            normed = (h * inv).to(dt).to(tl.float32)
+            h = (tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32) * normed).to(dt).to(tl.float32)
+        w_tile = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
+        mask_w = mask_n[:, None] & mask_k[None, :]
+        acc += tl.sum(tl.load(w_tile, mask=mask_w, other=0.0).to(tl.float32) * h[None, :], axis=1)
+        if ACT != 0:
+            up_tile = w_tile + UP_OFFSET * stride_wn
+            acc_up += tl.sum(tl.load(up_tile, mask=mask_w, other=0.0).to(tl.float32) * h[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if ACT != 0:
+            acc_up += tl.load(b_ptr + UP_OFFSET + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    if ACT != 0:
+        # gate and up rounded as separate projections would be, then act(gate) rounded, then the product
+        gate = _act(acc.to(dt).to(tl.float32), ACT).to(dt).to(tl.float32)
+        acc = gate * acc_up.to(dt).to(tl.float32)
+    out = acc.to(dt)
+    if RES_OUT:
+        out = (out.to(tl.float32) + tl.load(res_row + offs_n, mask=mask_n, other=0.0).to(tl.float32)).to(dt)
+    tl.store(out_ptr + pid_m * stride_om + offs_n, out, mask=mask_n)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., K] as a [M, K] matrix with a contiguous last dimension."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch(x2, w, bias, res2, norm_w, eps, n_out, up_offset, act, res_in, res_out):
+    m, k = x2.shape
+    out = torch.empty(m, n_out, dtype=x2.dtype, device=x2.device)
+    r_out = torch.empty_like(x2) if res_in else out
+    block_n = min(64, triton.next_power_of_2(n_out))
+    block_k = min(128, triton.next_power_of_2(k))
+    grid = (m, triton.cdiv(n_out, block_n))
+    dummy = x2
+    gemv_kernel[grid](
+        x2, res2 if res2 is not None else dummy, norm_w if norm_w is not None else dummy, w,
+        bias if bias is not None else dummy, out, r_out,
+        n_out, k, up_offset,
+        x2.stride(0), res2.stride(0) if res2 is not None else 0, w.stride(0), out.stride(0), r_out.stride(0),
+        eps,
+        NORM=norm_w is not None, RES_IN=res_in, RES_OUT=res_out, HAS_BIAS=bias is not None, ACT=ACTS[act],
+        BLOCK_N=block_n, BLOCK_K=block_k)
+    return out, (r_out if res_in else None)
+
+
+def _check(x, w, what):
+    if w.dim() != 2 or w.stride(1) != 1 or x.shape[-1] != w.shape[1] or x.dtype != w.dtype:
+        raise ValueError(f"{what}: input {tuple(x.shape)} {x.dtype} does not fit weight {tuple(w.shape)} {w.dtype}")
+
+
+def linear(x, w, bias=None, residual=None):
+    """x @ w.T (+ bias) (+ residual): x [..., K], w [N, K]."""
+    _check(x, w, "linear")
+    x2 = _rows(x)
+    n = w.shape[0]
+    if x2.shape[0] > GEMV_MAX_ROWS:
+        out = torch.nn.functional.linear(x2, w, bias)
+        if residual is not None:
+            out = out + _rows(residual)
+        return out.reshape(*x.shape[:-1], n)
+    res2 = _rows(residual) if residual is not None else None
+    out, _ = _launch(x2, w, bias, res2, None, 0.0, n, 0, "none", False, residual is not None)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def rms_norm_linear(x, norm_weight, w, bias=None, residual=None, eps=1e-6, splits=None, act="none"):
+    """The ``rms_norm_linear`` op: pieces of ``rms_norm(x (+ residual)) @ w.T (+ bias)`` split by ``splits`` (or
+    ``act(gate) * up`` with a SwiGLU act), then the new residual stream when ``residual`` is given."""
+    _check(x, w, "rms_norm_linear")
+    splits = list(splits or [w.shape[0]])
+    x2 = _rows(x)
+    res2 = _rows(residual) if residual is not None else None
+    lead = x.shape[:-1]
+    if x2.shape[0] > GEMV_MAX_ROWS:
+        r = x2 + res2 if res2 is not None else x2
+        h = rms_norm(r, norm_weight, eps)
+        y = torch.nn.functional.linear(h, w, bias)
+        pieces = list(torch.split(y, splits, dim=-1))
+        if act != "none":
+            pieces = [_torch_act(pieces[0], act) * pieces[1]]
+        out = [p.reshape(*lead, p.shape[-1]) for p in pieces]
+        return tuple(out + ([r.reshape(x.shape)] if res2 is not None else []))
+    if act != "none":
+        y, r = _launch(x2, w, bias, res2, norm_weight, eps, splits[0], splits[0], act, res2 is not None, False)
+        pieces = [y]
+    else:
+        y, r = _launch(x2, w, bias, res2, norm_weight, eps, w.shape[0], 0, "none", res2 is not None, False)
+        pieces = list(torch.split(y, splits, dim=-1))
+    out = [p.reshape(*lead, p.shape[-1]) for p in pieces]
+    return tuple(out + ([r.reshape(x.shape)] if r is not None else []))
+
+
+def _torch_act(x, act):
+    if act == "silu":
+        return torch.nn.functional.silu(x)
+    return torch.nn.functional.gelu(x, approximate="tanh" if act == "gelu_tanh" else "none")
+
+
+from lowerlm.codegen.triton.rms_norm import rms_norm  # noqa: E402  (the prefill path's prologue)

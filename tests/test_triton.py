@@ -1,0 +1,165 @@
+"""Triton kernels against the reference backend on awkward small shapes (odd sizes exercise every mask), and
+tiny models end to end through the Triton backend. Without a GPU the kernels run in Triton's interpreter
+(TRITON_INTERPRET=1, set by conftest), so shapes stay tiny; the GPU-marked tests repeat the model checks in
+bf16 on CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowerlm
+from lowerlm.codegen import reference as ref
+from lowerlm.codegen.triton import arm_mlp, attention, embedding, gemv, rms_norm, rope, swiglu
+
+from .conftest import tiny_model
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEV)
+
+
+def close(got, want, tol=1e-5):
+    assert got.shape == want.shape, (got.shape, want.shape)
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= tol * max(1.0, want.abs().max().item()), err
+
+
+def test_embedding_and_rms_norm():
+    table, ids = rand(37, 19), torch.randint(0, 37, (2, 5), device=DEV)
+    assert torch.equal(embedding.embedding(table, ids), table[ids])
+    x, w = rand(5, 37, seed=1), rand(37, seed=2)
+    close(rms_norm.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5))
+
+
+@pytest.mark.parametrize("rows", [1, 3, gemv.GEMV_MAX_ROWS + 1])
+def test_linear_and_rms_norm_linear(rows):
+    x, r, nw = rand(rows, 37), rand(rows, 37, seed=1), rand(37, seed=2).abs() + 0.5
+    w, b = rand(50, 37, seed=3), rand(50, seed=4)
+    close(gemv.linear(x, w), x @ w.T)
+    close(gemv.linear(x, w, b, rand(rows, 50, seed=5)), x @ w.T + b + rand(rows, 50, seed=5))
+    got = gemv.rms_norm_linear(x, nw, w, b, r, 1e-5, [20, 30])
+    want = ref.rms_norm_linear(x, nw, w, b, r, 1e-5, [20, 30], "none")
+    assert len(got) == 3
+    for a, c in zip(got, want):
+        close(a, c)
+    w2 = rand(46, 37, seed=6)
+    for act in ("silu", "gelu", "gelu_tanh"):
+        (got,) = gemv.rms_norm_linear(x, nw, w2, None, None, 1e-5, [23, 23], act)
+        close(got, ref.rms_norm_linear(x, nw, w2, None, None, 1e-5, [23, 23], act)[0])
+
+
+def test_swiglu_and_arm_mlp():
+    g, u = rand(2, 3, 33), rand(2, 3, 33, seed=1)
+    close(swiglu.swiglu(g, u, "gelu_tanh"), ref.activation(g, "gelu_tanh") * u)
+    h, i = 20, 36
+    x, nw = rand(3, h), rand(h, seed=1).abs() + 0.5
+    wgm, wu, wd = rand(i + h, h, seed=2), rand(i, h, seed=3), rand(h, i, seed=4)
+    mu, scale, res = rand(i, seed=5) * 0.1, rand(i, seed=6).abs() + 0.5, rand(3, h, seed=7)
+    for tau in (0.0, 0.7):
+        close(arm_mlp.arm_mlp(x, nw, wgm, wu, wd, mu, scale, res, 1e-6, tau),
+              ref.arm_mlp(x, nw, wgm, wu, wd, mu, scale, res, 1e-6, tau, "silu"))
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+@pytest.mark.parametrize("inv_freq", [[1.0, 0.5, 0.1, 0.01, 0.001], [1.0, 0.3]])  # full and partial rotary
+def test_rope_and_fused_cache_write(layout, inv_freq):
+    b, s, hq, hk, d, t = 2, 3, 4, 2, 10, 12
+    q, k, v = rand(b, s, hq * d), rand(b, s, hk * d, seed=1), rand(b, s, hk * d, seed=2)
+    pos = torch.tensor([[0, 1, 2], [7, 8, 9]], device=DEV)
+    inv = torch.tensor(inv_freq, device=DEV)
+    want_q, want_k = ref.rope(q, k, pos, (hq, hk), inv_freq, 0.8, layout)
+    got_q, got_k = rope.rope(q, k, pos, (hq, hk), inv, 0.8, layout)
+    close(got_q, want_q)
+    close(got_k, want_k)
+    kc, vc = torch.zeros(b, hk, t, d, device=DEV), torch.zeros(b, hk, t, d, device=DEV)
+    close(rope.rope_cache_write(q, k, v, pos, (hq, hk), inv, kc, vc, 0.8, layout), want_q)
+    close(kc, ref.kv_cache_write(torch.zeros_like(kc), want_k, pos))
+    close(vc, ref.kv_cache_write(torch.zeros_like(vc), v, pos))
+
+
+def test_kv_cache_write_skips_slots_past_the_end():
+    v = rand(2, 3, 20)
+    pos = torch.tensor([[1, 2, 3], [3, 4, 5]], device=DEV)
+    cache = torch.zeros(2, 2, 4, 10, device=DEV)
+    rope.kv_cache_write(cache, v, pos)
+    assert torch.equal(cache, ref.kv_cache_write(torch.zeros_like(cache), v, pos))
+
+
+@pytest.mark.parametrize("causal, window", [(True, 0), (False, 0), (True, 3)])
+def test_attention(causal, window):
+    b, s, hq, hk, d = 2, 7, 4, 2, 12
+    q, k, v = rand(b, s, hq * d), rand(b, s, hk * d, seed=1), rand(b, s, hk * 10, seed=2)
+    pos = torch.arange(s, device=DEV).repeat(b, 1)
+    lens = torch.tensor([7, 4], dtype=torch.int32, device=DEV)
+    close(attention.attention(q, k, v, pos, lens, (hq, hk), 0.3, causal, window),
+          ref.attention(q, k, v, pos, lens, (hq, hk), 0.3, causal, window))
+    empty = attention.attention(q, k, v, pos, torch.tensor([0, 3], dtype=torch.int32, device=DEV), (hq, hk), 0.3,
+                                True, 0)
+    assert empty[0].abs().max() == 0
+
+
+def test_cached_attention_decode_and_prefill():
+    b, hq, hk, d, t = 2, 4, 2, 12, 20
+    kc, vc = rand(b, hk, t, d), rand(b, hk, t, 10, seed=1)
+    q1 = rand(b, 1, hq * d, seed=2)
+    pos1, lens1 = torch.tensor([[9], [15]], device=DEV), torch.tensor([10, 16], dtype=torch.int32, device=DEV)
+    close(attention.cached_attention(q1, kc, vc, pos1, lens1, 0.3, True, 0),
+          ref.cached_attention(q1, kc, vc, pos1, lens1, 0.3, True, 0))
+    q = rand(b, 7, hq * d, seed=3)
+    pos, lens = torch.arange(7, device=DEV).repeat(b, 1), torch.tensor([7, 4], dtype=torch.int32, device=DEV)
+    close(attention.cached_attention(q, kc, vc, pos, lens, 0.3, True, 5),
+          ref.cached_attention(q, kc, vc, pos, lens, 0.3, True, 5))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_tiny_models_through_the_triton_backend(family):
+    model = tiny_model(family, sliding_window=4) if family == "mistral" else tiny_model(family)
+    cm = lowerlm.compile_model(model, backend="triton", max_batch=2, max_seq_len=64)
+    for b, s in ((2, 7), (2, 9)):  # 14 rows go through the GEMV kernels, 18 through the prefill path
+        ids = torch.randint(0, 64, (b, s), generator=torch.Generator().manual_seed(s))
+        with torch.no_grad():
+            want = model(ids).logits
+        close(cm(ids).cpu(), want, tol=1e-4)
+    prompt, n = [5, 7, 9, 11, 3], (32 if family == "llama" else 8)
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+    assert [s[0] for s in cm.generate_ids([prompt], n)] == hf
+
+
+def test_rope_and_cache_writes_fuse_into_one_launch():
+    cm = lowerlm.compile_model(tiny_model("llama"), backend="triton")
+    decode = cm.ir.graph("decode")
+    plan = cm.program.plan(decode)
+    assert sum(v == "fused" for v in plan.values()) == 4 and sum(isinstance(v, tuple) for v in plan.values()) == 2
+
+
+def test_triton_backend_needs_a_gpu_or_the_interpreter(monkeypatch):
+    from lowerlm.codegen.triton.program import TritonProgram
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(lowerlm.errors.CompileError, match="needs a CUDA GPU"):
+        TritonProgram(lowerlm.ir.Module.of([]), {}, "cpu")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_bf16_teacher_forced_logits(family):
+    """bf16 (tensor cores on a GPU, the interpreter here): logits within 2% of the largest logit of the f32 eager
+    model (bf16 keeps 8 bits of mantissa, ~0.4% per rounding, and a 2-layer model compounds a few), and greedy
+    tokens equal wherever the f32 top-1/top-2 margin exceeds twice that bound."""
+    model = tiny_model(family)
+    bf16 = tiny_model(family).to(torch.bfloat16)
+    cm = lowerlm.compile_model(bf16, backend="triton", device=DEV)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    got = cm(ids).float().cpu()
+    bound = 0.02 * want.abs().max().item()
+    assert (got - want).abs().max().item() <= bound
+    top2 = want.topk(2, -1).values
+    sure = (top2[..., 0] - top2[..., 1]) > 2 * bound
+    assert torch.equal(got.argmax(-1)[sure], want.argmax(-1)[sure])
