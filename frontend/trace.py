@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from lowerlm.frontend.cache import atomic_write, cache_root, source_digest
+from lowerlm.ir.cache import atomic_write, cache_root, source_digest
 from lowerlm.ir.errors import LowerlmError
 from lowerlm.ir.graph import Module
 from lowerlm.ir.parser import parse_module

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from lowerlm.errors import ModelFileError
-from lowerlm.frontend.cache import atomic_write, cache_root, file_digest
+from lowerlm.ir.cache import atomic_write, cache_root, file_digest
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -187,3 +187,48 @@ def test_device_sampling():
     # the same seed and offset give the same draws; another offset other draws
     assert torch.equal(draws[:50], sample(logits[:50], 0.9, 0, 1.0, seed, torch.tensor([0], device=DEV)).cpu())
     assert not torch.equal(draws[:50], sample(logits[:50], 0.9, 0, 1.0, seed, torch.tensor([1], device=DEV)).cpu())
+
+
+CHAIN = """params {
+  "w": f32[6]
+}
+
+graph forward(%x: f32[B,S,6], %y: f32[B,1,6]) {
+  %w = param "w" : f32[6]
+  %one = constant {value=1.0, dtype=f32} : f32[]
+  %w1 = add(%w, %one) : f32[6]
+  %a = mul(%x, %w1) : f32[B,S,6]
+  %b = gelu(%a) {approximate=tanh} : f32[B,S,6]
+  %c = sub(%b, %y) : f32[B,S,6]
+  %d = pow(%c) {exponent=2.0} : f32[B,S,6]
+  %e = exp(%d) : f32[B,S,6]
+  %f = add(%d, %e) : f32[B,S,6]
+  %g = rsqrt(%e) : f32[B,S,6]
+  %h = cast(%g) {dtype=bf16} : bf16[B,S,6]
+  return %f, %h
+}
+"""
+
+
+def test_generated_elementwise_chains_and_the_compile_cache(tmp_path, monkeypatch):
+    from lowerlm.codegen.reference import ReferenceProgram
+    from lowerlm.codegen.triton.program import TritonProgram
+
+    monkeypatch.setenv("LOWERLM_CACHE_DIR", str(tmp_path))
+    m = lowerlm.ir.verify_module(lowerlm.ir.parse_module(CHAIN))
+    weights = {"w": torch.randn(6)}
+    inputs = {"x": torch.randn(2, 3, 6), "y": torch.randn(2, 1, 6)}
+    want = ReferenceProgram(m, weights).run("forward", inputs)[0]
+    program = TritonProgram(m, weights, DEV)
+    got = program.run("forward", {k: v.to(DEV) for k, v in inputs.items()})[0]
+    for a, b in zip(got, want):
+        close(a.cpu(), b, tol=1e-2 if b.dtype == torch.bfloat16 else 1e-5)
+    plan = program.plan(m.graphs[0])
+    chains = {k: v[1] for k, v in plan.items() if isinstance(v, tuple)}
+    # w1·a·b·c·d is one kernel reading w, the constant, x and y once; d's two users start their own chains
+    assert chains == {"d": ["w", "one", "x", "y"], "e": ["d"], "f": ["d", "e"], "h": ["e"]}
+    files = sorted((tmp_path / "triton").glob("chain_*.py"))
+    assert len(files) == 4
+    stamps = [f.stat().st_mtime_ns for f in files]
+    TritonProgram(m, weights, DEV).plan(m.graphs[0])  # a warm compile reuses the cached sources
+    assert [f.stat().st_mtime_ns for f in files] == stamps

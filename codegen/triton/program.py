@@ -60,15 +60,49 @@ class TritonProgram(ReferenceProgram):
                 continue
             plan[rope.name] = (kwrite, vwrites[0])
             plan[kwrite.name] = plan[vwrites[0].name] = "fused"
+        plan.update(self._plan_chains(g))
         self._plans[g.name] = plan
+        return plan
+
+    def _plan_chains(self, g: Graph) -> dict:
+        """Single-use chains of element-wise nodes, each one generated kernel, keyed by the chain's last node."""
+        from lowerlm.codegen.triton.elementwise import SUPPORTED, chain_source, load_kernel
+
+        ew = {n.name: n for n in g.nodes if n.op in SUPPORTED and n.results[0].type.dtype.is_float}
+        returned = set(g.outputs) | set(g.state_outputs)
+        inner = {name for name, n in ew.items() if name not in returned and g.use_count(name) == 1
+                 and g.users[name][0].name in ew}
+        plan: dict = {}
+        for root in (n for name, n in ew.items() if name not in inner):
+            members, stack = [], [root]
+            while stack:
+                n = stack.pop()
+                members.append(n)
+                stack += [ew[v] for v in n.args if v in inner]
+            members.sort(key=lambda n: g.nodes.index(n))
+            names = {m.name for m in members}
+            inputs = list(dict.fromkeys(v for m in members for v in m.args if v not in names))
+            source = chain_source(members, inputs, root.results[0].type.rank)
+            plan[root.name] = ("chain", inputs, load_kernel(source))
+            plan.update({m.name: "in-chain" for m in members if m is not root})
         return plan
 
     def execute(self, node: Node, args: list, env: dict, inplace: bool, values: dict, plan: dict):
         from lowerlm.codegen.triton import arm_mlp, attention, embedding, gemv, rms_norm, rope, swiglu
+        from lowerlm.codegen.triton.elementwise import run_chain
+        from lowerlm.ir.shapes import evaluate
 
         op, a = node.op, node.all_attrs()
-        if plan.get(node.name) == "fused":
+        step = plan.get(node.name)
+        if step == "fused":
             return values[node.inputs[0]]  # written by the rope launch, in place
+        if step == "in-chain":
+            return None  # computed inside the generated kernel of the chain it belongs to
+        if isinstance(step, tuple) and step[0] == "chain":
+            _, inputs, kernel = step
+            t = node.results[0].type
+            return run_chain(kernel, [values[v] for v in inputs], [evaluate(d, env) for d in t.shape],
+                             t.dtype.to_torch(), self.device)
         if op is Op.ROPE and node.name in plan and inplace:
             kwrite, vwrite = plan[node.name]
             q, k, positions = args

@@ -1,4 +1,4 @@
-"""The on-disk caches' common ground: where they live and how entries are written (atomically)."""
+"""On-disk caches' common ground for every stage: where they live and how entries are written (atomically)."""
 
 from __future__ import annotations
 
