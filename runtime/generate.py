@@ -62,10 +62,23 @@ class Generator:
     max_seq_len: int
     max_batch: int
     vocab_size: int | None
+    cuda_graphs: bool = True
     state: dict = field(default_factory=dict)
+    graphed: object = None
 
     def __post_init__(self):
         self.state = allocate_state(self.module, self.max_batch, self.max_seq_len, self.program.device)
+        if self.cuda_graphs and self.program.device.type == "cuda":
+            from lowerlm.runtime.cuda_graph import GraphedDecode
+
+            self.graphed = GraphedDecode(self.program, self.state, self.max_batch)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] for one token per sequence: a graph replay on a GPU, else a plain run."""
+        if self.graphed is not None:
+            dev = self.program.device
+            return self.graphed.step(tokens.to(dev), positions.to(dev))
+        return decode_one(self.program, self.state, tokens, positions)
 
     def check_prompts(self, prompts: list, max_new_tokens: int) -> None:
         if not prompts:
@@ -119,5 +132,5 @@ class Generator:
                 return
             # finished sequences keep decoding their last token at a valid slot; their results are dropped
             positions = torch.minimum(lengths, torch.tensor(self.max_seq_len - 1))
-            logits = decode_one(self.program, self.state, tokens, positions)
+            logits = self.decode(tokens, positions)
             lengths = lengths + torch.tensor([0 if d else 1 for d in done])

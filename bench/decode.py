@@ -1,0 +1,181 @@
+"""Batch-1 greedy decode, lowerlm-triton versus transformers eager versus transformers + torch.compile (static
+cache, reduce-overhead), in one process on one GPU, random weights with real shapes, bf16.
+
+    python bench/decode.py                     # SmolLM2-135M and Llama-3.2-1B shapes, prompt 128, 256 new tokens
+    python bench/decode.py --smoke             # tiny shapes on the CPU: checks the script runs (no speed claim)
+
+Prints ms/token and tokens/s of each peer, lowerlm's ratio to each, the share of the memory-bandwidth floor
+(weight bytes / measured copy bandwidth), kernels per decode step, batch 8 and 32 decode throughput, the prefill
+of 2048 tokens, and lowerlm's cold and warm compile time. Decode time per token is
+(time for N new tokens - time for 1) / (N - 1), so the prefill is not in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+                         max_position_embeddings=8192),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192},
+                         max_position_embeddings=131072),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=512),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeat=3):
+    best = float("inf")
+    for _ in range(repeat):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted)."""
+    if device.type != "cuda":
+        return float("nan")
+    x = torch.empty(256 * 2**20, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    seconds = timed(lambda: y.copy_(x), device, repeat=10)
+    return 2 * x.numel() * 4 / seconds
+
+
+def per_token(generate, n, device) -> float:
+    """Seconds per decode token: (time for n tokens - time for 1) / (n - 1)."""
+    generate(2)  # warm up (compiles, captures)
+    return (timed(lambda: generate(n), device) - timed(lambda: generate(1), device)) / (n - 1)
+
+
+def build(shape: str, dtype, device):
+    import transformers
+
+    cfg = transformers.LlamaConfig(**SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    return model
+
+
+def kernels_per_step(cm, device) -> int:
+    """CUDA kernels one uncaptured decode step launches (a captured step replays the same ones)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lowerlm.runtime.generate import decode_one
+
+    gen = cm.generator
+    tokens = torch.zeros(1, dtype=torch.long, device=device)
+    positions = torch.full((1,), 5, dtype=torch.long, device=device)
+    decode_one(cm.program, gen.state, tokens, positions)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decode_one(cm.program, gen.state, tokens, positions)
+        sync(device)
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+
+
+def bench_shape(shape, args, device, dtype, bandwidth):
+    import lowerlm
+
+    model = build(shape, dtype, device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    floor = weight_bytes / bandwidth
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(device)
+    n = args.new_tokens
+    rows = {}
+
+    def hf(m):
+        return lambda k: m.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+
+    with torch.no_grad():
+        rows["transformers eager"] = per_token(hf(model), n, device)
+        if device.type == "cuda" and not args.smoke:
+            compiled = build(shape, dtype, device)
+            compiled.generation_config.cache_implementation = "static"
+            compiled.forward = torch.compile(compiled.forward, mode="reduce-overhead", fullgraph=True)
+            rows["transformers + torch.compile"] = per_token(hf(compiled), n, device)
+    backend = "triton" if device.type == "cuda" else "reference"
+    with tempfile.TemporaryDirectory() as cold:
+        os.environ["LOWERLM_CACHE_DIR"] = cold
+        start = time.perf_counter()
+        cm = lowerlm.compile_model(model, backend=backend, max_batch=max(args.batches),
+                                   max_seq_len=max(args.prompt + n + 1, args.prefill + 1))
+        _ = cm.generator
+        cold_s = time.perf_counter() - start
+        start = time.perf_counter()
+        lowerlm.compile_model(model, backend=backend, max_batch=max(args.batches),
+                              max_seq_len=max(args.prompt + n + 1, args.prefill + 1)).generator
+        warm_s = time.perf_counter() - start
+    ids = prompt[0].tolist()
+    rows[f"lowerlm-{backend}"] = per_token(lambda k: list(cm.generate_ids([ids], k, stop_ids=[])), n, device)
+    print(f"\n## {shape} ({weight_bytes / 1e6:.0f} MB of weights, {dtype}, {device})")
+    print("| peer | ms/token | tokens/s | lowerlm speed-up | share of floor |")
+    print("|---|---|---|---|---|")
+    ours = rows[f"lowerlm-{backend}"]
+    for name, sec in rows.items():
+        print(f"| {name} | {sec * 1e3:.3f} | {1 / sec:.1f} | {sec / ours:.2f}x | {floor / sec:.1%} |")
+    print(f"floor (weight bytes / copy bandwidth): {floor * 1e3:.3f} ms/token")
+    if device.type == "cuda":
+        print(f"kernels per decode step (uncaptured): {kernels_per_step(cm, device)}")
+    for b in args.batches[1:]:
+        batch = [ids] * b
+        sec = per_token(lambda k: list(cm.generate_ids(batch, k, stop_ids=[])), min(n, 64), device)
+        print(f"batch {b} decode: {b / sec:.0f} tokens/s")
+    long = torch.randint(0, model.config.vocab_size, (1, args.prefill), generator=torch.Generator().manual_seed(1))
+    long = long.to(device)
+    with torch.no_grad():
+        t_ours = timed(lambda: cm(long), device)
+        t_hf = timed(lambda: model(long), device)
+    print(f"prefill {args.prefill} tokens: lowerlm {t_ours * 1e3:.1f} ms, transformers eager {t_hf * 1e3:.1f} ms")
+    print(f"compile: cold {cold_s:.1f} s, warm {warm_s:.1f} s")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, to check the script runs")
+    args = p.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    if args.smoke:
+        args.shapes, args.prompt, args.new_tokens, args.batches, args.prefill = "tiny", 8, 4, [1, 2], 16
+        device, dtype = torch.device("cpu"), torch.float32
+    else:
+        if not torch.cuda.is_available():
+            print("bench/decode.py measures on a CUDA GPU; use --smoke on a CPU", file=sys.stderr)
+            return 2
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    bandwidth = copy_bandwidth(device)
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; copy bandwidth "
+          f"{bandwidth / 1e12:.2f} TB/s; torch {torch.__version__}")
+    for shape in args.shapes.split(","):
+        bench_shape(shape, args, device, dtype, bandwidth)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
