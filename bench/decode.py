@@ -145,7 +145,7 @@ def bench_shape(shape, args, device, dtype, bandwidth):
         print(f"kernels per decode step (uncaptured): {kernels_per_step(cm, device)}")
     for b in args.batches[1:]:
         batch = [ids] * b
-        sec = per_token(lambda k: list(cm.generate_ids(batch, k, stop_ids=[])), min(n, 64), device)
+        sec = per_token(lambda k, batch=batch: list(cm.generate_ids(batch, k, stop_ids=[])), min(n, 64), device)
         print(f"batch {b} decode: {b / sec:.0f} tokens/s")
     long = torch.randint(0, model.config.vocab_size, (1, args.prefill), generator=torch.Generator().manual_seed(1))
     long = long.to(device)
