@@ -1,0 +1,375 @@
+"""Result rules of the op table: from the input types and the attributes (defaults filled in), the result
+types, or a ShapeError saying what does not fit."""
+
+from __future__ import annotations
+
+from lowerlm.ir.dtypes import DType
+from lowerlm.ir.errors import ShapeError
+from lowerlm.ir.shapes import Sym, numel
+from lowerlm.ir.types import TensorType
+
+
+# ---- helpers for result rules ---------------------------------------------------------------------------------
+def _fail(msg: str):
+    raise ShapeError(msg)
+
+
+def _axis(dim: int, rank: int, what: str = "dim") -> int:
+    if not -rank <= dim < max(rank, 1):
+        _fail(f"{what} {dim} out of range for rank {rank}")
+    return dim % rank if rank else 0
+
+
+def _same_dtype(*types: TensorType) -> None:
+    if len({t.dtype for t in types}) > 1:
+        _fail("operand dtypes differ: " + ", ".join(str(t) for t in types) + " (insert a cast)")
+
+
+def _float(t: TensorType, what: str) -> None:
+    if not t.dtype.is_float:
+        _fail(f"{what} must be a float tensor, got {t}")
+
+
+def _int(t: TensorType, what: str) -> None:
+    if not t.dtype.is_int:
+        _fail(f"{what} must be an integer tensor, got {t}")
+
+
+def broadcast_shapes(a: tuple, b: tuple) -> tuple:
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        x = a[-i] if i <= len(a) else 1
+        y = b[-i] if i <= len(b) else 1
+        if x == y or y == 1:
+            out.append(x)
+        elif x == 1:
+            out.append(y)
+        else:
+            _fail(f"shapes {list(map(str, a))} and {list(map(str, b))} do not broadcast")
+    return tuple(reversed(out))
+
+
+def _split_heads(width, heads: int, what: str):
+    if heads <= 0:
+        _fail(f"{what}: heads must be positive")
+    if isinstance(width, Sym) or width % heads:
+        _fail(f"{what}: width {width} is not a multiple of {heads} heads")
+    return width // heads
+
+
+def _positions(pos: TensorType, b, s) -> None:
+    _int(pos, "positions")
+    if pos.shape != (b, s):
+        _fail(f"positions must be [{b},{s}], got {pos}")
+
+
+def _seq_lens(lens: TensorType, b) -> None:
+    _int(lens, "seq_lens")
+    if lens.shape != (b,):
+        _fail(f"seq_lens must be [{b}], got {lens}")
+
+
+def _tokens(t: TensorType, what: str):
+    if t.rank != 3:
+        _fail(f"{what} must be [B, S, H*D], got {t}")
+    return t.shape
+
+
+# ---- result rules -------------------------------------------------------------------------------------------
+def binary(ts, a):
+    _same_dtype(ts[0], ts[1])
+    return [TensorType(ts[0].dtype, broadcast_shapes(ts[0].shape, ts[1].shape))]
+
+
+def unary_float(ts, a):
+    _float(ts[0], "operand")
+    return [ts[0]]
+
+
+def constant(ts, a):
+    values = a["value"]
+    n = numel(tuple(a["shape"]))
+    if isinstance(values, tuple) and len(values) != n:
+        _fail(f"constant has {len(values)} values for shape {list(a['shape'])}")
+    if any(d < 0 for d in a["shape"]):
+        _fail("constant shape has a negative dimension")
+    return [TensorType(a["dtype"], tuple(a["shape"]))]
+
+
+def reduce(ts, a):
+    t = ts[0]
+    dims = {_axis(d, t.rank) for d in a["dims"]}
+    if len(dims) != len(a["dims"]):
+        _fail("reduction dims repeat")
+    shape = tuple(1 if i in dims else d for i, d in enumerate(t.shape) if a["keepdim"] or i not in dims)
+    return [t.with_shape(shape)]
+
+
+def softmax(ts, a):
+    _float(ts[0], "softmax operand")
+    _axis(a["dim"], ts[0].rank)
+    return [ts[0]]
+
+
+def argmax(ts, a):
+    t = ts[0]
+    ax = _axis(a["dim"], t.rank)
+    shape = tuple(1 if i == ax else d for i, d in enumerate(t.shape) if a["keepdim"] or i != ax)
+    return [TensorType(DType.I64, shape)]
+
+
+def topk(ts, a):
+    t = ts[0]
+    ax = _axis(a["dim"], t.rank)
+    k = a["k"]
+    if k < 1 or (isinstance(t.shape[ax], int) and k > t.shape[ax]):
+        _fail(f"topk k={k} does not fit dimension {t.shape[ax]}")
+    shape = t.shape[:ax] + (k,) + t.shape[ax + 1:]
+    return [t.with_shape(shape), TensorType(DType.I64, shape)]
+
+
+def reshape(ts, a):
+    shape = tuple(a["shape"])
+    if any(isinstance(d, int) and d < 0 for d in shape):
+        _fail(f"reshape target {list(map(str, shape))} has a negative dimension")
+    if numel(shape) != ts[0].numel:
+        _fail(f"reshape of {ts[0]} to [{','.join(map(str, shape))}] changes the element count")
+    return [ts[0].with_shape(shape)]
+
+
+def transpose(ts, a):
+    perm = tuple(a["perm"])
+    if sorted(perm) != list(range(ts[0].rank)):
+        _fail(f"perm {list(perm)} is not a permutation of {ts[0].rank} axes")
+    return [ts[0].with_shape(tuple(ts[0].shape[p] for p in perm))]
+
+
+def expand(ts, a):
+    shape = tuple(a["shape"])
+    if len(shape) < ts[0].rank or broadcast_shapes(ts[0].shape, shape) != shape:
+        _fail(f"cannot expand {ts[0]} to [{','.join(map(str, shape))}]")
+    return [ts[0].with_shape(shape)]
+
+
+def concat(ts, a):
+    if not ts:
+        _fail("concat needs at least one operand")
+    first = ts[0]
+    ax = _axis(a["dim"], first.rank)
+    total = 0
+    for t in ts:
+        _same_dtype(first, t)
+        if t.rank != first.rank or any(x != y for i, (x, y) in enumerate(zip(t.shape, first.shape)) if i != ax):
+            _fail(f"concat operands {first} and {t} differ outside dim {a['dim']}")
+        total = total + t.shape[ax]
+    return [first.with_shape(first.shape[:ax] + (total,) + first.shape[ax + 1:])]
+
+
+def split(ts, a):
+    t = ts[0]
+    ax = _axis(a["dim"], t.rank)
+    sizes = tuple(a["sizes"])
+    if not sizes:
+        _fail("split needs at least one size")
+    if sum(sizes) != t.shape[ax]:
+        _fail(f"split sizes {list(map(str, sizes))} do not add up to {t.shape[ax]}")
+    return [t.with_shape(t.shape[:ax] + (s,) + t.shape[ax + 1:]) for s in sizes]
+
+
+def slice(ts, a):
+    t = ts[0]
+    ax = _axis(a["dim"], t.rank)
+    start, end, step = a["start"], a["end"], a["step"]
+    if step < 1:
+        _fail(f"slice step must be positive, got {step}")
+    if isinstance(start, int) and start < 0 or isinstance(end, int) and end < 0:
+        _fail("slice bounds must be non-negative")
+    size = t.shape[ax]
+    if all(isinstance(x, int) for x in (start, end, size)) and not start <= end <= size:
+        _fail(f"slice [{start}:{end}] out of range for size {size}")
+    length = (end - start + step - 1) // step
+    return [t.with_shape(t.shape[:ax] + (length,) + t.shape[ax + 1:])]
+
+
+def gather(ts, a):
+    x, idx = ts
+    _int(idx, "gather index")
+    if x.rank != idx.rank:
+        _fail(f"gather index rank {idx.rank} differs from operand rank {x.rank}")
+    _axis(a["dim"], x.rank)
+    return [TensorType(x.dtype, idx.shape)]
+
+
+def embedding(ts, a):
+    w, ids = ts
+    _int(ids, "token ids")
+    if w.rank != 2:
+        _fail(f"embedding table must be [V, H], got {w}")
+    return [TensorType(w.dtype, ids.shape + (w.shape[1],))]
+
+
+def linear(ts, a):
+    x, w, bias, residual = ts
+    if x.rank < 1 or w.rank != 2 or x.shape[-1] != w.shape[1]:
+        _fail(f"linear of {x} by weight {w} (expected [N, {x.shape[-1] if x.rank else '?'}])")
+    _same_dtype(x, w)
+    out = x.with_shape(x.shape[:-1] + (w.shape[0],))
+    if bias is not None and (bias.shape != (w.shape[0],) or bias.dtype != x.dtype):
+        _fail(f"linear bias {bias} does not match {w.shape[0]} outputs")
+    if residual is not None and residual != out:
+        _fail(f"linear residual {residual} does not match result {out}")
+    return [out]
+
+
+def matmul(ts, a):
+    x, y = ts
+    if x.rank < 2 or y.rank < 2 or x.shape[-1] != y.shape[-2]:
+        _fail(f"matmul of {x} and {y}: inner dimensions do not match")
+    _same_dtype(x, y)
+    batch = broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    return [x.with_shape(batch + (x.shape[-2], y.shape[-1]))]
+
+
+def rms_norm(ts, a):
+    x, w = ts
+    _float(x, "rms_norm input")
+    if x.rank < 1 or w.shape != (x.shape[-1],):
+        _fail(f"rms_norm weight {w} does not match the last dimension of {x}")
+    _same_dtype(x, w)
+    return [x]
+
+
+def rope(ts, a):
+    q, k, pos = ts
+    hq, hk = _two_heads(a)
+    bq, sq, _ = _tokens(q, "rope q")
+    if _tokens(k, "rope k")[:2] != (bq, sq):
+        _fail(f"rope q {q} and k {k} differ in batch or sequence")
+    dq = _split_heads(q.shape[2], hq, "rope q")
+    dk = _split_heads(k.shape[2], hk, "rope k")
+    if dq != dk:
+        _fail(f"rope q head dim {dq} differs from k head dim {dk}")
+    if not a["inv_freq"] or 2 * len(a["inv_freq"]) > dq:
+        _fail(f"rope inv_freq has {len(a['inv_freq'])} values; the rotary dim must be in (0, {dq}]")
+    _float(q, "rope q")
+    _same_dtype(q, k)
+    _positions(pos, bq, sq)
+    return [q, k]
+
+
+def _two_heads(a):
+    heads = a["heads"]
+    if len(heads) != 2:
+        _fail(f"heads must be [query heads, kv heads], got {list(heads)}")
+    hq, hk = heads
+    if hk <= 0 or hq <= 0 or hq % hk:
+        _fail(f"query heads {hq} must be a positive multiple of kv heads {hk}")
+    return hq, hk
+
+
+def attention(ts, a):
+    q, k, v, pos, lens = ts
+    hq, hk = _two_heads(a)
+    b, s, _ = _tokens(q, "attention q")
+    for t, what in ((k, "k"), (v, "v")):
+        if _tokens(t, f"attention {what}")[:2] != (b, s):
+            _fail(f"attention {what} {t} differs from q {q} in batch or sequence")
+    if _split_heads(q.shape[2], hq, "attention q") != _split_heads(k.shape[2], hk, "attention k"):
+        _fail(f"attention q {q} and k {k} head dims differ")
+    dv = _split_heads(v.shape[2], hk, "attention v")
+    _same_dtype(q, k, v)
+    _positions(pos, b, s)
+    _seq_lens(lens, b)
+    _window(a)
+    return [q.with_shape((b, s, hq * dv))]
+
+
+def _window(a):
+    if a["window"] < 0:
+        _fail(f"window must be >= 0 (0: none), got {a['window']}")
+
+
+def _cache(t: TensorType, what: str):
+    if t.rank != 4:
+        _fail(f"{what} must be [B, Hkv, T, D], got {t}")
+    return t.shape
+
+
+def kv_cache_write(ts, a):
+    cache, new, pos = ts
+    b, hk, _, d = _cache(cache, "kv cache")
+    nb, ns, width = _tokens(new, "kv_cache_write values")
+    if nb != b or width != hk * d:
+        _fail(f"values {new} do not fit cache {cache} (expected [{b}, S, {hk * d}])")
+    _same_dtype(cache, new)
+    _positions(pos, b, ns)
+    return [cache]
+
+
+def cached_attention(ts, a):
+    q, kc, vc, pos, lens = ts
+    b, hk, t, d = _cache(kc, "key cache")
+    vb, vh, vt, dv = _cache(vc, "value cache")
+    if (vb, vh, vt) != (b, hk, t):
+        _fail(f"value cache {vc} does not match key cache {kc}")
+    qb, s, width = _tokens(q, "cached_attention q")
+    if qb != b:
+        _fail(f"q {q} and cache {kc} differ in batch")
+    hq = _split_heads(width, d, "cached_attention q") if isinstance(d, int) else _fail("head dim must be static")
+    if hq % hk:
+        _fail(f"query heads {hq} must be a multiple of kv heads {hk}")
+    _same_dtype(q, kc, vc)
+    _positions(pos, b, s)
+    _seq_lens(lens, b)
+    _window(a)
+    return [q.with_shape((b, s, hq * dv))]
+
+
+ACTS = ("silu", "gelu", "gelu_tanh")
+
+
+def rms_norm_linear(ts, a):
+    x, nw, w, bias, residual = ts
+    _float(x, "rms_norm_linear input")
+    h = x.shape[-1] if x.rank else None
+    if x.rank < 1 or nw.shape != (h,) or w.rank != 2 or w.shape[1] != h:
+        _fail(f"rms_norm_linear of {x} with norm weight {nw} and weight {w} (expected [H] and [N, {h}])")
+    _same_dtype(x, nw, w)
+    splits = tuple(a["splits"])
+    if not splits or sum(splits) != w.shape[0]:
+        _fail(f"splits {list(splits)} do not add up to the weight's {w.shape[0]} rows")
+    if bias is not None and (bias.shape != (w.shape[0],) or bias.dtype != x.dtype):
+        _fail(f"rms_norm_linear bias {bias} does not match {w.shape[0]} outputs")
+    if residual is not None and residual != x:
+        _fail(f"rms_norm_linear residual {residual} does not match input {x}")
+    if a["act"] != "none":
+        if len(splits) != 2 or splits[0] != splits[1]:
+            _fail(f"a swiglu epilogue needs two equal splits (gate, up), got {list(splits)}")
+        splits = splits[:1]
+    out = [x.with_shape(x.shape[:-1] + (n,)) for n in splits]
+    return out + ([x] if residual is not None else [])
+
+
+def swiglu(ts, a):
+    gate, up = ts
+    _float(gate, "swiglu gate")
+    if gate != up:
+        _fail(f"swiglu gate {gate} and up {up} differ")
+    return [gate]
+
+
+def arm_mlp(ts, a):
+    x, nw, wgm, wu, wd, mu, scale, residual = ts
+    _float(x, "arm_mlp input")
+    h = x.shape[-1] if x.rank else None
+    if wu.rank != 2 or wu.shape[1] != h or nw.shape != (h,):
+        _fail(f"arm_mlp up weight {wu} or norm weight {nw} does not fit input {x}")
+    i = wu.shape[0]
+    if wgm.shape != (i + h, h) or wd.shape != (h, i) or mu.shape != (i,) or scale.shape != (i,):
+        _fail(f"arm_mlp weights do not fit: [W_g; M] {wgm}, down {wd}, mu {mu}, scale {scale} for I={i}, H={h}")
+    _same_dtype(x, nw, wgm, wu, wd, mu, scale)
+    if a["tau"] < 0:
+        _fail(f"arm_mlp tau must be >= 0, got {a['tau']}")
+    if residual is not None and residual != x:
+        _fail(f"arm_mlp residual {residual} does not match input {x}")
+    return [x]
