@@ -80,6 +80,27 @@ class Generator:
             return self.graphed.step(tokens.to(dev), positions.to(dev))
         return decode_one(self.program, self.state, tokens, positions)
 
+    def _sampler(self, sampling: Sampling):
+        """logits [B, V] -> next tokens [B] on the host (streaming needs them there anyway). Triton programs
+        sample on the device (only B tokens cross to the host; the Philox offset advances on the device); the
+        reference backend samples on the host with a seeded torch generator."""
+        if getattr(self.program, "device_sampling", False):
+            from lowerlm.codegen.triton.sampling import sample as device_sample
+
+            dev = self.program.device
+            seed = torch.tensor([sampling.seed], dtype=torch.int64, device=dev)
+            offset = torch.zeros(1, dtype=torch.int64, device=dev)
+
+            def draw(logits):
+                tokens = device_sample(logits.float().contiguous(), sampling.temperature, sampling.top_k,
+                                       sampling.top_p, seed, offset)
+                offset.add_(1)
+                return tokens.cpu()
+
+            return draw
+        generator = torch.Generator().manual_seed(sampling.seed)
+        return lambda logits: sample(logits.float().cpu(), sampling, generator)
+
     def check_prompts(self, prompts: list, max_new_tokens: int) -> None:
         if not prompts:
             raise InputError("no prompt given")
@@ -110,13 +131,12 @@ class Generator:
         ids = torch.zeros(b, int(lengths.max()), dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p)
-        generator = torch.Generator().manual_seed(sampling.seed)
+        draw = self._sampler(sampling)
         stop = set(stop_ids)
         logits = prefill(self.program, self.state, ids, lengths)
         done = [False] * b
         for step in range(max_new_tokens):
-            # streaming needs the tokens on the host anyway: sample there (one small copy per step)
-            tokens = sample(logits.float().cpu(), sampling, generator)
+            tokens = draw(logits)
             out = []
             for i in range(b):
                 if done[i]:

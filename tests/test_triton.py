@@ -10,7 +10,7 @@ import torch
 
 import lowerlm
 from lowerlm.codegen import reference as ref
-from lowerlm.codegen.triton import arm_mlp, attention, embedding, gemv, rms_norm, rope, swiglu
+from lowerlm.codegen.triton import arm_mlp, attention, decode_attention, embedding, gemv, rms_norm, rope, swiglu
 
 from .conftest import tiny_model
 
@@ -114,6 +114,19 @@ def test_cached_attention_decode_and_prefill():
           ref.cached_attention(q, kc, vc, pos, lens, 0.3, True, 5))
 
 
+@pytest.mark.parametrize("splits", [1, 3, 7])
+@pytest.mark.parametrize("causal, window", [(True, 0), (True, 5), (False, 0)])
+def test_split_k_decode_attention(splits, causal, window):
+    b, hq, hk, d, t = 2, 6, 2, 12, 50  # GQA groups of 3; chunks past the valid length are empty
+    kc, vc, q = rand(b, hk, t, d), rand(b, hk, t, 10, seed=1), rand(b, 1, hq * d, seed=2)
+    pos, lens = torch.tensor([[9], [41]], device=DEV), torch.tensor([10, 42], dtype=torch.int32, device=DEV)
+    close(decode_attention.decode_attention(q, kc, vc, pos, lens, 0.3, causal, window, splits),
+          ref.cached_attention(q, kc, vc, pos, lens, 0.3, causal, window))
+    empty = decode_attention.decode_attention(q, kc, vc, pos, torch.tensor([0, 3], dtype=torch.int32, device=DEV),
+                                              0.3, causal, window, splits)
+    assert empty[0].abs().max() == 0
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_tiny_models_through_the_triton_backend(family):
     model = tiny_model(family, sliding_window=4) if family == "mistral" else tiny_model(family)
@@ -127,6 +140,14 @@ def test_tiny_models_through_the_triton_backend(family):
     with torch.no_grad():
         hf = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
     assert [s[0] for s in cm.generate_ids([prompt], n)] == hf
+
+
+def test_seeded_sampling_through_the_triton_backend():
+    cm = lowerlm.compile_model(tiny_model("llama"), backend="triton", max_seq_len=32)
+    kw = dict(temperature=1.2, top_k=8, top_p=0.9)
+    first = [s[0] for s in cm.generate_ids([[5, 7, 9]], 6, seed=3, stop_ids=[], **kw)]
+    assert first == [s[0] for s in cm.generate_ids([[5, 7, 9]], 6, seed=3, stop_ids=[], **kw)]
+    assert first != [s[0] for s in cm.generate_ids([[5, 7, 9]], 6, seed=4, stop_ids=[], **kw)]
 
 
 def test_rope_and_cache_writes_fuse_into_one_launch():

@@ -29,6 +29,8 @@ def available(device) -> bool:
 class TritonProgram(ReferenceProgram):
     """A module ready to run with Triton kernels: ``run(graph, inputs, state, inplace=True)``."""
 
+    device_sampling = True  # the runtime samples with codegen/triton/sampling.py on the device
+
     def __init__(self, module, weights, device=None):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if not available(device):
@@ -88,7 +90,7 @@ class TritonProgram(ReferenceProgram):
         return plan
 
     def execute(self, node: Node, args: list, env: dict, inplace: bool, values: dict, plan: dict):
-        from lowerlm.codegen.triton import arm_mlp, attention, embedding, gemv, rms_norm, rope, swiglu
+        from lowerlm.codegen.triton import arm_mlp, attention, decode_attention, embedding, gemv, rms_norm, rope, swiglu
         from lowerlm.codegen.triton.elementwise import run_chain
         from lowerlm.ir.shapes import evaluate
 
@@ -132,6 +134,8 @@ class TritonProgram(ReferenceProgram):
         if op is Op.ATTENTION:
             return attention.attention(*args, a["heads"], a["scale"], a["causal"], a["window"])
         if op is Op.CACHED_ATTENTION:
+            if args[0].shape[1] == 1:  # decode: split-K over the cache, GQA groups together
+                return decode_attention.decode_attention(*args, a["scale"], a["causal"], a["window"])
             return attention.cached_attention(*args, a["scale"], a["causal"], a["window"])
         return super().execute(node, args, env, inplace, values, plan)
 
