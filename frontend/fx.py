@@ -24,15 +24,6 @@ def module_path(node: fx.Node, prefix: str = "") -> str:
     return path
 
 
-def module_class(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    vals = [v for v in stack.values() if isinstance(v, tuple) and len(v) > 1]
-    if not vals:
-        return ""
-    cls = vals[-1][1]
-    return cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
-
-
 def kwargs_of(node: fx.Node) -> dict:
     """The node's arguments by the op schema's names (``self``, ``other``, …), defaults filled in."""
     out = dict(node.kwargs)

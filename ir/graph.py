@@ -14,7 +14,6 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 from lowerlm.ir.opdefs import OPDEFS, REQUIRED, AttrKind
 from lowerlm.ir.ops import Op
-from lowerlm.ir.shapes import Sym
 from lowerlm.ir.types import StateSpec, TensorType, Value
 
 
@@ -308,7 +307,3 @@ class GraphBuilder:
     def build(self, outputs: Iterable[str], state_outputs: Iterable[str] = ()) -> Graph:
         return Graph(self.name, tuple(self.inputs), tuple(self.state), tuple(self.nodes), tuple(outputs),
                      tuple(state_outputs))
-
-
-def is_symbolic(t: TensorType) -> bool:
-    return any(isinstance(d, Sym) for d in t.shape)

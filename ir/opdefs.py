@@ -151,5 +151,3 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
        "GQA attention of q [B,S,Hq*D] over cache slots t < seq_lens (causal: t <= pos_i); result [B,S,Hq*Dv]",
        _CACHED_ATTN),
 ]}
-
-STATE_WRITERS = frozenset(op for op, d in OPDEFS.items() if d.writes)

@@ -211,10 +211,6 @@ def numel(shape) -> Dim:
     return total
 
 
-def dim_str(d: Dim) -> str:
-    return str(d)
-
-
 def shape_str(shape) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 

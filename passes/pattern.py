@@ -10,7 +10,7 @@ names that replace the root's results (one name, or a tuple for multi-result roo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 from lowerlm.ir.errors import PassError
 from lowerlm.ir.graph import Graph, GraphBuilder, Node
@@ -145,7 +145,3 @@ def _one_round(g: Graph, rules: list, name: str) -> tuple:
     record_rewrites(fired)
     out = builder.build([subst.get(o, o) for o in g.outputs], [subst.get(o, o) for o in g.state_outputs])
     return out, fired
-
-
-Rule = tuple  # (Pat, Callable[..., str | tuple | None])
-RuleFn = Callable
