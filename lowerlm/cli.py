@@ -47,6 +47,9 @@ def _cmd_dump_ir(args) -> int:
     from lowerlm.ir.nx import to_dot
     from lowerlm.passes import PASSES
 
+    if args.after == "arm":
+        raise LowerlmError("arm runs only with calibration data, which dump-ir does not take; use "
+                           "lowerlm.compile_model(model, arm=lowerlm.calibrate(model)).dump(after='arm')")
     if args.after not in ("all", "none") and args.after not in PASSES:
         raise LowerlmError(f"unknown pass '{args.after}'; known passes: {', '.join(PASSES)} (see `lowerlm passes`)")
     stages = _stages(args)
