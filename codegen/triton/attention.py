@@ -94,7 +94,7 @@ def _launch(q, k4, v4, positions, key_positions, seq_lens, hq, scale, causal, wi
         v4.stride(2), out.stride(0), out.stride(1), positions.stride(0), kpos.stride(0),
         scale, window,
         CAUSAL=causal, KEY_POS=key_positions is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 or q.device.type == "cpu" else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 or q.device.type == "cpu" else None,
         UPCAST=q.device.type == "cpu",  # the interpreter computes bf16 dots wrongly: give it f32
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_DV=max(16, triton.next_power_of_2(dv)))

@@ -116,7 +116,7 @@ def decode_attention(q, k_cache, v_cache, positions, seq_lens, scale, causal=Tru
         hk, group, d, dv, splits, chunk,
         q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), scale, window,
-        CAUSAL=causal, PRECISION="ieee" if q.dtype == torch.float32 or on_cpu else "tf32", UPCAST=on_cpu,
+        CAUSAL=causal, PRECISION="ieee" if q.dtype == torch.float32 or on_cpu else None, UPCAST=on_cpu,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=16 if on_cpu else 64,
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)))
     out = torch.empty(b, 1, hq * dv, dtype=q.dtype, device=q.device)
