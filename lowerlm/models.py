@@ -61,10 +61,28 @@ def resolve_model(name: str) -> tuple[str, Path]:
     raise ModelFileError(f"unknown model '{name}': give '{DEFAULT_MODEL}', a .gguf file or an HF model directory")
 
 
+def write_manifest(folder: Path, source: str) -> None:
+    """Record every file's sha256, size and modification time (written last: its presence means complete)."""
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name != MANIFEST:
+            st = p.stat()
+            files[p.name] = {"sha256": file_digest(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    atomic_write(folder / MANIFEST, json.dumps({"source": source, "files": files}, indent=1))
+
+
 def _manifest_ok(folder: Path) -> bool:
+    """Whether every file matches the manifest: sizes always checked; contents hashed again only for a file whose
+    modification time changed (hashing 540 MB on every load would cost seconds)."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-        return all(file_digest(folder / name) == digest for name, digest in manifest["files"].items())
+        for name, rec in manifest["files"].items():
+            st = (folder / name).stat()
+            if st.st_size != rec["size"]:
+                return False
+            if st.st_mtime_ns != rec["mtime_ns"] and file_digest(folder / name) != rec["sha256"]:
+                return False
+        return True
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -93,8 +111,7 @@ def _convert_gguf(gguf: Path, folder: Path, progress: Callable[[str], None]) -> 
             state.pop("lm_head.weight", None)  # safetensors stores one copy of tied tensors
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
-        files = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        atomic_write(tmp / MANIFEST, json.dumps({"source": str(gguf), "files": files}, indent=1))
+        write_manifest(tmp, str(gguf))
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -125,10 +142,11 @@ def _quiet_transformers():
 def weight_cache(gguf: Path, progress: Callable[[str], None] = _progress) -> Path:
     """The converted-weights folder for a GGUF file, converting (or rebuilding a corrupt entry) when needed."""
     folder = cache_root() / "models" / f"{gguf.stem}-{file_digest(gguf)[:16]}"
-    if folder.exists() and not _manifest_ok(folder):
+    if _manifest_ok(folder):
+        return folder
+    if folder.exists():
         warnings.warn(f"lowerlm: weight cache {folder} is corrupt; converting again", stacklevel=2)
-    if not _manifest_ok(folder):
-        _convert_gguf(gguf, folder, progress)
+    _convert_gguf(gguf, folder, progress)
     return folder
 
 

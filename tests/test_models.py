@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
 
 import pytest
@@ -65,16 +65,21 @@ def test_weight_cache_is_reused_verified_and_rebuilt(tmp_path, monkeypatch):
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         (folder / "model.safetensors").write_bytes(b"weights")
-        files = {"model.safetensors": models.file_digest(folder / "model.safetensors")}
-        (folder / models.MANIFEST).write_text(json.dumps({"files": files}))
+        models.write_manifest(folder, str(src))
 
     monkeypatch.setattr(models, "_convert_gguf", fake_convert)
     first = models.weight_cache(gguf)
     assert models.weight_cache(gguf) == first and len(calls) == 1
-    (first / "model.safetensors").write_bytes(b"weightz")
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    (first / "model.safetensors").write_bytes(b"weightz")  # same size, other bytes, a newer mtime
+    os.utime(first / "model.safetensors", ns=(stamp + 10**9, stamp + 10**9))
     with pytest.warns(UserWarning, match="corrupt"):
         assert models.weight_cache(gguf) == first
     assert len(calls) == 2 and (first / "model.safetensors").read_bytes() == b"weights"
+    (first / "model.safetensors").write_bytes(b"weigh")  # truncated
+    with pytest.warns(UserWarning, match="corrupt"):
+        models.weight_cache(gguf)
+    assert len(calls) == 3
 
 
 def test_default_model_package_is_found():
