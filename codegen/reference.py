@@ -211,7 +211,7 @@ class ReferenceProgram:
                 if node.op in (Op.PARAM, Op.WEIGHT):
                     self._constants.setdefault(self._weight_key(node), None)
         for key in self._constants:
-            self._constants[key] = evaluate_weight(key, self.weights.__getitem__)
+            self._constants[key] = evaluate_weight(key, self.weights.__getitem__).to(self.device)
 
     @staticmethod
     def _weight_key(node: Node):

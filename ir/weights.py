@@ -166,6 +166,8 @@ def evaluate_weight(expr: WeightExpr, get_param: Callable[[str], object]):
             raise ShapeError(f"data '{expr.key}' has no values (it was parsed from text); hand the pass its data")
         return torch.tensor(expr.values, dtype=expr.type.dtype.to_torch()).reshape(expr.type.shape)
     kids = [evaluate_weight(c, get_param) for c in children(expr)]
+    # data leaves are made on the CPU: compute where the first operand (a parameter, usually) lives
+    kids = [k.to(kids[0].device) for k in kids]
     if isinstance(expr, Concat):
         return torch.cat(kids, dim=expr.axis)
     if isinstance(expr, Transpose):

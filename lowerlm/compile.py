@@ -58,15 +58,15 @@ class CompiledModel:
         inputs = {"input_ids": ids, "positions": positions, "seq_lens": seq_lens}
         names = [g.name for g in self.ir.graphs]
         from_zero = torch.equal(positions, torch.arange(ids.shape[1]).expand_as(positions))
+        dev = self.program.device
+        on_device = {k: v.to(dev) for k, v in inputs.items()}
         if "prefill" in names and from_zero:
             # a prefill into a fresh cache just long enough for this call
-            dev = self.program.device
             state = allocate_state(self.ir, ids.shape[0], ids.shape[1], dev)
-            (logits,), _ = self.program.run("prefill", {k: v.to(dev) for k, v in inputs.items()}, state,
-                                            inplace=True)
+            (logits,), _ = self.program.run("prefill", on_device, state, inplace=True)
             return logits
         if "forward" in names and not self.ir.graph("forward").state:
-            return self.program.run("forward", inputs)[0][0]
+            return self.program.run("forward", on_device)[0][0]
         # positions that do not start at 0 are cache slots in the compiled graphs: run the last graph that
         # still attends within the call (before insert_kv_cache) on the reference backend
         return self._stateless_program().run("forward", inputs)[0][0]

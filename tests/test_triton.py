@@ -253,3 +253,18 @@ def test_generated_elementwise_chains_and_the_compile_cache(tmp_path, monkeypatc
     stamps = [f.stat().st_mtime_ns for f in files]
     TritonProgram(m, weights, DEV).plan(m.graphs[0])  # a warm compile reuses the cached sources
     assert [f.stat().st_mtime_ns for f in files] == stamps
+
+
+def test_arm_model_through_the_triton_backend():
+    """ARM's weight expressions (data leaves made on the host) land on the program's device."""
+    from lowerlm.calibrate import calibrate
+
+    model = tiny_model("llama")
+    ids = [[int(t) for t in torch.randint(0, 64, (32,), generator=torch.Generator().manual_seed(i))] for i in range(3)]
+    cal = calibrate(model, token_ids=ids, sparsity=0.5)
+    want = lowerlm.compile_model(model, arm=cal)
+    got = lowerlm.compile_model(model, arm=cal, backend="triton")
+    x = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(9))
+    close(got(x).cpu(), want(x), tol=1e-4)
+    prompt = [5, 7, 9, 11, 3]
+    assert [s[0] for s in got.generate_ids([prompt], 6)] == [s[0] for s in want.generate_ids([prompt], 6)]

@@ -36,8 +36,8 @@ class TritonProgram(ReferenceProgram):
         if not available(device):
             raise CompileError("the Triton backend needs a CUDA GPU; on a CPU set TRITON_INTERPRET=1 (before lowerlm "
                                "is imported) to run its kernels in Triton's slow interpreter")
+        self.device = device  # before the weights are evaluated: they land here
         super().__init__(module, {n: w.to(device) for n, w in weights.items()})
-        self.device = device
         self._plans: dict = {}
 
     def plan(self, g: Graph) -> dict:
