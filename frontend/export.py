@@ -77,14 +77,15 @@ def export_model(model: torch.nn.Module, vocab_size: int | None = None):
     max_pos = int(config_value(model, "max_position_embeddings", default=2048))
     with_positions = accepts_positions(model)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=g)
+    device = next(iter(model.parameters()), torch.empty(0)).device  # example inputs live with the weights
+    ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=g).to(device)
     example = {"input_ids": ids}
     batch = torch.export.Dim("B", min=1, max=1024)
     seq = torch.export.Dim("S", min=1, max=max(max_pos, EXAMPLE_SEQ + 1))
     dynamic = {"input_ids": {0: batch, 1: seq}}
     args = (ids,)
     if with_positions:
-        example["position_ids"] = torch.arange(EXAMPLE_SEQ).repeat(EXAMPLE_BATCH, 1)
+        example["position_ids"] = torch.arange(EXAMPLE_SEQ, device=device).repeat(EXAMPLE_BATCH, 1)
         dynamic["position_ids"] = {0: batch, 1: seq}
         args = (ids, example["position_ids"])
     wrapper = _Wrapper(model, with_positions)

@@ -72,7 +72,7 @@ class _RopeCheck:
         self.cache: dict = {}
         ex = imp.info.example["input_ids"]
         self.positions = torch.randint(0, max(imp.info.max_positions, 2), ex.shape,
-                                       generator=torch.Generator().manual_seed(0))
+                                       generator=torch.Generator().manual_seed(0)).to(ex.device)
         self.zeros = torch.zeros_like(self.positions)
 
     def _env(self, positions):
@@ -102,13 +102,13 @@ class _RopeCheck:
             return None
         env = self._env(self.positions)
         inv_freq = env[inv_nodes[0]].float()
-        cv, sv = fx_eval(c, env), fx_eval(s, env)
+        cv, sv = fx_eval(c, env).cpu(), fx_eval(s, env).cpu()  # compared on the host, wherever the model is
         c0 = fx_eval(c, self._env(self.zeros))
         scaling = float(c0.reshape(-1)[0])
         if cv.dim() != 4 or sv.shape != cv.shape:
             return None
         for layout in ("half", "interleaved"):
-            want_c, want_s = rope_cos_sin(self.positions, inv_freq.tolist(), scaling, layout, cv.dtype)
+            want_c, want_s = rope_cos_sin(self.positions.cpu(), inv_freq.tolist(), scaling, layout, cv.dtype)
             want_c, want_s = want_c.transpose(1, 2), want_s.transpose(1, 2)  # [B, 1, S, R] like the model's
             if want_c.shape[-1] != cv.shape[-1]:
                 return None
@@ -127,13 +127,14 @@ class _RopeCheck:
         if x not in ancestors(r, stop={x}):
             return False
         env = self.imp.example_env()
-        probe = torch.randn(self.imp.example_shape(x), dtype=x.meta["val"].dtype)
+        probe = torch.randn(self.imp.example_shape(x), dtype=x.meta["val"].dtype).to(
+            self.imp.info.example["input_ids"].device)
         env[x] = probe
         try:
             got = fx_eval(r, env)
         except Exception:  # the subgraph does not run on a probe: not a plain rotation
             return False
-        return got.shape == probe.shape and torch.equal(got, _rotate(probe, layout))
+        return got.shape == probe.shape and torch.equal(got.cpu(), _rotate(probe.cpu(), layout))
 
 
 def match_rope(check: _RopeCheck, t: fx.Node):
@@ -182,15 +183,15 @@ def _analyse_mask(imp, sdpa: fx.Node, kw: dict) -> tuple:
     lengths = sorted(n for n in lengths if n <= max(imp.info.max_positions, int(ex.shape[1])))
     masks = {}
     for s in lengths:
-        inputs = {"input_ids": torch.zeros(ex.shape[0], s, dtype=ex.dtype)}
+        inputs = {"input_ids": torch.zeros(ex.shape[0], s, dtype=ex.dtype, device=ex.device)}
         if "position_ids" in imp.info.example:
-            inputs["position_ids"] = torch.arange(s).repeat(ex.shape[0], 1)
+            inputs["position_ids"] = torch.arange(s, device=ex.device).repeat(ex.shape[0], 1)
         try:
             m = fx_eval(mask, imp.example_env(inputs))
         except Exception as e:  # the model's mask builder failed at another length
             raise UnsupportedOpError("attention mask", imp.path(sdpa), f"cannot evaluate the mask: {e}") from None
         vis = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
-        masks[s] = vis.expand(ex.shape[0], 1, s, s)[:, 0]
+        masks[s] = vis.expand(ex.shape[0], 1, s, s)[:, 0].cpu()
     longest = masks[lengths[-1]][0]
     causal = not bool(longest.triu(1).any())
     seen = int(longest[-1].sum())
