@@ -16,7 +16,7 @@ from lowerlm.runtime.generate import Generator, allocate_state
 from lowerlm.runtime.sampler import Sampling
 from lowerlm.runtime.text import StreamDecoder, encode
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "onnx")
 
 
 class CompiledModel:
@@ -208,6 +208,10 @@ def compile_model(model: torch.nn.Module, backend: str = "reference", dtype=None
         from lowerlm.codegen.triton.program import TritonProgram
 
         program = TritonProgram(final, weights, device)
+    elif backend == "onnx":
+        from lowerlm.codegen.onnx.program import OnnxProgram
+
+        program = OnnxProgram(final, weights)
     else:
         program = ReferenceProgram(final, weights)
     return CompiledModel(imported, records, weights, program, vocab, max_seq_len, max_batch, tokenizer,

@@ -1,0 +1,327 @@
+"""IR graph → ONNX model (opset 24), op by op, with the weights as initializers.
+
+Symbolic dimensions are computed at run time from the inputs' shapes (``B`` and ``S`` from ``input_ids``, ``T``
+from a cache), so one model serves every batch and length. The fused ops expand into standard ops with the
+reference backend's rounding points: RMSNorm in f32 then cast, RoPE from positions × inv_freq, cache writes
+with TensorScatter (opset 24: contiguous writes from each sequence's first position), attention as masked
+softmax over the visible keys (a query that sees none gets zeros).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from lowerlm.ir.dtypes import DType
+from lowerlm.ir.errors import CompileError
+from lowerlm.ir.graph import Graph, Node
+from lowerlm.ir.ops import Op
+from lowerlm.ir.shapes import Sym
+
+OPSET = 24
+_ONNX_DTYPE = {DType.F32: TensorProto.FLOAT, DType.F16: TensorProto.FLOAT16, DType.BF16: TensorProto.BFLOAT16,
+               DType.F64: TensorProto.DOUBLE, DType.I64: TensorProto.INT64, DType.I32: TensorProto.INT32,
+               DType.I16: TensorProto.INT16, DType.I8: TensorProto.INT8, DType.U8: TensorProto.UINT8,
+               DType.BOOL: TensorProto.BOOL}
+
+
+def _vi(name: str, t) -> onnx.ValueInfoProto:
+    dims = [d if isinstance(d, int) else str(d) for d in t.shape]
+    return helper.make_tensor_value_info(name, _ONNX_DTYPE[t.dtype], dims)
+
+
+class Lowering:
+    def __init__(self, g: Graph, constants):
+        self.g, self.constants = g, constants  # constants: node -> tensor (params and weight expressions)
+        self.nodes: list = []
+        self.inits: list = []
+        self._n = 0
+        self._dims: dict = {}
+        self.sources: dict = {}  # symbol -> (value name, axis)
+        for v in list(g.inputs) + list(g.state):
+            for axis, d in enumerate(v.type.shape):
+                if isinstance(d, Sym) and len(d.symbols) == 1 and str(d) in d.symbols:
+                    self.sources.setdefault(str(d), (v.name, axis))
+
+    # ---- helpers ----------------------------------------------------------------------------------------
+    def fresh(self, hint: str = "t") -> str:
+        self._n += 1
+        return f"_{hint}_{self._n}"
+
+    def op(self, op_type: str, inputs: list, n_out: int = 1, **attrs):
+        outs = [self.fresh(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value, dtype=np.int64) -> str:
+        name = self.fresh("c")
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def scalar(self, value, dtype: DType) -> str:
+        return self.const(np.array(value), dtype=_np_dtype(dtype))
+
+    def dim(self, d) -> str:
+        """An int64 [1] tensor holding dimension ``d``."""
+        if isinstance(d, int):
+            return self.const([d])
+        key = str(d)
+        if key in self._dims:
+            return self._dims[key]
+        total = None
+        for mono, coef in d.terms:
+            term = self.const([coef])
+            for atom, power in mono:
+                base = self._symbol(atom) if isinstance(atom, str) else self.op(
+                    "Div", [self.dim(atom.num), self.const([atom.den])])
+                for _ in range(power):
+                    term = self.op("Mul", [term, base])
+            total = term if total is None else self.op("Add", [total, term])
+        self._dims[key] = total
+        return total
+
+    def _symbol(self, name: str) -> str:
+        if name not in self.sources:
+            raise CompileError(f"shape symbol {name} cannot be read off graph {self.g.name}'s inputs")
+        value, axis = self.sources[name]
+        return self.op("Shape", [value], start=axis, end=axis + 1)
+
+    def shape(self, dims) -> str:
+        if all(isinstance(d, int) for d in dims):
+            return self.const(list(dims))
+        return self.op("Concat", [self.dim(d) for d in dims], axis=0)
+
+    def cast(self, x: str, dtype: DType) -> str:
+        return self.op("Cast", [x], to=_ONNX_DTYPE[dtype])
+
+    # ---- the graph --------------------------------------------------------------------------------------
+    def run(self) -> onnx.ModelProto:
+        g = self.g
+        for node in g.nodes:
+            outs = self.lower(node)
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            for r, o in zip(node.results, outs):
+                if o is not None:
+                    self.nodes.append(helper.make_node("Identity", [o], [r.name]))
+        outputs = [_vi(o, g.type_of(o)) for o in g.outputs]
+        state_out = []
+        for s, o in zip(g.state, g.state_outputs):
+            name = s.name + ".out"
+            self.nodes.append(helper.make_node("Identity", [o], [name]))
+            state_out.append(_vi(name, s.type))
+        graph = helper.make_graph(self.nodes, g.name, [_vi(v.name, v.type) for v in g.inputs] +
+                                  [_vi(s.name, s.type) for s in g.state], outputs + state_out, self.inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=11)
+
+    def lower(self, node: Node):
+        op, a, x = node.op, node.all_attrs(), list(node.inputs)
+        t = node.results[0].type
+        if op in (Op.PARAM, Op.WEIGHT):
+            tensor = self.constants(node)
+            name = self.fresh("w")
+            self.inits.append(numpy_helper.from_array(_to_numpy(tensor), name))
+            return name
+        if op is Op.CONSTANT:
+            value = a["value"]
+            arr = np.full([int(d) for d in t.shape], value) if not isinstance(value, tuple) else \
+                np.array(value).reshape([int(d) for d in t.shape])
+            return self.const(arr, dtype=_np_dtype(t.dtype))
+        simple = {Op.ADD: "Add", Op.SUB: "Sub", Op.MUL: "Mul", Op.DIV: "Div", Op.NEG: "Neg", Op.EXP: "Exp",
+                  Op.SIGMOID: "Sigmoid", Op.TANH: "Tanh", Op.COS: "Cos", Op.SIN: "Sin", Op.MATMUL: "MatMul"}
+        if op in simple:
+            return self.op(simple[op], [v for v in x if v is not None])
+        if op is Op.RSQRT:
+            return self.op("Reciprocal", [self.op("Sqrt", x)])
+        if op is Op.POW:
+            return self.op("Pow", [x[0], self.scalar(a["exponent"], t.dtype)])
+        if op is Op.SILU:
+            return self.op("Mul", [x[0], self.op("Sigmoid", x)])
+        if op is Op.GELU:
+            return self.op("Gelu", x, approximate=a["approximate"])
+        if op is Op.CAST:
+            return self.cast(x[0], a["dtype"])
+        if op in (Op.MEAN, Op.SUM):
+            return self.op("ReduceMean" if op is Op.MEAN else "ReduceSum", [x[0], self.const(list(a["dims"]))],
+                           keepdims=int(a["keepdim"]))
+        if op is Op.SOFTMAX:
+            return self.op("Softmax", x, axis=a["dim"])
+        if op is Op.ARGMAX:
+            return self.op("ArgMax", x, axis=a["dim"], keepdims=int(a["keepdim"]))
+        if op is Op.TOPK:
+            return self.op("TopK", [x[0], self.const([a["k"]])], 2, axis=a["dim"], largest=int(a["largest"]))
+        if op is Op.RESHAPE:
+            return self.op("Reshape", [x[0], self.shape(a["shape"])])
+        if op is Op.TRANSPOSE:
+            return self.op("Transpose", x, perm=list(a["perm"]))
+        if op is Op.EXPAND:
+            return self.op("Expand", [x[0], self.shape(a["shape"])])
+        if op is Op.CONCAT:
+            return self.op("Concat", x, axis=a["dim"])
+        if op is Op.SPLIT:
+            return self.op("Split", [x[0], self.shape(a["sizes"])], len(a["sizes"]), axis=a["dim"])
+        if op is Op.SLICE:
+            return self.op("Slice", [x[0], self.dim(a["start"]), self.dim(a["end"]), self.const([a["dim"]]),
+                                     self.const([a["step"]])])
+        if op is Op.GATHER:
+            return self.op("GatherElements", x, axis=a["dim"])
+        if op is Op.EMBEDDING:
+            return self.op("Gather", x, axis=0)
+        if op is Op.LINEAR:
+            return self.linear(x[0], x[1], x[2], x[3])
+        if op is Op.RMS_NORM:
+            return self.rms_norm(x[0], x[1], a["eps"], t.dtype)
+        if op is Op.RMS_NORM_LINEAR:
+            r = x[0] if x[4] is None else self.op("Add", [x[0], x[4]])
+            y = self.linear(self.rms_norm(r, x[1], a["eps"], t.dtype), x[2], x[3])
+            splits = list(a["splits"])
+            pieces = self.op("Split", [y, self.const(splits)], len(splits), axis=-1)
+            pieces = [pieces] if isinstance(pieces, str) else list(pieces)
+            if a["act"] != "none":
+                pieces = [self.op("Mul", [self.activation(pieces[0], a["act"]), pieces[1]])]
+            return pieces + ([r] if x[4] is not None else [])
+        if op is Op.SWIGLU:
+            return self.op("Mul", [self.activation(x[0], a["act"]), x[1]])
+        if op is Op.ARM_MLP:
+            return self.arm_mlp(node, x, a, t.dtype)
+        if op is Op.ROPE:
+            return self.rope(node, x, a)
+        if op is Op.KV_CACHE_WRITE:
+            return self.cache_write(node, x)
+        if op in (Op.ATTENTION, Op.CACHED_ATTENTION):
+            return self.attention(node, x, a)
+        raise CompileError(f"the ONNX backend has no lowering for {op}")
+
+    # ---- fused ops ----------------------------------------------------------------------------------------
+    def linear(self, x, w, bias=None, residual=None):
+        y = self.op("MatMul", [x, self.op("Transpose", [w], perm=[1, 0])])
+        if bias is not None:
+            y = self.op("Add", [y, bias])
+        return self.op("Add", [y, residual]) if residual is not None else y
+
+    def rms_norm(self, x, w, eps, dtype):
+        x32 = self.cast(x, DType.F32)
+        ms = self.op("ReduceMean", [self.op("Mul", [x32, x32]), self.const([-1])], keepdims=1)
+        inv = self.op("Reciprocal", [self.op("Sqrt", [self.op("Add", [ms, self.scalar(eps, DType.F32)])])])
+        return self.op("Mul", [w, self.cast(self.op("Mul", [x32, inv]), dtype)])
+
+    def activation(self, x, act):
+        if act == "silu":
+            return self.op("Mul", [x, self.op("Sigmoid", [x])])
+        return self.op("Gelu", [x], approximate="tanh" if act == "gelu_tanh" else "none")
+
+    def arm_mlp(self, node, x, a, dtype):
+        inp, nw, gate_m, up, down, mu, scale, residual = x
+        inter = self.g.type_of(up).shape[0]
+        hidden = self.g.type_of(inp).shape[-1]
+        h = self.rms_norm(inp, nw, a["eps"], dtype)
+        g, m = self.op("Split", [self.linear(h, gate_m), self.const([inter, hidden])], 2, axis=-1)
+        a_hat = self.op("Div", [self.op("Sub", [self.activation(g, a["act"]), mu]), scale])
+        keep = self.op("GreaterOrEqual", [self.op("Abs", [a_hat]), self.scalar(a["tau"], dtype)])
+        a_hat = self.op("Where", [keep, a_hat, self.scalar(0.0, dtype)])
+        y = self.op("Add", [self.linear(self.op("Mul", [a_hat, self.linear(h, up)]), down), m])
+        return self.op("Add", [y, residual]) if residual is not None else y
+
+    def rope(self, node, x, a):
+        q, k, positions = x
+        if a["layout"] != "half":
+            raise CompileError("the ONNX backend lowers the half-split RoPE layout only")
+        inv = self.const(np.array(a["inv_freq"], dtype=np.float32), dtype=np.float32)
+        angle = self.op("Mul", [self.op("Unsqueeze", [self.cast(positions, DType.F32), self.const([-1])]), inv])
+        emb = self.op("Concat", [angle, angle], axis=-1)  # [B, S, R]
+        dtype = self.g.type_of(q).dtype
+        scaling = self.scalar(a["scaling"], DType.F32)
+        cos = self.op("Unsqueeze", [self.cast(self.op("Mul", [self.op("Cos", [emb]), scaling]), dtype),
+                                    self.const([2])])
+        sin = self.op("Unsqueeze", [self.cast(self.op("Mul", [self.op("Sin", [emb]), scaling]), dtype),
+                                    self.const([2])])
+        rdim = 2 * len(a["inv_freq"])
+        outs = []
+        for value, heads in ((q, a["heads"][0]), (k, a["heads"][1])):
+            t = self.g.type_of(value)
+            b, s, width = t.shape
+            d = width // heads
+            xh = self.op("Reshape", [value, self.shape([b, s, heads, d])])
+            rot, rest = (xh, None) if rdim == d else self.op("Split", [xh, self.const([rdim, d - rdim])], 2, axis=-1)
+            x1, x2 = self.op("Split", [rot, self.const([rdim // 2, rdim // 2])], 2, axis=-1)
+            rotated = self.op("Concat", [self.op("Neg", [x2]), x1], axis=-1)
+            y = self.op("Add", [self.op("Mul", [rot, cos]), self.op("Mul", [rotated, sin])])
+            if rest is not None:
+                y = self.op("Concat", [y, rest], axis=-1)
+            outs.append(self.op("Reshape", [y, self.shape([b, s, width])]))
+        return outs
+
+    def cache_write(self, node, x):
+        cache, values, positions = x
+        ct = self.g.type_of(cache)
+        b, hk, _, d = ct.shape
+        s = self.g.type_of(values).shape[1]
+        update = self.op("Transpose", [self.op("Reshape", [values, self.shape([b, s, hk, d])])], perm=[0, 2, 1, 3])
+        first = self.op("Squeeze", [self.op("Slice", [positions, self.const([0]), self.const([1]), self.const([1])]),
+                                    self.const([1])])
+        return self.op("TensorScatter", [cache, update, first], axis=-2)
+
+    def attention(self, node, x, a):
+        q = x[0]
+        qt = self.g.type_of(q)
+        b, s, width = qt.shape
+        if node.op is Op.CACHED_ATTENTION:
+            _, kc, vc, positions, seq_lens = x
+            kt = self.g.type_of(kc)
+            hk, length, d = kt.shape[1], kt.shape[2], kt.shape[3]
+            dv = self.g.type_of(vc).shape[3]
+            hq = width // d
+            k4, v4 = kc, vc  # [B, Hk, T, D]
+            kpos = self.op("Unsqueeze", [self.op("Range", [self.const(0), self.op("Squeeze", [self.dim(length)]),
+                                                          self.const(1)]), self.const([0])])  # [1, T]
+        else:
+            _, k, v, positions, seq_lens = x
+            hq, hk = a["heads"]
+            d = width // hq
+            dv = self.g.type_of(v).shape[2] // hk
+            length = s
+            k4 = self.op("Transpose", [self.op("Reshape", [k, self.shape([b, s, hk, d])])], perm=[0, 2, 1, 3])
+            v4 = self.op("Transpose", [self.op("Reshape", [v, self.shape([b, s, hk, dv])])], perm=[0, 2, 1, 3])
+            kpos = positions  # [B, L]
+        group = hq // hk
+        # q: [B, Hk, G, S, D] against k: [B, Hk, 1, L, D]
+        q5 = self.op("Transpose", [self.op("Reshape", [q, self.shape([b, s, hk, group, d])])], perm=[0, 2, 3, 1, 4])
+        k5 = self.op("Unsqueeze", [k4, self.const([2])])
+        v5 = self.op("Unsqueeze", [v4, self.const([2])])
+        dtype = qt.dtype
+        scores = self.op("Mul", [self.op("MatMul", [q5, self.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])]),
+                                 self.scalar(a["scale"], dtype)])  # [B, Hk, G, S, L]
+        # visibility [B, 1, 1, S, L]
+        idx = self.op("Unsqueeze", [self.op("Range", [self.const(0), self.op("Squeeze", [self.dim(length)]),
+                                                      self.const(1)]), self.const([0])])  # [1, L]
+        lens = self.op("Unsqueeze", [self.cast(seq_lens, DType.I64), self.const([1])])  # [B, 1]
+        vis = self.op("Unsqueeze", [self.op("Less", [idx, lens]), self.const([1])])  # [B, 1, L]
+        if a["causal"]:
+            diff = self.op("Sub", [self.op("Unsqueeze", [positions, self.const([2])]),
+                                   self.op("Unsqueeze", [kpos, self.const([1])])])  # [B, S, L]
+            vis = self.op("And", [vis, self.op("GreaterOrEqual", [diff, self.const(0)])])
+            if a["window"]:
+                vis = self.op("And", [vis, self.op("Less", [diff, self.const(a["window"])])])
+        vis = self.op("Unsqueeze", [vis, self.const([1, 2])])
+        masked = self.op("Where", [vis, scores, self.scalar(-1e30, dtype)])
+        probs = self.op("Mul", [self.op("Softmax", [masked], axis=-1), self.cast(vis, dtype)])
+        out = self.op("MatMul", [probs, v5])  # [B, Hk, G, S, Dv]
+        out = self.op("Transpose", [out], perm=[0, 3, 1, 2, 4])
+        return self.op("Reshape", [out, self.shape([b, s, hq * dv])])
+
+
+def _np_dtype(dtype: DType):
+    return {DType.F32: np.float32, DType.F16: np.float16, DType.F64: np.float64, DType.I64: np.int64,
+            DType.I32: np.int32, DType.I16: np.int16, DType.I8: np.int8, DType.U8: np.uint8,
+            DType.BOOL: np.bool_}[dtype]
+
+
+def _to_numpy(tensor):
+    if str(tensor.dtype) == "torch.bfloat16":
+        raise CompileError("the ONNX backend runs f32 or f16 models (bf16 has no numpy type)")
+    return tensor.detach().cpu().contiguous().numpy()
+
+
+def lower_graph(g: Graph, constants) -> onnx.ModelProto:
+    """The ONNX model for one graph; ``constants(node)`` gives the tensor of a param or weight node."""
+    return Lowering(g, constants).run()

@@ -1,0 +1,64 @@
+"""The ONNX backend (ONNX Runtime, CPU): f32 logits within 1e-4 × max |logit| of eager, greedy tokens equal to
+transformers' generate, batches equal to single prompts, and lowering of every op class the pipeline leaves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowerlm
+from lowerlm.calibrate import calibrate
+
+from .conftest import tiny_model
+
+
+def _close(got, want):
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_tiny_families_through_onnx(family):
+    model = tiny_model(family, sliding_window=4) if family == "mistral" else tiny_model(family)
+    cm = lowerlm.compile_model(model, backend="onnx", max_batch=3, max_seq_len=64)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        want = model(ids).logits
+        want_padded = model(ids, attention_mask=mask).logits
+    _close(cm(ids), want)
+    got = cm(ids, attention_mask=mask)
+    _close(got[1, :6], want_padded[1, :6])
+    prompts = [[5, 7, 9, 11, 3], [8, 1, 4], [2, 9, 9, 9, 9, 9, 30]]
+    for p in prompts:
+        with torch.no_grad():
+            hf = model.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False)[0, len(p):].tolist()
+        assert [s[0] for s in cm.generate_ids([p], 32)] == hf
+    batch = list(cm.generate_ids(prompts, 16))
+    assert [s[1] for s in batch if s[1] is not None] == [s[0] for s in cm.generate_ids([prompts[1]], 16)]
+
+
+def test_arm_through_onnx():
+    model = tiny_model("llama")
+    ids = [[int(t) for t in torch.randint(0, 64, (32,), generator=torch.Generator().manual_seed(i))] for i in range(3)]
+    cal = calibrate(model, token_ids=ids, sparsity=0.5)
+    want = lowerlm.compile_model(model, arm=cal)
+    got = lowerlm.compile_model(model, arm=cal, backend="onnx")
+    x = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(got(x), want(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_through_onnx():
+    model = lowerlm.load("smollm2")
+    cm = lowerlm.compile_model(model, backend="onnx", max_batch=1, max_seq_len=256)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids).logits
+    _close(cm(ids), want)
+    from lowerlm.runtime.text import encode
+
+    prompt = encode(cm.tokenizer, "What is the capital of France?", chat=True)
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
+    assert [s[0] for s in cm.generate_ids([prompt], 32)] == hf
