@@ -98,24 +98,42 @@ class Lowering:
     # ---- the graph --------------------------------------------------------------------------------------
     def run(self) -> onnx.ModelProto:
         g = self.g
+        self.names = {v.name: v.name for v in list(g.inputs) + list(g.state)}  # IR value -> ONNX value
         for node in g.nodes:
             outs = self.lower(node)
             outs = outs if isinstance(outs, (list, tuple)) else [outs]
             for r, o in zip(node.results, outs):
                 if o is not None:
-                    self.nodes.append(helper.make_node("Identity", [o], [r.name]))
-        outputs = [_vi(o, g.type_of(o)) for o in g.outputs]
+                    self.names[r.name] = o
+        outputs = []
+        for o in g.outputs:
+            self.nodes.append(helper.make_node("Identity", [self.names[o]], [o]))
+            outputs.append(_vi(o, g.type_of(o)))
         state_out = []
         for s, o in zip(g.state, g.state_outputs):
-            name = s.name + ".out"
-            self.nodes.append(helper.make_node("Identity", [o], [name]))
-            state_out.append(_vi(name, s.type))
+            # the cache write's own output is the state output, so the runtime can bind it to the input's buffer
+            self._rename(self.names[o], s.name + ".out")
+            state_out.append(_vi(s.name + ".out", s.type))
         graph = helper.make_graph(self.nodes, g.name, [_vi(v.name, v.type) for v in g.inputs] +
                                   [_vi(s.name, s.type) for s in g.state], outputs + state_out, self.inits)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=11)
 
+    def type(self, node: Node, slot: int):
+        """The IR type of a node's input (lowerings hold ONNX names, types live with the IR names)."""
+        return self.g.type_of(node.inputs[slot])
+
+    def _rename(self, old: str, new: str) -> None:
+        for n in self.nodes:
+            for i, v in enumerate(n.output):
+                if v == old:
+                    n.output[i] = new
+            for i, v in enumerate(n.input):
+                if v == old:
+                    n.input[i] = new
+
     def lower(self, node: Node):
-        op, a, x = node.op, node.all_attrs(), list(node.inputs)
+        op, a = node.op, node.all_attrs()
+        x = [self.names[v] if v is not None else None for v in node.inputs]
         t = node.results[0].type
         if op in (Op.PARAM, Op.WEIGHT):
             tensor = self.constants(node)
@@ -212,8 +230,8 @@ class Lowering:
 
     def arm_mlp(self, node, x, a, dtype):
         inp, nw, gate_m, up, down, mu, scale, residual = x
-        inter = self.g.type_of(up).shape[0]
-        hidden = self.g.type_of(inp).shape[-1]
+        inter = self.type(node, 3).shape[0]
+        hidden = self.type(node, 0).shape[-1]
         h = self.rms_norm(inp, nw, a["eps"], dtype)
         g, m = self.op("Split", [self.linear(h, gate_m), self.const([inter, hidden])], 2, axis=-1)
         a_hat = self.op("Div", [self.op("Sub", [self.activation(g, a["act"]), mu]), scale])
@@ -229,7 +247,7 @@ class Lowering:
         inv = self.const(np.array(a["inv_freq"], dtype=np.float32), dtype=np.float32)
         angle = self.op("Mul", [self.op("Unsqueeze", [self.cast(positions, DType.F32), self.const([-1])]), inv])
         emb = self.op("Concat", [angle, angle], axis=-1)  # [B, S, R]
-        dtype = self.g.type_of(q).dtype
+        dtype = self.type(node, 0).dtype
         scaling = self.scalar(a["scaling"], DType.F32)
         cos = self.op("Unsqueeze", [self.cast(self.op("Mul", [self.op("Cos", [emb]), scaling]), dtype),
                                     self.const([2])])
@@ -237,8 +255,8 @@ class Lowering:
                                     self.const([2])])
         rdim = 2 * len(a["inv_freq"])
         outs = []
-        for value, heads in ((q, a["heads"][0]), (k, a["heads"][1])):
-            t = self.g.type_of(value)
+        for slot, value, heads in ((0, q, a["heads"][0]), (1, k, a["heads"][1])):
+            t = self.type(node, slot)
             b, s, width = t.shape
             d = width // heads
             xh = self.op("Reshape", [value, self.shape([b, s, heads, d])])
@@ -253,9 +271,9 @@ class Lowering:
 
     def cache_write(self, node, x):
         cache, values, positions = x
-        ct = self.g.type_of(cache)
+        ct = self.type(node, 0)
         b, hk, _, d = ct.shape
-        s = self.g.type_of(values).shape[1]
+        s = self.type(node, 1).shape[1]
         update = self.op("Transpose", [self.op("Reshape", [values, self.shape([b, s, hk, d])])], perm=[0, 2, 1, 3])
         first = self.op("Squeeze", [self.op("Slice", [positions, self.const([0]), self.const([1]), self.const([1])]),
                                     self.const([1])])
@@ -263,13 +281,13 @@ class Lowering:
 
     def attention(self, node, x, a):
         q = x[0]
-        qt = self.g.type_of(q)
+        qt = self.type(node, 0)
         b, s, width = qt.shape
         if node.op is Op.CACHED_ATTENTION:
             _, kc, vc, positions, seq_lens = x
-            kt = self.g.type_of(kc)
+            kt = self.type(node, 1)
             hk, length, d = kt.shape[1], kt.shape[2], kt.shape[3]
-            dv = self.g.type_of(vc).shape[3]
+            dv = self.type(node, 2).shape[3]
             hq = width // d
             k4, v4 = kc, vc  # [B, Hk, T, D]
             kpos = self.op("Unsqueeze", [self.op("Range", [self.const(0), self.op("Squeeze", [self.dim(length)]),
@@ -278,7 +296,7 @@ class Lowering:
             _, k, v, positions, seq_lens = x
             hq, hk = a["heads"]
             d = width // hq
-            dv = self.g.type_of(v).shape[2] // hk
+            dv = self.type(node, 2).shape[2] // hk
             length = s
             k4 = self.op("Transpose", [self.op("Reshape", [k, self.shape([b, s, hk, d])])], perm=[0, 2, 1, 3])
             v4 = self.op("Transpose", [self.op("Reshape", [v, self.shape([b, s, hk, dv])])], perm=[0, 2, 1, 3])
