@@ -39,6 +39,7 @@ class Lowering:
         self._n = 0
         self._dims: dict = {}
         self.sources: dict = {}  # symbol -> (value name, axis)
+        # state inputs come last: a Shape read of a cache would keep ONNX Runtime from updating it in place
         for v in list(g.inputs) + list(g.state):
             for axis, d in enumerate(v.type.shape):
                 if isinstance(d, Sym) and len(d.symbols) == 1 and str(d) in d.symbols:
@@ -290,7 +291,8 @@ class Lowering:
             dv = self.type(node, 2).shape[3]
             hq = width // d
             k4, v4 = kc, vc  # [B, Hk, T, D]
-            kpos = self.op("Unsqueeze", [self.op("Range", [self.const(0), self.op("Squeeze", [self.dim(length)]),
+            length = self.op("Shape", [kc], start=2, end=3)  # T from the written cache, not from the input
+            kpos = self.op("Unsqueeze", [self.op("Range", [self.const(0), self.op("Squeeze", [length]),
                                                           self.const(1)]), self.const([0])])  # [1, T]
         else:
             _, k, v, positions, seq_lens = x
@@ -310,7 +312,8 @@ class Lowering:
         scores = self.op("Mul", [self.op("MatMul", [q5, self.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])]),
                                  self.scalar(a["scale"], dtype)])  # [B, Hk, G, S, L]
         # visibility [B, 1, 1, S, L]
-        idx = self.op("Unsqueeze", [self.op("Range", [self.const(0), self.op("Squeeze", [self.dim(length)]),
+        n_keys = length if isinstance(length, str) else self.dim(length)
+        idx = self.op("Unsqueeze", [self.op("Range", [self.const(0), self.op("Squeeze", [n_keys]),
                                                       self.const(1)]), self.const([0])])  # [1, L]
         lens = self.op("Unsqueeze", [self.cast(seq_lens, DType.I64), self.const([1])])  # [B, 1]
         vis = self.op("Unsqueeze", [self.op("Less", [idx, lens]), self.const([1])])  # [B, 1, L]

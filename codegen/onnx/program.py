@@ -60,12 +60,22 @@ class OnnxProgram(ReferenceProgram):
             if inplace and not buf.is_contiguous():
                 raise ValueError(f"state %{s.name} must be contiguous to be updated in place")
             src = buf if inplace else buf.clone()
-            keep.append(self._bind(binding.bind_input, s.name, src))
-            self._bind(binding.bind_output, s.name + ".out", src)  # written in place
+            # one OrtValue over the tensor's memory, bound as input and output: TensorScatter then writes the
+            # new entries in place instead of copying the cache
+            value = self._ortvalue(src)
+            binding.bind_ortvalue_input(s.name, value)
+            binding.bind_ortvalue_output(s.name + ".out", value)
+            keep.append((src, value))
             new_state[s.name] = src
         session.run_with_iobinding(binding)
         outputs = [torch.from_numpy(np.asarray(r)) for r in binding.copy_outputs_to_cpu()[:len(g.outputs)]]
         return outputs, new_state
+
+    @staticmethod
+    def _ortvalue(tensor: torch.Tensor):
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(tensor.numpy())  # shares the memory on the CPU
 
     @staticmethod
     def _bind(bind, name: str, tensor: torch.Tensor) -> torch.Tensor:
