@@ -38,6 +38,7 @@ class Lowering:
         self.inits: list = []
         self._n = 0
         self._dims: dict = {}
+        self._memo: dict = {}  # per-graph values every layer shares (cos/sin tables, attention masks)
         self.sources: dict = {}  # symbol -> (value name, axis)
         # state inputs come last: a Shape read of a cache would keep ONNX Runtime from updating it in place
         for v in list(g.inputs) + list(g.state):
@@ -245,15 +246,8 @@ class Lowering:
         q, k, positions = x
         if a["layout"] != "half":
             raise CompileError("the ONNX backend lowers the half-split RoPE layout only")
-        inv = self.const(np.array(a["inv_freq"], dtype=np.float32), dtype=np.float32)
-        angle = self.op("Mul", [self.op("Unsqueeze", [self.cast(positions, DType.F32), self.const([-1])]), inv])
-        emb = self.op("Concat", [angle, angle], axis=-1)  # [B, S, R]
         dtype = self.type(node, 0).dtype
-        scaling = self.scalar(a["scaling"], DType.F32)
-        cos = self.op("Unsqueeze", [self.cast(self.op("Mul", [self.op("Cos", [emb]), scaling]), dtype),
-                                    self.const([2])])
-        sin = self.op("Unsqueeze", [self.cast(self.op("Mul", [self.op("Sin", [emb]), scaling]), dtype),
-                                    self.const([2])])
+        cos, sin = self._cos_sin(positions, tuple(a["inv_freq"]), a["scaling"], dtype)
         rdim = 2 * len(a["inv_freq"])
         outs = []
         for slot, value, heads in ((0, q, a["heads"][0]), (1, k, a["heads"][1])):
@@ -269,6 +263,19 @@ class Lowering:
                 y = self.op("Concat", [y, rest], axis=-1)
             outs.append(self.op("Reshape", [y, self.shape([b, s, width])]))
         return outs
+
+    def _cos_sin(self, positions, inv_freq, scaling, dtype):
+        """cos/sin [B, S, 1, R] for the positions: computed once per graph, shared by every layer."""
+        key = ("rope", positions, inv_freq, scaling, dtype)
+        if key not in self._memo:
+            inv = self.const(np.array(inv_freq, dtype=np.float32), dtype=np.float32)
+            angle = self.op("Mul", [self.op("Unsqueeze", [self.cast(positions, DType.F32), self.const([-1])]), inv])
+            emb = self.op("Concat", [angle, angle], axis=-1)  # [B, S, R]
+            scale = self.scalar(scaling, DType.F32)
+            self._memo[key] = tuple(
+                self.op("Unsqueeze", [self.cast(self.op("Mul", [self.op(f, [emb]), scale]), dtype), self.const([2])])
+                for f in ("Cos", "Sin"))
+        return self._memo[key]
 
     def cache_write(self, node, x):
         cache, values, positions = x
@@ -290,10 +297,16 @@ class Lowering:
             hk, length, d = kt.shape[1], kt.shape[2], kt.shape[3]
             dv = self.type(node, 2).shape[3]
             hq = width // d
-            k4, v4 = kc, vc  # [B, Hk, T, D]
-            length = self.op("Shape", [kc], start=2, end=3)  # T from the written cache, not from the input
+            # only slots below the longest valid length can be visible: attend over [:L], so a decode step
+            # costs by the valid length, not by the cache's capacity T
+            if ("len", seq_lens) not in self._memo:
+                self._memo[("len", seq_lens)] = self.op("ReduceMax", [self.cast(seq_lens, DType.I64)], keepdims=1)
+            length = self._memo[("len", seq_lens)]  # [1]
+            axes, zero = self.const([2]), self.const([0])
+            k4 = self.op("Slice", [kc, zero, length, axes])  # [B, Hk, L, D]
+            v4 = self.op("Slice", [vc, zero, length, axes])
             kpos = self.op("Unsqueeze", [self.op("Range", [self.const(0), self.op("Squeeze", [length]),
-                                                          self.const(1)]), self.const([0])])  # [1, T]
+                                                          self.const(1)]), self.const([0])])  # [1, L]
         else:
             _, k, v, positions, seq_lens = x
             hq, hk = a["heads"]
@@ -311,7 +324,18 @@ class Lowering:
         dtype = qt.dtype
         scores = self.op("Mul", [self.op("MatMul", [q5, self.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])]),
                                  self.scalar(a["scale"], dtype)])  # [B, Hk, G, S, L]
-        # visibility [B, 1, 1, S, L]
+        vis = self._visible(node, positions, seq_lens, kpos, length, a)
+        masked = self.op("Where", [vis, scores, self.scalar(-1e30, dtype)])
+        probs = self.op("Mul", [self.op("Softmax", [masked], axis=-1), self.cast(vis, dtype)])
+        out = self.op("MatMul", [probs, v5])  # [B, Hk, G, S, Dv]
+        out = self.op("Transpose", [out], perm=[0, 3, 1, 2, 4])
+        return self.op("Reshape", [out, self.shape([b, s, hq * dv])])
+
+    def _visible(self, node, positions, seq_lens, kpos, length, a):
+        """The [B, 1, 1, S, L] visibility mask; layers with the same inputs and flags share one."""
+        key = ("mask", node.op, positions, seq_lens, kpos, str(length), a["causal"], a["window"])
+        if key in self._memo:
+            return self._memo[key]
         n_keys = length if isinstance(length, str) else self.dim(length)
         idx = self.op("Unsqueeze", [self.op("Range", [self.const(0), self.op("Squeeze", [n_keys]),
                                                       self.const(1)]), self.const([0])])  # [1, L]
@@ -323,12 +347,8 @@ class Lowering:
             vis = self.op("And", [vis, self.op("GreaterOrEqual", [diff, self.const(0)])])
             if a["window"]:
                 vis = self.op("And", [vis, self.op("Less", [diff, self.const(a["window"])])])
-        vis = self.op("Unsqueeze", [vis, self.const([1, 2])])
-        masked = self.op("Where", [vis, scores, self.scalar(-1e30, dtype)])
-        probs = self.op("Mul", [self.op("Softmax", [masked], axis=-1), self.cast(vis, dtype)])
-        out = self.op("MatMul", [probs, v5])  # [B, Hk, G, S, Dv]
-        out = self.op("Transpose", [out], perm=[0, 3, 1, 2, 4])
-        return self.op("Reshape", [out, self.shape([b, s, hq * dv])])
+        self._memo[key] = self.op("Unsqueeze", [vis, self.const([1, 2])])
+        return self._memo[key]
 
 
 def _np_dtype(dtype: DType):
