@@ -105,6 +105,7 @@ def _convert_gguf(gguf: Path, folder: Path, progress: Callable[[str], None]) -> 
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
+        config.architectures = config.architectures or [type(model).__name__]  # a complete HF folder
         config.save_pretrained(tmp)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         if config.tie_word_embeddings:

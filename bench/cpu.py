@@ -1,0 +1,124 @@
+"""CPU decode of SmolLM2-135M-Instruct (real weights, f32, greedy): lowerlm-onnx versus transformers eager versus
+ONNX Runtime GenAI (its model builder's output, built here from the same weights), interleaved in one process.
+
+    python bench/cpu.py [--new-tokens 128] [--rounds 3]
+
+Prints ms/token of decode ((time for N tokens - time for 1) / (N - 1), so the prefill is not in it), tokens/s,
+lowerlm's ratio to each peer, the share of the bandwidth floor (weight bytes / measured read bandwidth), and
+whether every peer produced the same tokens. Needs `pip install onnxruntime-genai onnx_ir` for the GenAI peer
+(reported as unavailable otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT = "Write a long story about a lighthouse keeper and a storm."
+
+
+def read_bandwidth() -> float:
+    """Bytes per second reading a 512 MB tensor with torch's multi-threaded sum (every byte read once)."""
+    x = torch.ones(128 * 2**20, dtype=torch.float32)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(5))
+    return x.numel() * 4 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def genai_peer(weights_dir: Path, workdir: Path):
+    """(generate(ids, n) -> tokens) for ONNX Runtime GenAI, or a reason it is unavailable."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError as e:
+        return None, f"onnxruntime-genai not installed ({e})"
+    src = workdir / "hf"
+    shutil.copytree(weights_dir, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.setdefault("architectures", ["LlamaForCausalLM"])
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = workdir / "genai"
+    build = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
+                            "-p", "fp32", "-e", "cpu", "-c", str(workdir / "cache")], capture_output=True, text=True)
+    if build.returncode != 0:
+        return None, "model builder failed: " + build.stderr.strip().splitlines()[-1]
+    model = og.Model(str(out))
+
+    def generate(ids, n):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + n, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        tokens = []
+        while not gen.is_done() and len(tokens) < n:
+            gen.generate_next_token()
+            tokens.append(int(gen.get_next_tokens()[0]))
+        return tokens
+
+    return generate, None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args(argv)
+    import lowerlm
+    from lowerlm.models import resolve_model, weight_cache
+    from lowerlm.runtime.text import encode
+
+    model = lowerlm.load("smollm2")
+    cm = lowerlm.compile_model(model, backend="onnx", max_batch=1, max_seq_len=1024)
+    ids = encode(cm.tokenizer, PROMPT, chat=True)
+    n = args.new_tokens
+    peers = {
+        "lowerlm-onnx": lambda k: [s[0] for s in cm.generate_ids([ids], k) if s[0] is not None],
+        "transformers eager": lambda k: model.generate(torch.tensor([ids]), max_new_tokens=k,
+                                                       do_sample=False)[0, len(ids):].tolist(),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        genai, why = genai_peer(weight_cache(resolve_model("smollm2")[1]), Path(tmp))
+        if genai is not None:
+            peers["onnxruntime-genai"] = lambda k: genai(ids, k)
+        tokens = {name: fn(n) for name, fn in peers.items()}  # also the warm-up
+        times: dict = {name: [] for name in peers}
+        with torch.no_grad():
+            for _ in range(args.rounds):  # interleaved: every peer sees the same machine state
+                for name, fn in peers.items():
+                    t1 = _timed(lambda fn=fn: fn(1))
+                    tn = _timed(lambda fn=fn: fn(n))
+                    times[name].append((tn - t1) / (len(tokens[name]) - 1))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied embedding counted once
+    bandwidth = read_bandwidth()
+    floor = weight_bytes / bandwidth
+    print(f"SmolLM2-135M-Instruct f32, {n} new tokens, prompt {len(ids)} tokens, torch threads "
+          f"{torch.get_num_threads()}; read bandwidth {bandwidth / 1e9:.1f} GB/s, floor {floor * 1e3:.1f} ms/token")
+    if genai is None:
+        print(f"onnxruntime-genai: unavailable ({why})")
+    ours = statistics.median(times["lowerlm-onnx"])
+    print("| peer | ms/token (median) | tokens/s | lowerlm speed-up | share of floor | tokens |")
+    print("|---|---|---|---|---|---|")
+    for name, ts in times.items():
+        sec = statistics.median(ts)
+        same = "identical" if tokens[name] == tokens["lowerlm-onnx"] else "DIFFER"
+        print(f"| {name} | {sec * 1e3:.1f} | {1 / sec:.1f} | {sec / ours:.2f}x | {floor / sec:.0%} | "
+              f"{len(tokens[name])}, {same} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
