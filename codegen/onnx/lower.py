@@ -4,7 +4,8 @@ Symbolic dimensions are computed at run time from the inputs' shapes (``B`` and 
 from a cache), so one model serves every batch and length. The fused ops expand into standard ops with the
 reference backend's rounding points: RMSNorm in f32 then cast, RoPE from positions × inv_freq, cache writes
 with TensorScatter (opset 24: contiguous writes from each sequence's first position), attention as masked
-softmax over the visible keys (a query that sees none gets zeros).
+softmax over the visible keys (a query that sees none gets zeros) of the cache's first max(seq_lens) slots, so a
+decode step costs by the valid length. Values every layer would compute alike (cos/sin, masks) are built once.
 """
 
 from __future__ import annotations

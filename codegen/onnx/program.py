@@ -15,6 +15,9 @@ from lowerlm.ir.graph import Node
 
 
 class OnnxProgram(ReferenceProgram):
+    """A module ready to run with ONNX Runtime: ``run(graph, inputs, state, inplace=True)``; sessions are built
+    on a graph's first run."""
+
     def __init__(self, module, weights, threads: int | None = None):
         super().__init__(module, weights)
         self.threads = threads
