@@ -164,6 +164,17 @@ def _cmd_arm_eval(args) -> int:
     return 0
 
 
+def _cmd_export_onnx(args) -> int:
+    import lowerlm
+    from lowerlm.codegen.onnx.export import export
+
+    model = lowerlm.load(args.model, progress=_progress)
+    cm = lowerlm.compile_model(model, backend="onnx", max_seq_len=args.max_seq_len, progress=_progress)
+    index = export(cm.program, args.out, args.max_seq_len, cm.vocab_size)
+    print(f"wrote {', '.join(g.name + '.onnx' for g in cm.ir.graphs)} and {index.name} to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowerlm", description="Lower PyTorch language models to fast kernels.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -203,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sparsities", default="0.3,0.4,0.5,0.6,0.7")
     e.add_argument("--max-tokens", type=int, default=1024, help="held-out tokens to score")
     e.set_defaults(fn=_cmd_arm_eval)
+    x = sub.add_parser("export-onnx", help="standalone ONNX models (prefill, decode) and a JSON of their I/O")
+    x.add_argument("--model", default="smollm2")
+    x.add_argument("--out", required=True, help="the folder to write")
+    x.add_argument("--max-seq-len", type=int, default=2048)
+    x.set_defaults(fn=_cmd_export_onnx)
     return p
 
 

@@ -149,3 +149,10 @@ def test_arm_hist_and_arm_eval(tmp_path):
     assert rows == ["dense", "arm", "arm, centre only", "plain"]
     bad = lowerlm("arm-hist", "--model", "smollm2", "--layer", "99", "--out", str(tmp_path / "x.png"))
     assert bad.returncode == 2 and "no gated MLP at layer 99" in bad.stderr
+
+
+def test_export_onnx(tiny_dir, tmp_path):
+    out = lowerlm("export-onnx", "--model", tiny_dir, "--out", str(tmp_path / "x"), "--max-seq-len", "64")
+    assert out.returncode == 0, out.stderr
+    names = sorted(p.name for p in (tmp_path / "x").iterdir())
+    assert names == ["decode.onnx", "decode.onnx.data", "lowerlm_onnx.json", "prefill.onnx", "prefill.onnx.data"]

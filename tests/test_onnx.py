@@ -62,3 +62,43 @@ def test_smollm2_through_onnx():
     with torch.no_grad():
         hf = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
     assert [s[0] for s in cm.generate_ids([prompt], 32)] == hf
+
+
+def test_export_onnx_runs_with_plain_onnxruntime(tmp_path):
+    """The exported prefill/decode models, driven by onnxruntime alone as the JSON describes, give lowerlm's
+    logits, and the greedy tokens of transformers."""
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from lowerlm.codegen.onnx.export import export
+
+    model = tiny_model("llama")
+    cm = lowerlm.compile_model(model, backend="onnx", max_seq_len=32)
+    index = json.loads(export(cm.program, tmp_path, 32, 64).read_text())
+    sessions = {name: ort.InferenceSession(str(tmp_path / g["file"]), providers=["CPUExecutionProvider"])
+                for name, g in index["graphs"].items()}
+    env = {"B": 1, "T": index["max_seq_len"]}
+    state = {s["name"]: np.zeros([env[d] if d in env else int(d) for d in s["shape"]], np.float32)
+             for s in index["graphs"]["prefill"]["state"]}
+
+    def step(name, ids, positions):
+        g = index["graphs"][name]
+        feed = {"input_ids": np.array([ids], np.int64), "positions": np.array([positions], np.int64),
+                "seq_lens": np.array([positions[-1] + 1], np.int32)} | state
+        outs = sessions[name].run(None, feed)
+        for s, value in zip(g["state"], outs[len(g["outputs"]):]):
+            state[s["name"]] = value
+        return outs[0][0, -1]
+
+    prompt = [5, 7, 9, 11, 3]
+    logits = step("prefill", prompt, list(range(5)))
+    torch.testing.assert_close(torch.from_numpy(logits), cm(torch.tensor([prompt]))[0, -1], rtol=1e-5, atol=1e-5)
+    tokens = []
+    for i in range(8):
+        tokens.append(int(logits.argmax()))
+        logits = step("decode", [tokens[-1]], [5 + i])
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, 5:].tolist()
+    assert tokens == hf
