@@ -102,7 +102,12 @@ class Lowering:
     def run(self) -> onnx.ModelProto:
         g = self.g
         self.names = {v.name: v.name for v in list(g.inputs) + list(g.state)}  # IR value -> ONNX value
+        fused = self._plan_gqa()
         for node in g.nodes:
+            if node.name in fused:
+                if fused[node.name] is not None:
+                    self._gqa(*fused[node.name])
+                continue
             outs = self.lower(node)
             outs = outs if isinstance(outs, (list, tuple)) else [outs]
             for r, o in zip(node.results, outs):
@@ -119,7 +124,57 @@ class Lowering:
             state_out.append(_vi(s.name + ".out", s.type))
         graph = helper.make_graph(self.nodes, g.name, [_vi(v.name, v.type) for v in g.inputs] +
                                   [_vi(s.name, s.type) for s in g.state], outputs + state_out, self.inits)
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=11)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                       helper.make_opsetid("com.microsoft", 1)], ir_version=11)
+
+    def _plan_gqa(self) -> dict:
+        """In a decode graph (one token per sequence), rope → two cache writes → cached_attention becomes one
+        com.microsoft GroupQueryAttention: it rotates q and k, appends k and v into the caches (the state buffers,
+        bound in and out) and attends over the valid length. Keyed by node name: the attention maps to the
+        pieces, the nodes it absorbs to None."""
+        g = self.g
+        plan: dict = {}
+        for att in (n for n in g.nodes if n.op is Op.CACHED_ATTENTION):
+            q_type, cache_type = g.type_of(att.inputs[0]), g.type_of(att.inputs[1])
+            if q_type.shape[1] != 1 or att.attr("window") or not att.attr("causal") or cache_type.shape[3] % 16:
+                continue  # decode only; ORT's kernel wants head sizes that are multiples of 16
+            kw, vw = g.producer(att.inputs[1]), g.producer(att.inputs[2])
+            rope = g.producer(att.inputs[0])
+            if not (kw and vw and rope and kw.op is vw.op is Op.KV_CACHE_WRITE and rope.op is Op.ROPE):
+                continue
+            if kw.inputs[1] != rope.results[1].name or rope.attr("layout") != "half" or \
+                    any(g.use_count(v) != 1 for v in (rope.results[0].name, rope.results[1].name)) or \
+                    g.use_count(kw.name) != 2 or g.use_count(vw.name) != 2:
+                continue  # the new cache versions: read by the attention and returned, nothing else
+            plan[att.name] = (att, rope, kw, vw)
+            plan[rope.name] = plan[kw.name] = plan[vw.name] = None
+        return plan
+
+    def _gqa(self, att: Node, rope: Node, kw: Node, vw: Node) -> None:
+        q, k, positions = (self.names[v] for v in rope.inputs)
+        v = self.names[vw.inputs[1]]
+        kc, vc = self.names[kw.inputs[0]], self.names[vw.inputs[0]]
+        seq_lens = self.names[att.inputs[4]]
+        hq, hk = rope.attr("heads")
+        key = ("gqa-rope", tuple(rope.attr("inv_freq")), rope.attr("scaling"))  # T read off the first layer's cache
+        if key not in self._memo:  # cos/sin tables [T, R/2] for every cache slot, shared by the layers
+            inv = self.const(np.array(rope.attr("inv_freq"), dtype=np.float32), dtype=np.float32)
+            slots = self.op("Range", [self.const(0), self.op("Squeeze", [self.op("Shape", [kc], start=2, end=3)]),
+                                      self.const(1)])
+            angle = self.op("Mul", [self.op("Unsqueeze", [self.cast(slots, DType.F32), self.const([1])]), inv])
+            scale = self.scalar(rope.attr("scaling"), DType.F32)
+            dtype = self.type(rope, 0).dtype
+            self._memo[key] = tuple(self.cast(self.op("Mul", [self.op(f, [angle]), scale]), dtype)
+                                    for f in ("Cos", "Sin"))
+            self._memo[("gqa-lens", seq_lens)] = (
+                self.op("Sub", [seq_lens, self.const(np.array([1], np.int32), dtype=np.int32)]),
+                self.op("ReduceMax", [seq_lens], keepdims=1))
+        cos, sin = self._memo[key]
+        past_lens, total = self._memo[("gqa-lens", seq_lens)]
+        out, k_new, v_new = self.op("GroupQueryAttention", [q, k, v, kc, vc, past_lens, total, cos, sin], 3,
+                                    domain="com.microsoft", num_heads=hq, kv_num_heads=hk,
+                                    scale=float(att.attr("scale")), do_rotary=1, rotary_interleaved=0)
+        self.names[att.name], self.names[kw.name], self.names[vw.name] = out, k_new, v_new
 
     def type(self, node: Node, slot: int):
         """The IR type of a node's input (lowerings hold ONNX names, types live with the IR names)."""
@@ -221,6 +276,8 @@ class Lowering:
         return self.op("Add", [y, residual]) if residual is not None else y
 
     def rms_norm(self, x, w, eps, dtype):
+        if dtype == DType.F32:  # one opset-23 op; in f32 it is transformers' formula (no rounding in between)
+            return self.op("RMSNormalization", [x, w], axis=-1, epsilon=float(eps))
         x32 = self.cast(x, DType.F32)
         ms = self.op("ReduceMean", [self.op("Mul", [x32, x32]), self.const([-1])], keepdims=1)
         inv = self.op("Reciprocal", [self.op("Sqrt", [self.op("Add", [ms, self.scalar(eps, DType.F32)])])])
