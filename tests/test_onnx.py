@@ -48,6 +48,23 @@ def test_arm_through_onnx():
     torch.testing.assert_close(got(x), want(x), rtol=1e-5, atol=1e-5)
 
 
+def test_decode_attention_uses_group_query_attention_when_head_dims_allow():
+    """Head dims that are multiples of 16: decode's rope + cache writes + attention become one
+    com.microsoft GroupQueryAttention per layer, with the same greedy tokens as transformers."""
+    from lowerlm.codegen.onnx.lower import lower_graph
+
+    model = tiny_model("llama", hidden_size=64, intermediate_size=96)  # 4 heads of 16
+    cm = lowerlm.compile_model(model, backend="onnx", max_seq_len=64)
+    ops = [n.op_type for n in lower_graph(cm.ir.graph("decode"), cm.program._constant).graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and "TensorScatter" not in ops
+    prompt = [5, 7, 9, 11, 3]
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, 5:].tolist()
+    assert [s[0] for s in cm.generate_ids([prompt], 24)] == hf
+    batch = list(cm.generate_ids([prompt, [8, 1, 4]], 12))
+    assert [s[1] for s in batch if s[1] is not None] == [s[0] for s in cm.generate_ids([[8, 1, 4]], 12)]
+
+
 @pytest.mark.slow
 def test_smollm2_through_onnx():
     model = lowerlm.load("smollm2")
@@ -70,13 +87,17 @@ def test_export_onnx_runs_with_plain_onnxruntime(tmp_path):
     import json
 
     import numpy as np
+    import onnx
     import onnxruntime as ort
 
     from lowerlm.codegen.onnx.export import export
 
-    model = tiny_model("llama")
+    model = tiny_model("llama", hidden_size=64, intermediate_size=96)  # head dim 16: the runtime path uses GQA
     cm = lowerlm.compile_model(model, backend="onnx", max_seq_len=32)
     index = json.loads(export(cm.program, tmp_path, 32, 64).read_text())
+    for name in ("prefill", "decode"):
+        exported = onnx.load(str(tmp_path / f"{name}.onnx"), load_external_data=False)
+        assert {n.domain for n in exported.graph.node} <= {""}, "standalone exports use standard ops only"
     sessions = {name: ort.InferenceSession(str(tmp_path / g["file"]), providers=["CPUExecutionProvider"])
                 for name, g in index["graphs"].items()}
     env = {"B": 1, "T": index["max_seq_len"]}

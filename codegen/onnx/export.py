@@ -1,6 +1,6 @@
-"""Standalone ONNX export: the prefill and decode graphs as ONNX models (standard ops only, checked by
-``onnx.checker``) plus ``lowerlm_onnx.json`` describing their inputs, outputs and state, so plain ONNX Runtime
-can run the model without lowerlm.
+"""Standalone ONNX export: the prefill and decode graphs as ONNX models (standard opset-24 ops only — no
+com.microsoft GroupQueryAttention — checked by ``onnx.checker``) plus ``lowerlm_onnx.json`` describing their
+inputs, outputs and state, so plain ONNX Runtime can run the model without lowerlm.
 
 How to drive them: allocate every state zeroed with its ``shape`` (``B`` = batch, ``T`` = max_seq_len), run
 ``prefill`` on the right-padded prompt with ``positions`` 0..S-1 and ``seq_lens`` = prompt lengths, then ``decode``
@@ -25,7 +25,7 @@ def export(program, out_dir: str | Path, max_seq_len: int, vocab_size: int | Non
     out.mkdir(parents=True, exist_ok=True)
     index = {"format": "lowerlm-onnx/1", "max_seq_len": max_seq_len, "vocab_size": vocab_size, "graphs": {}}
     for g in program.module.graphs:
-        model = lower_graph(g, program._constant)
+        model = lower_graph(g, program._constant, contrib=False)  # standard ops only, for any runtime
         onnx.checker.check_model(model)
         path = out / f"{g.name}.onnx"
         onnx.save_model(model, str(path), save_as_external_data=True, location=f"{g.name}.onnx.data",

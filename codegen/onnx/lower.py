@@ -33,8 +33,9 @@ def _vi(name: str, t) -> onnx.ValueInfoProto:
 
 
 class Lowering:
-    def __init__(self, g: Graph, constants):
+    def __init__(self, g: Graph, constants, contrib: bool = True):
         self.g, self.constants = g, constants  # constants: node -> tensor (params and weight expressions)
+        self.contrib = contrib  # com.microsoft ops (GroupQueryAttention) allowed: not in standalone exports
         self.nodes: list = []
         self.inits: list = []
         self._n = 0
@@ -102,7 +103,7 @@ class Lowering:
     def run(self) -> onnx.ModelProto:
         g = self.g
         self.names = {v.name: v.name for v in list(g.inputs) + list(g.state)}  # IR value -> ONNX value
-        fused = self._plan_gqa()
+        fused = self._plan_gqa() if self.contrib else {}
         for node in g.nodes:
             if node.name in fused:
                 if fused[node.name] is not None:
@@ -421,6 +422,7 @@ def _to_numpy(tensor):
     return tensor.detach().cpu().contiguous().numpy()
 
 
-def lower_graph(g: Graph, constants) -> onnx.ModelProto:
-    """The ONNX model for one graph; ``constants(node)`` gives the tensor of a param or weight node."""
-    return Lowering(g, constants).run()
+def lower_graph(g: Graph, constants, contrib: bool = True) -> onnx.ModelProto:
+    """The ONNX model for one graph; ``constants(node)`` gives the tensor of a param or weight node; without
+    ``contrib`` only standard ONNX ops are used."""
+    return Lowering(g, constants, contrib).run()
