@@ -38,7 +38,12 @@ def _stages(args) -> list:
     import lowerlm
 
     model = lowerlm.load(args.model, progress=_progress)
-    return lowerlm.compile_model(model, progress=_progress).stages()
+    cm = lowerlm.compile_model(model, backend=args.backend, progress=_progress)
+    stages = cm.stages()
+    if hasattr(cm.program, "plan") and args.backend == "auto":
+        lines = [f"//   {graph}: {backend}" + (f" ({why})" if why else "") for graph, backend, why in cm.program.plan()]
+        stages.append(("// backend plan (auto)\n" + "\n".join(lines), None))
+    return stages
 
 
 def _cmd_dump_ir(args) -> int:
@@ -60,6 +65,9 @@ def _cmd_dump_ir(args) -> int:
         return print_module(module)
 
     for i, (header, module) in enumerate(stages):
+        if module is None:  # a report, not an IR stage
+            print(header)
+            continue
         name = header.split()[2] if header.startswith("// after") else "none"
         if args.after != "all" and name != args.after:
             continue
@@ -186,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--after", default="all", help="'all', 'none' (as imported) or a pass name")
     d.add_argument("--format", choices=("text", "dot"), default="text")
     d.add_argument("--diff", action="store_true", help="show each stage as a diff against the one before")
+    d.add_argument("--backend", default="reference", help="with --model: the backend to compile for ('auto' "
+                   "also prints which backend runs each graph)")
     d.set_defaults(fn=_cmd_dump_ir)
     g = sub.add_parser("generate", help="generate text with a compiled model, streaming it")
     g.add_argument("prompt", nargs="+", help="the prompt (several make a batch)")

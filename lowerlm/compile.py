@@ -16,7 +16,7 @@ from lowerlm.runtime.generate import Generator, allocate_state
 from lowerlm.runtime.sampler import Sampling
 from lowerlm.runtime.text import StreamDecoder, encode
 
-BACKENDS = ("reference", "triton", "onnx")
+BACKENDS = ("reference", "triton", "onnx", "auto")
 
 
 class CompiledModel:
@@ -212,6 +212,10 @@ def compile_model(model: torch.nn.Module, backend: str = "reference", dtype=None
         from lowerlm.codegen.onnx.program import OnnxProgram
 
         program = OnnxProgram(final, weights)
+    elif backend == "auto":
+        from lowerlm.codegen.auto import AutoProgram
+
+        program = AutoProgram(final, weights, device)
     else:
         program = ReferenceProgram(final, weights)
     return CompiledModel(imported, records, weights, program, vocab, max_seq_len, max_batch, tokenizer,

@@ -156,3 +156,10 @@ def test_export_onnx(tiny_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     names = sorted(p.name for p in (tmp_path / "x").iterdir())
     assert names == ["decode.onnx", "decode.onnx.data", "lowerlm_onnx.json", "prefill.onnx", "prefill.onnx.data"]
+
+
+def test_dump_ir_reports_the_auto_backend_plan(tiny_dir):
+    out = lowerlm("dump-ir", "--model", tiny_dir, "--after", "specialize", "--backend", "auto")
+    assert out.returncode == 0, out.stderr
+    tail = out.stdout.splitlines()[-3:]
+    assert tail[0] == "// backend plan (auto)" and tail[1].startswith("//   prefill: ")

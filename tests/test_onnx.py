@@ -123,3 +123,29 @@ def test_export_onnx_runs_with_plain_onnxruntime(tmp_path):
     with torch.no_grad():
         hf = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, 5:].tolist()
     assert tokens == hf
+
+
+def test_auto_backend_prefers_onnx_on_a_cpu_and_falls_back_per_graph():
+    model = tiny_model("llama")
+    cm = lowerlm.compile_model(model, backend="auto")
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, auto prefers Triton")
+    assert cm.program.plan() == [("prefill", "onnx", ""), ("decode", "onnx", "")]
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _close(cm(ids), model(ids).logits)
+    # an interleaved RoPE has no ONNX lowering yet: those graphs run on the reference backend
+    import dataclasses
+
+    from lowerlm.codegen.auto import AutoProgram
+    from lowerlm.ir import Op
+
+    def interleave(g):
+        nodes = tuple(n.with_(attrs=type(n.attrs)(dict(n.attrs, layout="interleaved"))) if n.op is Op.ROPE else n
+                      for n in g.nodes)
+        return g.with_(nodes=nodes)
+
+    module = dataclasses.replace(cm.ir, graphs=tuple(interleave(g) for g in cm.ir.graphs))
+    plan = AutoProgram(module, cm.weights).plan()
+    assert [(g, b) for g, b, _ in plan] == [("prefill", "reference"), ("decode", "reference")]
+    assert "half-split RoPE layout only" in plan[0][2]

@@ -14,6 +14,14 @@ from lowerlm.codegen.reference import ReferenceProgram, bind_symbols
 from lowerlm.ir.graph import Node
 
 
+def providers() -> list:
+    """ONNX Runtime's CUDA provider when the installed package has it (onnxruntime-gpu), then the CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
 class OnnxProgram(ReferenceProgram):
     """A module ready to run with ONNX Runtime: ``run(graph, inputs, state, inplace=True)``; sessions are built
     on a graph's first run."""
@@ -39,7 +47,7 @@ class OnnxProgram(ReferenceProgram):
             if self.threads:
                 options.intra_op_num_threads = self.threads
             self._sessions[name] = ort.InferenceSession(model.SerializeToString(), options,
-                                                        providers=["CPUExecutionProvider"])
+                                                        providers=providers())
         return self._sessions[name]
 
     def run(self, graph, inputs, state=None, symbols=None, inplace=False, observe=None):
