@@ -22,7 +22,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 demo: setup
-	$(BIN)/lowerlm generate --compare-eager "What is the capital of France?"
+	$(BIN)/lowerlm generate --backend onnx --compare-eager "What is the capital of France?"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -32,6 +32,11 @@ class OnnxProgram(ReferenceProgram):
         self._sessions: dict = {}
         self._bindings: dict = {}  # graph -> (state buffers' key, (IOBinding, state, OrtValues))
 
+    def prepare(self) -> None:
+        """Build every graph's session now (lowering + ONNX Runtime's optimisation take seconds for SmolLM2)."""
+        for g in self.module.graphs:
+            self.session(g.name)
+
     def _constant(self, node: Node):
         return self._constants[self._weight_key(node)]
 
