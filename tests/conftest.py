@@ -20,6 +20,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def calibration_ids(n: int = 4, length: int = 48) -> list:
+    """Token-id prompts for calibrating tiny models (they have no tokenizer)."""
+    return [[int(t) for t in torch.randint(0, 64, (length,), generator=torch.Generator().manual_seed(i))]
+            for i in range(n)]
+
+
 def tiny_config(family: str, **overrides):
     """A 2-layer config of a transformers family with GQA (4 query heads, 2 kv heads)."""
     import transformers

@@ -14,7 +14,7 @@ from lowerlm.ir import Op
 from lowerlm.passes import run_pass
 from lowerlm.passes.arm import ArmCalibration, ArmLayer, arm
 
-from .conftest import ROOT, random_weights, tiny_model
+from .conftest import ROOT, calibration_ids, random_weights, tiny_model
 
 GOLDEN = ROOT / "tests" / "golden" / "passes"
 LAYER = ArmLayer(mu=(-0.25, -0.1, 0.0, 0.05, 0.1, 0.2), scale=(0.5, 0.25, 1.0, 0.75, 0.5, 0.125), tau=0.5)
@@ -73,8 +73,7 @@ def test_calibration_statistics():
     assert layer_stats(a, 0.0).tau == 0.0
 
 
-CAL_IDS = [[int(t) for t in torch.randint(0, 64, (48,), generator=torch.Generator().manual_seed(i))]
-           for i in range(4)]
+CAL_IDS = calibration_ids()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])

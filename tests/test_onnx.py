@@ -9,7 +9,7 @@ import torch
 import lowerlm
 from lowerlm.calibrate import calibrate
 
-from .conftest import tiny_model
+from .conftest import calibration_ids, tiny_model
 
 
 def _close(got, want):
@@ -40,8 +40,7 @@ def test_tiny_families_through_onnx(family):
 
 def test_arm_through_onnx():
     model = tiny_model("llama")
-    ids = [[int(t) for t in torch.randint(0, 64, (32,), generator=torch.Generator().manual_seed(i))] for i in range(3)]
-    cal = calibrate(model, token_ids=ids, sparsity=0.5)
+    cal = calibrate(model, token_ids=calibration_ids(3, 32), sparsity=0.5)
     want = lowerlm.compile_model(model, arm=cal)
     got = lowerlm.compile_model(model, arm=cal, backend="onnx")
     x = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(9))

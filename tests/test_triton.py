@@ -12,7 +12,7 @@ import lowerlm
 from lowerlm.codegen import reference as ref
 from lowerlm.codegen.triton import arm_mlp, attention, decode_attention, embedding, gemv, rms_norm, rope, swiglu
 
-from .conftest import tiny_model
+from .conftest import calibration_ids, tiny_model
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -260,8 +260,7 @@ def test_arm_model_through_the_triton_backend():
     from lowerlm.calibrate import calibrate
 
     model = tiny_model("llama")
-    ids = [[int(t) for t in torch.randint(0, 64, (32,), generator=torch.Generator().manual_seed(i))] for i in range(3)]
-    cal = calibrate(model, token_ids=ids, sparsity=0.5)
+    cal = calibrate(model, token_ids=calibration_ids(3, 32), sparsity=0.5)
     want = lowerlm.compile_model(model, arm=cal)
     got = lowerlm.compile_model(model, arm=cal, backend="triton")
     x = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(9))
