@@ -1,14 +1,22 @@
-"""``backend="auto"``: every graph of the module goes to the device's preferred backend (a CUDA GPU: Triton; a
-CPU: ONNX) and falls back to the reference backend when that backend cannot lower it (an op or attribute it
-lacks). The choice is made per graph, once, and reported by ``plan()`` (``lowerlm dump-ir`` prints it).
+"""``backend="auto"``: each graph is split at op level between the device's preferred backend (a CUDA GPU: Triton;
+a CPU: ONNX) and the reference backend, which runs the ops the preferred one lacks (codegen/partition.py).
+
+A graph the preferred backend runs whole stays one program call. Otherwise its partitions run in order, values
+handed from one to the next (copied only where their devices differ, which ``describe()`` lists and ``copies``
+counts), state updated in place by whichever partition writes it. ``describe()`` is what ``lowerlm dump-ir
+--backend auto`` prints.
 """
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 
-from lowerlm.codegen.reference import ReferenceProgram
-from lowerlm.ir.errors import CompileError
+from lowerlm.codegen.partition import Plan, assign, build, describe
+from lowerlm.codegen.reference import ReferenceProgram, check_tensor
+from lowerlm.ir.errors import CompileError, InputError
+from lowerlm.ir.graph import Module
 
 
 def preferred(device=None) -> str:
@@ -16,41 +24,110 @@ def preferred(device=None) -> str:
     return "triton" if device.type == "cuda" else "onnx"
 
 
-class AutoProgram:
-    """Runs each graph on its chosen program; graphs share the weights and the runtime's state buffers."""
+def _reason(backend: str, graph):
+    """``reason(node)``: None when ``backend`` runs the node, else why not."""
+    if backend == "onnx":
+        from lowerlm.codegen.onnx.lower import unsupported
 
-    def __init__(self, module, weights, device=None):
+        return lambda node: unsupported(graph, node)
+    # the Triton program runs every op: those without a kernel of their own run as torch ops on its device
+    return lambda node: None
+
+
+class AutoProgram:
+    """Runs each graph's partitions on their programs; they share the weights and the runtime's state buffers."""
+
+    def __init__(self, module: Module, weights, device=None, exclude=None):
+        """``exclude(node)``: a reason to keep a node off the preferred backend, or None (to work around a
+        backend's problem with one op, or to test partitioning)."""
         self.module = module
         self.backend = preferred(device)
+        self.copies = 0  # cross-device copies made so far
+        self.plans: dict = {}
+        for g in module.graphs:
+            reason = _reason(self.backend, g)
+            self.plans[g.name] = assign(g, [self.backend, "reference"],
+                                        lambda b, node, reason=reason: (exclude and exclude(node)) or reason(node))
         if self.backend == "triton":
             from lowerlm.codegen.triton.program import TritonProgram
 
-            main = TritonProgram(module, weights, device)
+            self.device = TritonProgram.resolve_device(device)
         else:
+            self.device = torch.device("cpu")  # ONNX Runtime is bound to host memory
+        devices = {"": self.device, self.backend: self.device, "reference": self.device}
+        for plan in self.plans.values():
+            build(plan, devices)
+        main_graphs = [p.graph for plan in self.plans.values() for p in plan.parts if p.backend == self.backend]
+        self.main = self._program(self.backend, main_graphs, weights, device)
+        if self.backend == "onnx":  # a partition ONNX Runtime rejects as a whole (a shape it cannot read) falls back
+            for plan in self.plans.values():
+                for p in plan.parts:
+                    if p.backend == "onnx":
+                        try:
+                            self.main.session(p.graph.name)
+                        except CompileError as e:
+                            p.backend = "reference"
+                            p.reasons = {n.name: str(e) for n in p.nodes}
+        ref_graphs = [p.graph for plan in self.plans.values() for p in plan.parts if p.backend == "reference"]
+        self.fallback = self._program("reference", ref_graphs, weights, device) if ref_graphs else None
+        self.device_sampling = getattr(self.main, "device_sampling", False) and self.fallback is None
+
+    def _program(self, backend, graphs, weights, device):
+        sub = Module(tuple(graphs), self.module.params)
+        if backend == "triton":
+            from lowerlm.codegen.triton.program import TritonProgram
+
+            return TritonProgram(sub, weights, device)
+        if backend == "onnx":
             from lowerlm.codegen.onnx.program import OnnxProgram
 
-            main = OnnxProgram(module, weights)
-        self.device = main.device
-        self.device_sampling = getattr(main, "device_sampling", False)
-        self.programs: dict = {}
-        self.reasons: dict = {}
-        fallback = None
-        for g in module.graphs:
-            try:
-                if self.backend == "onnx":
-                    main.session(g.name)  # lowering errors show up here
-                self.programs[g.name] = main
-            except CompileError as e:
-                if fallback is None:
-                    fallback = ReferenceProgram(module, {n: w.to(self.device) for n, w in weights.items()})
-                self.programs[g.name] = fallback
-                self.reasons[g.name] = str(e)
+            return OnnxProgram(sub, weights)
+        return ReferenceProgram(sub, {n: w.to(self.device) for n, w in weights.items()}, device=self.device)
 
-    def plan(self) -> list:
-        """(graph, backend, why) for every graph."""
-        return [(name, self.backend if name not in self.reasons else "reference", self.reasons.get(name, ""))
-                for name in self.programs]
+    def plan(self) -> dict:
+        """Graph name -> its ``Plan`` (partitions, their backends and devices, the copies)."""
+        return dict(self.plans)
+
+    def describe(self) -> list:
+        lines = [f"preferred backend: {self.backend} on {self.device}"]
+        for plan in self.plans.values():
+            lines += describe(plan)
+        return lines
+
+    def _runner(self, backend: str):
+        return self.main if backend == self.backend else self.fallback
 
     def run(self, graph, inputs, state=None, symbols=None, inplace=False, observe=None):
         name = graph if isinstance(graph, str) else graph.name
-        return self.programs[name].run(graph, inputs, state, symbols, inplace, observe)
+        plan: Plan | None = self.plans.get(name)
+        if plan is None or (not isinstance(graph, str) and graph is not plan.graph):
+            raise CompileError(f"graph '{name}' is not one of this program's graphs")
+        g = plan.graph
+        if plan.whole:
+            return self._runner(plan.parts[0].backend).run(g.name, inputs, state, symbols, inplace, observe)
+        if not isinstance(inputs, Mapping):
+            inputs = dict(zip((v.name for v in g.inputs), inputs))
+        state = state or {}
+        env: dict = dict(symbols or {})
+        values = {v.name: check_tensor(v.name, v.type, inputs, env, "input", self.device) for v in g.inputs}
+        values.update({s.name: check_tensor(s.name, s.type, state, env, "state", self.device) for s in g.state})
+        unbound = set().union(*(v.type.symbols for v in g.inputs + g.state)) - set(env)
+        if unbound:
+            raise InputError(f"shape symbols {', '.join(sorted(unbound))} cannot be read off the inputs of graph "
+                             f"'{g.name}'; pass symbols={{...}}")
+        for p in plan.parts:
+            sub = p.graph
+            dev = torch.device(p.device)
+            part_inputs = {v.name: self._move(values[v.name], dev) for v in sub.inputs}
+            part_state = {s.name: values[s.name] for s in sub.state}
+            outs, new_state = self._runner(p.backend).run(sub.name, part_inputs, part_state, env, inplace, observe)
+            values.update(zip(sub.outputs, outs))
+            values.update({o: new_state[s.name] for s, o in zip(sub.state, sub.state_outputs)})
+        return ([self._move(values[o], self.device) for o in g.outputs],
+                {s.name: values[o] for s, o in zip(g.state, g.state_outputs)})
+
+    def _move(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if t.device == device:
+            return t
+        self.copies += 1
+        return t.to(device)

@@ -198,7 +198,9 @@ class ReferenceProgram:
 
     device = torch.device("cpu")
 
-    def __init__(self, module: Module, weights: Mapping[str, torch.Tensor]):
+    def __init__(self, module: Module, weights: Mapping[str, torch.Tensor], device=None):
+        if device is not None:
+            self.device = torch.device(device)
         self.module = module
         self.weights = weights
         missing = [n for n, _ in module.params if n not in weights]
@@ -278,14 +280,19 @@ class ReferenceProgram:
         return _llm(node, args, inplace)
 
     def _check(self, name, type_, given: Mapping, env: dict, what: str):
-        if name not in given:
-            raise InputError(f"{what} %{name} ({type_}) was not given")
-        t = given[name]
-        if not isinstance(t, torch.Tensor):
-            raise InputError(f"{what} %{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != self.device:
-            raise InputError(f"{what} %{name} is on {t.device}; this program runs on {self.device}")
-        if t.dtype != type_.dtype.to_torch():
-            raise InputError(f"{what} %{name} must have dtype {type_.dtype}, got {t.dtype}")
-        bind_symbols(type_.shape, tuple(t.shape), env, f"{what} %{name}")
-        return t
+        return check_tensor(name, type_, given, env, what, self.device)
+
+
+def check_tensor(name, type_, given: Mapping, env: dict, what: str, device) -> torch.Tensor:
+    """``given[name]`` checked against its declared type and ``device``; binds the shape's symbols in ``env``."""
+    if name not in given:
+        raise InputError(f"{what} %{name} ({type_}) was not given")
+    t = given[name]
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{what} %{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise InputError(f"{what} %{name} is on {t.device}; this program runs on {device}")
+    if t.dtype != type_.dtype.to_torch():
+        raise InputError(f"{what} %{name} must have dtype {type_.dtype}, got {t.dtype}")
+    bind_symbols(type_.shape, tuple(t.shape), env, f"{what} %{name}")
+    return t

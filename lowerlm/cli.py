@@ -41,7 +41,7 @@ def _stages(args) -> list:
     cm = lowerlm.compile_model(model, backend=args.backend, progress=_progress)
     stages = cm.stages()
     if hasattr(cm.program, "plan") and args.backend == "auto":
-        lines = [f"//   {graph}: {backend}" + (f" ({why})" if why else "") for graph, backend, why in cm.program.plan()]
+        lines = [f"//   {line}" for line in cm.program.describe()]
         stages.append(("// backend plan (auto)\n" + "\n".join(lines), None))
     return stages
 

@@ -124,27 +124,15 @@ def test_export_onnx_runs_with_plain_onnxruntime(tmp_path):
     assert tokens == hf
 
 
-def test_auto_backend_prefers_onnx_on_a_cpu_and_falls_back_per_graph():
+def test_auto_backend_prefers_onnx_on_a_cpu():
     model = tiny_model("llama")
     cm = lowerlm.compile_model(model, backend="auto")
     if torch.cuda.is_available():
         pytest.skip("with a GPU, auto prefers Triton")
-    assert cm.program.plan() == [("prefill", "onnx", ""), ("decode", "onnx", "")]
+    plans = cm.program.plan()
+    assert [(name, [p.backend for p in plan.parts]) for name, plan in plans.items()] == \
+        [("prefill", ["onnx"]), ("decode", ["onnx"])]
+    assert all(plan.whole and plan.parts[0].graph is plan.graph for plan in plans.values())
     ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         _close(cm(ids), model(ids).logits)
-    # an interleaved RoPE has no ONNX lowering yet: those graphs run on the reference backend
-    import dataclasses
-
-    from lowerlm.codegen.auto import AutoProgram
-    from lowerlm.ir import Op
-
-    def interleave(g):
-        nodes = tuple(n.with_(attrs=type(n.attrs)(dict(n.attrs, layout="interleaved"))) if n.op is Op.ROPE else n
-                      for n in g.nodes)
-        return g.with_(nodes=nodes)
-
-    module = dataclasses.replace(cm.ir, graphs=tuple(interleave(g) for g in cm.ir.graphs))
-    plan = AutoProgram(module, cm.weights).plan()
-    assert [(g, b) for g, b, _ in plan] == [("prefill", "reference"), ("decode", "reference")]
-    assert "half-split RoPE layout only" in plan[0][2]

@@ -426,3 +426,18 @@ def lower_graph(g: Graph, constants, contrib: bool = True) -> onnx.ModelProto:
     """The ONNX model for one graph; ``constants(node)`` gives the tensor of a param or weight node; without
     ``contrib`` only standard ONNX ops are used."""
     return Lowering(g, constants, contrib).run()
+
+
+def unsupported(g: Graph, node: Node) -> str | None:
+    """Why the ONNX backend cannot lower ``node`` of ``g`` (None when it can): the node is lowered alone."""
+    if any(r.type.dtype == DType.BF16 for r in node.results):
+        return "the ONNX backend runs f32 or f16 models (bf16 has no numpy type)"
+    if node.op in (Op.PARAM, Op.WEIGHT):
+        return None
+    lowering = Lowering(g, constants=None)
+    lowering.names = {name: name for name in g.types}
+    try:
+        lowering.lower(node)
+    except CompileError as e:
+        return str(e)
+    return None

@@ -32,13 +32,22 @@ class TritonProgram(ReferenceProgram):
     device_sampling = True  # the runtime samples with codegen/triton/sampling.py on the device
 
     def __init__(self, module, weights, device=None):
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = self.resolve_device(device)
         if not available(device):
             raise CompileError("the Triton backend needs a CUDA GPU; on a CPU set TRITON_INTERPRET=1 (before lowerlm "
                                "is imported) to run its kernels in Triton's slow interpreter")
         self.device = device  # before the weights are evaluated: they land here
         super().__init__(module, {n: w.to(device) for n, w in weights.items()})
         self._plans: dict = {}
+
+    @staticmethod
+    def resolve_device(device=None) -> torch.device:
+        """The device kernels run on: the GPU when there is one; "cuda" means the current GPU's index, because
+        tensors report "cuda:0" and torch.device("cuda") != torch.device("cuda:0")."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
 
     def plan(self, g: Graph) -> dict:
         """rope → (k cache write, v cache write) fusions, by rope name; the fused writes by name."""
