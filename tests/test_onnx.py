@@ -80,7 +80,8 @@ def test_smollm2_through_onnx():
     assert [s[0] for s in cm.generate_ids([prompt], 32)] == hf
 
 
-def test_export_onnx_runs_with_plain_onnxruntime(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_export_onnx_runs_with_plain_onnxruntime(tmp_path, family):
     """The exported prefill/decode models, driven by onnxruntime alone as the JSON describes, give lowerlm's
     logits, and the greedy tokens of transformers."""
     import json
@@ -91,12 +92,17 @@ def test_export_onnx_runs_with_plain_onnxruntime(tmp_path):
 
     from lowerlm.codegen.onnx.export import export
 
-    model = tiny_model("llama", hidden_size=64, intermediate_size=96)  # head dim 16: the runtime path uses GQA
+    # head dim 16: the runtime path would use GroupQueryAttention; Mistral's window goes into the attention mask
+    extra = {"sliding_window": 4} if family == "mistral" else {}
+    model = tiny_model(family, hidden_size=64, intermediate_size=96, **extra)
     cm = lowerlm.compile_model(model, backend="onnx", max_seq_len=32)
     index = json.loads(export(cm.program, tmp_path, 32, 64).read_text())
     for name in ("prefill", "decode"):
         exported = onnx.load(str(tmp_path / f"{name}.onnx"), load_external_data=False)
         assert {n.domain for n in exported.graph.node} <= {""}, "standalone exports use standard ops only"
+        ops = [n.op_type for n in exported.graph.node]
+        assert ops.count("Attention") == ops.count("TensorScatter") // 2 == 2  # one per layer
+        assert ops.count("RMSNormalization") == 5
     sessions = {name: ort.InferenceSession(str(tmp_path / g["file"]), providers=["CPUExecutionProvider"])
                 for name, g in index["graphs"].items()}
     env = {"B": 1, "T": index["max_seq_len"]}

@@ -1,5 +1,6 @@
-"""Standalone ONNX export: the prefill and decode graphs as ONNX models (standard opset-24 ops only — no
-com.microsoft GroupQueryAttention — checked by ``onnx.checker``) plus ``lowerlm_onnx.json`` describing their
+"""Standalone ONNX export: the prefill and decode graphs as ONNX models (standard opset-24 ops only — attention is
+``Attention`` with ``nonpad_kv_seqlen``, cache writes ``TensorScatter``, norms ``RMSNormalization``; no
+com.microsoft ops — checked by ``onnx.checker``) plus ``lowerlm_onnx.json`` describing their
 inputs, outputs and state, so plain ONNX Runtime can run the model without lowerlm.
 
 How to drive them: allocate every state zeroed with its ``shape`` (``B`` = batch, ``T`` = max_seq_len), run

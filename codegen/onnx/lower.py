@@ -6,6 +6,8 @@ reference backend's rounding points: RMSNorm in f32 then cast, RoPE from positio
 with TensorScatter (opset 24: contiguous writes from each sequence's first position), attention as masked
 softmax over the visible keys (a query that sees none gets zeros) of the cache's first max(seq_lens) slots, so a
 decode step costs by the valid length. Values every layer would compute alike (cos/sin, masks) are built once.
+Without ``contrib`` (standalone exports) attention is one opset-24 ``Attention``; with it, decode attention is
+com.microsoft GroupQueryAttention where ONNX Runtime's kernel takes the head size.
 """
 
 from __future__ import annotations
@@ -347,6 +349,8 @@ class Lowering:
         return self.op("TensorScatter", [cache, update, first], axis=-2)
 
     def attention(self, node, x, a):
+        if not self.contrib:  # standalone exports: one opset-24 Attention
+            return self.standard_attention(node, x, a)
         q = x[0]
         qt = self.type(node, 0)
         b, s, width = qt.shape
@@ -389,6 +393,37 @@ class Lowering:
         out = self.op("MatMul", [probs, v5])  # [B, Hk, G, S, Dv]
         out = self.op("Transpose", [out], perm=[0, 3, 1, 2, 4])
         return self.op("Reshape", [out, self.shape([b, s, hq * dv])])
+
+    def standard_attention(self, node, x, a):
+        """opset-24 ``Attention`` over 4-D [B, H, L, D] keys and values: for a cache, the whole buffer with
+        ``nonpad_kv_seqlen`` = seq_lens (the cache is written by TensorScatter outside the op); the causal and
+        window mask is a boolean ``attn_mask`` [B, 1, S, T] built from the positions (ONNX allows a shorter one,
+        ONNX Runtime 1.30 does not), so is_causal's alignment rules never come into play."""
+        q, k, v, positions, seq_lens = x
+        qt = self.type(node, 0)
+        b, s, width = qt.shape
+        if node.op is Op.CACHED_ATTENTION:
+            kt, vt = self.type(node, 1), self.type(node, 2)
+            d, dv = kt.shape[3], vt.shape[3]
+            hq = width // d
+            k4, v4 = k, v
+            # ONNX Runtime wants the mask as long as the cache: T read off the written cache (a Shape read of the
+            # cache *input* would keep TensorScatter from writing in place)
+            length = self.op("Shape", [k4], start=2, end=3)
+            kpos = self.op("Unsqueeze", [self.op("Range", [self.const(0), self.op("Squeeze", [length]),
+                                                          self.const(1)]), self.const([0])])  # [1, T]
+        else:
+            hq, hk = a["heads"]
+            d = width // hq
+            dv = self.type(node, 2).shape[2] // hk
+            length, kpos = s, positions
+            k4 = self.op("Transpose", [self.op("Reshape", [k, self.shape([b, s, hk, d])])], perm=[0, 2, 1, 3])
+            v4 = self.op("Transpose", [self.op("Reshape", [v, self.shape([b, s, hk, dv])])], perm=[0, 2, 1, 3])
+        q4 = self.op("Transpose", [self.op("Reshape", [q, self.shape([b, s, hq, d])])], perm=[0, 2, 1, 3])
+        mask = self.op("Squeeze", [self._visible(node, positions, seq_lens, kpos, length, a), self.const([1])])
+        out = self.op("Attention", [q4, k4, v4, mask, "", "", self.cast(seq_lens, DType.I64)],
+                      scale=float(a["scale"]))  # [B, Hq, S, Dv]
+        return self.op("Reshape", [self.op("Transpose", [out], perm=[0, 2, 1, 3]), self.shape([b, s, hq * dv])])
 
     def _visible(self, node, positions, seq_lens, kpos, length, a):
         """The [B, 1, 1, S, L] visibility mask; layers with the same inputs and flags share one."""
