@@ -146,6 +146,96 @@ def arm_mlp(x, norm_weight, gate_m, up, down_scaled, mu, scale, residual, eps, t
     return y if residual is None else y + residual
 
 
+# ---- MoE (MODELS.md) -------------------------------------------------------------------------------------------
+def moe_route(x, router, bias, router_kind, top_k, n_group, topk_group, renormalize, scaling, router_f32,
+              weights_f32):
+    # x: [..., H] -> ids i32[..., k], weights [..., k]: transformers' routers, with their rounding points
+    lead, h = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    logits = F.linear(h.float(), router.float()) if router_f32 else F.linear(h, router)
+    if router_kind == "softmax":  # Mixtral, Qwen3-MoE: softmax in f32, top-k
+        w, ids = torch.topk(torch.softmax(logits.float(), -1), top_k, -1)
+        if renormalize:
+            w = w / w.sum(-1, keepdim=True)
+    else:  # DeepSeek-V3, Kimi: sigmoid scores, chosen by score + bias within the best groups
+        scores = logits.sigmoid()
+        choice = scores if bias is None else scores + bias
+        if n_group > 1:
+            e = choice.shape[-1]
+            groups = choice.view(-1, n_group, e // n_group).topk(2, -1)[0].sum(-1)
+            keep = torch.topk(groups, topk_group, -1, sorted=False)[1]
+            allowed = torch.zeros_like(groups).scatter_(1, keep, 1).bool().repeat_interleave(e // n_group, 1)
+            choice = choice.masked_fill(~allowed, float("-inf"))
+        ids = torch.topk(choice, top_k, -1, sorted=False)[1]
+        w = scores.gather(1, ids)
+        if renormalize:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    w = w * scaling
+    w = w if weights_f32 else w.to(x.dtype)
+    return ids.to(torch.int32).reshape(*lead, top_k), w.reshape(*lead, top_k)
+
+
+def moe(x, router, bias, gate_up, down, shared_gate, shared_up, shared_down, act, **route):
+    # the block as transformers runs it: every expert over its tokens, added into the output in expert order
+    ids, w = moe_route(x, router, bias, **route)
+    k = ids.shape[-1]
+    h = x.reshape(-1, x.shape[-1])
+    ids, w = ids.reshape(-1, k), w.reshape(-1, k)
+    out = torch.zeros_like(h)
+    for e in range(gate_up.shape[0]):
+        tok, slot = torch.where(ids == e)
+        if tok.numel() == 0:
+            continue
+        gate, up = F.linear(h[tok], gate_up[e]).chunk(2, dim=-1)
+        y = F.linear(activation(gate, act) * up, down[e]) * w[tok, slot, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+    out = out.reshape(x.shape)
+    if shared_gate is not None:
+        out = out + F.linear(activation(F.linear(x, shared_gate), act) * F.linear(x, shared_up), shared_down)
+    return out
+
+
+def moe_sort(ids, experts: int):
+    # the (token, k) pairs stably sorted by expert, and where each expert's rows start
+    flat = ids.reshape(-1).long()
+    order = torch.sort(flat, stable=True).indices
+    offsets = torch.zeros(experts + 1, dtype=torch.long, device=ids.device)
+    offsets[1:] = torch.cumsum(torch.bincount(flat, minlength=experts), 0)
+    return order.to(torch.int32), offsets.to(torch.int32)
+
+
+def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str):
+    rows = x.reshape(-1, x.shape[-1])[order.long() // gather] if gather else x
+    n = w.shape[1] // 2 if act != "none" else w.shape[1]
+    out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
+    bounds = offsets.tolist()
+    picked = scale.reshape(-1)[order.long()] if scale is not None else None
+    for e in range(w.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi == lo:
+            continue  # an expert without tokens
+        y = F.linear(rows[lo:hi], w[e])
+        if act != "none":
+            gate, up = y.chunk(2, dim=-1)
+            y = activation(gate, act) * up
+        if picked is not None:
+            y = (y * picked[lo:hi, None]).to(x.dtype)
+        out[lo:hi] = y
+    return out
+
+
+def moe_combine(y, order, like, top_k: int):
+    out = torch.zeros(like.numel() // like.shape[-1], like.shape[-1], dtype=y.dtype, device=y.device)
+    out.index_add_(0, order.long() // top_k, y)  # rows in expert order: each token's sum in expert order
+    return out.reshape(like.shape)
+
+
+_ROUTE_ATTRS = ("top_k", "n_group", "topk_group", "renormalize", "scaling", "router_f32", "weights_f32")
+
+
+def route_attrs(a: dict) -> dict:
+    return {"router_kind": a["router"], **{k: a[k] for k in _ROUTE_ATTRS}}
+
+
 def _llm(node: Node, args: list, inplace: bool = False):
     a = node.all_attrs()
     op = node.op
@@ -165,11 +255,22 @@ def _llm(node: Node, args: list, inplace: bool = False):
         return kv_cache_write(*args, inplace=inplace)
     if op is Op.CACHED_ATTENTION:
         return cached_attention(*args, a["scale"], a["causal"], a["window"])
+    if op is Op.MOE:
+        return moe(*by_slot(node, args), a["act"], **route_attrs(a))
+    if op is Op.MOE_ROUTE:
+        return moe_route(*by_slot(node, args), **route_attrs(a))
+    if op is Op.MOE_SORT:
+        return moe_sort(args[0], a["experts"])
+    if op is Op.GROUPED_GEMM:
+        return grouped_gemm(*by_slot(node, args), a["gather"], a["act"])
+    if op is Op.MOE_COMBINE:
+        return moe_combine(*args, a["top_k"])
     raise CompileError(f"the reference backend has no implementation of {op}")
 
 
 LLM_OPS = frozenset({Op.RMS_NORM, Op.ROPE, Op.ATTENTION, Op.KV_CACHE_WRITE, Op.CACHED_ATTENTION,
-                     Op.RMS_NORM_LINEAR, Op.SWIGLU, Op.ARM_MLP})
+                     Op.RMS_NORM_LINEAR, Op.SWIGLU, Op.ARM_MLP, Op.MOE, Op.MOE_ROUTE, Op.MOE_SORT, Op.GROUPED_GEMM,
+                     Op.MOE_COMBINE})
 IMPLEMENTED = CORE_OPS | LLM_OPS | {Op.PARAM, Op.WEIGHT}
 
 

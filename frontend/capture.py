@@ -2,8 +2,9 @@
 swapped, before export, for a ``torch.library.custom_op`` and become one IR node whatever their implementation.
 
 A ``Capture`` says which modules it takes (``matches``), which of their tensors the op reads (``weights``: names
-of parameters or buffers, passed as op inputs so export lifts them to weights), the IR attributes
-(``attrs``), the IR op, and the result's shape (``fake``, default: like the input). During export each matched
+of parameters or buffers, passed as op inputs so export lifts them to weights; a None name leaves an optional
+input slot empty), the IR attributes (``attrs``), the IR op, and the result's shape (``fake``, default: like the
+input). During export each matched
 module's ``forward`` calls ``torch.ops.lowerlm.<name>(x, weights, key)``; in eager mode that runs the module's own
 forward (``key`` finds it), under export the fake implementation gives the result's shape. The importer turns the
 op into ``op(x, *weights) {attrs}`` with the module path as its source.
@@ -76,7 +77,8 @@ def captured(model: torch.nn.Module, captures: list):
                 # tensors are looked up on the module at call time so that export sees its own parameters
                 def forward(self, x, *args, _op=op, _names=names, _key=key, **kwargs):
                     params = dict(self.named_parameters())
-                    return _op(x, [params[n] if n in params else self.get_buffer(n) for n in _names], _key)
+                    return _op(x, [params[n] if n in params else self.get_buffer(n) for n in _names if n is not None],
+                               _key)
 
                 module.forward = types.MethodType(forward, module)
                 swapped.append((path, (module, original, key)))
@@ -105,5 +107,7 @@ def convert_captured(imp, node):
     if found is None:
         return None
     cap, module = found
-    x, weights = node.args[0], node.args[1]
-    return imp.emit(node, cap.op, [imp.value(x)] + [imp.value(w) for w in weights], cap.attrs(module))
+    x, weights = node.args[0], iter(node.args[1])
+    # a None name is an absent optional input: its slot stays empty
+    inputs = [imp.value(next(weights)) if n is not None else None for n in cap.weights(module)]
+    return imp.emit(node, cap.op, [imp.value(x)] + inputs, cap.attrs(module))

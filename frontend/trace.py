@@ -65,8 +65,9 @@ def trace_model(model: torch.nn.Module, use_cache: bool = True, progress: Callab
     from lowerlm.frontend.capture import captured
     from lowerlm.frontend.export import check_supported, export_model
     from lowerlm.frontend.importer import import_program
+    from lowerlm.frontend.moe import MOE_CAPTURE
 
-    captures = list(captures)
+    captures = [MOE_CAPTURE] + list(captures)  # transformers' MoE blocks always become one moe op
     check_supported(model)
     path = cache_root() / "traces" / f"{trace_key(model, captures)}.ir" if use_cache else None
     if path is not None and path.exists():

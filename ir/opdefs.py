@@ -78,6 +78,11 @@ _AB = ("a", "b")
 _ATTN = {"heads": AttrSpec(K.INTS), "scale": AttrSpec(K.FLOAT), "causal": AttrSpec(K.BOOL, True),
          "window": AttrSpec(K.INT, 0)}
 _CACHED_ATTN = {k: v for k, v in _ATTN.items() if k != "heads"}
+_ROUTE = {"router": AttrSpec(K.STR, "softmax", ("softmax", "sigmoid")), "top_k": AttrSpec(K.INT),
+          "n_group": AttrSpec(K.INT, 1), "topk_group": AttrSpec(K.INT, 1), "renormalize": AttrSpec(K.BOOL, True),
+          "scaling": AttrSpec(K.FLOAT, 1.0), "router_f32": AttrSpec(K.BOOL, False),
+          "weights_f32": AttrSpec(K.BOOL, True)}
+_MOE = dict(_ROUTE, act=AttrSpec(K.STR, "silu", ACTS))
 
 OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
     _d(Op.PARAM, (), None, "an entry of the weight table", {"name": AttrSpec(K.STR)}),
@@ -144,6 +149,26 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
        "ARM gated MLP: h = rms_norm(x); [g; m] = h @ [W_g; M].T; a_hat = (act(g) - mu) / scale, zero where "
        "|a_hat| < tau; (a_hat * (h @ W_u.T)) @ (W_d diag(scale)).T + m (+ residual)",
        {"eps": AttrSpec(K.FLOAT), "tau": AttrSpec(K.FLOAT), "act": AttrSpec(K.STR, "silu", ACTS)}),
+    _d(Op.MOE, ("x", "router", I("bias", optional=True), "gate_up", "down", I("shared_gate", optional=True),
+                I("shared_up", optional=True), I("shared_down", optional=True)), r.moe,
+       "mixture of experts on x [..., H]: route (moe_route), each token through its top_k experts' "
+       "act(x @ gate.T) * (x @ up.T) @ down.T (gate_up [E, 2I, H] = [gate; up], down [E, H, I]) times its routing "
+       "weight, summed; plus the shared expert's SwiGLU MLP on every token", _MOE),
+    _d(Op.MOE_ROUTE, ("x", "router", I("bias", optional=True)), r.moe_route,
+       "expert ids [..., top_k] (i32) and routing weights: softmax(x @ router.T) in f32 then top_k, or sigmoid "
+       "scores chosen by score + bias within the topk_group best groups (group score: sum of its top 2); "
+       "weights renormalised if asked, times scaling", _ROUTE),
+    _d(Op.MOE_SORT, ("ids",), r.moe_sort,
+       "order: the flattened (token, k) pair indices stably sorted by expert; offsets [E+1]: where each expert's "
+       "rows start", {"experts": AttrSpec(K.INT)}),
+    _d(Op.GROUPED_GEMM, ("x", "w", "order", "offsets", I("scale", optional=True)), r.grouped_gemm,
+       "rows r in offsets[e]..offsets[e+1] times expert e's w [E, N, K]: row r is x[r], or with gather = top_k "
+       "the token row x_flat[order[r] // top_k]; act: act(first half) * second half; scale: times "
+       "scale_flat[order[r]] (in the scale's dtype, then cast)",
+       {"gather": AttrSpec(K.INT, 0), "act": AttrSpec(K.STR, "none", ("none",) + ACTS)}),
+    _d(Op.MOE_COMBINE, ("y", "order", "like"), r.moe_combine,
+       "out_flat[order[r] // top_k] += y[r] in row order (per token: expert order), shaped like ``like``",
+       {"top_k": AttrSpec(K.INT)}),
     _d(Op.KV_CACHE_WRITE, (I("cache", state=True), "values", "positions"), r.kv_cache_write,
        "new cache version with values [B,S,Hkv*D] stored at cache[b, :, positions[b,s]] (positions >= T skipped)",
        writes={0: 0}),

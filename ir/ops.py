@@ -50,6 +50,13 @@ class Op(enum.Enum):
     RMS_NORM = "rms_norm"
     ROPE = "rope"
     ATTENTION = "attention"
+    # ---- blocks captured whole by the frontend
+    MOE = "moe"
+    # ---- MoE dispatch: made by moe_dispatch
+    MOE_ROUTE = "moe_route"
+    MOE_SORT = "moe_sort"
+    GROUPED_GEMM = "grouped_gemm"
+    MOE_COMBINE = "moe_combine"
     # ---- fused ops: made by the fusion passes and arm
     RMS_NORM_LINEAR = "rms_norm_linear"
     SWIGLU = "swiglu"

@@ -228,9 +228,9 @@ class _Parser:
             if self.peek().kind == "ident" and self.peek(1).text == "=":
                 key = self.take()
                 self.take()
-                slots = [i for i, s in enumerate(d.inputs) if s.name == key.text and s.optional]
+                slots = [i for i, s in enumerate(d.inputs) if s.name == key.text and not s.variadic]
                 if not slots:
-                    raise self.error(f"{op} has no optional input '{key.text}'", key)
+                    raise self.error(f"{op} has no input '{key.text}'", key)
                 named[slots[0]] = self.value_name()
             else:
                 if named:

@@ -56,11 +56,15 @@ def print_node(node: Node) -> str:
     else:
         d = OPDEFS.get(node.op)
         args = []
+        gap = False  # optional inputs are named, and so is every operand after an absent or named one
         for i, v in enumerate(node.inputs):
             if v is None:
+                gap = True
                 continue
             spec = d.inputs[min(i, len(d.inputs) - 1)] if d and d.inputs else None
-            args.append(f"{spec.name}=%{v}" if spec is not None and spec.optional else f"%{v}")
+            named = spec is not None and not spec.variadic and (spec.optional or gap)
+            gap = gap or named
+            args.append(f"{spec.name}=%{v}" if named else f"%{v}")
         body = node.op.value + (f"({', '.join(args)})" if node.inputs else "")
     body += format_attrs(node)
     types = ", ".join(str(r.type) for r in node.results)

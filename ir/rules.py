@@ -373,3 +373,79 @@ def arm_mlp(ts, a):
     if residual is not None and residual != x:
         _fail(f"arm_mlp residual {residual} does not match input {x}")
     return [x]
+
+
+# ---- MoE ------------------------------------------------------------------------------------------------------
+def _router(x, router, bias, a):
+    _float(x, "moe input")
+    h = x.shape[-1] if x.rank else None
+    if router.rank != 2 or router.shape[1] != h:
+        _fail(f"moe router weight {router} does not fit input {x} (expected [E, {h}])")
+    e = router.shape[0]
+    if bias is not None and bias.shape != (e,):
+        _fail(f"moe correction bias {bias} does not match {e} experts")
+    k, groups, keep = a["top_k"], a["n_group"], a["topk_group"]
+    if isinstance(e, int) and not (1 <= k <= e and groups >= 1 and e % groups == 0 and 1 <= keep <= groups
+                                   and k <= keep * (e // groups)):
+        _fail(f"moe routing of top {k} of {e} experts in {groups} groups keeping {keep} is impossible")
+    return e
+
+
+def moe(ts, a):
+    x, router, bias, gate_up, down, sg, su, sd = ts
+    e = _router(x, router, bias, a)
+    h = x.shape[-1]
+    if gate_up.rank != 3 or gate_up.shape[0] != e or gate_up.shape[2] != h or down.rank != 3 or \
+            down.shape[:2] != (e, h) or gate_up.shape[1] != 2 * down.shape[2]:
+        _fail(f"moe experts {gate_up} (gate|up) and {down} (down) do not fit {e} experts of input {x}")
+    _same_dtype(x, router, gate_up, down)
+    shared = [t for t in (sg, su, sd) if t is not None]
+    if shared:
+        if len(shared) != 3 or sg.rank != 2 or sg.shape[1] != h or su != sg or sd.shape != (h, sg.shape[0]):
+            _fail(f"moe shared expert gate {sg}, up {su}, down {sd} do not fit input {x}")
+        _same_dtype(x, *shared)
+    return [x]
+
+
+def moe_route(ts, a):
+    x, router, bias = ts
+    _router(x, router, bias, a)
+    k = a["top_k"]
+    return [TensorType(DType.I32, x.shape[:-1] + (k,)),
+            TensorType(DType.F32 if a["weights_f32"] else x.dtype, x.shape[:-1] + (k,))]
+
+
+def moe_sort(ts, a):
+    (ids,) = ts
+    _int(ids, "expert ids")
+    return [TensorType(DType.I32, (numel(ids.shape),)), TensorType(DType.I32, (a["experts"] + 1,))]
+
+
+def grouped_gemm(ts, a):
+    x, w, order, offsets, scale = ts
+    _float(x, "grouped_gemm input")
+    _int(order, "grouped_gemm order")
+    _int(offsets, "grouped_gemm offsets")
+    if w.rank != 3 or x.rank < 1 or w.shape[2] != x.shape[-1] or offsets.shape != (w.shape[0] + 1,):
+        _fail(f"grouped_gemm of {x} by experts {w} with offsets {offsets} (expected [E, N, {x.shape[-1]}] "
+              f"and [E+1])")
+    _same_dtype(x, w)
+    if order.rank != 1:
+        _fail(f"grouped_gemm order must be [R], got {order}")
+    rows = order.shape[0]
+    if not a["gather"] and (x.rank != 2 or x.shape[0] != rows):
+        _fail(f"grouped_gemm without gather takes rows [R, K] in sorted order, got {x} for {rows} rows")
+    n = w.shape[1]
+    if a["act"] != "none":
+        n = n // 2 if isinstance(n, int) else n
+    if scale is not None and (scale.rank < 1 or numel(scale.shape) != rows):
+        _fail(f"grouped_gemm scale {scale} does not have one value per row ({rows})")
+    return [TensorType(x.dtype, (rows, n))]
+
+
+def moe_combine(ts, a):
+    y, order, like = ts
+    _int(order, "moe_combine order")
+    if y.rank != 2 or like.rank < 1 or y.shape[1] != like.shape[-1] or order.shape != (y.shape[0],):
+        _fail(f"moe_combine of rows {y} in order {order} into {like}")
+    return [like.with_dtype(y.dtype)]

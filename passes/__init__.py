@@ -26,6 +26,7 @@ from lowerlm.passes.fuse_linear_residual import fuse_linear_residual
 from lowerlm.passes.fuse_rmsnorm_linear import fuse_rmsnorm_linear
 from lowerlm.passes.fuse_swiglu import fuse_swiglu
 from lowerlm.passes.insert_kv_cache import insert_kv_cache
+from lowerlm.passes.moe_dispatch import moe_dispatch
 from lowerlm.passes.pattern import take_rewrite_count
 from lowerlm.passes.specialize import specialize
 
@@ -38,6 +39,7 @@ PIPELINE: list[tuple[str, PassFn | None]] = [
     ("fuse_linear_residual", fuse_linear_residual),  # o_proj/down take the residual add: the norm then reads them
     ("fuse_rmsnorm_linear", fuse_rmsnorm_linear),  # norm in the prologue of q|k|v, gate|up, lm_head
     ("fuse_swiglu", fuse_swiglu),  # act(gate)*up as the epilogue of the gate|up rms_norm_linear
+    ("moe_dispatch", moe_dispatch),  # moe -> route, sort by expert, grouped GEMMs, combine (+ shared experts)
     ("insert_kv_cache", insert_kv_cache),  # attention reads and writes declared KV-cache state
     ("specialize", specialize),  # forward -> prefill (S free) + decode (S = 1), sharing weights and state
 ]

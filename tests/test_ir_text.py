@@ -110,7 +110,7 @@ def test_weight_expressions_print_nested():
     ("graph f(%x: f32[S//0]) {\n  return %x\n}", "positive integer divisor", 1),
     ("graph f(%x: f32[2]) {\n  %y = neg(%x) : f32[2]\n", "expected 'return'", 3),
     ("graph f(%x: f32[2]) {\n  %y = linear(%x, bias=%x, %x) : f32[2]\n  return %y\n}", "positional operand", 2),
-    ("graph f(%x: f32[2]) {\n  %y = linear(%x, %x, nope=%x) : f32[2]\n  return %y\n}", "no optional input", 2),
+    ("graph f(%x: f32[2]) {\n  %y = linear(%x, %x, nope=%x) : f32[2]\n  return %y\n}", "has no input 'nope'", 2),
     ("graph f(%x: f32[2]) {\n  %y = neg(%x) {a=1, a=2} : f32[2]\n  return %y\n}", "given twice", 2),
     ("graph f(%x: f32[2]) {\n  %w = weight frob(param \"a\") : f32[2]\n  return %w\n}", "unknown weight", 2),
     ("graph f(%x: f32[2]) {\n  return %x\n}\n}", "expected 'graph', got '}'", 4),

@@ -261,6 +261,14 @@ class Lowering:
             return pieces + ([r] if x[4] is not None else [])
         if op is Op.SWIGLU:
             return self.op("Mul", [self.activation(x[0], a["act"]), x[1]])
+        if op is Op.MOE_ROUTE:
+            return self.moe_route(node, x, a)
+        if op is Op.MOE_SORT:
+            return self.moe_sort(x[0], a["experts"])
+        if op is Op.GROUPED_GEMM:
+            return self.grouped_gemm(node, x, a)
+        if op is Op.MOE_COMBINE:
+            return self.moe_combine(node, x, a)
         if op is Op.ARM_MLP:
             return self.arm_mlp(node, x, a, t.dtype)
         if op is Op.ROPE:
@@ -302,6 +310,110 @@ class Lowering:
         a_hat = self.op("Where", [keep, a_hat, self.scalar(0.0, dtype)])
         y = self.op("Add", [self.linear(self.op("Mul", [a_hat, self.linear(h, up)]), down), m])
         return self.op("Add", [y, residual]) if residual is not None else y
+
+    # ---- MoE dispatch (the reference backend's formulas, codegen/reference.py) --------------------------------
+    def moe_route(self, node, x, a):
+        inp, router, bias = x
+        xt = self.type(node, 0)
+        h = self.op("Reshape", [inp, self.const([-1, xt.shape[-1]])])
+        w = self.op("Transpose", [router], perm=[1, 0])
+        if a["router_f32"]:
+            h, w = self.cast(h, DType.F32), self.cast(w, DType.F32)
+        logits = self.op("MatMul", [h, w])  # [N, E]
+        k = self.const([a["top_k"]])
+        if a["router"] == "softmax":
+            weights, ids = self.op("TopK", [self.op("Softmax", [self.cast(logits, DType.F32)], axis=-1), k], 2,
+                                   axis=-1)
+            if a["renormalize"]:
+                weights = self.op("Div", [weights, self.op("ReduceSum", [weights, self.const([-1])], keepdims=1)])
+        else:
+            scores = self.op("Sigmoid", [logits])
+            choice = scores if bias is None else self.op("Add", [scores, bias])
+            groups = a["n_group"]
+            if groups > 1:
+                e = self.type(node, 1).shape[0]
+                grouped = self.op("Reshape", [choice, self.const([-1, groups, e // groups])])
+                best2 = self.op("TopK", [grouped, self.const([2])], 2, axis=-1)[0]
+                group_score = self.op("ReduceSum", [best2, self.const([-1])], keepdims=0)  # [N, G]
+                keep = self.op("TopK", [group_score, self.const([a["topk_group"]])], 2, axis=-1)[1]
+                zeros = self.op("Mul", [group_score, self.scalar(0.0, DType.F32)])
+                ones = self.op("Add", [self.op("Mul", [self.cast(keep, DType.F32), self.scalar(0.0, DType.F32)]),
+                                       self.scalar(1.0, DType.F32)])
+                allowed = self.op("ScatterElements", [zeros, keep, ones], axis=1)  # [N, G] of 0/1
+                allowed = self.op("Expand", [self.op("Unsqueeze", [allowed, self.const([2])]),
+                                             self.const([1, groups, e // groups])])
+                allowed = self.cast(self.op("Reshape", [allowed, self.const([-1, e])]), DType.BOOL)
+                choice = self.op("Where", [allowed, choice, self.scalar(float("-inf"), DType.F32)])
+            ids = self.op("TopK", [choice, k], 2, axis=-1)[1]
+            weights = self.op("GatherElements", [scores, ids], axis=1)
+            if a["renormalize"]:
+                total = self.op("ReduceSum", [weights, self.const([-1])], keepdims=1)
+                weights = self.op("Div", [weights, self.op("Add", [total, self.scalar(1e-20, DType.F32)])])
+        if a["scaling"] != 1.0:
+            weights = self.op("Mul", [weights, self.scalar(a["scaling"], DType.F32)])
+        if not a["weights_f32"]:
+            weights = self.cast(weights, xt.dtype)
+        lead = self.op("Shape", [inp], start=0, end=-1)
+        shape = self.op("Concat", [lead, k], axis=0)
+        return [self.op("Reshape", [self.cast(ids, DType.I32), shape]), self.op("Reshape", [weights, shape])]
+
+    def moe_sort(self, ids, experts: int):
+        flat = self.cast(self.op("Reshape", [ids, self.const([-1])]), DType.I64)
+        rows = self.op("Reshape", [self.op("Size", [flat]), self.const([1])])  # [1]
+        index = self.op("Range", [self.const(0), self.op("Squeeze", [rows]), self.const(1)])
+        # a stable sort by expert: TopK (smallest first) over expert * R + pair index, which are all distinct
+        key = self.op("Add", [self.op("Mul", [flat, rows]), index])
+        order = self.op("TopK", [key, rows], 2, axis=0, largest=0, sorted=1)[1]
+        hits = self.op("Equal", [self.op("Unsqueeze", [flat, self.const([1])]),
+                                 self.op("Unsqueeze", [self.op("Range", [self.const(0), self.const(experts),
+                                                                         self.const(1)]), self.const([0])])])
+        counts = self.op("ReduceSum", [self.cast(hits, DType.I64), self.const([0])], keepdims=0)  # [E]
+        offsets = self.op("Concat", [self.const([0]), self.op("CumSum", [counts, self.const(0)])], axis=0)
+        return [self.cast(order, DType.I32), self.cast(offsets, DType.I32)]
+
+    def grouped_gemm(self, node, x, a):
+        """Each row's expert weights gathered and applied as a batched matrix-vector product: a decode step reads
+        exactly the selected experts; a long prefill gathers R = tokens × k weight matrices (memory-heavy: the
+        Triton grouped GEMM is the fast path there)."""
+        inp, w, order, offsets, scale = x
+        xt = self.type(node, 0)
+        order64 = self.cast(order, DType.I64)
+        rows = inp
+        if a["gather"]:
+            flat = self.op("Reshape", [inp, self.const([-1, xt.shape[-1]])])
+            rows = self.op("Gather", [flat, self.op("Div", [order64, self.const(a["gather"])])], axis=0)
+        n_rows = self.op("Shape", [order64])  # [1]
+        index = self.op("Range", [self.const(0), self.op("Squeeze", [n_rows]), self.const(1)])
+        ends = self.op("Slice", [self.cast(offsets, DType.I64), self.const([1]), self.const([2 ** 62]),
+                                 self.const([0])])
+        # rows are sorted by expert: row r belongs to the number of segments that end at or before it
+        expert = self.op("ReduceSum", [self.cast(self.op("GreaterOrEqual", [
+            self.op("Unsqueeze", [index, self.const([1])]), self.op("Unsqueeze", [ends, self.const([0])])]),
+            DType.I64), self.const([1])], keepdims=0)  # [R]
+        weights = self.op("Gather", [w, expert], axis=0)  # [R, N, K]
+        y = self.op("MatMul", [self.op("Unsqueeze", [rows, self.const([1])]),
+                               self.op("Transpose", [weights], perm=[0, 2, 1])])
+        y = self.op("Squeeze", [y, self.const([1])])  # [R, N]
+        if a["act"] != "none":
+            gate, up = self.op("Split", [y], 2, axis=-1, num_outputs=2)
+            y = self.op("Mul", [self.activation(gate, a["act"]), up])
+        if scale is not None:
+            st = self.type(node, 4)
+            picked = self.op("Gather", [self.op("Reshape", [scale, self.const([-1])]), order64], axis=0)
+            y = self.op("Mul", [self.cast(y, st.dtype), self.op("Unsqueeze", [picked, self.const([1])])])
+            y = self.cast(y, xt.dtype)
+        return y
+
+    def moe_combine(self, node, x, a):
+        y, order, like = x
+        lt = self.type(node, 2)
+        hidden = lt.shape[-1]
+        tokens = self.op("Div", [self.cast(order, DType.I64), self.const(a["top_k"])])
+        flat_shape = self.op("Shape", [self.op("Reshape", [like, self.const([-1, hidden])])])
+        zeros = self.op("ConstantOfShape", [flat_shape],
+                        value=numpy_helper.from_array(np.zeros([1], _np_dtype(self.type(node, 0).dtype))))
+        out = self.op("ScatterND", [zeros, self.op("Unsqueeze", [tokens, self.const([1])]), y], reduction="add")
+        return self.op("Reshape", [out, self.op("Shape", [like])])
 
     def rope(self, node, x, a):
         q, k, positions = x
