@@ -26,6 +26,9 @@ def available(device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_MOE_OPS = frozenset({Op.MOE_ROUTE, Op.MOE_SORT, Op.GROUPED_GEMM, Op.MOE_COMBINE})
+
+
 class TritonProgram(ReferenceProgram):
     """A module ready to run with Triton kernels: ``run(graph, inputs, state, inplace=True)``."""
 
@@ -142,6 +145,17 @@ class TritonProgram(ReferenceProgram):
             return rope.kv_cache_write(cache, args[1], args[2])
         if op is Op.ATTENTION:
             return attention.attention(*args, a["heads"], a["scale"], a["causal"], a["window"])
+        if op in _MOE_OPS:
+            from lowerlm.codegen.reference import route_attrs
+            from lowerlm.codegen.triton import moe
+
+            if op is Op.MOE_ROUTE:
+                return moe.moe_route(*self._slots(node, args), **route_attrs(a))
+            if op is Op.MOE_SORT:
+                return moe.moe_sort(args[0], a["experts"])
+            if op is Op.GROUPED_GEMM:
+                return moe.grouped_gemm(*self._slots(node, args), a["gather"], a["act"])
+            return moe.moe_combine(*args, a["top_k"])
         if op is Op.CACHED_ATTENTION:
             if args[0].shape[1] == 1:  # decode: split-K over the cache, GQA groups together
                 return decode_attention.decode_attention(*args, a["scale"], a["causal"], a["window"])

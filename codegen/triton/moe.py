@@ -1,0 +1,241 @@
+"""MoE dispatch kernels: the router with its top-k, the grouped GEMM over expert-sorted rows, the combine.
+
+- ``moe_route``: one program per token computes the router logits (W_r · x, f32 accumulation, rounded to the
+  model's dtype unless the family routes in f32), then softmax + top-k, or sigmoid scores chosen by score + bias
+  within the ``topk_group`` best of ``n_group`` groups (group score: the sum of its top two); the chosen weights
+  are renormalised and scaled. Top-k is k rounds of max-and-mask over the experts held in registers.
+- ``moe_sort``: torch ops on the device (a key sort and per-expert counts), no host synchronisation.
+- ``grouped_gemm``: rows are sorted by expert; each expert's segment is cut into BLOCK_M row blocks, and the grid
+  holds an upper bound of blocks (cdiv(R, BLOCK_M) + E) so it does not depend on the routing (CUDA graphs): a
+  program finds its expert from the cumulative block counts and exits when past the last block. An expert without
+  tokens has no blocks, so its weights are never read — a decode step reads only the selected experts. With
+  ``gather`` the rows are the tokens' rows (order // top_k); ``act`` computes act(gate)·up from both halves of the
+  expert's weight; ``scale`` multiplies each row by its routing weight. Rounding points as in transformers.
+- ``moe_combine``: each token sums its top_k rows in expert order (f32 accumulation).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowerlm.codegen.triton.gemv import ACTS, _act
+
+
+@triton.jit
+def route_kernel(
+    x_ptr, w_ptr, bias_ptr, ids_ptr, wt_ptr,  # pointers
+    H, E, scaling,
+    K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr, RENORM: tl.constexpr, ROUND_LOGITS: tl.constexpr, WEIGHTS_F32: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    t = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        hmask = h < H
+        xv = tl.load(x_ptr + t * H + h, mask=hmask, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + e[:, None] * H + h[None, :], mask=emask[:, None] & hmask[None, :], other=0.0)
+        acc += tl.sum(wv.to(tl.float32) * xv[None, :], 1)
+    if ROUND_LOGITS:  # F.linear in the model's dtype rounds the logits
+        acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+    neg = float("-inf")
+    if SIGMOID:
+        scores = tl.sigmoid(acc)
+        choice = scores
+        if HAS_BIAS:
+            choice = choice + tl.load(bias_ptr + e, mask=emask, other=0.0).to(tl.float32)
+        choice = tl.where(emask, choice, neg)
+        if N_GROUP > 1:
+            size = E // N_GROUP
+            gid = e // size
+            allowed = e < 0
+            gscore = tl.zeros([BLOCK_E], dtype=tl.float32) + neg  # group g's score at index g
+            for g in tl.static_range(N_GROUP):
+                vals = tl.where(gid == g, choice, neg)
+                m1 = tl.max(vals, 0)
+                i1 = tl.min(tl.where(vals == m1, e, BLOCK_E), 0)
+                m2 = tl.max(tl.where(e == i1, neg, vals), 0)
+                gscore = tl.where(e == g, m1 + m2, gscore)
+            for _ in tl.static_range(TOPK_GROUP):
+                best = tl.max(gscore, 0)
+                gi = tl.min(tl.where(gscore == best, e, BLOCK_E), 0)
+                allowed = allowed | (gid == gi)
+                gscore = tl.where(e == gi, neg, gscore)
+            choice = tl.where(allowed & emask, choice, neg)
+    else:
+        logits = tl.where(emask, acc, neg)
+        p = tl.exp(logits - tl.max(logits, 0))
+        scores = p / tl.sum(p, 0)
+        choice = tl.where(emask, scores, neg)
+    kv = tl.arange(0, BLOCK_K)
+    picked_w = tl.zeros([BLOCK_K], dtype=tl.float32)
+    picked_i = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for j in tl.static_range(K):
+        best = tl.max(choice, 0)
+        i = tl.min(tl.where(choice == best, e, BLOCK_E), 0)
+        w_i = tl.sum(tl.where(e == i, scores, 0.0), 0)  # the unbiased score
+        picked_w = tl.where(kv == j, w_i, picked_w)
+        picked_i = tl.where(kv == j, i, picked_i)
+        choice = tl.where(e == i, neg, choice)
+    if RENORM:
+        total = tl.sum(tl.where(kv < K, picked_w, 0.0), 0)
+        if SIGMOID:
+            total = total + 1e-20
+        picked_w = picked_w / total
+    picked_w = picked_w * scaling
+    kmask = kv < K
+    tl.store(ids_ptr + t * K + kv, picked_i, mask=kmask)
+    if WEIGHTS_F32:
+        tl.store(wt_ptr + t * K + kv, picked_w, mask=kmask)
+    else:
+        tl.store(wt_ptr + t * K + kv, picked_w.to(wt_ptr.dtype.element_ty), mask=kmask)
+
+
+def moe_route(x, router, bias, router_kind, top_k, n_group, topk_group, renormalize, scaling, router_f32,
+              weights_f32):
+    """The ``moe_route`` op: ids i32[..., k] and weights [..., k] (f32, or the model's dtype)."""
+    lead, h = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, h).contiguous()
+    e = router.shape[0]
+    tokens = x2.shape[0]
+    ids = torch.empty(tokens, top_k, dtype=torch.int32, device=x.device)
+    weights = torch.empty(tokens, top_k, dtype=torch.float32 if weights_f32 else x.dtype, device=x.device)
+    if tokens:
+        route_kernel[(tokens,)](
+            x2, router.contiguous(), bias if bias is not None else router, ids, weights,
+            h, e, float(scaling),
+            K=top_k, SIGMOID=router_kind == "sigmoid", HAS_BIAS=bias is not None, N_GROUP=n_group,
+            TOPK_GROUP=topk_group, RENORM=renormalize, ROUND_LOGITS=not router_f32 and x.dtype != torch.float32,
+            WEIGHTS_F32=weights_f32, BLOCK_E=triton.next_power_of_2(e), BLOCK_H=min(128, triton.next_power_of_2(h)),
+            BLOCK_K=triton.next_power_of_2(top_k))
+    return ids.reshape(*lead, top_k), weights.reshape(*lead, top_k)
+
+
+def moe_sort(ids, experts: int):
+    """order (pair indices sorted by expert, stable) and offsets [E+1], without leaving the device."""
+    flat = ids.reshape(-1).long()
+    rows = flat.numel()
+    index = torch.arange(rows, device=ids.device)
+    order = torch.argsort(flat * max(rows, 1) + index)  # distinct keys: the sort is stable
+    counts = (flat[:, None] == torch.arange(experts, device=ids.device)[None, :]).sum(0)
+    offsets = torch.zeros(experts + 1, dtype=torch.int32, device=ids.device)
+    offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    return order.to(torch.int32), offsets
+
+
+@triton.jit
+def grouped_gemm_kernel(
+    x_ptr, w_ptr, order_ptr, offsets_ptr, cum_ptr, scale_ptr, out_ptr,  # pointers
+    N, K, E, gather, stride_we,  # N: output columns (per half with ACT)
+    GATHER: tl.constexpr, ACT: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    ev = tl.arange(0, BLOCK_E)
+    cum = tl.load(cum_ptr + ev, mask=ev < E, other=2 ** 30)  # blocks of experts 0..e, cumulated
+    total = tl.load(cum_ptr + E - 1)
+    if pid_m < total:
+        e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+        first = tl.load(cum_ptr + e - 1, mask=e > 0, other=0)
+        seg_start = tl.load(offsets_ptr + e)
+        seg_end = tl.load(offsets_ptr + e + 1)
+        rows = seg_start + (pid_m - first) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < seg_end
+        if GATHER:
+            src = tl.load(order_ptr + rows, mask=rmask, other=0) // gather
+        else:
+            src = rows
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < N
+        w_e = w_ptr + e.to(tl.int64) * stride_we
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < K
+            a = tl.load(x_ptr + src[:, None].to(tl.int64) * K + k[None, :], mask=rmask[:, None] & kmask[None, :],
+                        other=0.0)
+            b = tl.load(w_e + n[None, :] * K + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc += tl.dot(a, b, input_precision=PRECISION)
+            if ACT != 0:
+                b_up = tl.load(w_e + (n + N)[None, :] * K + k[:, None], mask=nmask[None, :] & kmask[:, None],
+                               other=0.0)
+                if UPCAST:
+                    b_up = b_up.to(tl.float32)
+                acc_up += tl.dot(a, b_up, input_precision=PRECISION)
+        dtype = out_ptr.dtype.element_ty
+        y = acc.to(dtype).to(tl.float32)  # the projection's result in the model's dtype
+        if ACT != 0:
+            g = _act(y, ACT).to(dtype).to(tl.float32)
+            y = (g * acc_up.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        if HAS_SCALE:
+            pair = tl.load(order_ptr + rows, mask=rmask, other=0)
+            s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+            y = y * s[:, None]
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * N + n[None, :], y.to(dtype),
+                 mask=rmask[:, None] & nmask[None, :])
+
+
+def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str, block_m: int = 16):
+    """The ``grouped_gemm`` op: rows [R, N] (N halved with an act)."""
+    e, n_w, k = w.shape
+    n = n_w // 2 if act != "none" else n_w
+    rows = order.shape[0]
+    x2 = x.reshape(-1, k).contiguous()
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return out
+    counts = offsets[1:] - offsets[:-1]
+    cum = torch.cumsum((counts + block_m - 1) // block_m, 0).to(torch.int32)
+    blocks = triton.cdiv(rows, block_m) + e  # an upper bound of the row blocks, whatever the routing
+    block_n = min(64, max(16, triton.next_power_of_2(n)))
+    grid = (blocks, triton.cdiv(n, block_n))
+    on_cpu = x.device.type == "cpu"
+    grouped_gemm_kernel[grid](
+        x2, w.contiguous(), order.contiguous(), offsets.contiguous(), cum,
+        scale.reshape(-1).contiguous() if scale is not None else x2, out,
+        n, k, e, max(gather, 1), n_w * k,
+        GATHER=gather > 0, ACT=ACTS[act], HAS_SCALE=scale is not None,
+        PRECISION="ieee" if x.dtype == torch.float32 or on_cpu else None, UPCAST=on_cpu,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(64, max(16, triton.next_power_of_2(k))),
+        BLOCK_E=triton.next_power_of_2(e))
+    return out
+
+
+@triton.jit
+def combine_kernel(
+    y_ptr, pos_ptr, out_ptr,  # pointers
+    H,
+    K: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    t = tl.program_id(0)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = h < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(K):
+        p = tl.load(pos_ptr + t * K + j).to(tl.int64)
+        acc += tl.load(y_ptr + p * H + h, mask=hmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=hmask)
+
+
+def moe_combine(y, order, like, top_k: int):
+    """The ``moe_combine`` op: each token's top_k rows summed (in expert order), shaped like ``like``."""
+    rows, h = y.shape
+    tokens = rows // top_k
+    out = torch.empty(tokens, h, dtype=y.dtype, device=y.device)
+    if tokens:
+        inverse = torch.empty(rows, dtype=torch.int32, device=y.device)
+        inverse[order.long()] = torch.arange(rows, dtype=torch.int32, device=y.device)
+        pos = inverse.reshape(tokens, top_k).sort(-1).values.contiguous()  # sorted rows: expert order
+        block_h = min(1024, triton.next_power_of_2(h))
+        combine_kernel[(tokens, triton.cdiv(h, block_h))](y.contiguous(), pos, out, h, K=top_k, BLOCK_H=block_h)
+    return out.reshape(like.shape)
