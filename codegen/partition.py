@@ -33,8 +33,7 @@ class Partition:
     backend: str
     nodes: list = field(default_factory=list)  # the graph's nodes in order, free nodes excluded
     reasons: dict = field(default_factory=dict)  # node name -> why the preferred backend does not run it
-    graph: Graph | None = None  # built by partition_graph
-    roots: dict = field(default_factory=dict)  # state spec name in ``graph`` -> the original graph's state name
+    graph: Graph | None = None  # built by ``build``
     device: str = ""
 
 
@@ -108,21 +107,15 @@ def build(plan: Plan, devices: dict) -> Plan:
     home = str(devices.get("", "cpu"))  # where the caller's inputs and state live
     located: dict = {v.name: home for v in g.inputs}
     located.update({s.name: home for s in g.state})
-    needed_later: dict = {}  # value -> readers outside its partition (or the graph's outputs)
-    part_of = {n.name: i for i, p in enumerate(plan.parts) for n in p.nodes}
-    for i, p in enumerate(plan.parts):
-        for n in p.nodes:
-            for v in n.args:
-                src = producers.get(v)
-                if src is not None and src.op not in FREE and part_of[src.name] != i:
-                    needed_later.setdefault(v, set()).add(i)
+    part_of = {r.name: i for i, p in enumerate(plan.parts) for n in p.nodes for r in n.results}
+    needed_later = {v for i, p in enumerate(plan.parts) for n in p.nodes for v in n.args  # read by another part
+                    if v in part_of and producers[v].op not in FREE and part_of[v] != i}
     final = set(g.outputs) | set(g.state_outputs)
     plan.copies = []
     for i, p in enumerate(plan.parts):
         p.device = str(devices[p.backend])
         if plan.whole:
             p.graph = g
-            p.roots = {s.name: s.name for s in g.state}
             continue
         defined = {r.name for n in p.nodes for r in n.results}
         overwritten = {n.inputs[k]: n for n in p.nodes for k in (OPDEFS[n.op].writes if n.op in OPDEFS else ())}
@@ -142,7 +135,6 @@ def build(plan: Plan, devices: dict) -> Plan:
                         k = next(k for k in OPDEFS[w.op].writes if w.inputs[k] == last)
                         last = w.results[OPDEFS[w.op].writes[k]].name
                     state_out.append(last)
-                    p.roots[v] = roots[v]
                 else:
                     inputs.append(Value(v, g.type_of(v)))
                     if located.get(v, p.device) != p.device:

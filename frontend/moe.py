@@ -27,11 +27,13 @@ from lowerlm.ir.ops import Op
 def _act(experts: torch.nn.Module) -> str:
     fn = getattr(experts, "act_fn", None)
     name = type(fn).__name__.lower()
-    if "silu" in name or "swish" in name:
+    if "quick" in name:
+        pass  # x * sigmoid(1.702 x): no IR activation for it
+    elif "silu" in name or "swish" in name:
         return "silu"
-    if "tanh" in name or "new" in name or "fast" in name:
+    elif "tanh" in name or "new" in name or "fast" in name:
         return "gelu_tanh"
-    if "gelu" in name:
+    elif "gelu" in name:
         return "gelu"
     raise UnsupportedOpError(f"MoE expert activation {type(fn).__name__}", type(experts).__name__,
                              "lowerlm's experts run SiLU, GeLU or tanh-GeLU")

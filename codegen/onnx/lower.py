@@ -372,28 +372,39 @@ class Lowering:
         return [self.cast(order, DType.I32), self.cast(offsets, DType.I32)]
 
     def grouped_gemm(self, node, x, a):
-        """Each row's expert weights gathered and applied as a batched matrix-vector product: a decode step reads
-        exactly the selected experts; a long prefill gathers R = tokens × k weight matrices (memory-heavy: the
-        Triton grouped GEMM is the fast path there)."""
+        """Two forms, chosen by the graph: with one token per sequence (decode) each row's expert weights are
+        gathered and applied as a batched matrix-vector product, so a step reads exactly the selected experts;
+        with S tokens (prefill) each expert's contiguous segment of the sorted rows is sliced out and multiplied
+        by that expert's weights (constant-folded per expert), and the segments are concatenated back in order."""
         inp, w, order, offsets, scale = x
-        xt = self.type(node, 0)
+        xt, wt = self.type(node, 0), self.type(node, 1)
         order64 = self.cast(order, DType.I64)
         rows = inp
         if a["gather"]:
             flat = self.op("Reshape", [inp, self.const([-1, xt.shape[-1]])])
             rows = self.op("Gather", [flat, self.op("Div", [order64, self.const(a["gather"])])], axis=0)
-        n_rows = self.op("Shape", [order64])  # [1]
-        index = self.op("Range", [self.const(0), self.op("Squeeze", [n_rows]), self.const(1)])
-        ends = self.op("Slice", [self.cast(offsets, DType.I64), self.const([1]), self.const([2 ** 62]),
-                                 self.const([0])])
-        # rows are sorted by expert: row r belongs to the number of segments that end at or before it
-        expert = self.op("ReduceSum", [self.cast(self.op("GreaterOrEqual", [
-            self.op("Unsqueeze", [index, self.const([1])]), self.op("Unsqueeze", [ends, self.const([0])])]),
-            DType.I64), self.const([1])], keepdims=0)  # [R]
-        weights = self.op("Gather", [w, expert], axis=0)  # [R, N, K]
-        y = self.op("MatMul", [self.op("Unsqueeze", [rows, self.const([1])]),
-                               self.op("Transpose", [weights], perm=[0, 2, 1])])
-        y = self.op("Squeeze", [y, self.const([1])])  # [R, N]
+        if "S" in self.type(node, 2).symbols:
+            offsets64 = self.cast(offsets, DType.I64)
+            pieces = []
+            for e in range(wt.shape[0]):
+                bounds = [self.op("Slice", [offsets64, self.const([i]), self.const([i + 1])]) for i in (e, e + 1)]
+                segment = self.op("Slice", [rows, bounds[0], bounds[1], self.const([0])])  # [R_e, K]
+                w_e = self.op("Gather", [w, self.const(e)], axis=0)  # [N, K]
+                pieces.append(self.op("MatMul", [segment, self.op("Transpose", [w_e], perm=[1, 0])]))
+            y = self.op("Concat", pieces, axis=0)  # [R, N]
+        else:
+            n_rows = self.op("Shape", [order64])  # [1]
+            index = self.op("Range", [self.const(0), self.op("Squeeze", [n_rows]), self.const(1)])
+            ends = self.op("Slice", [self.cast(offsets, DType.I64), self.const([1]), self.const([2 ** 62]),
+                                     self.const([0])])
+            # rows are sorted by expert: row r belongs to the number of segments that end at or before it
+            expert = self.op("ReduceSum", [self.cast(self.op("GreaterOrEqual", [
+                self.op("Unsqueeze", [index, self.const([1])]), self.op("Unsqueeze", [ends, self.const([0])])]),
+                DType.I64), self.const([1])], keepdims=0)  # [R]
+            weights = self.op("Gather", [w, expert], axis=0)  # [R, N, K]
+            y = self.op("MatMul", [self.op("Unsqueeze", [rows, self.const([1])]),
+                                   self.op("Transpose", [weights], perm=[0, 2, 1])])
+            y = self.op("Squeeze", [y, self.const([1])])  # [R, N]
         if a["act"] != "none":
             gate, up = self.op("Split", [y], 2, axis=-1, num_outputs=2)
             y = self.op("Mul", [self.activation(gate, a["act"]), up])
