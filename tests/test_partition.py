@@ -130,3 +130,11 @@ def test_cross_device_copies_are_counted():
     everything = lambda b, node: "kept off for the test" if node.op is Op.KV_CACHE_WRITE else None  # noqa: E731
     with pytest.raises(CompileError, match="would update state on meta, but the state buffers live on cpu"):
         build(assign(g, ["onnx", "reference"], everything), {"": "cpu", "onnx": "cpu", "reference": "meta"})
+
+
+def test_the_onnx_backend_alone_names_what_it_lacks_and_points_to_auto(interleaved):
+    from lowerlm.codegen.onnx.program import OnnxProgram
+
+    cm, module = interleaved
+    with pytest.raises(CompileError, match=r"half-split RoPE layout only \(graph 'prefill'\); backend='auto'"):
+        OnnxProgram(module, cm.weights).prepare()

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from lowerlm.codegen.reference import ReferenceProgram, bind_symbols
+from lowerlm.ir.errors import CompileError
 from lowerlm.ir.graph import Node
 
 
@@ -46,7 +47,11 @@ class OnnxProgram(ReferenceProgram):
 
             from lowerlm.codegen.onnx.lower import lower_graph
 
-            model = lower_graph(self.module.graph(name), self._constant)
+            try:
+                model = lower_graph(self.module.graph(name), self._constant)
+            except CompileError as e:
+                raise CompileError(f"{e} (graph '{name}'); backend='auto' runs such ops on the reference backend "
+                                   "and the rest on ONNX") from None
             options = ort.SessionOptions()
             options.log_severity_level = 3
             if self.threads:
