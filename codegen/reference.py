@@ -309,6 +309,7 @@ class ReferenceProgram:
             raise CompileError(f"weights missing for params: {', '.join(missing[:5])}")
         self._param_digests: dict = {}
         self._constants: dict = {}
+        self._made_constants: dict = {}  # constant nodes' tensors by attributes
         for g in module.graphs:
             for node in g.nodes:
                 if node.op in (Op.PARAM, Op.WEIGHT):
@@ -376,6 +377,10 @@ class ReferenceProgram:
 
     def execute(self, node: Node, args: list, env: dict, inplace: bool, values: dict, plan: dict):
         """One node's results from its inputs' values."""
+        if node.op is Op.CONSTANT:  # made once, on the program's device
+            if node.attrs not in self._made_constants:
+                self._made_constants[node.attrs] = run_core(node, [], env).to(self.device)
+            return self._made_constants[node.attrs]
         if node.op in CORE_OPS:
             return run_core(node, args, env)
         return _llm(node, args, inplace)
