@@ -1,11 +1,14 @@
 """CPU decode of SmolLM2-135M-Instruct (real weights, f32, greedy): lowerlm-onnx versus transformers eager versus
 ONNX Runtime GenAI (its model builder's output, built here from the same weights), interleaved in one process.
 
-    python bench/cpu.py [--new-tokens 128] [--rounds 3]
+    python bench/cpu.py [--new-tokens 128] [--rounds 3] [--weight-bits 8,4]
 
 Prints ms/token of decode ((time for N tokens - time for 1) / (N - 1), so the prefill is not in it), tokens/s,
 lowerlm's ratio to each peer, the share of the bandwidth floor (weight bytes / measured read bandwidth), and
-whether every peer produced the same tokens. Needs `pip install onnxruntime-genai onnx_ir` for the GenAI peer
+whether every peer produced the same tokens. ``--weight-bits`` adds lowerlm-onnx with quantized projection
+weights (MatMulNBits), reported separately: where its greedy tokens first differ from the f32 ones, and its
+teacher-forced top-1 agreement (its argmax at every position of the f32 continuation). Needs
+`pip install onnxruntime-genai onnx_ir` for the GenAI peer
 (reported as unavailable otherwise).
 """
 
@@ -76,7 +79,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--weight-bits", default="8,4", help="quantized variants to add ('' for none)")
     args = p.parse_args(argv)
+    bits = [int(b) for b in args.weight_bits.split(",") if b.strip()]
     import lowerlm
     from lowerlm.models import resolve_model, weight_cache
     from lowerlm.runtime.text import encode
@@ -90,6 +95,11 @@ def main(argv=None) -> int:
         "transformers eager": lambda k: model.generate(torch.tensor([ids]), max_new_tokens=k,
                                                        do_sample=False)[0, len(ids):].tolist(),
     }
+    quantized = {}
+    for b in bits:
+        q = lowerlm.compile_model(model, backend="onnx", max_batch=1, max_seq_len=1024, weight_bits=b)
+        quantized[f"lowerlm-onnx int{b}"] = q
+        peers[f"lowerlm-onnx int{b}"] = lambda k, q=q: [s[0] for s in q.generate_ids([ids], k) if s[0] is not None]
     with tempfile.TemporaryDirectory() as tmp:
         genai, why = genai_peer(weight_cache(resolve_model("smollm2")[1]), Path(tmp))
         if genai is not None:
@@ -109,13 +119,23 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()}; read bandwidth {bandwidth / 1e9:.1f} GB/s, floor {floor * 1e3:.1f} ms/token")
     if genai is None:
         print(f"onnxruntime-genai: unavailable ({why})")
+    reference = tokens["lowerlm-onnx"]
+    agreement = {}
+    with torch.no_grad():
+        for name, q in quantized.items():
+            logits = q(torch.tensor([ids + reference]))[0, len(ids) - 1:-1]
+            agreement[name] = (logits.argmax(-1) == torch.tensor(reference)).float().mean().item()
     ours = statistics.median(times["lowerlm-onnx"])
     print("| peer | ms/token (median) | tokens/s | lowerlm speed-up | share of floor | tokens |")
     print("|---|---|---|---|---|---|")
     for name, ts in times.items():
         sec = statistics.median(ts)
-        same = "identical" if tokens[name] == tokens["lowerlm-onnx"] else "DIFFER"
-        print(f"| {name} | {sec * 1e3:.1f} | {1 / sec:.1f} | {sec / ours:.2f}x | {floor / sec:.0%} | "
+        same = "identical" if tokens[name] == reference else "DIFFER"
+        if name in agreement:
+            first = next((i for i, (a, b) in enumerate(zip(tokens[name], reference)) if a != b), len(reference))
+            same = f"first differs at {first}; teacher-forced top-1 agreement {agreement[name]:.1%}"
+        share = "—" if name in quantized else f"{floor / sec:.0%}"  # the floor counts f32 weight bytes
+        print(f"| {name} | {sec * 1e3:.1f} | {1 / sec:.1f} | {sec / ours:.2f}x | {share} | "
               f"{len(tokens[name])}, {same} |")
     return 0
 

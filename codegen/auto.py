@@ -37,11 +37,16 @@ def _reason(backend: str, graph):
 class AutoProgram:
     """Runs each graph's partitions on their programs; they share the weights and the runtime's state buffers."""
 
-    def __init__(self, module: Module, weights, device=None, exclude=None):
+    def __init__(self, module: Module, weights, device=None, exclude=None, weight_bits: int | None = None):
         """``exclude(node)``: a reason to keep a node off the preferred backend, or None (to work around a
-        backend's problem with one op, or to test partitioning)."""
+        backend's problem with one op, or to test partitioning). ``weight_bits``: the ONNX backend's quantized
+        weights (ONNX only)."""
         self.module = module
+        self.weight_bits = weight_bits
         self.backend = preferred(device)
+        if weight_bits is not None and self.backend != "onnx":
+            raise CompileError("weight_bits quantizes weights for the ONNX backend; on a GPU auto prefers Triton, "
+                               "which runs the model's own precision")
         self.copies = 0  # cross-device copies made so far
         self.plans: dict = {}
         for g in module.graphs:
@@ -81,7 +86,7 @@ class AutoProgram:
         if backend == "onnx":
             from lowerlm.codegen.onnx.program import OnnxProgram
 
-            return OnnxProgram(sub, weights)
+            return OnnxProgram(sub, weights, weight_bits=self.weight_bits)
         return ReferenceProgram(sub, {n: w.to(self.device) for n, w in weights.items()}, device=self.device)
 
     def plan(self) -> dict:

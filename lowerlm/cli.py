@@ -94,7 +94,7 @@ def _cmd_generate(args) -> int:
     if len(args.prompt) > args.max_batch:
         raise InputError(f"{len(args.prompt)} prompts are more than --max-batch {args.max_batch}")
     model = lowerlm.load(args.model, progress=_progress)
-    cm = lowerlm.compile_model(model, backend=args.backend, max_seq_len=args.max_seq_len,
+    cm = lowerlm.compile_model(model, backend=args.backend, max_seq_len=args.max_seq_len, weight_bits=args.weight_bits,
                                max_batch=args.max_batch, progress=_progress)
     if args.token_ids:
         try:
@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-seq-len", type=int, default=2048)
     g.add_argument("--max-batch", type=int, default=1)
+    g.add_argument("--weight-bits", type=int, choices=(4, 8), default=None,
+                   help="ONNX backend: quantized projection weights (faster on a CPU, not bit-exact)")
     g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     g.add_argument("--token-ids", action="store_true", help="prompts are token ids separated by commas")
     g.add_argument("--compare-eager", action="store_true",

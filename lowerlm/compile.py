@@ -177,9 +177,12 @@ def stop_token_ids(model, tokenizer) -> list:
 
 def compile_model(model: torch.nn.Module, backend: str = "reference", dtype=None, device=None,
                   max_seq_len: int = 2048, max_batch: int = 8, passes="default", arm=None, tp: int = 1,
+                  weight_bits: int | None = None,
                   captures=(), use_cache: bool = True, tokenizer=None,
                   progress: Callable[[str], None] | None = None) -> CompiledModel:
-    """Compile a causal LM (a transformers model or an ``nn.Module`` mapping input_ids to logits)."""
+    """Compile a causal LM (a transformers model or an ``nn.Module`` mapping input_ids to logits).
+    ``weight_bits`` (4 or 8; ONNX backend, and auto on a CPU) stores the projections' weights quantized: faster
+    on a CPU, no longer the same numbers as the model (BENCHMARKS.md reports the token agreement)."""
     from lowerlm.codegen.reference import ReferenceProgram
     from lowerlm.frontend.trace import trace_model
     from lowerlm.runtime.text import load_tokenizer
@@ -193,6 +196,9 @@ def compile_model(model: torch.nn.Module, backend: str = "reference", dtype=None
                            f"first (model.to({dtype})) to run in {dtype}")
     if backend == "reference" and device not in (None, "cpu"):
         raise CompileError("the reference backend runs on the CPU (device=None)")
+    if weight_bits is not None and backend not in ("onnx", "auto"):
+        raise CompileError(f"weight_bits quantizes weights for the ONNX backend; backend '{backend}' runs the "
+                           "model's own precision")
     if max_seq_len < 2 or max_batch < 1:
         raise CompileError(f"max_seq_len must be >= 2 and max_batch >= 1, got {max_seq_len} and {max_batch}")
     if not isinstance(model, torch.nn.Module):
@@ -211,11 +217,11 @@ def compile_model(model: torch.nn.Module, backend: str = "reference", dtype=None
     elif backend == "onnx":
         from lowerlm.codegen.onnx.program import OnnxProgram
 
-        program = OnnxProgram(final, weights)
+        program = OnnxProgram(final, weights, weight_bits=weight_bits)
     elif backend == "auto":
         from lowerlm.codegen.auto import AutoProgram
 
-        program = AutoProgram(final, weights, device)
+        program = AutoProgram(final, weights, device, weight_bits=weight_bits)
     else:
         program = ReferenceProgram(final, weights)
     return CompiledModel(imported, records, weights, program, vocab, max_seq_len, max_batch, tokenizer,

@@ -142,3 +142,30 @@ def test_auto_backend_prefers_onnx_on_a_cpu():
     ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         _close(cm(ids), model(ids).logits)
+
+
+def test_quantized_weights_option():
+    """weight_bits: every projection becomes MatMulNBits (the f32 weights are gone from the model); logits stay
+    near the f32 ones (int8: within 3% of the largest logit here; int4 is reported in BENCHMARKS.md by token
+    agreement on SmolLM2, not asserted)."""
+    import onnx
+
+    from lowerlm.codegen.onnx.lower import lower_graph
+    from lowerlm.ir.errors import CompileError
+
+    model = tiny_model("llama", hidden_size=64, intermediate_size=96)
+    cm = lowerlm.compile_model(model, backend="onnx", weight_bits=8)
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    assert (cm(ids) - want).abs().max() <= 0.03 * want.abs().max()
+    decode = lower_graph(cm.ir.graph("decode"), cm.program._constant, weight_bits=4)
+    ops = [n.op_type for n in decode.graph.node]
+    assert ops.count("MatMulNBits") == 2 * 4 + 1  # per layer q|k|v, o, gate|up, down; then lm_head
+    assert all(n.op_type != "MatMul" or all(i not in {t.name for t in decode.graph.initializer} for i in n.input)
+               for n in decode.graph.node)
+    onnx.checker.check_model(decode)
+    with pytest.raises(CompileError, match="weight_bits quantizes weights for the ONNX backend"):
+        lowerlm.compile_model(model, backend="reference", weight_bits=4)
+    with pytest.raises(CompileError, match="weight_bits must be 4 or 8"):
+        lowerlm.compile_model(model, backend="onnx", weight_bits=3)

@@ -27,9 +27,13 @@ class OnnxProgram(ReferenceProgram):
     """A module ready to run with ONNX Runtime: ``run(graph, inputs, state, inplace=True)``; sessions are built
     on a graph's first run."""
 
-    def __init__(self, module, weights, threads: int | None = None):
+    def __init__(self, module, weights, threads: int | None = None, weight_bits: int | None = None):
         super().__init__(module, weights)
+        if weight_bits not in (None, 4, 8):
+            raise CompileError(f"weight_bits must be 4 or 8 (or None for the model's own precision), got "
+                               f"{weight_bits}")
         self.threads = threads
+        self.weight_bits = weight_bits
         self._sessions: dict = {}
         self._bindings: dict = {}  # graph -> (state buffers' key, (IOBinding, state, OrtValues))
 
@@ -48,7 +52,7 @@ class OnnxProgram(ReferenceProgram):
             from lowerlm.codegen.onnx.lower import lower_graph
 
             try:
-                model = lower_graph(self.module.graph(name), self._constant)
+                model = lower_graph(self.module.graph(name), self._constant, weight_bits=self.weight_bits)
             except CompileError as e:
                 raise CompileError(f"{e} (graph '{name}'); backend='auto' runs such ops on the reference backend "
                                    "and the rest on ONNX") from None
