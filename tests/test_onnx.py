@@ -169,3 +169,39 @@ def test_quantized_weights_option():
         lowerlm.compile_model(model, backend="reference", weight_bits=4)
     with pytest.raises(CompileError, match="weight_bits must be 4 or 8"):
         lowerlm.compile_model(model, backend="onnx", weight_bits=3)
+
+
+def _q4_1(w: torch.Tensor) -> torch.Tensor:
+    """``w`` [N, K] as a Q4_1 GGUF stores it, dequantised: per block of 32, min and (max-min)/15 in f16, codes."""
+    n, k = w.shape
+    blocks = w.reshape(n, k // 32, 32)
+    lo = blocks.min(-1, keepdim=True).values.half().float()
+    d = ((blocks.max(-1, keepdim=True).values - lo) / 15).half().float()
+    codes = ((blocks - lo) / d).round().clamp(0, 15)
+    return (codes * d + lo).reshape(n, k)
+
+
+def test_weights_on_a_4_bit_grid_run_as_exact_matmulnbits():
+    """A Q4_1 GGUF's weights dequantise onto a 4-bit grid: the ONNX backend finds that and stores them as 4-bit
+    MatMulNBits (exactly the same numbers, a fraction of the bytes): logits within 1e-4 and the same 32 tokens."""
+    from lowerlm.codegen.onnx.lower import lower_graph
+    from lowerlm.codegen.onnx.quantize import Packer, grid4
+
+    model = tiny_model("llama", hidden_size=64, intermediate_size=96)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "embed" not in name:
+                p.copy_(_q4_1(p))
+    cm = lowerlm.compile_model(model, backend="onnx", max_seq_len=64)
+    ops = [n.op_type for n in lower_graph(cm.ir.graph("decode"), cm.program._constant,
+                                          packer=Packer()).graph.node]
+    assert ops.count("MatMulNBits") == 2 * 4 + 1  # q|k|v, o, gate|up, down per layer; lm_head
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _close(cm(ids), model(ids).logits)
+    prompt = [5, 7, 9, 11, 3]
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
+    assert [s[0] for s in cm.generate_ids([prompt], 32)] == hf
+    # off the grid (the random embedding), nothing is packed
+    assert grid4(model.model.embed_tokens.weight.detach().numpy()) is None

@@ -35,11 +35,12 @@ def _vi(name: str, t) -> onnx.ValueInfoProto:
 
 
 class Lowering:
-    def __init__(self, g: Graph, constants, contrib: bool = True, weight_bits: int | None = None):
+    def __init__(self, g: Graph, constants, contrib: bool = True, weight_bits: int | None = None, packer=None):
         self.g, self.constants = g, constants  # constants: node -> tensor (params and weight expressions)
         self.contrib = contrib  # com.microsoft ops (GroupQueryAttention) allowed: not in standalone exports
         self.weight_bits = weight_bits  # projections' weights quantized to this many bits (MatMulNBits)
-        self._arrays: dict = {}  # initializer name -> its array, for the transposed weights of quantized MatMuls
+        self.packer = packer  # exact 4-bit MatMulNBits for weights on a 4-bit grid (codegen/onnx/quantize.py)
+        self._arrays: dict = {}  # initializer name -> its array (weights of packed or quantized MatMuls)
         self.nodes: list = []
         self.inits: list = []
         self._n = 0
@@ -133,7 +134,11 @@ class Lowering:
                                   [_vi(s.name, s.type) for s in g.state], outputs + state_out, inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                         helper.make_opsetid("com.microsoft", 1)], ir_version=11)
-        return quantize_weights(model, self.weight_bits) if self.weight_bits else model
+        if self.weight_bits:
+            from lowerlm.codegen.onnx.quantize import quantize_weights
+
+            return quantize_weights(model, self.weight_bits)
+        return model
 
     def _plan_gqa(self) -> dict:
         """In a decode graph (one token per sequence), rope → two cache writes → cached_attention becomes one
@@ -206,7 +211,7 @@ class Lowering:
             name = self.fresh("w")
             array = _to_numpy(tensor)
             self.inits.append(numpy_helper.from_array(array, name))
-            if self.weight_bits:
+            if self.packer is not None or self.weight_bits:
                 self._arrays[name] = array
             return name
         if op is Op.CONSTANT:
@@ -289,7 +294,11 @@ class Lowering:
 
     # ---- fused ops ----------------------------------------------------------------------------------------
     def linear(self, x, w, bias=None, residual=None):
-        if w in self._arrays and self._arrays[w].ndim == 2:
+        found = self.packer(self._arrays[w]) if self.packer is not None and w in self._arrays and \
+            not self.weight_bits else None
+        if found is not None:
+            y = self._nbits(x, w, found)
+        elif w in self._arrays and self._arrays[w].ndim == 2:
             # a constant [K, N] right operand is what ONNX Runtime's MatMulNBits quantizer rewrites
             if ("transposed", w) not in self._memo:
                 name = self.fresh("wt")
@@ -301,6 +310,25 @@ class Lowering:
         if bias is not None:
             y = self.op("Add", [y, bias])
         return self.op("Add", [y, residual]) if residual is not None else y
+
+    def _nbits(self, x, w, found):
+        """x @ W.T for a weight exactly on a 4-bit grid: MatMulNBits + the per-block offsets (quantize.py)."""
+        if ("nbits", w) not in self._memo:
+            codes, scales, offsets = found
+            names = []
+            for array in (codes, scales, offsets):
+                names.append(self.fresh("q4"))
+                self.inits.append(numpy_helper.from_array(array, names[-1]))
+            k, n = offsets.shape[0] * 32, offsets.shape[1]
+            if ("blocksum", k) not in self._memo:
+                indicator = (np.arange(k)[:, None] // 32 == np.arange(k // 32)[None, :]).astype(np.float32)
+                self._memo[("blocksum", k)] = self.const(indicator, dtype=np.float32)
+            self._memo[("nbits", w)] = (names, k, n)
+        (codes, scales, offsets), k, n = self._memo[("nbits", w)]
+        main = self.op("MatMulNBits", [x, codes, scales], domain="com.microsoft", K=k, N=n, bits=4, block_size=32,
+                       accuracy_level=1)
+        sums = self.op("MatMul", [x, self._memo[("blocksum", k)]])
+        return self.op("Add", [main, self.op("MatMul", [sums, offsets])])
 
     def rms_norm(self, x, w, eps, dtype):
         if dtype == DType.F32:  # one opset-23 op; in f32 it is transformers' formula (no rounding in between)
@@ -596,26 +624,12 @@ def _to_numpy(tensor):
     return tensor.detach().cpu().contiguous().numpy()
 
 
-def quantize_weights(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
-    """Every MatMul by a constant weight becomes com.microsoft MatMulNBits: ``bits``-bit weights with a scale and
-    an integer zero point per block of 32 along K (ONNX Runtime's quantizer), activations quantized to int8 per
-    block for the product (accuracy level 4: ONNX Runtime's fast CPU path; with f32 compute the 4-bit product is
-    1.4x slower and the 8-bit one has no fast kernel at all, measured on SmolLM2)."""
-    import logging
-
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=False, accuracy_level=4,
-                                     op_types_to_quantize=("MatMul",))
-    quantizer.process()
-    return quantizer.model.model
-
-
-def lower_graph(g: Graph, constants, contrib: bool = True, weight_bits: int | None = None) -> onnx.ModelProto:
+def lower_graph(g: Graph, constants, contrib: bool = True, weight_bits: int | None = None,
+                packer=None) -> onnx.ModelProto:
     """The ONNX model for one graph; ``constants(node)`` gives the tensor of a param or weight node; without
-    ``contrib`` only standard ONNX ops are used; ``weight_bits`` quantizes the projections' weights."""
-    return Lowering(g, constants, contrib, weight_bits).run()
+    ``contrib`` only standard ONNX ops are used; ``weight_bits`` quantizes the projections' weights (lossy);
+    ``packer`` (quantize.Packer) stores weights already on a 4-bit grid as exact 4-bit MatMulNBits."""
+    return Lowering(g, constants, contrib, weight_bits, packer).run()
 
 
 def unsupported(g: Graph, node: Node) -> str | None:

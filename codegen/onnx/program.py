@@ -32,8 +32,11 @@ class OnnxProgram(ReferenceProgram):
         if weight_bits not in (None, 4, 8):
             raise CompileError(f"weight_bits must be 4 or 8 (or None for the model's own precision), got "
                                f"{weight_bits}")
+        from lowerlm.codegen.onnx.quantize import Packer
+
         self.threads = threads
         self.weight_bits = weight_bits
+        self.packer = Packer()  # weights already on a 4-bit grid (a Q4 GGUF's) run as exact 4-bit MatMulNBits
         self._sessions: dict = {}
         self._bindings: dict = {}  # graph -> (state buffers' key, (IOBinding, state, OrtValues))
 
@@ -52,7 +55,8 @@ class OnnxProgram(ReferenceProgram):
             from lowerlm.codegen.onnx.lower import lower_graph
 
             try:
-                model = lower_graph(self.module.graph(name), self._constant, weight_bits=self.weight_bits)
+                model = lower_graph(self.module.graph(name), self._constant, weight_bits=self.weight_bits,
+                                    packer=self.packer)
             except CompileError as e:
                 raise CompileError(f"{e} (graph '{name}'); backend='auto' runs such ops on the reference backend "
                                    "and the rest on ONNX") from None
