@@ -159,12 +159,19 @@ def test_quantized_weights_option():
     with torch.no_grad():
         want = model(ids).logits
     assert (cm(ids) - want).abs().max() <= 0.03 * want.abs().max()
-    decode = lower_graph(cm.ir.graph("decode"), cm.program._constant, weight_bits=4)
-    ops = [n.op_type for n in decode.graph.node]
-    assert ops.count("MatMulNBits") == 2 * 4 + 1  # per layer q|k|v, o, gate|up, down; then lm_head
-    assert all(n.op_type != "MatMul" or all(i not in {t.name for t in decode.graph.initializer} for i in n.input)
-               for n in decode.graph.node)
-    onnx.checker.check_model(decode)
+    from onnx import numpy_helper
+
+    f32_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n)
+    for bits in (8, 4):
+        decode = lower_graph(cm.ir.graph("decode"), cm.program._constant, weight_bits=bits)
+        ops = [n.op_type for n in decode.graph.node]
+        assert ops.count("MatMulNBits") == 2 * 4 + 1  # per layer q|k|v, o, gate|up, down; then lm_head
+        inits = {t.name: numpy_helper.to_array(t) for t in decode.graph.initializer}
+        matmul_bytes = sum(inits[i].nbytes for n in decode.graph.node if n.op_type == "MatMul" for i in n.input
+                           if i in inits)
+        # int8: no f32 weight left; int4: only the per-block offsets and the block-sum indicator, not the weights
+        assert matmul_bytes == 0 if bits == 8 else matmul_bytes < f32_bytes / 8
+        onnx.checker.check_model(decode)
     with pytest.raises(CompileError, match="weight_bits quantizes weights for the ONNX backend"):
         lowerlm.compile_model(model, backend="reference", weight_bits=4)
     with pytest.raises(CompileError, match="weight_bits must be 4 or 8"):

@@ -38,8 +38,14 @@ class Lowering:
     def __init__(self, g: Graph, constants, contrib: bool = True, weight_bits: int | None = None, packer=None):
         self.g, self.constants = g, constants  # constants: node -> tensor (params and weight expressions)
         self.contrib = contrib  # com.microsoft ops (GroupQueryAttention) allowed: not in standalone exports
-        self.weight_bits = weight_bits  # projections' weights quantized to this many bits (MatMulNBits)
-        self.packer = packer  # exact 4-bit MatMulNBits for weights on a 4-bit grid (codegen/onnx/quantize.py)
+        # weights on a 4-bit grid as exact 4-bit MatMulNBits; with weight_bits=4 every weight rounded onto one;
+        # weight_bits=8: ONNX Runtime's quantizer (codegen/onnx/quantize.py)
+        if weight_bits == 4 and (packer is None or packer.exact):
+            from lowerlm.codegen.onnx.quantize import Packer
+
+            packer = Packer(exact=False)
+        self.packer = packer
+        self.weight_bits = weight_bits if weight_bits == 8 else None
         self._arrays: dict = {}  # initializer name -> its array (weights of packed or quantized MatMuls)
         self.nodes: list = []
         self.inits: list = []

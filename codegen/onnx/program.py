@@ -36,7 +36,8 @@ class OnnxProgram(ReferenceProgram):
 
         self.threads = threads
         self.weight_bits = weight_bits
-        self.packer = Packer()  # weights already on a 4-bit grid (a Q4 GGUF's) run as exact 4-bit MatMulNBits
+        # weights already on a 4-bit grid (a Q4 GGUF's) run as exact 4-bit MatMulNBits; weight_bits=4 puts all there
+        self.packer = Packer(exact=weight_bits != 4)
         self._sessions: dict = {}
         self._bindings: dict = {}  # graph -> (state buffers' key, (IOBinding, state, OrtValues))
 

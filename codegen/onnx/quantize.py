@@ -7,8 +7,9 @@
   backend always does it. MatMulNBits' fast f32 kernel takes no zero point (it subtracts 8) while a Q4_1 block's
   minimum is any float, so ``x @ W.T`` = MatMulNBits(x; codes, scales) + (x summed per block) @ offsets; the
   block sums are one small MatMul by a constant 0/1 matrix [K, K/32].
-- ``quantize_weights``: the lossy option (``weight_bits``): ONNX Runtime's own quantizer (integer zero points)
-  with int8 compute (accuracy level 4), for every constant MatMul weight.
+- ``weight_bits=4`` (lossy): the same packing after rounding every weight onto its blocks' 4-bit grids (Q4_1).
+- ``quantize_weights`` (``weight_bits=8``, lossy): ONNX Runtime's own quantizer (integer zero points) with int8
+  compute (accuracy level 4), for every constant MatMul weight.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import onnx
 BLOCK = 32
 
 
-def grid4(w: np.ndarray):
+def grid4(w: np.ndarray, exact: bool = True):
     """(codes [N, K/32, 16] uint8, scales [N, K/32], offsets [K/32, N]) for a weight ``w`` [N, K] whose every block
     of 32 along K is exactly on a 4-bit grid (relative error <= 1e-6), else None. Block b of output n is
-    ``scales[n, b] * (code - 8) + offsets[b, n]``."""
+    ``scales[n, b] * (code - 8) + offsets[b, n]``. Without ``exact`` every weight is rounded onto its blocks'
+    grids (lo = min, d = (max - min) / 15: llama.cpp's Q4_1), which is lossy."""
     if w.dtype != np.float32 or w.ndim != 2 or w.shape[1] % BLOCK or w.size == 0:
         return None
     n, k = w.shape
@@ -30,12 +32,11 @@ def grid4(w: np.ndarray):
     lo, hi = blocks.min(-1), blocks.max(-1)
     step = (hi - lo) / np.float32(15)
     step = np.where(step > 0, step, np.float32(1))  # a constant block: code 0
-    codes = np.rint((blocks - lo[..., None]) / step[..., None])
-    if codes.min() < 0 or codes.max() > 15:
-        return None
-    error = np.abs(codes * step[..., None] + lo[..., None] - blocks).max()
-    if error > 1e-6 * max(float(np.abs(blocks).max()), 1e-30):
-        return None
+    codes = np.clip(np.rint((blocks - lo[..., None]) / step[..., None]), 0, 15)
+    if exact:
+        error = np.abs(codes * step[..., None] + lo[..., None] - blocks).max()
+        if error > 1e-6 * max(float(np.abs(blocks).max()), 1e-30):
+            return None
     codes = codes.astype(np.uint8)
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # the first element in the low nibble
     return packed, step.astype(np.float32), (lo + 8 * step).T.astype(np.float32)
@@ -44,13 +45,14 @@ def grid4(w: np.ndarray):
 class Packer:
     """``grid4`` per weight, remembered by the weight's memory (prefill and decode share their weights)."""
 
-    def __init__(self):
+    def __init__(self, exact: bool = True):
+        self.exact = exact
         self._seen: dict = {}
 
     def __call__(self, w: np.ndarray):
         key = (w.__array_interface__["data"][0], w.shape, w.strides)
         if key not in self._seen:
-            self._seen[key] = grid4(w)
+            self._seen[key] = grid4(w, self.exact)
         return self._seen[key]
 
 
