@@ -188,21 +188,31 @@ def _q4_1(w: torch.Tensor) -> torch.Tensor:
     return (codes * d + lo).reshape(n, k)
 
 
+def _q8_0(w: torch.Tensor) -> torch.Tensor:
+    """``w`` [N, K] as a Q8_0 GGUF stores it, dequantised: per block of 32, max|w|/127 in f16 times int8 codes."""
+    n, k = w.shape
+    blocks = w.reshape(n, k // 32, 32)
+    d = (blocks.abs().max(-1, keepdim=True).values / 127).half().float()
+    return ((blocks / d).round().clamp(-127, 127) * d).reshape(n, k)
+
+
 def test_weights_on_a_4_bit_grid_run_as_exact_matmulnbits():
-    """A Q4_1 GGUF's weights dequantise onto a 4-bit grid: the ONNX backend finds that and stores them as 4-bit
-    MatMulNBits (exactly the same numbers, a fraction of the bytes): logits within 1e-4 and the same 32 tokens."""
+    """A Q4_1 GGUF's weights dequantise onto a 4-bit grid, a Q8_0 one's onto a symmetric 8-bit grid: the ONNX
+    backend finds that and stores them as 4-bit MatMulNBits (one term, or two for 8 bits: exactly the same numbers
+    in a fraction of the bytes): logits within 1e-4 and the same 32 tokens."""
     from lowerlm.codegen.onnx.lower import lower_graph
-    from lowerlm.codegen.onnx.quantize import Packer, grid4
+    from lowerlm.codegen.onnx.quantize import Packer, grid4, grid8
 
     model = tiny_model("llama", hidden_size=64, intermediate_size=96)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2 and "embed" not in name:
-                p.copy_(_q4_1(p))
+                p.copy_(_q8_0(p) if name == "lm_head.weight" else _q4_1(p))
     cm = lowerlm.compile_model(model, backend="onnx", max_seq_len=64)
     ops = [n.op_type for n in lower_graph(cm.ir.graph("decode"), cm.program._constant,
                                           packer=Packer()).graph.node]
-    assert ops.count("MatMulNBits") == 2 * 4 + 1  # q|k|v, o, gate|up, down per layer; lm_head
+    assert ops.count("MatMulNBits") == 2 * 4 + 2  # q|k|v, o, gate|up, down per layer; lm_head's two terms
+    assert grid4(model.lm_head.weight.detach().numpy()) is None
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         _close(cm(ids), model(ids).logits)
@@ -210,5 +220,6 @@ def test_weights_on_a_4_bit_grid_run_as_exact_matmulnbits():
     with torch.no_grad():
         hf = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
     assert [s[0] for s in cm.generate_ids([prompt], 32)] == hf
-    # off the grid (the random embedding), nothing is packed
-    assert grid4(model.model.embed_tokens.weight.detach().numpy()) is None
+    # off the grids (the random embedding), nothing is packed
+    embedding = model.model.embed_tokens.weight.detach().numpy()
+    assert grid4(embedding) is None and grid8(embedding) is None

@@ -318,23 +318,26 @@ class Lowering:
         return self.op("Add", [y, residual]) if residual is not None else y
 
     def _nbits(self, x, w, found):
-        """x @ W.T for a weight exactly on a 4-bit grid: MatMulNBits + the per-block offsets (quantize.py)."""
+        """x @ W.T for a weight exactly on 4-bit grids: one MatMulNBits per term + the per-block offsets
+        (quantize.py)."""
         if ("nbits", w) not in self._memo:
-            codes, scales, offsets = found
+            terms, offsets = found
             names = []
-            for array in (codes, scales, offsets):
-                names.append(self.fresh("q4"))
-                self.inits.append(numpy_helper.from_array(array, names[-1]))
+            for codes, scales in terms:
+                names.append((self.fresh("q4"), self.fresh("q4s")))
+                self.inits += [numpy_helper.from_array(codes, names[-1][0]),
+                               numpy_helper.from_array(scales, names[-1][1])]
             k, n = offsets.shape[0] * 32, offsets.shape[1]
             if ("blocksum", k) not in self._memo:
                 indicator = (np.arange(k)[:, None] // 32 == np.arange(k // 32)[None, :]).astype(np.float32)
                 self._memo[("blocksum", k)] = self.const(indicator, dtype=np.float32)
-            self._memo[("nbits", w)] = (names, k, n)
-        (codes, scales, offsets), k, n = self._memo[("nbits", w)]
-        main = self.op("MatMulNBits", [x, codes, scales], domain="com.microsoft", K=k, N=n, bits=4, block_size=32,
-                       accuracy_level=1)
-        sums = self.op("MatMul", [x, self._memo[("blocksum", k)]])
-        return self.op("Add", [main, self.op("MatMul", [sums, offsets])])
+            self._memo[("nbits", w)] = (names, self.const(offsets, dtype=np.float32), k, n)
+        names, offsets, k, n = self._memo[("nbits", w)]
+        y = self.op("MatMul", [self.op("MatMul", [x, self._memo[("blocksum", k)]]), offsets])
+        for codes, scales in names:
+            y = self.op("Add", [self.op("MatMulNBits", [x, codes, scales], domain="com.microsoft", K=k, N=n, bits=4,
+                                        block_size=32, accuracy_level=1), y])
+        return y
 
     def rms_norm(self, x, w, eps, dtype):
         if dtype == DType.F32:  # one opset-23 op; in f32 it is transformers' formula (no rounding in between)
