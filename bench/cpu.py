@@ -133,8 +133,8 @@ def main(argv=None) -> int:
     print(f"SmolLM2-135M-Instruct f32, {n} new tokens, prompt {len(ids)} tokens, torch threads "
           f"{torch.get_num_threads()}; read bandwidth {bandwidth / 1e9:.1f} GB/s, floor {floor * 1e3:.1f} ms/token "
           f"({weight_bytes / 1e6:.0f} MB of f32 weights)")
-    print(f"lowerlm-onnx reads {ours_bytes / 1e6:.0f} MB of weights per step (the Q4_1 layers packed as exact 4-bit "
-          f"MatMulNBits): its own floor {ours_bytes / bandwidth * 1e3:.1f} ms/token, which its share uses")
+    print(f"lowerlm-onnx reads {ours_bytes / 1e6:.0f} MB of weights per step (weights on 4/8-bit grids packed as "
+          f"exact 4-bit MatMulNBits): its own floor {ours_bytes / bandwidth * 1e3:.1f} ms/token, which its share uses")
     if genai is None:
         print(f"onnxruntime-genai: unavailable ({why})")
     reference = tokens["lowerlm-onnx"]
