@@ -95,6 +95,7 @@ def test_generate_answers_the_demo_prompt():
     (("--max-new-tokens", "0", "hi"), "--max-new-tokens must be >= 1"),
     (("--max-batch", "1", "--token-ids", "1", "2"), "2 prompts are more than --max-batch 1"),
     (("hello",), "this model has no tokenizer"),
+    (("--weight-bits", "4", "--token-ids", "1,2"), "weight_bits quantizes weights for the ONNX backend"),
 ])
 def test_generate_errors_are_one_line_with_exit_code_2(tiny_dir, args, message):
     out = lowerlm("generate", "--model", tiny_dir, *args)
