@@ -94,6 +94,18 @@ def kernels_per_step(cm, device) -> int:
     return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
 
+def print_peers(rows: dict, ours: str, floor: float, floor_what: str, cm, device) -> None:
+    """The peer table (seconds per token by peer name; ``ours`` is lowerlm's row), the floor, and on a GPU the
+    kernels per decode step."""
+    print("| peer | ms/token | tokens/s | lowerlm speed-up | share of floor |")
+    print("|---|---|---|---|---|")
+    for name, sec in rows.items():
+        print(f"| {name} | {sec * 1e3:.3f} | {1 / sec:.1f} | {sec / rows[ours]:.2f}x | {floor / sec:.1%} |")
+    print(f"floor ({floor_what}): {floor * 1e3:.3f} ms/token")
+    if device.type == "cuda":
+        print(f"kernels per decode step (uncaptured): {kernels_per_step(cm, device)}")
+
+
 def bench_shape(shape, args, device, dtype, bandwidth):
     import lowerlm
 
@@ -135,14 +147,7 @@ def bench_shape(shape, args, device, dtype, bandwidth):
     ids = prompt[0].tolist()
     rows[f"lowerlm-{backend}"] = per_token(lambda k: list(cm.generate_ids([ids], k, stop_ids=[])), n, device)
     print(f"\n## {shape} ({weight_bytes / 1e6:.0f} MB of weights, {dtype}, {device})")
-    print("| peer | ms/token | tokens/s | lowerlm speed-up | share of floor |")
-    print("|---|---|---|---|---|")
-    ours = rows[f"lowerlm-{backend}"]
-    for name, sec in rows.items():
-        print(f"| {name} | {sec * 1e3:.3f} | {1 / sec:.1f} | {sec / ours:.2f}x | {floor / sec:.1%} |")
-    print(f"floor (weight bytes / copy bandwidth): {floor * 1e3:.3f} ms/token")
-    if device.type == "cuda":
-        print(f"kernels per decode step (uncaptured): {kernels_per_step(cm, device)}")
+    print_peers(rows, f"lowerlm-{backend}", floor, "weight bytes / copy bandwidth", cm, device)
     for b in args.batches[1:]:
         batch = [ids] * b
         sec = per_token(lambda k, batch=batch: list(cm.generate_ids(batch, k, stop_ids=[])), min(n, 64), device)

@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import copy_bandwidth, kernels_per_step, per_token, timed  # noqa: E402
+from decode import copy_bandwidth, per_token, print_peers, timed  # noqa: E402
 
 SHAPES = {
     "qwen3-30b-a3b-12l": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
@@ -111,14 +111,7 @@ def main(argv=None) -> int:
     ids = prompt[0].tolist()
     rows[f"lowerlm-{backend}"] = per_token(lambda k: list(cm.generate_ids([ids], k, stop_ids=[])), n, device)
     print(f"\n## {args.shape} ({decode_bytes(model) / 1e6:.0f} MB read per decode step, {dtype}, {device})")
-    print("| peer | ms/token | tokens/s | lowerlm speed-up | share of floor |")
-    print("|---|---|---|---|---|")
-    ours = rows[f"lowerlm-{backend}"]
-    for name, sec in rows.items():
-        print(f"| {name} | {sec * 1e3:.3f} | {1 / sec:.1f} | {sec / ours:.2f}x | {floor / sec:.1%} |")
-    print(f"floor (bytes read / copy bandwidth): {floor * 1e3:.3f} ms/token")
-    if device.type == "cuda":
-        print(f"kernels per decode step (uncaptured): {kernels_per_step(cm, device)}")
+    print_peers(rows, f"lowerlm-{backend}", floor, "bytes read / copy bandwidth", cm, device)
     long = torch.randint(0, model.config.vocab_size, (1, args.prefill), generator=torch.Generator().manual_seed(1))
     long = long.to(device)
     with torch.no_grad():

@@ -9,13 +9,11 @@ counts), state updated in place by whichever partition writes it. ``describe()``
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import torch
 
 from lowerlm.codegen.partition import Plan, assign, build, describe
-from lowerlm.codegen.reference import ReferenceProgram, check_tensor
-from lowerlm.ir.errors import CompileError, InputError
+from lowerlm.codegen.reference import ReferenceProgram, bind_inputs
+from lowerlm.ir.errors import CompileError
 from lowerlm.ir.graph import Module
 
 
@@ -110,16 +108,7 @@ class AutoProgram:
         g = plan.graph
         if plan.whole:
             return self._runner(plan.parts[0].backend).run(g.name, inputs, state, symbols, inplace, observe)
-        if not isinstance(inputs, Mapping):
-            inputs = dict(zip((v.name for v in g.inputs), inputs))
-        state = state or {}
-        env: dict = dict(symbols or {})
-        values = {v.name: check_tensor(v.name, v.type, inputs, env, "input", self.device) for v in g.inputs}
-        values.update({s.name: check_tensor(s.name, s.type, state, env, "state", self.device) for s in g.state})
-        unbound = set().union(*(v.type.symbols for v in g.inputs + g.state)) - set(env)
-        if unbound:
-            raise InputError(f"shape symbols {', '.join(sorted(unbound))} cannot be read off the inputs of graph "
-                             f"'{g.name}'; pass symbols={{...}}")
+        values, env = bind_inputs(g, inputs, state, symbols, self.device)
         for p in plan.parts:
             sub = p.graph
             dev = torch.device(p.device)

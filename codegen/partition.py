@@ -111,6 +111,7 @@ def build(plan: Plan, devices: dict) -> Plan:
     needed_later = {v for i, p in enumerate(plan.parts) for n in p.nodes for v in n.args  # read by another part
                     if v in part_of and producers[v].op not in FREE and part_of[v] != i}
     final = set(g.outputs) | set(g.state_outputs)
+    order = {n: i for i, n in enumerate(g.nodes)}
     plan.copies = []
     for i, p in enumerate(plan.parts):
         p.device = str(devices[p.backend])
@@ -118,22 +119,25 @@ def build(plan: Plan, devices: dict) -> Plan:
             p.graph = g
             continue
         defined = {r.name for n in p.nodes for r in n.results}
-        overwritten = {n.inputs[k]: n for n in p.nodes for k in (OPDEFS[n.op].writes if n.op in OPDEFS else ())}
+        # version a writer in this partition consumes -> the version it makes
+        successor = {n.inputs[k]: n.results[r].name for n in p.nodes
+                     for k, r in (OPDEFS[n.op].writes.items() if n.op in OPDEFS else ())}
         state, state_out, inputs, free = [], [], [], {}
+        seen = set(defined)
         for n in p.nodes:
             for v in n.args:
                 src = producers.get(v)
                 if src is not None and src.op in FREE:
                     free.setdefault(v, src)
-                elif v in defined or any(x.name == v for x in inputs) or any(s.name == v for s in state):
                     continue
-                elif v in overwritten and v in roots:
+                if v in seen:
+                    continue
+                seen.add(v)
+                if v in successor and v in roots:
                     state.append(StateSpec(v, g.type_of(v), owners.get(roots[v], "")))
                     last = v
-                    while last in overwritten:  # follow the chain through this partition's writers
-                        w = overwritten[last]
-                        k = next(k for k in OPDEFS[w.op].writes if w.inputs[k] == last)
-                        last = w.results[OPDEFS[w.op].writes[k]].name
+                    while last in successor:  # follow the chain through this partition's writers
+                        last = successor[last]
                     state_out.append(last)
                 else:
                     inputs.append(Value(v, g.type_of(v)))
@@ -146,7 +150,7 @@ def build(plan: Plan, devices: dict) -> Plan:
             located[v] = p.device
         for v in state_out:
             located[v] = p.device
-        nodes = [free[v] for v in sorted(free, key=lambda v: g.nodes.index(free[v]))] + p.nodes
+        nodes = sorted(free.values(), key=order.__getitem__) + p.nodes
         if state and p.device != home:
             raise CompileError(f"partition {i} of graph '{g.name}' would update state on {p.device}, but the "
                                f"state buffers live on {home}")

@@ -343,19 +343,7 @@ class ReferenceProgram:
         tensors (the runtime's buffers) instead of copies. ``observe(node, results)`` sees every node's results
         (calibration collects activations with it)."""
         g = self.module.graph(graph) if isinstance(graph, str) else graph
-        if not isinstance(inputs, Mapping):
-            inputs = dict(zip((v.name for v in g.inputs), inputs))
-        state = state or {}
-        env: dict = dict(symbols or {})
-        values: dict = {}
-        for v in g.inputs:
-            values[v.name] = self._check(v.name, v.type, inputs, env, "input")
-        for s in g.state:
-            values[s.name] = self._check(s.name, s.type, state, env, "state")
-        unbound = set().union(*(v.type.symbols for v in g.inputs + g.state)) - set(env)
-        if unbound:
-            raise InputError(f"shape symbols {', '.join(sorted(unbound))} cannot be read off the inputs of graph "
-                             f"'{g.name}'; pass symbols={{...}}")
+        values, env = bind_inputs(g, inputs, state, symbols, self.device)
         plan = self.plan(g)
         for node in g.nodes:
             args = [values[i] for i in node.args]
@@ -387,6 +375,22 @@ class ReferenceProgram:
 
     def _check(self, name, type_, given: Mapping, env: dict, what: str):
         return check_tensor(name, type_, given, env, what, self.device)
+
+
+def bind_inputs(g: Graph, inputs, state, symbols, device) -> tuple[dict, dict]:
+    """(values by name, symbol bindings) for ``g``'s inputs (a mapping or a list in input order) and state, each
+    checked against its declared type and ``device``."""
+    if not isinstance(inputs, Mapping):
+        inputs = dict(zip((v.name for v in g.inputs), inputs))
+    state = state or {}
+    env: dict = dict(symbols or {})
+    values = {v.name: check_tensor(v.name, v.type, inputs, env, "input", device) for v in g.inputs}
+    values.update({s.name: check_tensor(s.name, s.type, state, env, "state", device) for s in g.state})
+    unbound = set().union(*(v.type.symbols for v in g.inputs + g.state)) - set(env)
+    if unbound:
+        raise InputError(f"shape symbols {', '.join(sorted(unbound))} cannot be read off the inputs of graph "
+                         f"'{g.name}'; pass symbols={{...}}")
+    return values, env
 
 
 def check_tensor(name, type_, given: Mapping, env: dict, what: str, device) -> torch.Tensor:

@@ -27,14 +27,10 @@ from lowerlm.ir.ops import Op
 def _act(experts: torch.nn.Module) -> str:
     fn = getattr(experts, "act_fn", None)
     name = type(fn).__name__.lower()
-    if "quick" in name:
-        pass  # x * sigmoid(1.702 x): no IR activation for it
-    elif "silu" in name or "swish" in name:
-        return "silu"
-    elif "tanh" in name or "new" in name or "fast" in name:
-        return "gelu_tanh"
-    elif "gelu" in name:
-        return "gelu"
+    if "quick" not in name:  # QuickGELU, x * sigmoid(1.702 x), has no IR activation
+        for act, marks in (("silu", ("silu", "swish")), ("gelu_tanh", ("tanh", "new", "fast")), ("gelu", ("gelu",))):
+            if any(m in name for m in marks):
+                return act
     raise UnsupportedOpError(f"MoE expert activation {type(fn).__name__}", type(experts).__name__,
                              "lowerlm's experts run SiLU, GeLU or tanh-GeLU")
 

@@ -257,6 +257,15 @@ class GraphBuilder:
         if seed is not None:
             self._taken |= set(seed.types)
 
+    @classmethod
+    def rebuild(cls, g: Graph) -> GraphBuilder:
+        """A builder for a new version of ``g``: its inputs, state and value types, names that cannot clash; the
+        pass appends or replaces the nodes."""
+        b = cls(g.name, seed=g)
+        b.inputs, b.state = list(g.inputs), list(g.state)
+        b.types.update(g.types)
+        return b
+
     def fresh(self, hint: str) -> str:
         base = hint or "v"
         name, i = base, 1

@@ -113,9 +113,7 @@ def arm(calibration: ArmCalibration):
         mlps = {m.down.name: m for m in find_gated_mlps(g) if calibration.layer(m.key) is not None}
         if not mlps:
             return g
-        b = GraphBuilder(g.name, seed=g)
-        b.inputs, b.state = list(g.inputs), list(g.state)
-        b.types.update(g.types)
+        b = GraphBuilder.rebuild(g)
         for node in g.nodes:
             if node.name not in mlps:
                 b.append(node)

@@ -75,9 +75,7 @@ def fuse_rmsnorm_linear(g: Graph) -> Graph:
     if not plans:
         return g
     dropped = {u.name for _, users in plans.values() for u in users}
-    b = GraphBuilder(g.name, seed=g)
-    b.inputs, b.state = list(g.inputs), list(g.state)
-    b.types.update(g.types)
+    b = GraphBuilder.rebuild(g)
     subst: dict = {}
     for node in g.nodes:
         node = node.with_(inputs=tuple(subst.get(i, i) if i is not None else None for i in node.inputs))

@@ -71,9 +71,7 @@ def fuse_swiglu(g: Graph) -> Graph:
     # the matched act and mul nodes disappear: the product is defined by the fused op, under the mul's name
     skip = {n.name for _, mul, act_node in epilogue.values() for n in (mul, act_node)}
     skip |= {act_node.name for *_, act_node in standalone.values()}
-    b = GraphBuilder(g.name, seed=g)
-    b.inputs, b.state = list(g.inputs), list(g.state)
-    b.types.update(g.types)
+    b = GraphBuilder.rebuild(g)
     for node in g.nodes:
         if node.name in skip:
             continue

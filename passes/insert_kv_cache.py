@@ -24,9 +24,7 @@ def insert_kv_cache(g: Graph) -> Graph:
     """Give every attention a key and a value cache."""
     if not any(n.op is Op.ATTENTION for n in g.nodes):
         return g
-    b = GraphBuilder(g.name, seed=g)
-    b.inputs, b.state = list(g.inputs), list(g.state)
-    b.types.update(g.types)
+    b = GraphBuilder.rebuild(g)
     finals = []
     for node in g.nodes:
         if node.op is not Op.ATTENTION:

@@ -62,9 +62,7 @@ def moe_dispatch(g: Graph) -> Graph:
     """Every moe op becomes route → sort → grouped GEMMs → combine (+ shared experts)."""
     if not any(n.op is Op.MOE for n in g.nodes):
         return g
-    b = GraphBuilder(g.name, seed=g)
-    b.inputs, b.state = list(g.inputs), list(g.state)
-    b.types.update(g.types)
+    b = GraphBuilder.rebuild(g)
     for node in g.nodes:
         if node.op is Op.MOE:
             _dispatch(b, g, node)

@@ -8,17 +8,20 @@ import sys
 from .conftest import ROOT
 
 
-def test_decode_bench_smoke():
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "decode.py"), "--smoke"], capture_output=True,
-                         text=True, timeout=300, cwd=ROOT)
+def _smoke(script: str) -> str:
+    """The stdout of ``bench/<script> --smoke``, which must exit 0 and print both decode peers."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke"], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "| lowerlm-reference |" in out.stdout and "| transformers eager |" in out.stdout
-    assert "prefill 16 tokens" in out.stdout and "compile: cold" in out.stdout
+    return out.stdout
+
+
+def test_decode_bench_smoke():
+    out = _smoke("decode.py")
+    assert "prefill 16 tokens" in out and "compile: cold" in out
 
 
 def test_moe_bench_smoke():
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "moe.py"), "--smoke"], capture_output=True,
-                         text=True, timeout=300, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert "| lowerlm-reference |" in out.stdout and "| transformers eager |" in out.stdout
-    assert "prefill 16 tokens: lowerlm" in out.stdout and "floor (bytes read / copy bandwidth)" in out.stdout
+    out = _smoke("moe.py")
+    assert "prefill 16 tokens: lowerlm" in out and "floor (bytes read / copy bandwidth)" in out

@@ -26,10 +26,9 @@ def grid4(w: np.ndarray, exact: bool = True):
     block of 32 along K is exactly on a 4-bit grid (relative error <= 1e-6), else None. Block b of output n is
     ``scales[n, b] * (code - 8) + offsets[b, n]``. Without ``exact`` every weight is rounded onto its blocks'
     grids (lo = min, d = (max - min) / 15: llama.cpp's Q4_1), which is lossy."""
-    if w.dtype != np.float32 or w.ndim != 2 or w.shape[1] % BLOCK or w.size == 0:
+    blocks = _blocks(w)
+    if blocks is None:
         return None
-    n, k = w.shape
-    blocks = w.reshape(n, k // BLOCK, BLOCK)
     lo, hi = blocks.min(-1), blocks.max(-1)
     step = (hi - lo) / np.float32(15)
     step = np.where(step > 0, step, np.float32(1))  # a constant block: code 0
@@ -44,12 +43,11 @@ def grid4(w: np.ndarray, exact: bool = True):
 def grid8(w: np.ndarray):
     """A weight whose every block of 32 along K is exactly d·q with q in -127..127 (what a Q8_0 GGUF dequantises
     to) as two 4-bit terms, q = 16·hi + lo: ([(hi + 8 codes, 16·d), (lo codes, d)], offsets 8·d), else None.
-    (ONNX Runtime 1.32's 8-bit MatMulNBits with f32 compute is a slow path: 94 ms for SmolLM2's lm_head, while
-    the two 4-bit terms take 2.8 ms and f32 4.7 ms, measured.)"""
-    if w.dtype != np.float32 or w.ndim != 2 or w.shape[1] % BLOCK or w.size == 0:
+    (ONNX Runtime 1.32's 8-bit MatMulNBits with f32 compute is a slow path: 95 ms for SmolLM2's lm_head, while
+    the two 4-bit terms take 2.8 ms and f32 3.2 ms: ``python bench/profile_cpu_decode.py --lm-head``.)"""
+    blocks = _blocks(w)
+    if blocks is None:
         return None
-    n, k = w.shape
-    blocks = w.reshape(n, k // BLOCK, BLOCK)
     amax = np.abs(blocks).max(-1)
     step = np.where(amax > 0, amax / np.float32(127), np.float32(1))
     q = np.rint(blocks / step[..., None])
@@ -60,6 +58,13 @@ def grid8(w: np.ndarray):
     lo = q - 16 * hi
     terms = [(_pack4(hi + 8), (16 * step).astype(np.float32)), (_pack4(lo), step.astype(np.float32))]
     return terms, (8 * step).T.astype(np.float32)
+
+
+def _blocks(w: np.ndarray):
+    """An f32 weight [N, K] as blocks [N, K/32, 32] along K, or None when it cannot be packed."""
+    if w.dtype != np.float32 or w.ndim != 2 or w.shape[1] % BLOCK or w.size == 0:
+        return None
+    return w.reshape(w.shape[0], w.shape[1] // BLOCK, BLOCK)
 
 
 def _pack4(codes: np.ndarray) -> np.ndarray:
