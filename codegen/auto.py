@@ -68,9 +68,9 @@ class AutoProgram:
                     if p.backend == "onnx":
                         try:
                             self.main.session(p.graph.name)
-                        except CompileError as e:
+                        except CompileError as e:  # the lowering's own reason, without the hint to use auto
                             p.backend = "reference"
-                            p.reasons = {n.name: str(e) for n in p.nodes}
+                            p.reasons = {n.name: str(e.__cause__ or e) for n in p.nodes}
         ref_graphs = [p.graph for plan in self.plans.values() for p in plan.parts if p.backend == "reference"]
         self.fallback = self._program("reference", ref_graphs, weights, device) if ref_graphs else None
         self.device_sampling = getattr(self.main, "device_sampling", False) and self.fallback is None

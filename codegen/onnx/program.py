@@ -60,7 +60,7 @@ class OnnxProgram(ReferenceProgram):
                                     packer=self.packer)
             except CompileError as e:
                 raise CompileError(f"{e} (graph '{name}'); backend='auto' runs such ops on the reference backend "
-                                   "and the rest on ONNX") from None
+                                   "and the rest on ONNX") from e
             options = ort.SessionOptions()
             options.log_severity_level = 3
             if self.threads:
