@@ -1,0 +1,104 @@
+"""The GPU's view of the Triton backend, checked on the CPU: every kernel a model launches compiles with Triton's
+real compiler for an H100 (sm_90), and a decode step is safe to capture in a CUDA graph (the same launches
+whatever the position, no host synchronisation) within DESIGN.md's launch budget.
+
+Triton's interpreter runs kernels as numpy programs and accepts code the compiler rejects, so the kernel tests in
+test_triton.py alone cannot tell whether the GPU would compile them. The launches are recorded without running
+them (the launchers' control flow does not read device data), then compiled in a process without the interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowerlm
+from lowerlm.codegen.triton.aot import Recorder, TorchOps, compile_launches, unique
+from lowerlm.runtime.generate import decode_one, prefill
+
+from .conftest import calibration_ids, tiny_model
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels run for real (test_triton)")
+
+
+def _has_ptxas() -> bool:
+    spec = importlib.util.find_spec("triton.backends.nvidia")
+    return spec is not None and (Path(spec.submodule_search_locations[0]) / "bin" / "ptxas").exists()
+
+
+def _models():
+    from lowerlm.calibrate import calibrate
+
+    llama = tiny_model("llama")
+    yield "llama", llama, {}
+    yield "llama-bf16", tiny_model("llama").to(torch.bfloat16), {}
+    yield "mistral-window", tiny_model("mistral", sliding_window=4), {}
+    yield "qwen2-bias", tiny_model("qwen2"), {}
+    yield "mixtral", tiny_model("mixtral"), {}
+    yield "qwen3-moe-bf16", tiny_model("qwen3_moe").to(torch.bfloat16), {}
+    yield "arm", llama, {"arm": calibrate(llama, token_ids=calibration_ids(3, 32), sparsity=0.5)}
+
+
+def _record_workload(rec_models) -> list:
+    """Launches of prefill (GEMV rows and GEMM rows), decode at batch 1 and 2, and device sampling."""
+    from lowerlm.codegen.triton.sampling import sample
+
+    launches = []
+    for _, model, kw in rec_models:
+        cm = lowerlm.compile_model(model, backend="triton", max_batch=2, max_seq_len=64, **kw)
+        state = cm.generator.state
+        with Recorder(execute=False) as rec:
+            for s in (7, 9):  # 14 rows take the GEMV kernels, 18 the prefill path
+                prefill(cm.program, state, torch.randint(0, 64, (2, s)), torch.tensor([s, s - 2]))
+            for b in (1, 2):
+                decode_one(cm.program, state, torch.zeros(b, dtype=torch.long), torch.full((b,), 9))
+            seed, offset = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+            for temperature, top_k, top_p in ((0.0, 0, 1.0), (1.2, 8, 0.9), (0.7, 0, 0.5), (1.0, 5, 1.0)):
+                sample(torch.randn(2, 64), temperature, top_k, top_p, seed, offset)
+        launches += rec.launches
+    return launches
+
+
+@pytest.mark.skipif(not _has_ptxas(), reason="this Triton has no NVIDIA backend with ptxas to compile for sm_90")
+def test_every_kernel_a_model_launches_compiles_for_sm90():
+    launches = unique(_record_workload(list(_models())))
+    names = Counter(launch.name for launch in launches)
+    for kernel in ("embedding_kernel", "gemv_kernel", "rope_kernel", "attention_kernel", "decode_attention_kernel",
+                   "merge_splits_kernel", "rms_norm_kernel", "arm_up_kernel", "arm_down_kernel", "sample_kernel",
+                   "route_kernel", "grouped_gemm_kernel", "combine_kernel"):
+        assert names[kernel] > 0, f"no workload launches {kernel}: {sorted(names)}"
+    results = compile_launches(launches)
+    assert len(results) == len(launches)
+    failed = [(launch.name, launch.constexprs, r["error"]) for launch, r in zip(launches, results) if not r["ok"]]
+    assert not failed, failed
+    for launch, r in zip(launches, results):
+        assert r["shared"] <= 227 * 1024, (launch.name, launch.constexprs, r["shared"])  # H100's per-block limit
+        assert r["spills"] == 0, (launch.name, launch.constexprs, r)  # no kernel runs out of registers
+
+
+def _decode_launches(cm, batch: int, position: int):
+    """Triton launches and torch-op launches of one decode step of the program (inputs made outside)."""
+    dev = cm.program.device
+    positions = torch.full((batch, 1), position, dtype=torch.long, device=dev)
+    inputs = {"input_ids": torch.zeros(batch, 1, dtype=torch.long, device=dev), "positions": positions,
+              "seq_lens": (positions[:, 0] + 1).to(torch.int32)}
+    state = {name: buf[:batch] for name, buf in cm.generator.state.items()}
+    with Recorder(execute=False) as rec, TorchOps() as ops:
+        cm.program.run("decode", inputs, state, inplace=True)
+    return rec.launches, ops.launches
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_a_decode_step_is_capturable(family):
+    cm = lowerlm.compile_model(tiny_model(family), backend="triton", max_batch=4, max_seq_len=64)
+    for batch in (1, 4):
+        early, torch_ops = _decode_launches(cm, batch, 3)
+        late, _ = _decode_launches(cm, batch, 50)
+        # a captured graph freezes grids and scalar arguments: they must not depend on the position
+        assert [(x.name, x.grid, x.scalars, x.constexprs) for x in early] == \
+               [(x.name, x.grid, x.scalars, x.constexprs) for x in late]
+        assert torch_ops == [], torch_ops  # every launch of the step is one of ours
