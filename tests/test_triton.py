@@ -5,6 +5,8 @@ bf16 on CUDA."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -150,11 +152,32 @@ def test_seeded_sampling_through_the_triton_backend():
     assert first != [s[0] for s in cm.generate_ids([[5, 7, 9]], 6, seed=4, stop_ids=[], **kw)]
 
 
-def test_rope_and_cache_writes_fuse_into_one_launch():
+def test_rope_cache_writes_and_decode_attention_fuse():
     cm = lowerlm.compile_model(tiny_model("llama"), backend="triton")
-    decode = cm.ir.graph("decode")
-    plan = cm.program.plan(decode)
-    assert sum(v == "fused" for v in plan.values()) == 4 and sum(isinstance(v, tuple) for v in plan.values()) == 2
+    kinds = {name: Counter(v if isinstance(v, str) else v[0] for v in cm.program.plan(cm.ir.graph(name)).values())
+             for name in ("prefill", "decode")}
+    # prefill: rope + both cache writes in one launch per layer; decode: all of it inside the attention launch
+    assert kinds["prefill"] == {"fused": 4, "rope_cache_write": 2}
+    assert kinds["decode"] == {"fused": 4, "rope_attend": 2, "attend": 2}
+
+
+def test_fused_decode_attention_rotates_appends_and_attends():
+    b, hq, hk, d, t = 3, 6, 2, 12, 40
+    kc, vc = rand(b, hk, t, d), rand(b, hk, t, d, seed=1)
+    q, k, v = rand(b, 1, hq * d, seed=2), rand(b, 1, hk * d, seed=3), rand(b, 1, hk * d, seed=4)
+    pos = torch.tensor([[0], [17], [39]], device=DEV)
+    lens = (pos[:, 0] + 1).to(torch.int32)
+    inv = [1.0, 0.4, 0.1, 0.01, 0.001]
+    for splits, window in ((1, 0), (5, 0), (16, 7)):
+        want_q, want_k = ref.rope(q, k, pos, (hq, hk), inv, 0.9, "half")
+        want_kc, want_vc = ref.kv_cache_write(kc, want_k, pos), ref.kv_cache_write(vc, v, pos)
+        want = ref.cached_attention(want_q, want_kc, want_vc, pos, lens, 0.3, True, window)
+        got_kc, got_vc = kc.clone(), vc.clone()
+        got = decode_attention.decode_attention(q, got_kc, got_vc, pos, lens, 0.3, True, window, splits, new_k=k,
+                                                new_v=v, inv_freq=torch.tensor(inv, device=DEV), scaling=0.9)
+        close(got, want)
+        close(got_kc, want_kc)
+        close(got_vc, want_vc)
 
 
 def test_triton_backend_needs_a_gpu_or_the_interpreter(monkeypatch):

@@ -3,3 +3,14 @@ module's graphs by launching them; views and the few ops with no kernel run as t
 
 Kernels run on a CUDA GPU, or on the CPU under ``TRITON_INTERPRET=1`` (slow: tests use tiny shapes).
 """
+
+import torch
+
+_RECORDING_FOR_GPU = [False]  # set by aot.Recorder(execute=False): launches are recorded as a GPU run makes them
+
+
+def interpreted(device) -> bool:
+    """Whether kernels on ``device`` run in Triton's interpreter; launchers then choose its variants (f32 dots,
+    which it computes correctly, and small tiles, which it runs fast). False while launches are recorded for a
+    GPU compile (codegen/triton/aot.py), so the recorded launches are the GPU's."""
+    return torch.device(device).type == "cpu" and not _RECORDING_FOR_GPU[0]

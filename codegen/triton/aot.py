@@ -90,8 +90,9 @@ def specialise(fn, args: tuple, kwargs: dict, grid) -> Launch:
 
 class Recorder:
     """Records every Triton launch made inside ``with Recorder():`` (Triton's interpreter must be on, i.e.
-    ``TRITON_INTERPRET=1`` before the kernels were defined). ``execute=False`` records without running: outputs
-    stay uninitialised, which is enough to see the launches a model's shapes make."""
+    ``TRITON_INTERPRET=1`` before the kernels were defined). ``execute=False`` records without running, with the
+    launchers choosing what they choose on a GPU (``codegen.triton.interpreted``): outputs stay uninitialised,
+    which is enough to see the launches a model's shapes make on the GPU."""
 
     def __init__(self, execute: bool = True):
         self.execute = execute
@@ -99,6 +100,12 @@ class Recorder:
 
     def __enter__(self) -> Recorder:
         from triton.runtime.interpreter import InterpretedFunction
+
+        from lowerlm.codegen import triton as backend
+
+        self._gpu_flag = backend._RECORDING_FOR_GPU
+        self._was = self._gpu_flag[0]
+        self._gpu_flag[0] = not self.execute  # nothing runs: launchers choose their GPU variants
 
         self._cls, self._run = InterpretedFunction, InterpretedFunction.run
         recorder = self
@@ -115,6 +122,7 @@ class Recorder:
 
     def __exit__(self, *exc) -> None:
         self._cls.run = self._run
+        self._gpu_flag[0] = self._was
 
 def unique(launches: list) -> list[Launch]:
     """One launch per distinct compiled kernel, in first-launch order."""

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowerlm.codegen.triton import interpreted
+
 
 @triton.jit
 def attention_kernel(
@@ -84,7 +86,8 @@ def _launch(q, k4, v4, positions, key_positions, seq_lens, hq, scale, causal, wi
     out = torch.empty(b, s, hq * dv, dtype=q.dtype, device=q.device)
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_m = 16
-    block_n = 16 if q.device.type == "cpu" else 64
+    on_cpu = interpreted(q.device)
+    block_n = 16 if on_cpu else 64
     grid = (b * hq, triton.cdiv(s, block_m))
     kpos = key_positions if key_positions is not None else positions
     attention_kernel[grid](
@@ -94,8 +97,8 @@ def _launch(q, k4, v4, positions, key_positions, seq_lens, hq, scale, causal, wi
         v4.stride(2), out.stride(0), out.stride(1), positions.stride(0), kpos.stride(0),
         scale, window,
         CAUSAL=causal, KEY_POS=key_positions is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 or q.device.type == "cpu" else None,
-        UPCAST=q.device.type == "cpu",  # the interpreter computes bf16 dots wrongly: give it f32
+        PRECISION="ieee" if q.dtype == torch.float32 or on_cpu else None,
+        UPCAST=on_cpu,  # the interpreter computes bf16 dots wrongly: give it f32
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_DV=max(16, triton.next_power_of_2(dv)))
     return out

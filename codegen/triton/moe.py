@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowerlm.codegen.triton import interpreted
 from lowerlm.codegen.triton.gemv import ACTS, _act
 
 
@@ -199,7 +200,7 @@ def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str, block_m: in
     blocks = triton.cdiv(rows, block_m) + e  # an upper bound of the row blocks, whatever the routing
     block_n = min(64, max(16, triton.next_power_of_2(n)))
     grid = (blocks, triton.cdiv(n, block_n))
-    on_cpu = x.device.type == "cpu"
+    on_cpu = interpreted(x.device)
     grouped_gemm_kernel[grid](
         x2, w.contiguous(), order.contiguous(), offsets.contiguous(), cum,
         scale.reshape(-1).contiguous() if scale is not None else x2, out,

@@ -53,7 +53,10 @@ class TritonProgram(ReferenceProgram):
         return device
 
     def plan(self, g: Graph) -> dict:
-        """rope → (k cache write, v cache write) fusions, by rope name; the fused writes by name."""
+        """Launch fusions by node name: a ``rope`` whose k result only feeds a cache write, with the matching v
+        write, is one ``rope_cache_write`` launch; in decode, when its q result only feeds the cached attention
+        over those two caches, the attention takes all of it (``attend``). Element-wise chains are generated
+        kernels. Fused entries apply to in-place runs (the writes land in the state buffers)."""
         if g.name in self._plans:
             return self._plans[g.name]
         plan: dict = {}
@@ -72,11 +75,33 @@ class TritonProgram(ReferenceProgram):
                        and w.inputs[2] == kwrite.inputs[2] and index.get(w.inputs[1], -1) < index[rope.name]]
             if len(vwrites) != 1:
                 continue
-            plan[rope.name] = (kwrite, vwrites[0])
-            plan[kwrite.name] = plan[vwrites[0].name] = "fused"
+            vwrite = vwrites[0]
+            plan[kwrite.name] = plan[vwrite.name] = "fused"
+            attn = self._attends(g, rope, kwrite, vwrite)
+            if attn is not None:
+                plan[rope.name] = ("rope_attend", kwrite, vwrite)
+                plan[attn.name] = ("attend", rope, vwrite)
+            else:
+                plan[rope.name] = ("rope_cache_write", kwrite, vwrite)
         plan.update(self._plan_chains(g))
         self._plans[g.name] = plan
         return plan
+
+    @staticmethod
+    def _attends(g: Graph, rope: Node, kwrite: Node, vwrite: Node):
+        """The decode cached attention that alone reads rope's q and the two written caches, else None."""
+        q_out = rope.results[0].name
+        users = g.users.get(q_out, [])
+        if len(users) != 1 or g.use_count(q_out) != 1 or rope.results[0].type.shape[1] != 1:
+            return None
+        attn = users[0]
+        new_caches = [kwrite.results[0].name, vwrite.results[0].name]
+        if attn.op is not Op.CACHED_ATTENTION or list(attn.inputs[:3]) != [q_out, *new_caches] \
+                or not attn.inputs[3] == rope.inputs[2] == kwrite.inputs[2]:
+            return None
+        if any(u is not attn for c in new_caches for u in g.users.get(c, [])):
+            return None
+        return attn
 
     def _plan_chains(self, g: Graph) -> dict:
         """Single-use chains of element-wise nodes, each one generated kernel, keyed by the chain's last node."""
@@ -108,22 +133,15 @@ class TritonProgram(ReferenceProgram):
 
         op, a = node.op, node.all_attrs()
         step = plan.get(node.name)
-        if step == "fused":
-            return values[node.inputs[0]]  # written by the rope launch, in place
-        if step == "in-chain":
-            return None  # computed inside the generated kernel of the chain it belongs to
         if isinstance(step, tuple) and step[0] == "chain":
             _, inputs, kernel = step
             t = node.results[0].type
             return run_chain(kernel, [values[v] for v in inputs], [evaluate(d, env) for d in t.shape],
                              t.dtype.to_torch(), self.device)
-        if op is Op.ROPE and node.name in plan and inplace:
-            kwrite, vwrite = plan[node.name]
-            q, k, positions = args
-            q_out = rope.rope_cache_write(q, k, values[vwrite.inputs[1]], positions, a["heads"],
-                                          self._inv_freq(a["inv_freq"]), values[kwrite.inputs[0]],
-                                          values[vwrite.inputs[0]], a["scaling"], a["layout"])
-            return q_out, None
+        if step == "in-chain":
+            return None  # computed inside the generated kernel of the chain it belongs to
+        if step is not None and inplace:
+            return self._run_fused(step, node, args, values)
         if op is Op.EMBEDDING:
             return embedding.embedding(*args)
         if op is Op.RMS_NORM:
@@ -161,6 +179,29 @@ class TritonProgram(ReferenceProgram):
                 return decode_attention.decode_attention(*args, a["scale"], a["causal"], a["window"])
             return attention.cached_attention(*args, a["scale"], a["causal"], a["window"])
         return super().execute(node, args, env, inplace, values, plan)
+
+    def _run_fused(self, step, node: Node, args: list, values: dict):
+        """A node of a planned fusion (in-place runs): the launch happens at ``rope_cache_write`` or ``attend``."""
+        from lowerlm.codegen.triton import decode_attention, rope
+
+        if step == "fused":
+            return values[node.inputs[0]]  # the cache buffer, written in place by the fused launch
+        kind, a = step[0], node.all_attrs()
+        if kind == "rope_attend":
+            return None, None  # the attention launch rotates q and k itself
+        if kind == "rope_cache_write":
+            kwrite, vwrite = step[1:]
+            q, k, positions = args
+            q_out = rope.rope_cache_write(q, k, values[vwrite.inputs[1]], positions, a["heads"],
+                                          self._inv_freq(a["inv_freq"]), values[kwrite.inputs[0]],
+                                          values[vwrite.inputs[0]], a["scaling"], a["layout"])
+            return q_out, None
+        rope_node, vwrite = step[1:]  # attend
+        r = rope_node.all_attrs()
+        return decode_attention.decode_attention(
+            values[rope_node.inputs[0]], args[1], args[2], args[3], args[4], a["scale"], a["causal"], a["window"],
+            new_k=values[rope_node.inputs[1]], new_v=values[vwrite.inputs[1]], inv_freq=self._inv_freq(r["inv_freq"]),
+            scaling=r["scaling"], layout=r["layout"])
 
     @staticmethod
     def _slots(node: Node, args: list) -> list:
