@@ -328,6 +328,18 @@ def test_moe_router_kernel(attrs):
     close(got_w.cpu().gather(-1, gp), want_w.gather(-1, wp), tol=1e-6)
 
 
+@pytest.mark.parametrize("rows, experts", [(8, 128), (203, 6), (1030, 5)])  # one block, many, torch's path
+def test_moe_sort_is_stable_by_expert(rows, experts):
+    from lowerlm.codegen.triton import moe
+
+    gen = torch.Generator().manual_seed(rows)
+    ids = torch.randint(0, max(1, experts - 2), (rows,), generator=gen).to(torch.int32).to(DEV)  # 2 empty experts
+    order, offsets, inverse = moe.moe_sort(ids, experts)
+    want_order, want_offsets = ref.moe_sort(ids.cpu(), experts)
+    assert torch.equal(order.cpu(), want_order) and torch.equal(offsets.cpu(), want_offsets)
+    assert torch.equal(inverse.cpu()[want_order.long()], torch.arange(rows, dtype=torch.int32))
+
+
 @pytest.mark.parametrize("act, gather", [("silu", 2), ("none", 0)])
 def test_grouped_gemm_and_combine_with_empty_experts(act, gather):
     from lowerlm.codegen.triton import moe
@@ -336,9 +348,10 @@ def test_grouped_gemm_and_combine_with_empty_experts(act, gather):
     gen = torch.Generator().manual_seed(5)
     ids = torch.stack([torch.randperm(4, generator=gen)[:k] for _ in range(tokens)]).to(torch.int32)  # 4, 5 empty
     ids = ids.reshape(1, tokens, k).to(DEV)
-    order, offsets = moe.moe_sort(ids, e)
+    order, offsets, inverse = moe.moe_sort(ids, e)
     want_order, want_offsets = ref.moe_sort(ids.cpu(), e)
     assert torch.equal(order.cpu(), want_order) and torch.equal(offsets.cpu(), want_offsets)
+    assert torch.equal(order.cpu()[inverse.cpu().long()], torch.arange(tokens * k, dtype=torch.int32))
     assert offsets.diff().cpu().tolist()[4:] == [0, 0]
     rows = tokens * k
     x = rand(1, tokens, hidden, seed=6) if gather else rand(rows, hidden, seed=6)
@@ -349,7 +362,8 @@ def test_grouped_gemm_and_combine_with_empty_experts(act, gather):
     want = ref.grouped_gemm(x.cpu(), w.cpu(), order.cpu(), offsets.cpu(), scale.cpu(), gather, act)
     close(got.cpu(), want, tol=1e-5)
     like = torch.empty(1, tokens, got.shape[1])
-    close(moe.moe_combine(got, order, like, k).cpu(), ref.moe_combine(want, order.cpu(), like, k), tol=1e-5)
+    for inv in (inverse, None):
+        close(moe.moe_combine(got, order, like, k, inv).cpu(), ref.moe_combine(want, order.cpu(), like, k), tol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])

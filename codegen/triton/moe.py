@@ -4,11 +4,13 @@
   model's dtype unless the family routes in f32), then softmax + top-k, or sigmoid scores chosen by score + bias
   within the ``topk_group`` best of ``n_group`` groups (group score: the sum of its top two); the chosen weights
   are renormalised and scaled. Top-k is k rounds of max-and-mask over the experts held in registers.
-- ``moe_sort``: torch ops on the device (a key sort and per-expert counts), no host synchronisation.
+- ``moe_sort``: a one-program counting sort (decode: one launch), or torch's sort on the device for prefill's
+  many rows; no host synchronisation either way. It also gives each pair's row (the inverse), for the combine.
 - ``grouped_gemm``: rows are sorted by expert; each expert's segment is cut into BLOCK_M row blocks, and the grid
   holds an upper bound of blocks (cdiv(R, BLOCK_M) + E) so it does not depend on the routing (CUDA graphs): a
-  program finds its expert from the cumulative block counts and exits when past the last block. An expert without
-  tokens has no blocks, so its weights are never read — a decode step reads only the selected experts. With
+  program finds its expert from the block counts it derives from the offsets and exits past the last block. An
+  expert without tokens has no blocks, so its weights are never read — a decode step reads only the selected
+  experts. With
   ``gather`` the rows are the tokens' rows (order // top_k); ``act`` computes act(gate)·up from both halves of the
   expert's weight; ``scale`` multiplies each row by its routing weight. Rounding points as in transformers.
 - ``moe_combine``: each token sums its top_k rows in expert order (f32 accumulation).
@@ -117,21 +119,66 @@ def moe_route(x, router, bias, router_kind, top_k, n_group, topk_group, renormal
     return ids.reshape(*lead, top_k), weights.reshape(*lead, top_k)
 
 
+SORT_KERNEL_MAX_ROWS = 1024  # one program sorts this many (token, expert) pairs fast; prefill uses torch's sort
+
+
+@triton.jit
+def sort_kernel(
+    ids_ptr, order_ptr, inverse_ptr, offsets_ptr,  # pointers
+    R, E,  # sizes: (token, expert) pairs, experts
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """One program, a counting sort: per-expert counts give the segment starts (offsets), then each pair's row is
+    its expert's start plus the pairs of that expert before it (stable)."""
+    ev = tl.arange(0, BLOCK_E)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        e = tl.load(ids_ptr + offs_r, mask=offs_r < R, other=-1)
+        counts += tl.sum((e[:, None] == ev[None, :]).to(tl.int32), axis=0)
+    base = tl.cumsum(counts, axis=0) - counts  # each expert's first row
+    tl.store(offsets_ptr + ev, base, mask=ev < E)
+    tl.store(offsets_ptr + E, tl.sum(counts, axis=0))
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        e = tl.load(ids_ptr + offs_r, mask=mask_r, other=-1)
+        onehot = (e[:, None] == ev[None, :]).to(tl.int32)
+        before = tl.cumsum(onehot, axis=0) - onehot  # pairs of the same expert earlier in this block
+        row = tl.sum(onehot * (base[None, :] + before), axis=1)
+        tl.store(order_ptr + row, offs_r, mask=mask_r)
+        tl.store(inverse_ptr + offs_r, row, mask=mask_r)
+        base += tl.sum(onehot, axis=0)
+
+
 def moe_sort(ids, experts: int):
-    """order (pair indices sorted by expert, stable) and offsets [E+1], without leaving the device."""
-    flat = ids.reshape(-1).long()
+    """order (pair indices sorted by expert, stable), offsets [E+1] and inverse (each pair's row), without
+    leaving the device: one launch up to SORT_KERNEL_MAX_ROWS pairs (decode), torch's sort past it (prefill)."""
+    flat = ids.reshape(-1)
     rows = flat.numel()
-    index = torch.arange(rows, device=ids.device)
-    order = torch.argsort(flat * max(rows, 1) + index)  # distinct keys: the sort is stable
-    counts = (flat[:, None] == torch.arange(experts, device=ids.device)[None, :]).sum(0)
-    offsets = torch.zeros(experts + 1, dtype=torch.int32, device=ids.device)
+    dev = ids.device
+    if rows <= SORT_KERNEL_MAX_ROWS:
+        order = torch.empty(rows, dtype=torch.int32, device=dev)
+        inverse = torch.empty(rows, dtype=torch.int32, device=dev)
+        offsets = torch.empty(experts + 1, dtype=torch.int32, device=dev)
+        block_e = triton.next_power_of_2(experts)
+        sort_kernel[(1,)](flat.to(torch.int32).contiguous(), order, inverse, offsets, rows, experts,
+                          BLOCK_R=max(16, min(64, 4096 // block_e)), BLOCK_E=block_e)
+        return order, offsets, inverse
+    flat = flat.long()
+    index = torch.arange(rows, device=dev)
+    order = torch.argsort(flat * rows + index)  # distinct keys: the sort is stable
+    counts = (flat[:, None] == torch.arange(experts, device=dev)[None, :]).sum(0)
+    offsets = torch.zeros(experts + 1, dtype=torch.int32, device=dev)
     offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    return order.to(torch.int32), offsets
+    inverse = torch.empty(rows, dtype=torch.int32, device=dev)
+    inverse[order] = index.to(torch.int32)
+    return order.to(torch.int32), offsets, inverse
 
 
 @triton.jit
 def grouped_gemm_kernel(
-    x_ptr, w_ptr, order_ptr, offsets_ptr, cum_ptr, scale_ptr, out_ptr,  # pointers
+    x_ptr, w_ptr, order_ptr, offsets_ptr, scale_ptr, out_ptr,  # pointers
     N, K, E, gather, stride_we,  # N: output columns (per half with ACT)
     GATHER: tl.constexpr, ACT: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -140,11 +187,13 @@ def grouped_gemm_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     ev = tl.arange(0, BLOCK_E)
-    cum = tl.load(cum_ptr + ev, mask=ev < E, other=2 ** 30)  # blocks of experts 0..e, cumulated
-    total = tl.load(cum_ptr + E - 1)
-    if pid_m < total:
+    seg_starts = tl.load(offsets_ptr + ev, mask=ev < E, other=0)
+    seg_ends = tl.load(offsets_ptr + ev + 1, mask=ev < E, other=0)
+    blocks = (seg_ends - seg_starts + BLOCK_M - 1) // BLOCK_M  # row blocks of each expert
+    cum = tl.cumsum(blocks, axis=0)  # blocks of experts 0..e
+    if pid_m < tl.sum(blocks, axis=0):
         e = tl.sum((cum <= pid_m).to(tl.int32), 0)
-        first = tl.load(cum_ptr + e - 1, mask=e > 0, other=0)
+        first = tl.sum(tl.where(ev == e, cum - blocks, 0), axis=0)  # this expert's first block
         seg_start = tl.load(offsets_ptr + e)
         seg_end = tl.load(offsets_ptr + e + 1)
         rows = seg_start + (pid_m - first) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -195,14 +244,12 @@ def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str, block_m: in
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     if rows == 0:
         return out
-    counts = offsets[1:] - offsets[:-1]
-    cum = torch.cumsum((counts + block_m - 1) // block_m, 0).to(torch.int32)
     blocks = triton.cdiv(rows, block_m) + e  # an upper bound of the row blocks, whatever the routing
     block_n = min(64, max(16, triton.next_power_of_2(n)))
     grid = (blocks, triton.cdiv(n, block_n))
     on_cpu = interpreted(x.device)
     grouped_gemm_kernel[grid](
-        x2, w.contiguous(), order.contiguous(), offsets.contiguous(), cum,
+        x2, w.contiguous(), order.contiguous(), offsets.contiguous(),
         scale.reshape(-1).contiguous() if scale is not None else x2, out,
         n, k, e, max(gather, 1), n_w * k,
         GATHER=gather > 0, ACT=ACTS[act], HAS_SCALE=scale is not None,
@@ -214,29 +261,34 @@ def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str, block_m: in
 
 @triton.jit
 def combine_kernel(
-    y_ptr, pos_ptr, out_ptr,  # pointers
+    y_ptr, inverse_ptr, out_ptr,  # pointers
     H,
-    K: tl.constexpr, BLOCK_H: tl.constexpr,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     t = tl.program_id(0)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = h < H
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = tl.load(inverse_ptr + t * K + offs_k, mask=offs_k < K, other=2 ** 30)  # this token's rows
+    rank = tl.sum((rows[None, :] < rows[:, None]).to(tl.int32), axis=1)  # each row's place in row order
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for j in tl.static_range(K):
-        p = tl.load(pos_ptr + t * K + j).to(tl.int64)
+    for j in tl.static_range(K):  # rows in ascending order: experts in order, as the reference sums
+        p = tl.sum(tl.where(rank == j, rows, 0), axis=0).to(tl.int64)
         acc += tl.load(y_ptr + p * H + h, mask=hmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=hmask)
 
 
-def moe_combine(y, order, like, top_k: int):
-    """The ``moe_combine`` op: each token's top_k rows summed (in expert order), shaped like ``like``."""
+def moe_combine(y, order, like, top_k: int, inverse=None):
+    """The ``moe_combine`` op: each token's top_k rows summed (in expert order), shaped like ``like``;
+    ``inverse`` (each pair's row, from ``moe_sort``) saves recomputing it from ``order``."""
     rows, h = y.shape
     tokens = rows // top_k
     out = torch.empty(tokens, h, dtype=y.dtype, device=y.device)
     if tokens:
-        inverse = torch.empty(rows, dtype=torch.int32, device=y.device)
-        inverse[order.long()] = torch.arange(rows, dtype=torch.int32, device=y.device)
-        pos = inverse.reshape(tokens, top_k).sort(-1).values.contiguous()  # sorted rows: expert order
+        if inverse is None:
+            inverse = torch.empty(rows, dtype=torch.int32, device=y.device)
+            inverse[order.long()] = torch.arange(rows, dtype=torch.int32, device=y.device)
         block_h = min(1024, triton.next_power_of_2(h))
-        combine_kernel[(tokens, triton.cdiv(h, block_h))](y.contiguous(), pos, out, h, K=top_k, BLOCK_H=block_h)
+        combine_kernel[(tokens, triton.cdiv(h, block_h))](y.contiguous(), inverse.contiguous(), out, h, K=top_k,
+                                                          BLOCK_K=triton.next_power_of_2(top_k), BLOCK_H=block_h)
     return out.reshape(like.shape)

@@ -169,11 +169,12 @@ class TritonProgram(ReferenceProgram):
 
             if op is Op.MOE_ROUTE:
                 return moe.moe_route(*self._slots(node, args), **route_attrs(a))
-            if op is Op.MOE_SORT:
-                return moe.moe_sort(args[0], a["experts"])
+            if op is Op.MOE_SORT:  # each pair's row rides along in the run's values, for the combine
+                order, offsets, values[f"{node.results[0].name}#inverse"] = moe.moe_sort(args[0], a["experts"])
+                return order, offsets
             if op is Op.GROUPED_GEMM:
                 return moe.grouped_gemm(*self._slots(node, args), a["gather"], a["act"])
-            return moe.moe_combine(*args, a["top_k"])
+            return moe.moe_combine(*args, a["top_k"], inverse=values.get(f"{node.inputs[1]}#inverse"))
         if op is Op.CACHED_ATTENTION:
             if args[0].shape[1] == 1:  # decode: split-K over the cache, GQA groups together
                 return decode_attention.decode_attention(*args, a["scale"], a["causal"], a["window"])
