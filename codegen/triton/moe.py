@@ -10,9 +10,8 @@
   holds an upper bound of blocks (cdiv(R, BLOCK_M) + E) so it does not depend on the routing (CUDA graphs): a
   program finds its expert from the block counts it derives from the offsets and exits past the last block. An
   expert without tokens has no blocks, so its weights are never read — a decode step reads only the selected
-  experts. With
-  ``gather`` the rows are the tokens' rows (order // top_k); ``act`` computes act(gate)·up from both halves of the
-  expert's weight; ``scale`` multiplies each row by its routing weight. Rounding points as in transformers.
+  experts. With ``gather`` the rows are the tokens' rows (order // top_k); ``act`` computes act(gate)·up from both
+  halves of the expert's weight; ``scale`` multiplies each row by its routing weight. Rounding as in transformers.
 - ``moe_combine``: each token sums its top_k rows in expert order (f32 accumulation).
 """
 
