@@ -161,6 +161,26 @@ def test_rope_cache_writes_and_decode_attention_fuse():
     assert kinds["decode"] == {"fused": 4, "rope_attend": 2, "attend": 2}
 
 
+@pytest.mark.parametrize("graph", ["prefill", "decode"])
+def test_fused_launches_respect_a_run_that_is_not_in_place(graph):
+    from lowerlm.codegen.reference import ReferenceProgram
+
+    cm = lowerlm.compile_model(tiny_model("llama"), backend="triton", max_seq_len=16)
+    s = 3 if graph == "prefill" else 1
+    inputs = {"input_ids": torch.tensor([[5, 9, 2][:s]]), "positions": torch.tensor([[4, 5, 6][:s]]),
+              "seq_lens": torch.tensor([4 + s], dtype=torch.int32)}
+    state = {name: torch.randn(buf[:1].shape, generator=torch.Generator().manual_seed(1))
+             for name, buf in cm.generator.state.items()}
+    before = {name: buf.clone() for name, buf in state.items()}
+    (want,), want_state = ReferenceProgram(cm.ir, cm.weights).run(graph, inputs, state)
+    (got,), got_state = cm.program.run(graph, {k: v.to(DEV) for k, v in inputs.items()},
+                                       {k: v.to(DEV) for k, v in state.items()} if DEV != "cpu" else state)
+    close(got.cpu(), want, tol=1e-4)
+    for name in state:
+        close(got_state[name].cpu(), want_state[name])
+        assert torch.equal(state[name], before[name])  # the given buffers are untouched
+
+
 def test_fused_decode_attention_rotates_appends_and_attends():
     b, hq, hk, d, t = 3, 6, 2, 12, 40
     kc, vc = rand(b, hk, t, d), rand(b, hk, t, d, seed=1)
