@@ -120,6 +120,7 @@ def bench_shape(shape, args, device, dtype, bandwidth):
     def hf(m):
         return lambda k: m.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False)
 
+    compiled = None
     with torch.no_grad():
         rows["transformers eager"] = per_token(hf(model), n, device)
         if device.type == "cuda" and not args.smoke:
@@ -154,10 +155,16 @@ def bench_shape(shape, args, device, dtype, bandwidth):
         print(f"batch {b} decode: {b / sec:.0f} tokens/s")
     long = torch.randint(0, model.config.vocab_size, (1, args.prefill), generator=torch.Generator().manual_seed(1))
     long = long.to(device)
-    with torch.no_grad():
-        t_ours = timed(lambda: cm(long), device)
-        t_hf = timed(lambda: model(long), device)
-    print(f"prefill {args.prefill} tokens: lowerlm {t_ours * 1e3:.1f} ms, transformers eager {t_hf * 1e3:.1f} ms")
+    with torch.no_grad():  # full logits on every side, as a forward computes them
+        prefill = {"lowerlm": lambda: cm(long), "transformers eager": lambda: model(long, use_cache=False)}
+        if compiled is not None:
+            prefill["transformers + torch.compile"] = lambda: compiled(long, use_cache=False)
+        times = {}
+        for name, fn in prefill.items():
+            fn()  # compiles for this shape
+            times[name] = timed(fn, device)
+    print(f"prefill {args.prefill} tokens: " + ", ".join(
+        f"{name} {sec * 1e3:.1f} ms ({sec / times['lowerlm']:.2f}x lowerlm's time)" for name, sec in times.items()))
     print(f"compile: cold {cold_s:.1f} s, warm {warm_s:.1f} s")
 
 

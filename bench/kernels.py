@@ -23,7 +23,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from decode import SHAPES  # noqa: E402
-from moe import SHAPES as MOE_SHAPES  # noqa: E402
+from moe import SHAPES as _MOE  # noqa: E402
+
+MOE_SHAPES = {("tiny-moe" if name == "tiny" else name): shape for name, shape in _MOE.items()}
 
 LAYERS = 2
 

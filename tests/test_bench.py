@@ -25,3 +25,14 @@ def test_decode_bench_smoke():
 def test_moe_bench_smoke():
     out = _smoke("moe.py")
     assert "prefill 16 tokens: lowerlm" in out and "floor (bytes read / copy bandwidth)" in out
+
+
+def test_kernel_report_on_tiny_shapes():
+    """bench/kernels.py compiles a decode step's kernels for sm_90 (no GPU) and reports their resources."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--shapes", "tiny", "--batches", "1,2"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "batch 1: 12 kernel launches per step recorded (5 per layer" in out.stdout
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "_kernel" in line]
+    assert {row.split(" | ")[0][2:] for row in rows} >= {"gemv_kernel", "decode_attention_kernel", "embedding_kernel"}
+    assert all(row.endswith("| yes |") for row in rows), rows
