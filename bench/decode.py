@@ -78,8 +78,9 @@ def build(shape: str, dtype, device):
     return model
 
 
-def kernels_per_step(cm, device) -> int:
-    """CUDA kernels one uncaptured decode step launches (a captured step replays the same ones)."""
+def kernels_per_step(cm, device) -> tuple:
+    """CUDA kernels one uncaptured decode step launches (a captured step replays the same ones), and the time
+    they run by kernel name, summed over the step (microseconds), longest first."""
     from torch.profiler import ProfilerActivity, profile
 
     from lowerlm.runtime.generate import decode_one
@@ -91,7 +92,12 @@ def kernels_per_step(cm, device) -> int:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         decode_one(cm.program, gen.state, tokens, positions)
         sync(device)
-    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    by_name: dict = {}
+    for e in kernels:
+        count, total = by_name.get(e.name, (0, 0.0))
+        by_name[e.name] = (count + 1, total + e.time_range.elapsed_us())
+    return len(kernels), sorted(by_name.items(), key=lambda kv: -kv[1][1])
 
 
 def print_peers(rows: dict, ours: str, floor: float, floor_what: str, cm, device) -> None:
@@ -103,7 +109,14 @@ def print_peers(rows: dict, ours: str, floor: float, floor_what: str, cm, device
         print(f"| {name} | {sec * 1e3:.3f} | {1 / sec:.1f} | {sec / rows[ours]:.2f}x | {floor / sec:.1%} |")
     print(f"floor ({floor_what}): {floor * 1e3:.3f} ms/token")
     if device.type == "cuda":
-        print(f"kernels per decode step (uncaptured): {kernels_per_step(cm, device)}")
+        count, by_name = kernels_per_step(cm, device)
+        busy = sum(total for _, total in by_name.values())
+        print(f"kernels per decode step (uncaptured): {count}, running {busy:.0f} us of the "
+              f"{rows[ours] * 1e6:.0f} us per token")
+        print("| kernel | launches | us per step | share of kernel time |")
+        print("|---|---|---|---|")
+        for name, (launches, total) in by_name[:12]:
+            print(f"| {name[:60]} | {launches} | {total:.1f} | {total / busy:.1%} |")
 
 
 def bench_shape(shape, args, device, dtype, bandwidth):
