@@ -159,6 +159,9 @@ def test_rope_cache_writes_and_decode_attention_fuse():
     # prefill: rope + both cache writes in one launch per layer; decode: all of it inside the attention launch
     assert kinds["prefill"] == {"fused": 4, "rope_cache_write": 2}
     assert kinds["decode"] == {"fused": 4, "rope_attend": 2, "attend": 2}
+    qwen3 = lowerlm.compile_model(tiny_model("qwen3_moe"), backend="triton")  # q/k norms go in as well
+    kinds = Counter(v if isinstance(v, str) else v[0] for v in qwen3.program.plan(qwen3.ir.graph("decode")).values())
+    assert kinds["in-attend"] == 12 and kinds["attend"] == 2
 
 
 @pytest.mark.parametrize("graph", ["prefill", "decode"])
@@ -181,20 +184,27 @@ def test_fused_launches_respect_a_run_that_is_not_in_place(graph):
         assert torch.equal(state[name], before[name])  # the given buffers are untouched
 
 
-def test_fused_decode_attention_rotates_appends_and_attends():
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_fused_decode_attention_rotates_appends_and_attends(qk_norm):
     b, hq, hk, d, t = 3, 6, 2, 12, 40
     kc, vc = rand(b, hk, t, d), rand(b, hk, t, d, seed=1)
     q, k, v = rand(b, 1, hq * d, seed=2), rand(b, 1, hk * d, seed=3), rand(b, 1, hk * d, seed=4)
     pos = torch.tensor([[0], [17], [39]], device=DEV)
     lens = (pos[:, 0] + 1).to(torch.int32)
     inv = [1.0, 0.4, 0.1, 0.01, 0.001]
+    norms = (rand(d, seed=5), rand(d, seed=6), 1e-5) if qk_norm else None
     for splits, window in ((1, 0), (5, 0), (16, 7)):
-        want_q, want_k = ref.rope(q, k, pos, (hq, hk), inv, 0.9, "half")
+        qn, kn = q, k
+        if qk_norm:  # Qwen3: per-head RMSNorm before RoPE
+            qn = ref.rms_norm(q.reshape(b, 1, hq, d), norms[0], 1e-5).reshape(q.shape)
+            kn = ref.rms_norm(k.reshape(b, 1, hk, d), norms[1], 1e-5).reshape(k.shape)
+        want_q, want_k = ref.rope(qn, kn, pos, (hq, hk), inv, 0.9, "half")
         want_kc, want_vc = ref.kv_cache_write(kc, want_k, pos), ref.kv_cache_write(vc, v, pos)
         want = ref.cached_attention(want_q, want_kc, want_vc, pos, lens, 0.3, True, window)
         got_kc, got_vc = kc.clone(), vc.clone()
         got = decode_attention.decode_attention(q, got_kc, got_vc, pos, lens, 0.3, True, window, splits, new_k=k,
-                                                new_v=v, inv_freq=torch.tensor(inv, device=DEV), scaling=0.9)
+                                                new_v=v, inv_freq=torch.tensor(inv, device=DEV), scaling=0.9,
+                                                qk_norm=norms)
         close(got, want)
         close(got_kc, want_kc)
         close(got_vc, want_vc)

@@ -7,9 +7,10 @@ its partial softmax sums; the last program of a (sequence, kv head) to finish â€
 them and writes the output, so no second kernel runs. One program per (sequence, query head) would leave most of
 a GPU idle at batch 1.
 
-With ``new_k``/``new_v`` given (the decode step's rope and cache writes fused in): q is rotated in the prologue,
-and the program whose chunk holds the step's own slot rotates k, writes k and v into the caches and attends to
-that key from registers; the other programs skip the slot. The decode step's attention is then one launch.
+With ``new_k``/``new_v`` given (the decode step's rope and cache writes fused in): q is rotated in the prologue
+(after its per-head RMSNorm, for Qwen3's q/k norms), and the program whose chunk holds the step's own slot
+attends to that key from registers while split 0 writes k and v into the caches; the other programs skip the
+slot. The decode step's attention is then one launch.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ MAX_SPLITS = 16  # enough programs to fill an H100 at batch 1 with few kv heads;
 @triton.jit
 def decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, lens_ptr, part_ptr, stat_ptr, count_ptr, out_ptr,  # pointers
-    new_k_ptr, new_v_ptr, inv_ptr,  # the step's own k and v rows and the RoPE frequencies (ROPE_APPEND)
+    new_k_ptr, new_v_ptr, inv_ptr, qn_ptr, kn_ptr,  # the step's own k, v rows, RoPE frequencies, q/k norm weights
     HK, GROUP, D, DV, T, SPLITS,  # sizes: kv heads, query heads per kv head, head dims, cache slots, splits
     stride_qb, stride_kb, stride_kh, stride_kj, stride_vb, stride_vh, stride_vj, stride_ob,  # strides
     stride_nkb, stride_nvb,
-    scale, window, scaling,
+    scale, window, scaling, norm_eps,
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    ROPE_APPEND: tl.constexpr, HALF: tl.constexpr, HALF_R: tl.constexpr,
+    ROPE_APPEND: tl.constexpr, HALF: tl.constexpr, HALF_R: tl.constexpr, QK_NORM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MERGE_G: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -51,7 +52,8 @@ def decode_attention_kernel(
     n_keys = tl.load(lens_ptr + b)
     q_rows = q_ptr + b * stride_qb + heads[:, None] * D
     if ROPE_APPEND:
-        q = rope_rows(q_rows, offs_d[None, :], mask_q, qpos, inv_ptr, scaling, HALF, HALF_R)
+        q = rope_rows(q_rows, offs_d[None, :], mask_q, qpos, inv_ptr, scaling, qn_ptr, norm_eps, D, HALF, HALF_R,
+                      QK_NORM)
     else:
         q = tl.load(q_rows + offs_d[None, :], mask=mask_q, other=0.0)
     if UPCAST:
@@ -96,7 +98,8 @@ def decode_attention_kernel(
     if ROPE_APPEND:
         mask_d = offs_d < D
         mask_dv = offs_dv < DV
-        k_new = rope_rows(new_k_ptr + b * stride_nkb + kvh * D, offs_d, mask_d, qpos, inv_ptr, scaling, HALF, HALF_R)
+        k_new = rope_rows(new_k_ptr + b * stride_nkb + kvh * D, offs_d, mask_d, qpos, inv_ptr, scaling, kn_ptr,
+                          norm_eps, D, HALF, HALF_R, QK_NORM)
         v_new = tl.load(new_v_ptr + b * stride_nvb + kvh * DV + offs_dv, mask=mask_dv, other=0.0)
         if split == 0:  # the cache write, whether or not the slot is within the valid length
             slot = tl.zeros([BLOCK_D], dtype=tl.int64) + qpos
@@ -166,11 +169,12 @@ def num_splits(batch: int, kv_heads: int, slots: int, block_n: int = 64) -> int:
 
 
 def decode_attention(q, k_cache, v_cache, positions, seq_lens, scale, causal=True, window=0, splits=None,
-                     new_k=None, new_v=None, inv_freq=None, scaling=1.0, layout="half"):
+                     new_k=None, new_v=None, inv_freq=None, scaling=1.0, layout="half", qk_norm=None):
     """``cached_attention`` for one query per sequence: q [B, 1, Hq*D], caches [B, Hk, T, D] -> [B, 1, Hq*Dv].
 
     With ``new_k``/``new_v`` [B, 1, Hk*D] and ``inv_freq``, q and new_k are rotated first and new_k/new_v written
-    into the caches at ``positions`` (in place): ``rope`` + both ``kv_cache_write`` + this, in one launch."""
+    into the caches at ``positions`` (in place): ``rope`` + both ``kv_cache_write`` + this, in one launch. With
+    ``qk_norm`` = (q weight [D], k weight [D], eps) too, q and new_k are RMS-normalised per head before RoPE."""
     b, s, width = q.shape
     assert s == 1, "decode_attention takes one query per sequence"
     _, hk, t, d = k_cache.shape
@@ -189,14 +193,16 @@ def decode_attention(q, k_cache, v_cache, positions, seq_lens, scale, causal=Tru
         new_k, new_v = _rows(new_k, b), _rows(new_v, b)
     else:
         new_k, new_v, inv_freq = q, q, part  # never read
+    qn, kn, eps = qk_norm if qk_norm is not None else (inv_freq, inv_freq, 0.0)  # weights never read without it
     decode_attention_kernel[(b * hk, splits)](
         q, k_cache, v_cache, positions.reshape(-1).contiguous(), seq_lens.contiguous(), part, stat,
-        _counters(b * hk, q.device), out, new_k, new_v, inv_freq,
+        _counters(b * hk, q.device), out, new_k, new_v, inv_freq, qn, kn,
         hk, group, d, dv, t, splits,
         q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), out.stride(0), new_k.stride(0), new_v.stride(0), scale, window, scaling,
+        v_cache.stride(2), out.stride(0), new_k.stride(0), new_v.stride(0), scale, window, scaling, eps,
         CAUSAL=causal, PRECISION="ieee" if q.dtype == torch.float32 or on_cpu else None, UPCAST=on_cpu,
         ROPE_APPEND=append, HALF=layout == "half", HALF_R=max(1, inv_freq.numel()) if append else 1,
+        QK_NORM=append and qk_norm is not None,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         MERGE_G=triton.next_power_of_2(group), BLOCK_S=triton.next_power_of_2(splits))

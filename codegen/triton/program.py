@@ -80,12 +80,33 @@ class TritonProgram(ReferenceProgram):
             attn = self._attends(g, rope, kwrite, vwrite)
             if attn is not None:
                 plan[rope.name] = ("rope_attend", kwrite, vwrite)
-                plan[attn.name] = ("attend", rope, vwrite)
+                q_src, q_norm = self._head_norm(g, rope.inputs[0])
+                k_src, k_norm = self._head_norm(g, rope.inputs[1])
+                norms = None
+                if q_norm and k_norm and q_norm[1] == k_norm[1]:  # both heads normed alike: into the kernel
+                    norms = (q_norm[0], k_norm[0], q_norm[1])
+                    plan.update({name: "in-attend" for name in q_norm[2] + k_norm[2]})
+                else:
+                    q_src, k_src = rope.inputs[0], rope.inputs[1]
+                plan[attn.name] = ("attend", rope, q_src, k_src, vwrite, norms)
             else:
                 plan[rope.name] = ("rope_cache_write", kwrite, vwrite)
         plan.update(self._plan_chains(g))
         self._plans[g.name] = plan
         return plan
+
+    @staticmethod
+    def _head_norm(g: Graph, name: str):
+        """For ``name`` = reshape(rms_norm(reshape(x) to heads, w)) back to rows, each step used once (Qwen3's q/k
+        norms): (x, (w, eps, [the three nodes])); else (name, None)."""
+        back = g.producer(name)
+        norm = g.producer(back.inputs[0]) if back is not None and back.op is Op.RESHAPE else None
+        split = g.producer(norm.inputs[0]) if norm is not None and norm.op is Op.RMS_NORM else None
+        if split is None or split.op is not Op.RESHAPE or len(norm.inputs) != 2 \
+                or any(g.use_count(n.results[0].name) != 1 for n in (split, norm, back)) \
+                or norm.results[0].type.rank != 4:
+            return name, None
+        return split.inputs[0], (norm.inputs[1], norm.attr("eps"), [split.name, norm.name, back.name])
 
     @staticmethod
     def _attends(g: Graph, rope: Node, kwrite: Node, vwrite: Node):
@@ -140,6 +161,8 @@ class TritonProgram(ReferenceProgram):
                              t.dtype.to_torch(), self.device)
         if step == "in-chain":
             return None  # computed inside the generated kernel of the chain it belongs to
+        if step == "in-attend" and inplace:
+            return None  # a per-head norm the attention launch applies itself
         if step is not None and inplace:
             return self._run_fused(step, node, args, values)
         if op is Op.EMBEDDING:
@@ -197,12 +220,13 @@ class TritonProgram(ReferenceProgram):
                                           self._inv_freq(a["inv_freq"]), values[kwrite.inputs[0]],
                                           values[vwrite.inputs[0]], a["scaling"], a["layout"])
             return q_out, None
-        rope_node, vwrite = step[1:]  # attend
+        rope_node, q_src, k_src, vwrite, norms = step[1:]  # attend
         r = rope_node.all_attrs()
+        qk_norm = (values[norms[0]], values[norms[1]], norms[2]) if norms else None
         return decode_attention.decode_attention(
-            values[rope_node.inputs[0]], args[1], args[2], args[3], args[4], a["scale"], a["causal"], a["window"],
-            new_k=values[rope_node.inputs[1]], new_v=values[vwrite.inputs[1]], inv_freq=self._inv_freq(r["inv_freq"]),
-            scaling=r["scaling"], layout=r["layout"])
+            values[q_src], args[1], args[2], args[3], args[4], a["scale"], a["causal"], a["window"],
+            new_k=values[k_src], new_v=values[vwrite.inputs[1]], inv_freq=self._inv_freq(r["inv_freq"]),
+            scaling=r["scaling"], layout=r["layout"], qk_norm=qk_norm)
 
     @staticmethod
     def _slots(node: Node, args: list) -> list:

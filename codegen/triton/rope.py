@@ -15,10 +15,27 @@ import triton.language as tl
 
 
 @triton.jit
-def rope_rows(x_ptrs, offs_d, mask, pos, inv_ptr, scaling, HALF: tl.constexpr, HALF_R: tl.constexpr):
+def _normed(x, nw_ptr, idx, inv_rms, D, NORM: tl.constexpr):
+    """x [f32] as the model's per-head RMSNorm leaves it: w · (x · inv_rms).to(dtype), rounded to dtype."""
+    if NORM:
+        w = tl.load(nw_ptr + idx, mask=idx < D, other=0.0).to(tl.float32)
+        x = (w * (x * inv_rms).to(nw_ptr.dtype.element_ty).to(tl.float32)).to(nw_ptr.dtype.element_ty)
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def rope_rows(x_ptrs, offs_d, mask, pos, inv_ptr, scaling, nw_ptr, eps, D,
+              HALF: tl.constexpr, HALF_R: tl.constexpr, NORM: tl.constexpr):
     """Rows of heads rotated at position ``pos``: ``x_ptrs + offs_d`` addresses the elements (any broadcast
-    shape, ``offs_d`` the dimension within a head); the first 2·HALF_R dimensions rotate."""
+    shape, ``offs_d`` the dimension within a head of D); the first 2·HALF_R dimensions rotate. With NORM each row
+    is first RMS-normalised with weight ``nw_ptr`` (Qwen3's q/k norms), statistics in f32."""
     x = tl.load(x_ptrs + offs_d, mask=mask, other=0.0)
+    x32 = x.to(tl.float32)
+    inv_rms = 1.0
+    if NORM:
+        inv_rms = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=-1, keep_dims=True) / D + eps)
+        x32 = _normed(x32, nw_ptr, offs_d, inv_rms, D, NORM)
     # the partner of dimension d and the frequency index it uses
     if HALF:
         pair = tl.where(offs_d < HALF_R, offs_d + HALF_R, offs_d - HALF_R)
@@ -36,9 +53,10 @@ def rope_rows(x_ptrs, offs_d, mask, pos, inv_ptr, scaling, HALF: tl.constexpr, H
     cos = (tl.cos(angle) * scaling).to(x.dtype).to(tl.float32)
     sin = (tl.sin(angle) * scaling).to(x.dtype).to(tl.float32)
     partner = tl.load(x_ptrs + pair, mask=rotated & mask, other=0.0).to(tl.float32)
-    a = (x.to(tl.float32) * cos).to(x.dtype).to(tl.float32)
+    partner = _normed(partner, nw_ptr, pair, inv_rms, D, NORM)
+    a = (x32 * cos).to(x.dtype).to(tl.float32)
     b = (sign * partner * sin).to(x.dtype).to(tl.float32)
-    return tl.where(rotated, (a + b).to(x.dtype), x)
+    return tl.where(rotated, (a + b).to(x.dtype), x32.to(x.dtype))
 
 
 @triton.jit
@@ -54,7 +72,8 @@ def rope_kernel(
     pos = tl.load(pos_ptr + tok)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    out = rope_rows(x_ptr + tok * stride_xt + head * D, offs_d, mask_d, pos, inv_ptr, scaling, HALF, HALF_R)
+    out = rope_rows(x_ptr + tok * stride_xt + head * D, offs_d, mask_d, pos, inv_ptr, scaling, inv_ptr, 0.0, D,
+                    HALF, HALF_R, False)
     tl.store(out_ptr + tok * stride_ot + head * D + offs_d, out, mask=mask_d)
 
 
@@ -78,12 +97,14 @@ def rope_cache_write_kernel(
     in_cache = (slot >= 0) & (slot < T)
     if head < HQ:
         mask = offs_d < D
-        out = rope_rows(q_ptr + tok * stride_qt + head * D, offs_d, mask, pos, inv_ptr, scaling, HALF, HALF_R)
+        out = rope_rows(q_ptr + tok * stride_qt + head * D, offs_d, mask, pos, inv_ptr, scaling, inv_ptr, 0.0, D,
+                        HALF, HALF_R, False)
         tl.store(q_out_ptr + tok * stride_ot + head * D + offs_d, out, mask=mask)
     elif head < HQ + HK:
         h = head - HQ
         mask = offs_d < D
-        out = rope_rows(k_ptr + tok * stride_kt + h * D, offs_d, mask, pos, inv_ptr, scaling, HALF, HALF_R)
+        out = rope_rows(k_ptr + tok * stride_kt + h * D, offs_d, mask, pos, inv_ptr, scaling, inv_ptr, 0.0, D,
+                        HALF, HALF_R, False)
         tl.store(kc_ptr + b * stride_kcb + h * stride_kch + slot * stride_kct + offs_d, out, mask=mask & in_cache)
     else:
         h = head - HQ - HK
