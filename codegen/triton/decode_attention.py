@@ -49,7 +49,7 @@ def decode_attention_kernel(
     mask_g = offs_g < GROUP
     mask_q = mask_g[:, None] & (offs_d[None, :] < D)
     qpos = tl.load(pos_ptr + b)
-    n_keys = tl.load(lens_ptr + b)
+    n_keys = tl.minimum(tl.load(lens_ptr + b), T)  # never past the cache, whatever the lengths say
     q_rows = q_ptr + b * stride_qb + heads[:, None] * D
     if ROPE_APPEND:
         q = rope_rows(q_rows, offs_d[None, :], mask_q, qpos, inv_ptr, scaling, qn_ptr, norm_eps, D, HALF, HALF_R,

@@ -80,8 +80,9 @@ class TritonProgram(ReferenceProgram):
             attn = self._attends(g, rope, kwrite, vwrite)
             if attn is not None:
                 plan[rope.name] = ("rope_attend", kwrite, vwrite)
-                q_src, q_norm = self._head_norm(g, rope.inputs[0])
-                k_src, k_norm = self._head_norm(g, rope.inputs[1])
+                head_dim = g.type_of(kwrite.inputs[0]).shape[-1]
+                q_src, q_norm = self._head_norm(g, rope.inputs[0], head_dim)
+                k_src, k_norm = self._head_norm(g, rope.inputs[1], head_dim)
                 norms = None
                 if q_norm and k_norm and q_norm[1] == k_norm[1]:  # both heads normed alike: into the kernel
                     norms = (q_norm[0], k_norm[0], q_norm[1])
@@ -96,15 +97,17 @@ class TritonProgram(ReferenceProgram):
         return plan
 
     @staticmethod
-    def _head_norm(g: Graph, name: str):
-        """For ``name`` = reshape(rms_norm(reshape(x) to heads, w)) back to rows, each step used once (Qwen3's q/k
-        norms): (x, (w, eps, [the three nodes])); else (name, None)."""
+    def _head_norm(g: Graph, name: str, head_dim):
+        """For ``name`` = reshape(rms_norm(reshape(x) to heads of head_dim, w)) back to rows, each step used once,
+        w in the activations' dtype (Qwen3's q/k norms): (x, (w, eps, [the three nodes])); else (name, None)."""
         back = g.producer(name)
         norm = g.producer(back.inputs[0]) if back is not None and back.op is Op.RESHAPE else None
         split = g.producer(norm.inputs[0]) if norm is not None and norm.op is Op.RMS_NORM else None
         if split is None or split.op is not Op.RESHAPE or len(norm.inputs) != 2 \
-                or any(g.use_count(n.results[0].name) != 1 for n in (split, norm, back)) \
-                or norm.results[0].type.rank != 4:
+                or any(g.use_count(n.results[0].name) != 1 for n in (split, norm, back)):
+            return name, None
+        heads = norm.results[0].type
+        if heads.rank != 4 or heads.shape[-1] != head_dim or g.type_of(norm.inputs[1]).dtype != heads.dtype:
             return name, None
         return split.inputs[0], (norm.inputs[1], norm.attr("eps"), [split.name, norm.name, back.name])
 
