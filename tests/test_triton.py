@@ -37,7 +37,11 @@ def test_embedding_and_rms_norm():
 
 
 @pytest.mark.parametrize("rows", [1, 3, gemv.GEMV_MAX_ROWS + 1])
-def test_linear_and_rms_norm_linear(rows):
+@pytest.mark.parametrize("gpu_tiles", [False, True])
+def test_linear_and_rms_norm_linear(rows, gpu_tiles, monkeypatch):
+    if gpu_tiles:  # the GPU's tile choice (4 rows of W per program here), run by the interpreter
+        monkeypatch.setattr(gemv, "interpreted", lambda device: False)
+        assert gemv.blocks(rows, 50, 37, DEV)[0] == 4
     x, r, nw = rand(rows, 37), rand(rows, 37, seed=1), rand(37, seed=2).abs() + 0.5
     w, b = rand(50, 37, seed=3), rand(50, seed=4)
     close(gemv.linear(x, w), x @ w.T)

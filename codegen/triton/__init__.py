@@ -14,3 +14,12 @@ def interpreted(device) -> bool:
     which it computes correctly, and small tiles, which it runs fast). False while launches are recorded for a
     GPU compile (codegen/triton/aot.py), so the recorded launches are the GPU's."""
     return torch.device(device).type == "cpu" and not _RECORDING_FOR_GPU[0]
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors on ``device``: launchers size grids to keep them all busy. 132 (an H100) where
+    no GPU is asked: the interpreter, or launches recorded for an H100."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132

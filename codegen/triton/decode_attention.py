@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowerlm.codegen.triton import interpreted
+from lowerlm.codegen.triton import interpreted, sm_count
 from lowerlm.codegen.triton.rope import rope_rows
 
 MAX_SPLITS = 16  # enough programs to fill an H100 at batch 1 with few kv heads; the merge loads one tile
@@ -162,10 +162,10 @@ def _rows(x, b: int) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def num_splits(batch: int, kv_heads: int, slots: int, block_n: int = 64) -> int:
-    """Splits per (sequence, kv head): about two programs per SM of an H100 (132), at most MAX_SPLITS, no more
-    than the cache has blocks of keys."""
-    return max(1, min(MAX_SPLITS, triton.cdiv(2 * 132, batch * kv_heads), triton.cdiv(slots, block_n)))
+def num_splits(batch: int, kv_heads: int, slots: int, block_n: int, sms: int) -> int:
+    """Splits per (sequence, kv head): about two programs per SM, at most MAX_SPLITS, no more than the cache has
+    blocks of keys."""
+    return max(1, min(MAX_SPLITS, triton.cdiv(2 * sms, batch * kv_heads), triton.cdiv(slots, block_n)))
 
 
 def decode_attention(q, k_cache, v_cache, positions, seq_lens, scale, causal=True, window=0, splits=None,
@@ -183,7 +183,7 @@ def decode_attention(q, k_cache, v_cache, positions, seq_lens, scale, causal=Tru
     group = hq // hk
     on_cpu = interpreted(q.device)
     block_n = 16 if on_cpu else 64
-    splits = splits or num_splits(b, hk, t, block_n)
+    splits = splits or num_splits(b, hk, t, block_n, sm_count(q.device))
     q = _rows(q, b)
     part = torch.empty(b * hq * splits, dv, dtype=torch.float32, device=q.device)
     stat = torch.empty(b * hq * splits, 2, dtype=torch.float32, device=q.device)

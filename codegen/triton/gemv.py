@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowerlm.codegen.triton import interpreted, sm_count
+
 GEMV_MAX_ROWS = 16
 ACTS = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
 
@@ -101,12 +103,22 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def blocks(m: int, n_out: int, k: int, device) -> tuple:
+    """(BLOCK_N, BLOCK_K). On a GPU a decode GEMV is bound by reading W, which takes every SM streaming: rows per
+    program are cut until there are two programs per SM (o_proj of Llama-3.2-1B: 256 programs of 8 rows, not 32
+    of 64), and the K tile grows as the row tile shrinks so each load stays ~16 KB. The interpreter keeps big
+    tiles (few programs run faster there)."""
+    if interpreted(device):
+        return min(64, triton.next_power_of_2(n_out)), min(128, triton.next_power_of_2(k))
+    block_n = min(64, max(4, triton.next_power_of_2(triton.cdiv(m * n_out, 2 * sm_count(device)))))
+    return block_n, min(triton.next_power_of_2(k), max(128, 8192 // block_n))
+
+
 def _launch(x2, w, bias, res2, norm_w, eps, n_out, up_offset, act, res_in, res_out):
     m, k = x2.shape
     out = torch.empty(m, n_out, dtype=x2.dtype, device=x2.device)
     r_out = torch.empty_like(x2) if res_in else out
-    block_n = min(64, triton.next_power_of_2(n_out))
-    block_k = min(128, triton.next_power_of_2(k))
+    block_n, block_k = blocks(m, n_out, k, x2.device)
     grid = (m, triton.cdiv(n_out, block_n))
     dummy = x2
     gemv_kernel[grid](
