@@ -346,13 +346,22 @@ ROUTERS = [
 ]
 
 
+@pytest.mark.parametrize("gpu_split", [False, True])
 @pytest.mark.parametrize("attrs", ROUTERS, ids=["mixtral", "qwen3-norenorm", "deepseek-groups", "sigmoid-flat"])
-def test_moe_router_kernel(attrs):
+def test_moe_router_kernel(attrs, gpu_split, monkeypatch):
     from lowerlm.codegen.triton import moe
+    from lowerlm.codegen.triton.aot import Recorder
 
-    x, w = rand(2, 5, 40, seed=1), rand(8, 40, seed=2)
+    if gpu_split:  # the GPU's launch: each token's router rows read by several programs, the last one routes
+        monkeypatch.setattr(moe, "interpreted", lambda device: False)
+    x, w = rand(2, 5, 300, seed=1), rand(8, 300, seed=2) * 0.2  # 3 tiles of H: 3 programs per token on a GPU
     bias = rand(8, seed=3) * 0.3 if attrs["router_kind"] == "sigmoid" else None
-    got_ids, got_w = moe.moe_route(x, w, bias, **attrs)
+    if DEV == "cpu":
+        with Recorder() as rec:
+            got_ids, got_w = moe.moe_route(x, w, bias, **attrs)
+        assert rec.launches[0].grid == [10, 3 if gpu_split else 1]
+    else:
+        got_ids, got_w = moe.moe_route(x, w, bias, **attrs)
     want_ids, want_w = ref.moe_route(x.cpu(), w.cpu(), bias.cpu() if bias is not None else None, **attrs)
     assert got_ids.dtype == torch.int32 and got_w.dtype == want_w.dtype
     # the same experts with the same weights; the order within a token's top k may differ

@@ -147,8 +147,9 @@ def decode_attention_kernel(
 _COUNTERS: dict = {}
 
 
-def _counters(n: int, device) -> torch.Tensor:
-    """Zeroed split counters, kept across launches (each launch leaves them zero), so no memset launches."""
+def counters(n: int, device) -> torch.Tensor:
+    """Zeroed split counters, kept across launches (each launch leaves them zero), so no memset launches; shared
+    by the kernels whose last program merges (they run one after another on the stream)."""
     key = torch.device(device)
     if key not in _COUNTERS or _COUNTERS[key].numel() < n:
         _COUNTERS[key] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
@@ -196,7 +197,7 @@ def decode_attention(q, k_cache, v_cache, positions, seq_lens, scale, causal=Tru
     qn, kn, eps = qk_norm if qk_norm is not None else (inv_freq, inv_freq, 0.0)  # weights never read without it
     decode_attention_kernel[(b * hk, splits)](
         q, k_cache, v_cache, positions.reshape(-1).contiguous(), seq_lens.contiguous(), part, stat,
-        _counters(b * hk, q.device), out, new_k, new_v, inv_freq, qn, kn,
+        counters(b * hk, q.device), out, new_k, new_v, inv_freq, qn, kn,
         hk, group, d, dv, t, splits,
         q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), out.stride(0), new_k.stride(0), new_v.stride(0), scale, window, scaling, eps,

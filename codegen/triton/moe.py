@@ -21,28 +21,41 @@ import torch
 import triton
 import triton.language as tl
 
-from lowerlm.codegen.triton import interpreted
+from lowerlm.codegen.triton import interpreted, sm_count
+from lowerlm.codegen.triton.decode_attention import counters as _counters
 from lowerlm.codegen.triton.gemv import ACTS, _act
 
 
 @triton.jit
 def route_kernel(
-    x_ptr, w_ptr, bias_ptr, ids_ptr, wt_ptr,  # pointers
-    H, E, scaling,
+    x_ptr, w_ptr, bias_ptr, ids_ptr, wt_ptr, part_ptr, count_ptr,  # pointers
+    H, E, SPLITS, CHUNK, scaling,  # sizes: hidden, experts, programs per token, hidden dims per program
     K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr,
     TOPK_GROUP: tl.constexpr, RENORM: tl.constexpr, ROUND_LOGITS: tl.constexpr, WEIGHTS_F32: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     t = tl.program_id(0)
+    split = tl.program_id(1)
     e = tl.arange(0, BLOCK_E)
     emask = e < E
     acc = tl.zeros([BLOCK_E], dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
+    for h0 in range(split * CHUNK, tl.minimum(split * CHUNK + CHUNK, H), BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
         hmask = h < H
         xv = tl.load(x_ptr + t * H + h, mask=hmask, other=0.0).to(tl.float32)
         wv = tl.load(w_ptr + e[:, None] * H + h[None, :], mask=emask[:, None] & hmask[None, :], other=0.0)
         acc += tl.sum(wv.to(tl.float32) * xv[None, :], 1)
+    last = split == 0
+    if SPLITS > 1:  # the router's rows split over H: the token's last program sums the parts in order and stores
+        tl.store(part_ptr + (t * SPLITS + split) * BLOCK_E + e, acc)
+        tl.debug_barrier()
+        last = tl.atomic_add(count_ptr + t, 1, sem="acq_rel") == SPLITS - 1
+        if last:
+            tl.store(count_ptr + t, 0)  # ready for the next launch
+        offs_s = tl.arange(0, BLOCK_S)
+        parts = tl.load(part_ptr + (t * SPLITS + offs_s)[:, None] * BLOCK_E + e[None, :],
+                        mask=(offs_s < SPLITS)[:, None], other=0.0, cache_modifier=".cg")
+        acc = tl.sum(parts, axis=0)  # only the last program's sum is complete; only it stores
     if ROUND_LOGITS:  # F.linear in the model's dtype rounds the logits
         acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
     neg = float("-inf")
@@ -90,7 +103,7 @@ def route_kernel(
             total = total + 1e-20
         picked_w = picked_w / total
     picked_w = picked_w * scaling
-    kmask = kv < K
+    kmask = (kv < K) & ((kv * 0 + last.to(tl.int32)) > 0)  # per lane: the interpreter takes no scalar & vector
     tl.store(ids_ptr + t * K + kv, picked_i, mask=kmask)
     if WEIGHTS_F32:
         tl.store(wt_ptr + t * K + kv, picked_w, mask=kmask)
@@ -108,13 +121,19 @@ def moe_route(x, router, bias, router_kind, top_k, n_group, topk_group, renormal
     ids = torch.empty(tokens, top_k, dtype=torch.int32, device=x.device)
     weights = torch.empty(tokens, top_k, dtype=torch.float32 if weights_f32 else x.dtype, device=x.device)
     if tokens:
-        route_kernel[(tokens,)](
-            x2, router.contiguous(), bias if bias is not None else router, ids, weights,
-            h, e, float(scaling),
+        block_e, block_h = triton.next_power_of_2(e), min(128, triton.next_power_of_2(h))
+        # decode: a token's router rows are read by several programs (one would stream them alone)
+        splits = 1 if interpreted(x.device) else \
+            max(1, min(triton.cdiv(h, block_h), triton.cdiv(2 * sm_count(x.device), tokens), 32))
+        part = torch.empty(tokens * splits * block_e if splits > 1 else 1, dtype=torch.float32, device=x.device)
+        route_kernel[(tokens, splits)](
+            x2, router.contiguous(), bias if bias is not None else router, ids, weights, part,
+            _counters(tokens, x.device), h, e, splits, block_h * triton.cdiv(triton.cdiv(h, block_h), splits),
+            float(scaling),
             K=top_k, SIGMOID=router_kind == "sigmoid", HAS_BIAS=bias is not None, N_GROUP=n_group,
             TOPK_GROUP=topk_group, RENORM=renormalize, ROUND_LOGITS=not router_f32 and x.dtype != torch.float32,
-            WEIGHTS_F32=weights_f32, BLOCK_E=triton.next_power_of_2(e), BLOCK_H=min(128, triton.next_power_of_2(h)),
-            BLOCK_K=triton.next_power_of_2(top_k))
+            WEIGHTS_F32=weights_f32, BLOCK_E=block_e, BLOCK_H=block_h, BLOCK_K=triton.next_power_of_2(top_k),
+            BLOCK_S=triton.next_power_of_2(splits))
     return ids.reshape(*lead, top_k), weights.reshape(*lead, top_k)
 
 
