@@ -188,6 +188,15 @@ def test_fused_launches_respect_a_run_that_is_not_in_place(graph):
         assert torch.equal(state[name], before[name])  # the given buffers are untouched
 
 
+def test_split_counters_outlive_a_larger_need():
+    """A captured CUDA graph keeps the counter buffer it was captured with, so a later, larger need (a prefill's
+    tokens in the router) must not free it."""
+    small = decode_attention.counters(8, DEV)
+    big = decode_attention.counters(small.numel() + 1, DEV)
+    assert big.numel() > small.numel() and any(t is small for t in decode_attention._COUNTERS[torch.device(DEV)])
+    assert decode_attention.counters(4, DEV) is big and not big.any()
+
+
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_fused_decode_attention_rotates_appends_and_attends(qk_norm):
     b, hq, hk, d, t = 3, 6, 2, 12, 40

@@ -1,16 +1,17 @@
 """What the GPU would compile, checked without a GPU: the kernel launches a workload makes, recorded under Triton's
 interpreter, then compiled by Triton's real compiler for a GPU target (sm_90 by default) in a process without the
-interpreter, with resource usage read off the cubin.
+interpreter, with registers and spills from ptxas.
 
-The interpreter runs kernels as numpy programs, so it accepts code the compiler rejects (a ``tl.dot`` under 16
-rows, a type mismatch the MLIR verifier catches, shared memory past the device's limit). Each launch is recorded
+The interpreter runs kernels as numpy programs, so it accepts code the compiler rejects (checked: ``lo = 0`` then
+``if w > 0: lo = tl.maximum(v - w, 0)`` with an int64 ``v`` runs there and fails to compile, "the then block
+redefines it as int64") and cannot show shared memory or register spills. Each launch is recorded
 as the JIT would specialise it — argument types, 16-divisibility of pointers and integers, integers equal to 1
 and None as constants, constexpr values, the evaluated grid — so compiling the records compiles what a GPU run
 would. Recording can also skip execution (``execute=False``) to see the launches of real model shapes in seconds.
 
     with Recorder() as rec:      # under TRITON_INTERPRET=1
         program.run(...)
-    results = compile_launches(unique(rec.launches))   # [{"kernel", "ok", "error", "regs", "spills", "shared", ...}]
+    results = compile_launches(unique(rec.launches))   # [{"kernel", "ok", "error", "regs", "spills", ...}]
 
 ``python -m lowerlm.codegen.triton.aot launches.json`` is the compiling side (one JSON line per kernel out).
 """
@@ -124,9 +125,13 @@ class Recorder:
         self._cls.run = self._run
         self._gpu_flag[0] = self._was
 
+
 def unique(launches: list) -> list[Launch]:
-    """One launch per distinct compiled kernel, in first-launch order."""
-    return list({launch.key: launch for launch in reversed(launches)}.values())[::-1]
+    """The first launch of each distinct compiled kernel, in launch order."""
+    first: dict = {}
+    for launch in launches:
+        first.setdefault(launch.key, launch)
+    return list(first.values())
 
 
 class TorchOps(TorchDispatchMode):

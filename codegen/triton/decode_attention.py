@@ -144,16 +144,18 @@ def decode_attention_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=(offs_mg < GROUP)[:, None] & (offs_dv < DV)[None, :])
 
 
-_COUNTERS: dict = {}
+_COUNTERS: dict = {}  # device -> every counter buffer made there, the largest last
 
 
 def counters(n: int, device) -> torch.Tensor:
     """Zeroed split counters, kept across launches (each launch leaves them zero), so no memset launches; shared
-    by the kernels whose last program merges (they run one after another on the stream)."""
-    key = torch.device(device)
-    if key not in _COUNTERS or _COUNTERS[key].numel() < n:
-        _COUNTERS[key] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
-    return _COUNTERS[key]
+    by the kernels whose last program merges (they run one after another on the stream). A larger need makes a
+    larger buffer, and the smaller ones stay alive: a captured CUDA graph keeps using the one it was captured
+    with."""
+    made = _COUNTERS.setdefault(torch.device(device), [])
+    if not made or made[-1].numel() < n:
+        made.append(torch.zeros(max(n, 64), dtype=torch.int32, device=device))
+    return made[-1]
 
 
 def _rows(x, b: int) -> torch.Tensor:

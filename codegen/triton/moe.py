@@ -125,10 +125,12 @@ def moe_route(x, router, bias, router_kind, top_k, n_group, topk_group, renormal
         # decode: a token's router rows are read by several programs (one would stream them alone)
         splits = 1 if interpreted(x.device) else \
             max(1, min(triton.cdiv(h, block_h), triton.cdiv(2 * sm_count(x.device), tokens), 32))
-        part = torch.empty(tokens * splits * block_e if splits > 1 else 1, dtype=torch.float32, device=x.device)
+        split = splits > 1  # prefill's many tokens take one program each: no scratch, no counters
+        part = torch.empty(tokens * splits * block_e if split else 1, dtype=torch.float32, device=x.device)
+        count = _counters(tokens, x.device) if split else ids
         route_kernel[(tokens, splits)](
-            x2, router.contiguous(), bias if bias is not None else router, ids, weights, part,
-            _counters(tokens, x.device), h, e, splits, block_h * triton.cdiv(triton.cdiv(h, block_h), splits),
+            x2, router.contiguous(), bias if bias is not None else router, ids, weights, part, count,
+            h, e, splits, block_h * triton.cdiv(triton.cdiv(h, block_h), splits),
             float(scaling),
             K=top_k, SIGMOID=router_kind == "sigmoid", HAS_BIAS=bias is not None, N_GROUP=n_group,
             TOPK_GROUP=topk_group, RENORM=renormalize, ROUND_LOGITS=not router_f32 and x.dtype != torch.float32,
