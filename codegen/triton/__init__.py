@@ -4,6 +4,8 @@ module's graphs by launching them; views and the few ops with no kernel run as t
 Kernels run on a CUDA GPU, or on the CPU under ``TRITON_INTERPRET=1`` (slow: tests use tiny shapes).
 """
 
+import functools
+
 import torch
 
 _RECORDING_FOR_GPU = [False]  # set by aot.Recorder(execute=False): launches are recorded as a GPU run makes them
@@ -16,6 +18,7 @@ def interpreted(device) -> bool:
     return torch.device(device).type == "cpu" and not _RECORDING_FOR_GPU[0]
 
 
+@functools.lru_cache(maxsize=None)
 def sm_count(device) -> int:
     """Streaming multiprocessors on ``device``: launchers size grids to keep them all busy. 132 (an H100) where
     no GPU is asked: the interpreter, or launches recorded for an H100."""
