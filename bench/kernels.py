@@ -43,21 +43,9 @@ def build(shape: str):
     return cls(cfg).to(torch.bfloat16).eval(), cfg
 
 
-def decode_launches(cm, batch: int, position: int):
-    from lowerlm.codegen.triton.aot import Recorder, TorchOps
-
-    positions = torch.full((batch, 1), position, dtype=torch.long)
-    inputs = {"input_ids": torch.zeros(batch, 1, dtype=torch.long), "positions": positions,
-              "seq_lens": (positions[:, 0] + 1).to(torch.int32)}
-    state = {name: buf[:batch] for name, buf in cm.generator.state.items()}
-    with Recorder(execute=False) as rec, TorchOps() as ops:
-        cm.program.run("decode", inputs, state, inplace=True)
-    return rec.launches, ops.launches
-
-
 def report(shape: str, args) -> None:
     import lowerlm
-    from lowerlm.codegen.triton.aot import compile_launches, unique
+    from lowerlm.codegen.triton.aot import compile_launches, decode_step_launches, unique
 
     model, cfg = build(shape)
     cm = lowerlm.compile_model(model, backend="triton", max_batch=max(args.batches), max_seq_len=args.max_seq_len)
@@ -65,7 +53,7 @@ def report(shape: str, args) -> None:
     print(f"\n## {shape} ({LAYERS} of {layers} layers recorded, bf16, max_seq_len {args.max_seq_len})")
     launches = []
     for batch in args.batches:
-        step, torch_ops = decode_launches(cm, batch, args.position)
+        step, torch_ops = decode_step_launches(cm, batch, args.position)
         per_layer = (len(step) - 2) / LAYERS
         print(f"batch {batch}: {len(step)} kernel launches per step recorded ({per_layer:g} per layer + embedding "
               f"and lm_head), torch ops launching kernels: {len(torch_ops)} {dict(Counter(torch_ops))}")

@@ -191,10 +191,12 @@ def test_fused_launches_respect_a_run_that_is_not_in_place(graph):
 def test_split_counters_outlive_a_larger_need():
     """A captured CUDA graph keeps the counter buffer it was captured with, so a later, larger need (a prefill's
     tokens in the router) must not free it."""
-    small = decode_attention.counters(8, DEV)
-    big = decode_attention.counters(small.numel() + 1, DEV)
-    assert big.numel() > small.numel() and any(t is small for t in decode_attention._COUNTERS[torch.device(DEV)])
-    assert decode_attention.counters(4, DEV) is big and not big.any()
+    from lowerlm.codegen.triton import splits
+
+    small = splits.counters(8, DEV)
+    big = splits.counters(small.numel() + 1, DEV)
+    assert big.numel() > small.numel() and any(t is small for t in splits._COUNTERS[torch.device(DEV)])
+    assert splits.counters(4, DEV) is big and not big.any()
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lowerlm
-from lowerlm.codegen.triton.aot import Recorder, TorchOps, compile_launches, unique
+from lowerlm.codegen.triton.aot import Recorder, compile_launches, decode_step_launches, unique
 from lowerlm.runtime.generate import decode_one, prefill
 
 from .conftest import calibration_ids, tiny_model
@@ -90,20 +90,6 @@ def test_every_kernel_a_model_launches_compiles_for_sm90():
         assert r["spills"] == 0, (launch.name, launch.constexprs, r)  # no kernel runs out of registers
 
 
-def _decode_launches(cm, batch: int, position: int):
-    """Triton launches and torch-op launches of one decode step of the program (inputs made outside)."""
-    dev = cm.program.device
-    positions = torch.full((batch, 1), position, dtype=torch.long, device=dev)
-    inputs = {"input_ids": torch.zeros(batch, 1, dtype=torch.long, device=dev), "positions": positions,
-              "seq_lens": (positions[:, 0] + 1).to(torch.int32)}
-    state = {name: buf[:batch] for name, buf in cm.generator.state.items()}
-    with Recorder(execute=False):  # warm-up, as before a capture: one-time allocations happen here
-        cm.program.run("decode", inputs, state, inplace=True)
-    with Recorder(execute=False) as rec, TorchOps() as ops:
-        cm.program.run("decode", inputs, state, inplace=True)
-    return rec.launches, ops.launches
-
-
 # DESIGN.md's decode budget, per layer: 5 launches for a dense layer (qkv with the norm, attention with rope and
 # the cache writes, o with the residual, gate/up with the norm and SwiGLU, down with the residual); an MoE layer
 # has the norm, route, sort, two grouped GEMMs and the combine in place of the last two
@@ -114,8 +100,8 @@ BUDGET = {"llama": 5, "mixtral": 9, "qwen3_moe": 9}  # Qwen3's q/k norms go into
 def test_a_decode_step_is_capturable_and_within_the_launch_budget(family):
     cm = lowerlm.compile_model(tiny_model(family), backend="triton", max_batch=4, max_seq_len=64)
     for batch in (1, 4):
-        early, torch_ops = _decode_launches(cm, batch, 3)
-        late, _ = _decode_launches(cm, batch, 50)
+        early, torch_ops = decode_step_launches(cm, batch, 3)
+        late, _ = decode_step_launches(cm, batch, 50)
         # a captured graph freezes grids and scalar arguments: they must not depend on the position
         assert [(x.name, x.grid, x.scalars, x.constexprs) for x in early] == \
                [(x.name, x.grid, x.scalars, x.constexprs) for x in late]

@@ -157,6 +157,22 @@ class TorchOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def decode_step_launches(cm, batch: int, position: int) -> tuple:
+    """(Triton launches, kernel-launching torch ops) of one decode step of the compiled model ``cm`` for ``batch``
+    sequences at ``position``, recorded as a GPU makes them without running, after one warm-up step (as before a
+    capture: one-time allocations happen there)."""
+    dev = cm.program.device
+    positions = torch.full((batch, 1), position, dtype=torch.long, device=dev)
+    inputs = {"input_ids": torch.zeros(batch, 1, dtype=torch.long, device=dev), "positions": positions,
+              "seq_lens": (positions[:, 0] + 1).to(torch.int32)}
+    state = {name: buf[:batch] for name, buf in cm.generator.state.items()}
+    with Recorder(execute=False):
+        cm.program.run("decode", inputs, state, inplace=True)
+    with Recorder(execute=False) as rec, TorchOps() as ops:
+        cm.program.run("decode", inputs, state, inplace=True)
+    return rec.launches, ops.launches
+
+
 def compile_launches(launches: list, target: str = DEFAULT_TARGET, env: dict | None = None,
                      timeout: float = 900) -> list[dict]:
     """Compile each launch's kernel with Triton's compiler for ``target`` ("cuda:90:32") in a fresh process

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from lowerlm.codegen.triton import interpreted, sm_count
 from lowerlm.codegen.triton.rope import rope_rows
+from lowerlm.codegen.triton.splits import counters, last_to_finish
 
 MAX_SPLITS = 16  # enough programs to fill an H100 at batch 1 with few kv heads; the merge loads one tile
 
@@ -120,11 +121,7 @@ def decode_attention_kernel(
     tl.store(part_ptr + row[:, None] * DV + offs_dv[None, :], acc, mask=mask_g[:, None] & (offs_dv[None, :] < DV))
     tl.store(stat_ptr + row * 2, m_i, mask=mask_g)
     tl.store(stat_ptr + row * 2 + 1, l_i, mask=mask_g)
-    # the last split of this (sequence, kv head) merges: every thread's stores happen before the release
-    tl.debug_barrier()
-    done = tl.atomic_add(count_ptr + pid_bk, 1, sem="acq_rel")
-    if done == SPLITS - 1:
-        tl.store(count_ptr + pid_bk, 0)  # ready for the next launch (all splits have counted)
+    if last_to_finish(count_ptr + pid_bk, SPLITS):  # the last split of this (sequence, kv head) merges
         offs_mg = tl.arange(0, MERGE_G)
         offs_s = tl.arange(0, BLOCK_S)
         mask_gs = (offs_mg < GROUP)[:, None] & (offs_s < SPLITS)[None, :]
@@ -142,20 +139,6 @@ def decode_attention_kernel(
         out_heads = kvh * GROUP + offs_mg
         tl.store(out_ptr + b * stride_ob + out_heads[:, None] * DV + offs_dv[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=(offs_mg < GROUP)[:, None] & (offs_dv < DV)[None, :])
-
-
-_COUNTERS: dict = {}  # device -> every counter buffer made there, the largest last
-
-
-def counters(n: int, device) -> torch.Tensor:
-    """Zeroed split counters, kept across launches (each launch leaves them zero), so no memset launches; shared
-    by the kernels whose last program merges (they run one after another on the stream). A larger need makes a
-    larger buffer, and the smaller ones stay alive: a captured CUDA graph keeps using the one it was captured
-    with."""
-    made = _COUNTERS.setdefault(torch.device(device), [])
-    if not made or made[-1].numel() < n:
-        made.append(torch.zeros(max(n, 64), dtype=torch.int32, device=device))
-    return made[-1]
 
 
 def _rows(x, b: int) -> torch.Tensor:

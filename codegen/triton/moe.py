@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from lowerlm.codegen.triton import interpreted, sm_count
-from lowerlm.codegen.triton.decode_attention import counters as _counters
 from lowerlm.codegen.triton.gemv import ACTS, _act
+from lowerlm.codegen.triton.splits import counters, last_to_finish
 
 
 @triton.jit
@@ -48,10 +48,7 @@ def route_kernel(
     last = split == 0
     if SPLITS > 1:  # the router's rows split over H: the token's last program sums the parts in order and stores
         tl.store(part_ptr + (t * SPLITS + split) * BLOCK_E + e, acc)
-        tl.debug_barrier()
-        last = tl.atomic_add(count_ptr + t, 1, sem="acq_rel") == SPLITS - 1
-        if last:
-            tl.store(count_ptr + t, 0)  # ready for the next launch
+        last = last_to_finish(count_ptr + t, SPLITS)
         offs_s = tl.arange(0, BLOCK_S)
         parts = tl.load(part_ptr + (t * SPLITS + offs_s)[:, None] * BLOCK_E + e[None, :],
                         mask=(offs_s < SPLITS)[:, None], other=0.0, cache_modifier=".cg")
@@ -127,7 +124,7 @@ def moe_route(x, router, bias, router_kind, top_k, n_group, topk_group, renormal
             max(1, min(triton.cdiv(h, block_h), triton.cdiv(2 * sm_count(x.device), tokens), 32))
         split = splits > 1  # prefill's many tokens take one program each: no scratch, no counters
         part = torch.empty(tokens * splits * block_e if split else 1, dtype=torch.float32, device=x.device)
-        count = _counters(tokens, x.device) if split else ids
+        count = counters(tokens, x.device) if split else ids
         route_kernel[(tokens, splits)](
             x2, router.contiguous(), bias if bias is not None else router, ids, weights, part, count,
             h, e, splits, block_h * triton.cdiv(triton.cdiv(h, block_h), splits),
@@ -191,9 +188,14 @@ def moe_sort(ids, experts: int):
     counts = (flat[:, None] == torch.arange(experts, device=dev)[None, :]).sum(0)
     offsets = torch.zeros(experts + 1, dtype=torch.int32, device=dev)
     offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    inverse = torch.empty(rows, dtype=torch.int32, device=dev)
-    inverse[order] = index.to(torch.int32)
-    return order.to(torch.int32), offsets, inverse
+    return order.to(torch.int32), offsets, _inverse(order)
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    """Each pair's row: the permutation ``order`` inverted, on the device."""
+    inverse = torch.empty(order.numel(), dtype=torch.int32, device=order.device)
+    inverse[order.long()] = torch.arange(order.numel(), dtype=torch.int32, device=order.device)
+    return inverse
 
 
 @triton.jit
@@ -306,8 +308,7 @@ def moe_combine(y, order, like, top_k: int, inverse=None):
     out = torch.empty(tokens, h, dtype=y.dtype, device=y.device)
     if tokens:
         if inverse is None:
-            inverse = torch.empty(rows, dtype=torch.int32, device=y.device)
-            inverse[order.long()] = torch.arange(rows, dtype=torch.int32, device=y.device)
+            inverse = _inverse(order)
         block_h = min(1024, triton.next_power_of_2(h))
         combine_kernel[(tokens, triton.cdiv(h, block_h))](y.contiguous(), inverse.contiguous(), out, h, K=top_k,
                                                           BLOCK_K=triton.next_power_of_2(top_k), BLOCK_H=block_h)

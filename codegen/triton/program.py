@@ -79,7 +79,7 @@ class TritonProgram(ReferenceProgram):
             plan[kwrite.name] = plan[vwrite.name] = "fused"
             attn = self._attends(g, rope, kwrite, vwrite)
             if attn is not None:
-                plan[rope.name] = ("rope_attend", kwrite, vwrite)
+                plan[rope.name] = ("rope_attend",)
                 head_dim = g.type_of(kwrite.inputs[0]).shape[-1]
                 q_src, q_norm = self._head_norm(g, rope.inputs[0], head_dim)
                 k_src, k_norm = self._head_norm(g, rope.inputs[1], head_dim)
@@ -167,7 +167,7 @@ class TritonProgram(ReferenceProgram):
         if step == "in-attend" and inplace:
             return None  # a per-head norm the attention launch applies itself
         if step is not None and inplace:
-            return self._run_fused(step, node, args, values)
+            return self._run_fused(step, a, node, args, values)
         if op is Op.EMBEDDING:
             return embedding.embedding(*args)
         if op is Op.RMS_NORM:
@@ -207,13 +207,13 @@ class TritonProgram(ReferenceProgram):
             return attention.cached_attention(*args, a["scale"], a["causal"], a["window"])
         return super().execute(node, args, env, inplace, values, plan)
 
-    def _run_fused(self, step, node: Node, args: list, values: dict):
+    def _run_fused(self, step, a: dict, node: Node, args: list, values: dict):
         """A node of a planned fusion (in-place runs): the launch happens at ``rope_cache_write`` or ``attend``."""
         from lowerlm.codegen.triton import decode_attention, rope
 
         if step == "fused":
             return values[node.inputs[0]]  # the cache buffer, written in place by the fused launch
-        kind, a = step[0], node.all_attrs()
+        kind = step[0]
         if kind == "rope_attend":
             return None, None  # the attention launch rotates q and k itself
         if kind == "rope_cache_write":
