@@ -1,5 +1,6 @@
-"""The Triton kernels a real model's decode step launches, compiled for an H100 without one: launches per step
-and per layer, and each kernel's grid, registers, stack, spills and shared memory from Triton's compiler (sm_90).
+"""The Triton kernels a real model's decode step launches (and its prefill's attention), compiled for an H100
+without one: launches per step and per layer, and each kernel's grid, warps, registers, stack, spills and shared
+memory from Triton's compiler (sm_90).
 
     python bench/kernels.py                                   # SmolLM2-135M and Llama-3.2-1B shapes, bf16
     python bench/kernels.py --shapes qwen3-30b-a3b-12l        # the MoE shapes of bench/moe.py
@@ -43,6 +44,22 @@ def build(shape: str):
     return cls(cfg).to(torch.bfloat16).eval(), cfg
 
 
+def prefill_attention_launches(cfg, tokens: int, max_seq_len: int) -> list:
+    """The causal attention launch of a prefill of ``tokens`` over the cache (the prefill's projections go through
+    cuBLAS; this is its one Triton kernel that grows with the prompt's square)."""
+    from lowerlm.codegen.triton import attention
+    from lowerlm.codegen.triton.aot import Recorder
+
+    hq, hk = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+    q = torch.empty(1, tokens, hq * d, dtype=torch.bfloat16)
+    kc, vc = (torch.empty(1, hk, max_seq_len, d, dtype=torch.bfloat16) for _ in range(2))
+    positions, lens = torch.arange(tokens)[None], torch.tensor([tokens], dtype=torch.int32)
+    with Recorder(execute=False) as rec:
+        attention.cached_attention(q, kc, vc, positions, lens, d ** -0.5, True, 0)
+    return rec.launches
+
+
 def report(shape: str, args) -> None:
     import lowerlm
     from lowerlm.codegen.triton.aot import compile_launches, decode_step_launches, unique
@@ -58,15 +75,17 @@ def report(shape: str, args) -> None:
         print(f"batch {batch}: {len(step)} kernel launches per step recorded ({per_layer:g} per layer + embedding "
               f"and lm_head), torch ops launching kernels: {len(torch_ops)} {dict(Counter(torch_ops))}")
         launches += step
+    launches += prefill_attention_launches(cfg, args.prefill, args.max_seq_len)
     distinct = unique(launches)
     env = {"PYTHONPATH": args.triton_path} if args.triton_path else None
     results = compile_launches(distinct, env=env)
     print(f"\nTriton {results[0]['triton'] if results else '?'}, target {results[0]['target'] if results else '?'}")
-    print("| kernel | key constexprs | grid | regs | stack | spills | shared B | ok |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kernel | key constexprs | grid | warps | regs | stack | spills | shared B | ok |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for launch, r in zip(distinct, results):
         meta = {k: v for k, v in launch.constexprs.items() if k.startswith("BLOCK") or k in ("SPLITS", "ROPE_APPEND")}
-        print(f"| {launch.name} | {meta} | {launch.grid} | {r.get('regs')} | {r.get('stack')} | {r.get('spills')} "
+        print(f"| {launch.name} | {meta} | {launch.grid} | {r.get('num_warps')} | {r.get('regs')} | {r.get('stack')} "
+              f"| {r.get('spills')} "
               f"| {r.get('shared')} | {'yes' if r['ok'] else r['error'][:200]} |")
 
 
@@ -76,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--position", type=int, default=200)
     p.add_argument("--max-seq-len", type=int, default=2049)
+    p.add_argument("--prefill", type=int, default=2048, help="prompt tokens of the recorded prefill attention")
     p.add_argument("--triton-path", help="a directory holding another Triton to compile with (PYTHONPATH)")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]

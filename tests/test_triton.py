@@ -36,12 +36,15 @@ def test_embedding_and_rms_norm():
     close(rms_norm.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5))
 
 
-@pytest.mark.parametrize("rows", [1, 3, gemv.GEMV_MAX_ROWS + 1])
-@pytest.mark.parametrize("gpu_tiles", [False, True])
-def test_linear_and_rms_norm_linear(rows, gpu_tiles, monkeypatch):
-    if gpu_tiles:  # the GPU's tile choice (4 rows of W per program here), run by the interpreter
+@pytest.mark.parametrize("rows", [1, 3, 17, gemv.DOT_MAX_ROWS + 1])  # the GEMV, the rows GEMM, torch's matmul
+@pytest.mark.parametrize("tiles", ["interpreter", "gpu", "small"])
+def test_linear_and_rms_norm_linear(rows, tiles, monkeypatch):
+    if tiles == "gpu":  # the GPU's tile choice, run by the interpreter: 4 rows of W per GEMV program, 16 per dot tile
         monkeypatch.setattr(gemv, "interpreted", lambda device: False)
-        assert gemv.blocks(rows, 50, 37, DEV)[0] == 4
+        assert gemv.blocks(50, 37, DEV)[0] == 4
+        assert gemv.dot_blocks(rows, 50, 37, DEV) == (max(16, min(64, 1 << (rows - 1).bit_length())), 16, 64)
+    if tiles == "small":  # several row blocks, column blocks and K steps, each with a ragged edge
+        monkeypatch.setattr(gemv, "dot_blocks", lambda m, n, k, device: (16, 16, 16))
     x, r, nw = rand(rows, 37), rand(rows, 37, seed=1), rand(37, seed=2).abs() + 0.5
     w, b = rand(50, 37, seed=3), rand(50, seed=4)
     close(gemv.linear(x, w), x @ w.T)
@@ -120,6 +123,22 @@ def test_cached_attention_decode_and_prefill():
           ref.cached_attention(q, kc, vc, pos, lens, 0.3, True, 5))
 
 
+@pytest.mark.parametrize("causal, window", [(True, 0), (True, 5), (True, 40), (False, 0)])
+@pytest.mark.parametrize("gpu_tiles", [False, True])
+def test_prefill_attention_skips_and_unmasks_whole_blocks(causal, window, gpu_tiles, monkeypatch):
+    """A chunk of 37 queries continuing at position 100 over a 160-slot cache: key blocks before the window or past
+    the last query are skipped, blocks every query sees run without masks, the rest (the diagonal, the window's
+    edge, the valid length's edge: the second sequence's 120 keys end inside the chunk) with them."""
+    if gpu_tiles:  # 64 queries and 64 keys per block, as on a GPU
+        monkeypatch.setattr(attention, "interpreted", lambda device: False)
+    b, hq, hk, d, t, s = 2, 4, 2, 12, 160, 37
+    kc, vc, q = rand(b, hk, t, d), rand(b, hk, t, 10, seed=1), rand(b, s, hq * d, seed=2)
+    pos = torch.arange(100, 100 + s, device=DEV).repeat(b, 1)
+    lens = torch.tensor([137, 120], dtype=torch.int32, device=DEV)
+    close(attention.cached_attention(q, kc, vc, pos, lens, 0.3, causal, window),
+          ref.cached_attention(q, kc, vc, pos, lens, 0.3, causal, window))
+
+
 @pytest.mark.parametrize("splits", [1, 3, 7])
 @pytest.mark.parametrize("causal, window", [(True, 0), (True, 5), (False, 0)])
 def test_split_k_decode_attention(splits, causal, window):
@@ -137,15 +156,19 @@ def test_split_k_decode_attention(splits, causal, window):
 def test_tiny_models_through_the_triton_backend(family):
     model = tiny_model(family, sliding_window=4) if family == "mistral" else tiny_model(family)
     cm = lowerlm.compile_model(model, backend="triton", max_batch=2, max_seq_len=64)
-    for b, s in ((2, 7), (2, 9)):  # 14 rows go through the GEMV kernels, 18 through the prefill path
+    for b, s in ((2, 7), (2, 40)):  # 14 rows go through the rows GEMM kernel, 80 through the prefill path
         ids = torch.randint(0, 64, (b, s), generator=torch.Generator().manual_seed(s))
         with torch.no_grad():
             want = model(ids).logits
         close(cm(ids).cpu(), want, tol=1e-4)
-    prompt, n = [5, 7, 9, 11, 3], (32 if family == "llama" else 8)
-    with torch.no_grad():
-        hf = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
-    assert [s[0] for s in cm.generate_ids([prompt], n)] == hf
+    prompts, n = [[5, 7, 9, 11, 3], [8, 1, 60]], (32 if family == "llama" else 8)
+    hf = []
+    for prompt in prompts:
+        with torch.no_grad():
+            hf.append(model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):])
+    assert [s[0] for s in cm.generate_ids(prompts[:1], n)] == hf[0].tolist()  # batch-1 decode: the GEMV
+    steps = list(cm.generate_ids(prompts, n))  # batch 2: the rows GEMM, two prompt lengths
+    assert [[s[i] for s in steps] for i in range(2)] == [h.tolist() for h in hf]
 
 
 def test_seeded_sampling_through_the_triton_backend():

@@ -34,6 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 DEFAULT_TARGET = "cuda:90:32"  # H100: backend, compute capability, warp size
+OPTIONS = ("num_warps", "num_stages")  # launch keywords that are compile options, not kernel arguments
 
 
 @dataclass
@@ -48,12 +49,14 @@ class Launch:
     divisible: list  # parameters specialised as divisible by 16
     grid: list
     scalars: dict = field(default_factory=dict)  # non-constexpr scalar arguments' values (frozen in a CUDA graph)
+    options: dict = field(default_factory=dict)  # compile options given at the launch (num_warps, num_stages)
 
     @property
     def key(self) -> tuple:
         """What makes a distinct compiled kernel."""
         return (self.file, self.name, json.dumps(self.signature, sort_keys=True),
-                json.dumps(self.constexprs, sort_keys=True, default=str), tuple(sorted(self.divisible)))
+                json.dumps(self.constexprs, sort_keys=True, default=str), tuple(sorted(self.divisible)),
+                json.dumps(self.options, sort_keys=True))
 
 
 def _is_constexpr(param: inspect.Parameter) -> bool:
@@ -85,8 +88,9 @@ def specialise(fn, args: tuple, kwargs: dict, grid) -> Launch:
     if callable(grid):
         grid = grid({**bound, **constexprs})
     grid = [int(g) for g in grid]
+    options = {name: kwargs[name] for name in OPTIONS if name in kwargs}
     return Launch(fn.__module__, inspect.getsourcefile(fn), fn.__name__, signature, constexprs, divisible, grid,
-                  scalars)
+                  scalars, options)
 
 
 class Recorder:
@@ -227,9 +231,9 @@ def _compile_one(record: dict, target) -> dict:
     src = triton.compiler.ASTSource(fn=fn, signature=record["signature"], constexprs=record["constexprs"],
                                     attrs=attrs)
     start = time.perf_counter()
-    kernel = triton.compile(src, target=target, options={})
+    kernel = triton.compile(src, target=target, options=record.get("options", {}))
     out = {"seconds": round(time.perf_counter() - start, 3), "shared": kernel.metadata.shared,
-           "num_warps": kernel.metadata.num_warps}
+           "num_warps": kernel.metadata.num_warps, "num_stages": kernel.metadata.num_stages}
     if "ptx" in kernel.asm:
         out.update(_resources(kernel.asm["ptx"], target.arch))
     return out

@@ -8,7 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lowerlm.codegen.triton.gemv import ACTS, GEMV_MAX_ROWS, _act, rms_norm_linear
+from lowerlm.codegen.triton.gemv import ACTS, _act, rms_norm_linear
+
+DECODE_MAX_ROWS = 16  # rows the per-row decode kernels take; more (prefill) go through the dense math
 
 
 @triton.jit
@@ -73,7 +75,7 @@ def arm_mlp(x, norm_weight, gate_m, up, down_scaled, mu, scale, residual=None, e
     lead, hidden = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, hidden).contiguous()
     inter = up.shape[0]
-    if x2.shape[0] > GEMV_MAX_ROWS:  # prefill: dense math, the mask still applies
+    if x2.shape[0] > DECODE_MAX_ROWS:  # prefill: dense math, the mask still applies
         return reference_arm_mlp(x, norm_weight, gate_m, up, down_scaled, mu, scale, residual, eps, tau, act)
     (gm,) = rms_norm_linear(x2, norm_weight, gate_m, eps=eps)
     from lowerlm.codegen.triton.rms_norm import rms_norm

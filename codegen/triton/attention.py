@@ -4,8 +4,10 @@ of keys, GQA by reading kv head ``h // (Hq / Hkv)``.
 Keys come from a cache ``[B, Hkv, T, D]`` (key j sits at position j) or, for the ``attention`` op, from the
 call's own token-major ``[B, S, Hkv*D]`` tensors (key j at ``positions[b, j]``). Key j is visible to query i when
 ``j < seq_lens[b]``, and, when causal, ``pos_j <= pos_i`` (and ``pos_i - pos_j < window``). The loop over keys
-stops at ``seq_lens[b]``, so a decode step's cost follows the valid length, not the cache's. A query that sees no
-key gets zeros. f32 inputs use IEEE dot products (no TF32), so they match the reference closely.
+stops at ``seq_lens[b]``, so the cost follows the valid length, not the cache's; over a cache with causal masking a
+block of queries also skips the key blocks past its last query and before its window (half the work of a causal
+prefill), and runs the key blocks all its queries see without computing masks. A query that sees no key gets
+zeros. f32 inputs use IEEE dot products (no TF32), so they match the reference closely.
 """
 
 from __future__ import annotations
@@ -15,6 +17,51 @@ import triton
 import triton.language as tl
 
 from lowerlm.codegen.triton import interpreted
+
+
+@triton.jit
+def _attend_block(q, k_base, v_base, kpos_base, qpos, mask_m, j0, n_keys, window, scale, m_i, l_i, acc,
+                  stride_kj, stride_vj, D, DV,
+                  MASK: tl.constexpr, CAUSAL: tl.constexpr, KEY_POS: tl.constexpr, PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One block of keys into the online softmax. MASK=False: the caller knows every key of the block is visible
+    to every query of the block (no masks computed)."""
+    offs_n = j0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_n = offs_n < n_keys
+    if MASK:
+        k = tl.load(k_base + offs_n[:, None] * stride_kj + offs_d[None, :],
+                    mask=mask_n[:, None] & (offs_d[None, :] < D), other=0.0)
+    else:
+        k = tl.load(k_base + offs_n[:, None] * stride_kj + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    if MASK:
+        if KEY_POS:
+            kpos = tl.load(kpos_base + offs_n, mask=mask_n, other=0)
+        else:
+            kpos = offs_n.to(tl.int64)
+        visible = mask_m[:, None] & mask_n[None, :]
+        if CAUSAL:
+            diff = qpos[:, None] - kpos[None, :]
+            visible = visible & (diff >= 0) & ((window <= 0) | (diff < window))
+        scores = tl.where(visible, scores, -1.0e30)
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(scores - m_new[:, None])
+    if MASK:
+        p = tl.where(visible, p, 0.0)  # a row that sees nothing yet keeps l = 0
+        v = tl.load(v_base + offs_n[:, None] * stride_vj + offs_dv[None, :],
+                    mask=mask_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    else:
+        v = tl.load(v_base + offs_n[:, None] * stride_vj + offs_dv[None, :], mask=offs_dv[None, :] < DV, other=0.0)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if UPCAST:
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -28,7 +75,7 @@ def attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # causal: the longest query blocks start first
     b = pid_bh // HQ
     h = pid_bh % HQ
     kvh = h // GROUP
@@ -41,39 +88,42 @@ def attention_kernel(
     if UPCAST:
         q = q.to(tl.float32)
     qpos = tl.load(qpos_ptr + b * stride_pb + offs_m, mask=mask_m, other=0)
-    n_keys = tl.load(lens_ptr + b)
+    n_keys = tl.load(lens_ptr + b).to(tl.int64)
+    # Blocks of keys [lo, hi) hold every key a query of this block can see; those in [full_lo, full_hi) are seen
+    # by all of them, so they skip the masks. Keys given by position (KEY_POS) are all masked.
+    lo = n_keys * 0
+    hi = n_keys
+    full_lo = lo
+    full_hi = lo
+    if CAUSAL:
+        if not KEY_POS:  # key j sits at position j
+            q_first = tl.min(tl.where(mask_m, qpos, 1 << 62), axis=0)
+            q_last = tl.max(tl.where(mask_m, qpos, -1), axis=0)
+            hi = tl.minimum(q_last + 1, n_keys)
+            lo = tl.where(window > 0, tl.maximum(q_first - window + 1, 0), 0) // BLOCK_N * BLOCK_N
+            full_lo = tl.where(window > 0, tl.maximum(q_last - window + 1, 0), 0)
+            full_lo = (full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+            full_hi = tl.maximum(tl.minimum(q_first + 1, n_keys) // BLOCK_N * BLOCK_N, full_lo)
+    elif not KEY_POS:
+        full_hi = n_keys // BLOCK_N * BLOCK_N
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    kpos_base = kpos_ptr + b * stride_kpb
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for j0 in range(0, n_keys, BLOCK_N):
-        offs_n = j0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_keys
-        k = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kj + offs_d[None, :],
-                    mask=mask_n[:, None] & (offs_d[None, :] < D), other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        if KEY_POS:
-            kpos = tl.load(kpos_ptr + b * stride_kpb + offs_n, mask=mask_n, other=0)
-        else:
-            kpos = offs_n.to(tl.int64)
-        visible = mask_m[:, None] & mask_n[None, :]
-        if CAUSAL:
-            diff = qpos[:, None] - kpos[None, :]
-            visible = visible & (diff >= 0)
-            if window > 0:
-                visible = visible & (diff < window)
-        scores = tl.where(visible, scores, -1.0e30)
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.where(visible, tl.exp(scores - m_new[:, None]), 0.0)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vj + offs_dv[None, :],
-                    mask=mask_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    for j0 in range(lo, tl.minimum(full_lo, hi), BLOCK_N):  # the window's lower edge
+        m_i, l_i, acc = _attend_block(q, k_base, v_base, kpos_base, qpos, mask_m, j0, n_keys, window, scale, m_i,
+                                      l_i, acc, stride_kj, stride_vj, D, DV, True, CAUSAL, KEY_POS, PRECISION, UPCAST,
+                                      BLOCK_N, BLOCK_D, BLOCK_DV)
+    for j0 in range(full_lo, full_hi, BLOCK_N):  # wholly visible
+        m_i, l_i, acc = _attend_block(q, k_base, v_base, kpos_base, qpos, mask_m, j0, n_keys, window, scale, m_i,
+                                      l_i, acc, stride_kj, stride_vj, D, DV, False, CAUSAL, KEY_POS, PRECISION,
+                                      UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV)
+    for j0 in range(full_hi, hi, BLOCK_N):  # the diagonal and the valid length's edge
+        m_i, l_i, acc = _attend_block(q, k_base, v_base, kpos_base, qpos, mask_m, j0, n_keys, window, scale, m_i,
+                                      l_i, acc, stride_kj, stride_vj, D, DV, True, CAUSAL, KEY_POS, PRECISION, UPCAST,
+                                      BLOCK_N, BLOCK_D, BLOCK_DV)
     out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
     tl.store(out_ptr + b * stride_ob + offs_m[:, None] * stride_os + h * DV + offs_dv[None, :],
              out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_dv[None, :] < DV))
@@ -85,9 +135,13 @@ def _launch(q, k4, v4, positions, key_positions, seq_lens, hq, scale, causal, wi
     d, dv, hk = width // hq, v4.shape[-1], k4.shape[1]
     out = torch.empty(b, s, hq * dv, dtype=q.dtype, device=q.device)
     q = q if q.stride(-1) == 1 else q.contiguous()
-    block_m = 16
     on_cpu = interpreted(q.device)
-    block_n = 16 if on_cpu else 64
+    if on_cpu:
+        block_m, block_n, options = 16, 16, {}
+    else:  # the flash-attention shape for Hopper (Triton's tutorial, FlashAttention-2): chosen, not yet tuned
+        block_m = min(128, max(16, triton.next_power_of_2(s)))
+        block_n = 64
+        options = {"num_warps": 8 if block_m == 128 else 4, "num_stages": 3}
     grid = (b * hq, triton.cdiv(s, block_m))
     kpos = key_positions if key_positions is not None else positions
     attention_kernel[grid](
@@ -100,7 +154,7 @@ def _launch(q, k4, v4, positions, key_positions, seq_lens, hq, scale, causal, wi
         PRECISION="ieee" if q.dtype == torch.float32 or on_cpu else None,
         UPCAST=on_cpu,  # the interpreter computes bf16 dots wrongly: give it f32
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        BLOCK_DV=max(16, triton.next_power_of_2(dv)))
+        BLOCK_DV=max(16, triton.next_power_of_2(dv)), **options)
     return out
 
 
