@@ -14,7 +14,9 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 case "$1" in
-  tests) python3 -m pytest -q -x tests/test_triton.py tests/test_runtime.py tests/test_moe.py 2>&1 | tee "$OUT/tests.log" ;;
+  # every failure in one call (device time is scarce), the slowest tests named
+  tests) python3 -m pytest -q -rfEs --durations=15 tests/test_triton.py tests/test_runtime.py tests/test_moe.py 2>&1 |
+         tee "$OUT/tests.log" ;;
   decode) python3 bench/decode.py 2>&1 | tee "$OUT/decode.md" ;;
   moe) python3 bench/moe.py 2>&1 | tee "$OUT/moe.md" ;;
   *) echo "usage: bash bench/gpu_session.sh tests|decode|moe" >&2; exit 2 ;;
