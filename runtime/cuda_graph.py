@@ -49,6 +49,16 @@ class GraphedDecode:
         self.pool = graph.pool()
         self.graphs[b] = (graph, inputs, logits)
 
+    def capture(self, fn):
+        """A CUDA graph of ``fn``'s launches, in the decode graphs' memory pool, after one run outside the capture
+        (which compiles its kernels; ``fn`` must tolerate that run)."""
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            fn()
+        return graph
+
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         b = tokens.shape[0]
         bucket = min(k for k in self.graphs if k >= b)

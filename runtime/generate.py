@@ -65,6 +65,7 @@ class Generator:
     cuda_graphs: bool = True
     state: dict = field(default_factory=dict)
     graphed: object = None
+    loop: object = None
 
     def __post_init__(self):
         self.state = allocate_state(self.module, self.max_batch, self.max_seq_len, self.program.device)
@@ -79,27 +80,6 @@ class Generator:
             dev = self.program.device
             return self.graphed.step(tokens.to(dev), positions.to(dev))
         return decode_one(self.program, self.state, tokens, positions)
-
-    def _sampler(self, sampling: Sampling):
-        """logits [B, V] -> next tokens [B] on the host (streaming needs them there anyway). Triton programs
-        sample on the device (only B tokens cross to the host; the Philox offset advances on the device); the
-        reference backend samples on the host with a seeded torch generator."""
-        if getattr(self.program, "device_sampling", False):
-            from lowerlm.codegen.triton.sampling import sample as device_sample
-
-            dev = self.program.device
-            seed = torch.tensor([sampling.seed], dtype=torch.int64, device=dev)
-            offset = torch.zeros(1, dtype=torch.int64, device=dev)
-
-            def draw(logits):
-                tokens = device_sample(logits.float().contiguous(), sampling.temperature, sampling.top_k,
-                                       sampling.top_p, seed, offset)
-                offset.add_(1)
-                return tokens.cpu()
-
-            return draw
-        generator = torch.Generator().manual_seed(sampling.seed)
-        return lambda logits: sample(logits.float().cpu(), sampling, generator)
 
     def check_prompts(self, prompts: list, max_new_tokens: int) -> None:
         if not prompts:
@@ -131,26 +111,51 @@ class Generator:
         ids = torch.zeros(b, int(lengths.max()), dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p)
-        draw = self._sampler(sampling)
         stop = set(stop_ids)
         logits = prefill(self.program, self.state, ids, lengths)
+        steps = self._device_steps if getattr(self.program, "device_sampling", False) else self._host_steps
         done = [False] * b
-        for step in range(max_new_tokens):
-            tokens = draw(logits)
+        lengths = lengths.tolist()
+        for step, tokens in enumerate(steps(logits, lengths, sampling, max_new_tokens)):
             out = []
             for i in range(b):
                 if done[i]:
                     out.append(None)
                     continue
-                t = int(tokens[i])
+                t = tokens[i]
                 out.append(t)
-                # t goes to cache slot lengths[i] when decoded: past the cache, the sequence ends here
-                if t in stop or int(lengths[i]) >= self.max_seq_len:
+                # t goes to cache slot lengths[i] + step when decoded: past the cache, the sequence ends here
+                if t in stop or lengths[i] + step >= self.max_seq_len:
                     done[i] = True
             yield out
             if all(done) or step == max_new_tokens - 1:
                 return
-            # finished sequences keep decoding their last token at a valid slot; their results are dropped
-            positions = torch.minimum(lengths, torch.tensor(self.max_seq_len - 1))
-            logits = self.decode(tokens, positions)
-            lengths = lengths + torch.tensor([0 if d else 1 for d in done])
+
+    def _host_steps(self, logits, lengths: list, sampling: Sampling, n: int) -> Iterator[list]:
+        """Tokens per step (the prompts' ``lengths``), sampled on the host: the reference backend, with a seeded
+        torch generator. Step k's tokens are decoded at slot length + k, held at the last slot once there (a
+        finished sequence's results are dropped)."""
+        generator = torch.Generator().manual_seed(sampling.seed)
+        for step in range(n):
+            tokens = sample(logits.float().cpu(), sampling, generator)
+            yield tokens.tolist()
+            if step < n - 1:
+                logits = self.decode(tokens, torch.tensor([min(x + step, self.max_seq_len - 1) for x in lengths]))
+
+    def _device_steps(self, logits, lengths: list, sampling: Sampling, n: int) -> Iterator[list]:
+        """Tokens per step from the decode loop kept on the device (runtime/decode_loop.py), which places them
+        as ``_host_steps`` does; step k+1 is queued before step k's tokens are read."""
+        if self.loop is None:
+            from lowerlm.runtime.decode_loop import DecodeLoop
+
+            self.loop = DecodeLoop(self.program, self.state, self.max_batch, self.max_seq_len, self.graphed)
+        loop = self.loop
+        loop.begin(logits, torch.tensor([x - 1 for x in lengths], device=self.program.device), sampling)
+        loop.fetch()
+        for step in range(n):
+            if step < n - 1:
+                loop.advance()
+            tokens = loop.tokens()
+            if step < n - 1:
+                loop.fetch()
+            yield tokens

@@ -171,6 +171,62 @@ def test_tiny_models_through_the_triton_backend(family):
     assert [[s[i] for s in steps] for i in range(2)] == [h.tolist() for h in hf]
 
 
+class _EagerGraphs:
+    """GraphedDecode's interface with runs in place of CUDA graphs (which need a GPU): a bucket's "graph" runs the
+    decode step on its static inputs into its static logits; a capture is the function itself."""
+
+    def __init__(self, program, state, max_batch, vocab):
+        from lowerlm.runtime.cuda_graph import buckets
+
+        self.graphs, self.captures = {}, 0
+        for b in buckets(max_batch):
+            inputs = {"input_ids": torch.zeros(b, 1, dtype=torch.long),
+                      "positions": torch.zeros(b, 1, dtype=torch.long), "seq_lens": torch.ones(b, dtype=torch.int32)}
+            logits = torch.zeros(b, 1, vocab)
+            self.graphs[b] = (self._Replay(program, inputs, {n: buf[:b] for n, buf in state.items()}, logits),
+                              inputs, logits)
+
+    class _Replay:
+        def __init__(self, program, inputs, rows, logits):
+            self.program, self.inputs, self.rows, self.logits = program, inputs, rows, logits
+
+        def replay(self):
+            (out,), _ = self.program.run("decode", self.inputs, self.rows, inplace=True)
+            self.logits.copy_(out)
+
+    def capture(self, fn):
+        from types import SimpleNamespace
+
+        self.captures += 1
+        fn()
+        return SimpleNamespace(replay=fn)
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="the GPU runs the real graphs")
+def test_decode_loop_over_graph_buckets_matches_the_plain_loop():
+    """The device decode loop as the GPU runs it (bucket inputs, a captured sampling step per setting, the host a
+    step behind) gives the tokens of the plain loop: greedy and sampled, 3 sequences in the bucket of 4, one of
+    them filling the cache (max_seq_len 22) and one stopping at a stop token."""
+    cm = lowerlm.compile_model(tiny_model("llama"), backend="triton", max_batch=4, max_seq_len=22)
+    gen = cm.generator
+    prompts = [[5, 7, 9, 11, 3], [8, 1, 60], list(range(1, 17))]
+
+    def run(graphed, stop_ids=(), **kw):
+        gen.graphed, gen.loop = (_EagerGraphs(gen.program, gen.state, 4, 64) if graphed else None), None
+        return list(cm.generate_ids(prompts, 8, stop_ids=stop_ids, **kw))
+
+    greedy = run(False)
+    assert [s[2] for s in greedy][7:] == [None]  # the third one's cache (22 slots) was full after its 7th token
+    stop = greedy[4][1]  # the second sequence stops at its 5th token
+    assert run(True) == greedy
+    stopped = run(True, [stop])
+    assert stopped == run(False, [stop])
+    second = [s[1] for s in stopped]
+    assert second.index(stop) <= 4 and set(second[second.index(stop) + 1:]) <= {None}
+    sampled = dict(temperature=0.9, seed=5)  # (the top-k/top-p bisection: test_device_sampling)
+    assert run(True, **sampled) == run(False, **sampled) != greedy
+
+
 def test_seeded_sampling_through_the_triton_backend():
     cm = lowerlm.compile_model(tiny_model("llama"), backend="triton", max_seq_len=32)
     kw = dict(temperature=1.2, top_k=8, top_p=0.9)
@@ -290,22 +346,41 @@ def test_device_sampling():
 
     x = rand(3, 37) * 2
     assert torch.equal(sample(x), x.argmax(-1))
+    assert torch.equal(sample(x.to(torch.bfloat16)), x.to(torch.bfloat16).argmax(-1))  # any float dtype
     seed = torch.tensor([1234], device=DEV)
     # top-k then top-p over what it kept: draws never leave the set runtime/sampler.py keeps
     kept = filter_logits(x.cpu() / 0.7, top_k=5, top_p=0.8) > float("-inf")
-    for off in range(3):
-        s = sample(x, 0.7, 5, 0.8, seed, torch.tensor([off], device=DEV)).cpu()
+    for pos in range(3):
+        s = sample(x, 0.7, 5, 0.8, seed, torch.full((3,), pos, device=DEV)).cpu()
         assert kept[torch.arange(3), s].all()
-    # plain temperature sampling follows softmax(l / T): n rows of one distribution, one launch
+    # plain temperature sampling follows softmax(l / T): n rows of one distribution at n positions, one launch
     n = 4000 if DEV == "cuda" else 500
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], device=DEV).repeat(n, 1).contiguous()
-    draws = sample(logits, 0.9, 0, 1.0, seed, torch.tensor([0], device=DEV)).cpu()
+    positions = torch.arange(n, device=DEV)
+    draws = sample(logits, 0.9, 0, 1.0, seed, positions).cpu()
     freq = torch.bincount(draws, minlength=6).float() / n
     want = torch.softmax(logits[0].cpu() / 0.9, -1)
     assert (freq - want).abs().max() < 4 * (want * (1 - want) / n).sqrt().max()  # four standard errors
-    # the same seed and offset give the same draws; another offset other draws
-    assert torch.equal(draws[:50], sample(logits[:50], 0.9, 0, 1.0, seed, torch.tensor([0], device=DEV)).cpu())
-    assert not torch.equal(draws[:50], sample(logits[:50], 0.9, 0, 1.0, seed, torch.tensor([1], device=DEV)).cpu())
+    # a draw depends on the seed and the position only, not on the row or the batch around it
+    assert torch.equal(draws[10:60], sample(logits[:50], 0.9, 0, 1.0, seed, positions[10:60]).cpu())
+    assert not torch.equal(draws[:50], sample(logits[:50], 0.9, 0, 1.0, seed, positions[:50] + 1).cpu())
+    assert not torch.equal(draws[:50], sample(logits[:50], 0.9, 0, 1.0, seed + 1, positions[:50]).cpu())
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_sampling_advances_the_decode_loop_in_place(temperature):
+    from lowerlm.codegen.triton.sampling import sample
+
+    logits = rand(3, 37) * 2
+    ids = torch.full((3, 1), -1, dtype=torch.long, device=DEV)  # the next decode step's [B, 1] inputs
+    positions = torch.tensor([[4], [9], [15]], device=DEV)
+    seq_lens = torch.zeros(3, dtype=torch.int32, device=DEV)
+    seed = torch.tensor([7], device=DEV)
+    want = sample(logits, temperature, 0, 1.0, seed, positions[:, 0].clone())
+    got = sample(logits, temperature, 0, 1.0, seed, positions[:, 0], out=ids[:, 0], seq_lens=seq_lens, limit=15)
+    assert torch.equal(got, want) and torch.equal(ids[:, 0], want)
+    assert positions[:, 0].tolist() == [5, 10, 15]  # the last slot (15) holds
+    assert seq_lens.tolist() == [6, 11, 16]
 
 
 CHAIN = """params {

@@ -57,9 +57,12 @@ def _record_workload(rec_models) -> list:
                 prefill(cm.program, state, torch.randint(0, 64, (2, s)), torch.tensor([s, s - 2]))
             for b in (1, 2):
                 decode_one(cm.program, state, torch.zeros(b, dtype=torch.long), torch.full((b,), 9))
-            seed, offset = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+            seed, positions = torch.zeros(1, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.int64)
+            ids, lens = torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, dtype=torch.int32)
             for temperature, top_k, top_p in ((0.0, 0, 1.0), (1.2, 8, 0.9), (0.7, 0, 0.5), (1.0, 5, 1.0)):
-                sample(torch.randn(2, 64), temperature, top_k, top_p, seed, offset)
+                sample(torch.randn(2, 64), temperature, top_k, top_p, seed, positions[:, 0])
+                sample(torch.randn(2, 1, 64).to(torch.bfloat16)[:, 0], temperature, top_k, top_p, seed,
+                       positions[:, 0], out=ids[:, 0], seq_lens=lens, limit=63)  # the decode loop's step
         launches += rec.launches
     with Recorder(execute=False) as rec:  # the launchers' unfused forms, which the tiny models plan away
         for dtype in (torch.float32, torch.bfloat16):

@@ -4,8 +4,13 @@ to the top-k tokens and then to the top-p nucleus of what top-k kept (the order 
 No sort: the top-k threshold (the k-th largest logit) and the top-p threshold (the smallest logit whose nucleus
 reaches p) are found by bisection on the logit value, each step one pass over the row. The draw is the Gumbel-max
 trick, ``argmax(l / T - log(-log U))``, which samples softmax(l / T) exactly; U comes from Triton's Philox
-generator keyed by a seed and an offset read from device memory, so a CUDA graph replays with fresh randomness
-when the runtime advances the offset on the device. Ties at a threshold keep every tied token.
+generator keyed by a seed and the position of the token being drawn, both read from device memory: a CUDA graph
+replays with fresh randomness as positions advance, and a sequence draws the same tokens alone or in any batch.
+Ties at a threshold keep every tied token.
+
+With ``advance`` the kernel also moves the decode loop on (runtime/decode_loop.py): it writes each row's token
+into the next step's input ids and advances its position (clamped to ``limit``) and valid length, all on the
+device, so generation needs the host only to read tokens.
 """
 
 from __future__ import annotations
@@ -33,13 +38,15 @@ def _count_and_mass(row_ptr, V, t, m, inv_temp, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def sample_kernel(
-    logits_ptr, out_ptr, seed_ptr, offset_ptr,  # pointers
-    V, stride_row,  # sizes, strides
-    inv_temp, top_k, top_p,
-    GREEDY: tl.constexpr, FILTER: tl.constexpr, STEPS: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr, out_ptr, seed_ptr, pos_ptr, lens_ptr,  # pointers
+    V, stride_row, stride_out, stride_pos,  # sizes, strides
+    inv_temp, top_k, top_p, limit,
+    GREEDY: tl.constexpr, FILTER: tl.constexpr, ADVANCE: tl.constexpr, STEPS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row * stride_row
+    pos = tl.load(pos_ptr + row * stride_pos)  # the position of the token these logits follow
     # the row's maximum and minimum
     hi = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
     lo = tl.full([BLOCK_V], float("inf"), dtype=tl.float32)
@@ -71,7 +78,7 @@ def sample_kernel(
         threshold = a
     if not GREEDY:
         seed = tl.load(seed_ptr)
-        offset = tl.load(offset_ptr)
+        key = (pos + 1) * V  # the drawn token's position: one stream of V uniforms per position
     best = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
     best_idx = tl.zeros([BLOCK_V], dtype=tl.int32)
     for v0 in range(0, V, BLOCK_V):
@@ -81,7 +88,7 @@ def sample_kernel(
         if GREEDY:
             score = x
         else:
-            u = tl.rand(seed, (offset * tl.num_programs(0) + row) * V + offs)
+            u = tl.rand(seed, key + offs)
             u = tl.minimum(tl.maximum(u, 1e-12), 1.0 - 1e-7)
             score = tl.where(x >= threshold, x * inv_temp - tl.log(-tl.log(u)), float("-inf"))
         score = tl.where(valid, score, float("-inf"))
@@ -90,24 +97,38 @@ def sample_kernel(
         best = tl.where(better, score, best)
     top = tl.max(best, axis=0)
     idx = tl.min(tl.where(best == top, best_idx, 2147483647), axis=0)
-    tl.store(out_ptr + row, idx.to(tl.int64))
+    tl.store(out_ptr + row * stride_out, idx.to(tl.int64))
+    if ADVANCE:  # the next decode step: this token at the next position (its slot in the cache)
+        nxt = tl.minimum(pos + 1, limit)
+        tl.store(pos_ptr + row * stride_pos, nxt)
+        tl.store(lens_ptr + row, (nxt + 1).to(lens_ptr.dtype.element_ty))
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           seed: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
-    """Next tokens [B] (int64, on the logits' device) from logits [B, V]. ``seed`` and ``offset`` are int64
-    device scalars (tensors of one element); the caller advances ``offset`` after each call."""
+           seed: torch.Tensor | None = None, positions: torch.Tensor | None = None, out: torch.Tensor | None = None,
+           seq_lens: torch.Tensor | None = None, limit: int = 0) -> torch.Tensor:
+    """Next tokens [B] (int64, on the logits' device) from logits [B, V] (any float dtype). ``seed``: an int64
+    device tensor of one element; ``positions`` [B]: int64, the position of the token each row's logits follow
+    (the draw is keyed by the next one). With ``out`` and ``seq_lens`` the step also advances the decode loop in
+    place: ``out[r]`` = the token, ``positions[r]`` = min(positions[r] + 1, limit), ``seq_lens[r]`` = that + 1."""
     if logits.dim() != 2 or logits.stride(-1) != 1:
         raise ValueError(f"logits must be a row-major [B, V] matrix, got {tuple(logits.shape)}")
     b, v = logits.shape
-    out = torch.empty(b, dtype=torch.int64, device=logits.device)
+    dev = logits.device
     greedy = temperature == 0.0
-    if not greedy and (seed is None or offset is None):
-        raise ValueError("sampling needs seed and offset tensors on the device")
-    zero = torch.zeros(1, dtype=torch.int64, device=logits.device)
+    if not greedy and (seed is None or positions is None):
+        raise ValueError("sampling needs seed and positions tensors on the device")
+    advance = out is not None
+    if advance and (positions is None or seq_lens is None):
+        raise ValueError("advancing the decode loop needs positions and seq_lens")
+    if out is None:
+        out = torch.empty(b, dtype=torch.int64, device=dev)
+    if positions is None:
+        positions = torch.zeros(b, dtype=torch.int64, device=dev)
     sample_kernel[(b,)](
-        logits, out, seed if seed is not None else zero, offset if offset is not None else zero,
-        v, logits.stride(0), 1.0 / temperature if not greedy else 1.0, float(min(top_k, v) if top_k else v),
-        float(top_p), GREEDY=greedy, FILTER=not greedy and (0 < top_k < v or top_p < 1.0), STEPS=BISECT_STEPS,
+        logits, out, seed if seed is not None else positions, positions, seq_lens if advance else positions,
+        v, logits.stride(0), out.stride(0), positions.stride(0),
+        1.0 / temperature if not greedy else 1.0, float(min(top_k, v) if top_k else v), float(top_p), limit,
+        GREEDY=greedy, FILTER=not greedy and (0 < top_k < v or top_p < 1.0), ADVANCE=advance, STEPS=BISECT_STEPS,
         BLOCK_V=min(1024, triton.next_power_of_2(v)))
     return out
