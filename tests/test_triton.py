@@ -493,8 +493,16 @@ def test_moe_sort_is_stable_by_expert(rows, experts):
 
 
 @pytest.mark.parametrize("act, gather", [("silu", 2), ("none", 0)])
-def test_grouped_gemm_and_combine_with_empty_experts(act, gather):
+@pytest.mark.parametrize("tiles", ["interpreter", "gpu", "wide"])
+def test_grouped_gemm_and_combine_with_empty_experts(act, gather, tiles, monkeypatch):
     from lowerlm.codegen.triton import moe
+
+    if tiles == "gpu":  # the GPU's tiles, run by the interpreter: 22 rows over 6 experts, 2 + 6 row blocks
+        monkeypatch.setattr(moe, "interpreted", lambda device: False)
+        assert moe.gemm_blocks(22, 24, 40, 6, DEV) == (16, 16, 64, 8)
+    if tiles == "wide":  # row blocks of 32 (prefill's tiles), K and N in several ragged steps
+        monkeypatch.setattr(moe, "gemm_blocks",
+                            lambda rows, n, k, e, device: (32, 16, 16, -(-rows // 32) + min(e, rows)))
 
     tokens, k, e, hidden, inter = 11, 2, 6, 40, 24
     gen = torch.Generator().manual_seed(5)

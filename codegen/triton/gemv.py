@@ -182,10 +182,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def blocks(n_out: int, k: int, device) -> tuple:
-    """(BLOCK_N, BLOCK_K) of gemv_kernel. On a GPU a decode GEMV is bound by reading W, which takes every SM streaming: rows per
-    program are cut until there are two programs per SM (o_proj of Llama-3.2-1B: 256 programs of 8 rows, not 32
-    of 64), and the K tile grows as the row tile shrinks so each load stays ~16 KB. The interpreter keeps big
-    tiles (few programs run faster there)."""
+    """(BLOCK_N, BLOCK_K) of gemv_kernel. On a GPU a decode GEMV is bound by reading W, which takes every SM
+    streaming: rows per program are cut until there are two programs per SM (o_proj of Llama-3.2-1B: 256 programs
+    of 8 rows, not 32 of 64), and the K tile grows as the row tile shrinks so each load stays ~16 KB. The
+    interpreter keeps big tiles (few programs run faster there)."""
     if interpreted(device):
         return min(64, triton.next_power_of_2(n_out)), min(128, triton.next_power_of_2(k))
     block_n = min(64, max(4, triton.next_power_of_2(triton.cdiv(n_out, 2 * sm_count(device)))))

@@ -257,7 +257,24 @@ def grouped_gemm_kernel(
                  mask=rmask[:, None] & nmask[None, :])
 
 
-def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str, block_m: int = 16):
+def gemm_blocks(rows: int, n: int, k: int, e: int, device) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, row blocks launched) of the grouped GEMM over ``rows`` expert-sorted rows. At
+    most min(e, rows) experts hold rows, each adding at most one partial block, so cdiv(rows, BLOCK_M) +
+    min(e, rows) blocks cover any routing (a decode step of 8 pairs over 128 experts launches 9 row blocks, not
+    129). On a GPU BLOCK_M follows the mean rows per expert (16 for decode, up to 64 for prefill), BLOCK_N is cut
+    towards two programs per SM over the experts that can hold rows, and BLOCK_K keeps W's tile near 16 KB."""
+    if interpreted(device):
+        block_m = 16
+        block_n, block_k = (min(64, max(16, triton.next_power_of_2(d))) for d in (n, k))
+    else:
+        block_m = min(64, max(16, triton.next_power_of_2(rows // e)))
+        busy = min(e, rows)
+        block_n = min(64, max(16, triton.next_power_of_2(triton.cdiv(busy * n, 2 * sm_count(device)))))
+        block_k = min(max(16, triton.next_power_of_2(k)), max(64, 8192 // block_n))
+    return block_m, block_n, block_k, triton.cdiv(rows, block_m) + min(e, rows)
+
+
+def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str):
     """The ``grouped_gemm`` op: rows [R, N] (N halved with an act)."""
     e, n_w, k = w.shape
     n = n_w // 2 if act != "none" else n_w
@@ -266,8 +283,7 @@ def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str, block_m: in
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     if rows == 0:
         return out
-    blocks = triton.cdiv(rows, block_m) + e  # an upper bound of the row blocks, whatever the routing
-    block_n = min(64, max(16, triton.next_power_of_2(n)))
+    block_m, block_n, block_k, blocks = gemm_blocks(rows, n, k, e, x.device)
     grid = (blocks, triton.cdiv(n, block_n))
     on_cpu = interpreted(x.device)
     grouped_gemm_kernel[grid](
@@ -276,8 +292,7 @@ def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str, block_m: in
         n, k, e, max(gather, 1), n_w * k,
         GATHER=gather > 0, ACT=ACTS[act], HAS_SCALE=scale is not None,
         PRECISION="ieee" if x.dtype == torch.float32 or on_cpu else None, UPCAST=on_cpu,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(64, max(16, triton.next_power_of_2(k))),
-        BLOCK_E=triton.next_power_of_2(e))
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=triton.next_power_of_2(e))
     return out
 
 
