@@ -478,6 +478,60 @@ def test_moe_router_kernel(attrs, gpu_split, monkeypatch):
     wi, wp = want_ids.long().sort(-1)
     assert torch.equal(gi, wi)
     close(got_w.cpu().gather(-1, gp), want_w.gather(-1, wp), tol=1e-6)
+    # with the layer's RMSNorm inside: every program stores its slice of the normalised rows
+    nw = rand(300, seed=4).abs() + 0.5
+    normed, ids, weights = moe.moe_route(x * 3, w, bias, **attrs, norm=(nw, 1e-6))
+    want_x = ref.rms_norm(x.cpu() * 3, nw.cpu(), 1e-6)
+    close(normed.cpu(), want_x, tol=1e-6)
+    want_ids, want_w = ref.moe_route(want_x, w.cpu(), bias.cpu() if bias is not None else None, **attrs)
+    gi, gp = ids.cpu().long().sort(-1)
+    wi, wp = want_ids.long().sort(-1)
+    assert torch.equal(gi, wi)
+    close(weights.cpu().gather(-1, gp), want_w.gather(-1, wp), tol=1e-6)
+
+
+ROUTE_NORM = """params {
+  "nw": f32[40]
+  "router": f32[6,40]
+}
+
+graph forward(%x: f32[B,S,40]) {
+  %nw = param "nw" : f32[40]
+  %router = param "router" : f32[6,40]
+  %n = rms_norm(%x, %nw) {eps=1e-06} : f32[B,S,40]
+  %before = mul(%n, %x) : f32[B,S,40]
+  %ids, %wts = moe_route(%n, %router) {top_k=2, weights_f32=false} : i32[B,S,2], f32[B,S,2]
+  %after = add(%n, %x) : f32[B,S,40]
+  return %ids, %wts, %after
+}
+"""
+
+
+@pytest.mark.parametrize("first_user", ["route", "other"])
+def test_the_route_launch_computes_the_norm_it_routes(first_user):
+    """Golden plan: the route launch takes the norm when it is the norm's first user (later users read what it
+    stored); not when another node reads the norm first."""
+    from lowerlm.codegen.reference import ReferenceProgram
+    from lowerlm.codegen.triton.program import TritonProgram
+
+    text = ROUTE_NORM if first_user == "other" else ROUTE_NORM.replace(
+        "  %before = mul(%n, %x) : f32[B,S,40]\n", "")
+    m = lowerlm.ir.verify_module(lowerlm.ir.parse_module(text))
+    weights = {"nw": torch.rand(40) + 0.5, "router": torch.randn(6, 40)}
+    x = torch.randn(2, 3, 40)
+    want = ReferenceProgram(m, weights).run("forward", {"x": x})[0]
+    program = TritonProgram(m, weights, DEV)
+    got = program.run("forward", {"x": x.to(DEV)})[0]
+    plan = {k: (v[0] if isinstance(v, tuple) else v) for k, v in program.plan(m.graphs[0]).items()}
+    if first_user == "route":
+        assert plan == {"n": "in-route", "ids": "route_norm", "after": "chain"}
+    else:
+        assert "n" not in plan and "ids" not in plan
+    gi, gp = got[0].cpu().long().sort(-1)  # the same experts and weights (the order within a top k may differ)
+    wi, wp = want[0].long().sort(-1)
+    assert torch.equal(gi, wi)
+    close(got[1].cpu().gather(-1, gp), want[1].gather(-1, wp))
+    close(got[2].cpu(), want[2])
 
 
 @pytest.mark.parametrize("rows, experts", [(8, 128), (203, 6), (1030, 5)])  # one block, many, torch's path

@@ -28,21 +28,36 @@ from lowerlm.codegen.triton.splits import counters, last_to_finish
 
 @triton.jit
 def route_kernel(
-    x_ptr, w_ptr, bias_ptr, ids_ptr, wt_ptr, part_ptr, count_ptr,  # pointers
-    H, E, SPLITS, CHUNK, scaling,  # sizes: hidden, experts, programs per token, hidden dims per program
+    x_ptr, nw_ptr, xn_ptr, w_ptr, bias_ptr, ids_ptr, wt_ptr, part_ptr, count_ptr,  # pointers
+    H, E, SPLITS, CHUNK, scaling, eps,  # sizes: hidden, experts, programs per token, hidden dims per program
     K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr,
     TOPK_GROUP: tl.constexpr, RENORM: tl.constexpr, ROUND_LOGITS: tl.constexpr, WEIGHTS_F32: tl.constexpr,
+    NORM: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     t = tl.program_id(0)
     split = tl.program_id(1)
     e = tl.arange(0, BLOCK_E)
     emask = e < E
+    inv = 1.0
+    if NORM:  # the layer's RMSNorm first (as rms_norm_kernel rounds it): the row's statistics over all of H
+        sumsq = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            xv = tl.load(x_ptr + t * H + h, mask=h < H, other=0.0).to(tl.float32)
+            sumsq += xv * xv
+        inv = 1.0 / tl.sqrt(tl.sum(sumsq, axis=0) / H + eps)
     acc = tl.zeros([BLOCK_E], dtype=tl.float32)
     for h0 in range(split * CHUNK, tl.minimum(split * CHUNK + CHUNK, H), BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
         hmask = h < H
-        xv = tl.load(x_ptr + t * H + h, mask=hmask, other=0.0).to(tl.float32)
+        xr = tl.load(x_ptr + t * H + h, mask=hmask, other=0.0)
+        xv = xr.to(tl.float32)
+        if NORM:  # this program's slice of the normalised row, stored for the experts' GEMM
+            normed = (xv * inv).to(xr.dtype).to(tl.float32)
+            xn = (tl.load(nw_ptr + h, mask=hmask, other=0.0).to(tl.float32) * normed).to(xr.dtype)
+            tl.store(xn_ptr + t * H + h, xn, mask=hmask)
+            xv = xn.to(tl.float32)
         wv = tl.load(w_ptr + e[:, None] * H + h[None, :], mask=emask[:, None] & hmask[None, :], other=0.0)
         acc += tl.sum(wv.to(tl.float32) * xv[None, :], 1)
     last = split == 0
@@ -109,12 +124,18 @@ def route_kernel(
 
 
 def moe_route(x, router, bias, router_kind, top_k, n_group, topk_group, renormalize, scaling, router_f32,
-              weights_f32):
-    """The ``moe_route`` op: ids i32[..., k] and weights [..., k] (f32, or the model's dtype)."""
+              weights_f32, norm=None):
+    """The ``moe_route`` op: ids i32[..., k] and weights [..., k] (f32, or the model's dtype). With ``norm`` =
+    (weight, eps), ``x`` is the RMSNorm's input and the launch also computes the norm, routing its result and
+    returning it first: (normed x, ids, weights)."""
     lead, h = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, h).contiguous()
     e = router.shape[0]
     tokens = x2.shape[0]
+    xn = torch.empty_like(x2) if norm is not None else None
+    if norm is not None and (norm[0].shape != (h,) or norm[0].dtype != x.dtype):
+        raise ValueError(f"rms_norm weight {tuple(norm[0].shape)} {norm[0].dtype} does not fit input "
+                         f"{tuple(x.shape)} {x.dtype}")
     ids = torch.empty(tokens, top_k, dtype=torch.int32, device=x.device)
     weights = torch.empty(tokens, top_k, dtype=torch.float32 if weights_f32 else x.dtype, device=x.device)
     if tokens:
@@ -126,14 +147,16 @@ def moe_route(x, router, bias, router_kind, top_k, n_group, topk_group, renormal
         part = torch.empty(tokens * splits * block_e if split else 1, dtype=torch.float32, device=x.device)
         count = counters(tokens, x.device) if split else ids
         route_kernel[(tokens, splits)](
-            x2, router.contiguous(), bias if bias is not None else router, ids, weights, part, count,
+            x2, norm[0] if norm is not None else x2, xn if norm is not None else x2, router.contiguous(),
+            bias if bias is not None else router, ids, weights, part, count,
             h, e, splits, block_h * triton.cdiv(triton.cdiv(h, block_h), splits),
-            float(scaling),
+            float(scaling), float(norm[1]) if norm is not None else 0.0,
             K=top_k, SIGMOID=router_kind == "sigmoid", HAS_BIAS=bias is not None, N_GROUP=n_group,
             TOPK_GROUP=topk_group, RENORM=renormalize, ROUND_LOGITS=not router_f32 and x.dtype != torch.float32,
-            WEIGHTS_F32=weights_f32, BLOCK_E=block_e, BLOCK_H=block_h, BLOCK_K=triton.next_power_of_2(top_k),
-            BLOCK_S=triton.next_power_of_2(splits))
-    return ids.reshape(*lead, top_k), weights.reshape(*lead, top_k)
+            WEIGHTS_F32=weights_f32, NORM=norm is not None, BLOCK_E=block_e, BLOCK_H=block_h,
+            BLOCK_K=triton.next_power_of_2(top_k), BLOCK_S=triton.next_power_of_2(splits))
+    routed = ids.reshape(*lead, top_k), weights.reshape(*lead, top_k)
+    return routed if norm is None else (xn.reshape(x.shape), *routed)
 
 
 SORT_KERNEL_MAX_ROWS = 1024  # one program sorts this many (token, expert) pairs fast; prefill uses torch's sort

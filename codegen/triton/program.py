@@ -92,6 +92,7 @@ class TritonProgram(ReferenceProgram):
                 plan[attn.name] = ("attend", rope, q_src, k_src, vwrite, norms)
             else:
                 plan[rope.name] = ("rope_cache_write", kwrite, vwrite)
+        plan.update(self._plan_route_norms(g))
         plan.update(self._plan_chains(g))
         self._plans[g.name] = plan
         return plan
@@ -126,6 +127,24 @@ class TritonProgram(ReferenceProgram):
         if any(u is not attn for c in new_caches for u in g.users.get(c, [])):
             return None
         return attn
+
+    @staticmethod
+    def _plan_route_norms(g: Graph) -> dict:
+        """An ``rms_norm`` whose first user is a ``moe_route`` routing its result (an MoE layer's
+        post-attention norm) is computed by the route launch, which stores it for the later users (the experts'
+        GEMM reads it): one launch fewer per MoE layer."""
+        plan: dict = {}
+        for norm in (n for n in g.nodes if n.op is Op.RMS_NORM and len(n.inputs) == 2):
+            out = norm.results[0].name
+            users = g.users.get(out, [])
+            first = min(users, key=g.nodes.index) if users else None
+            if first is None or first.op is not Op.MOE_ROUTE or first.inputs[0] != out \
+                    or out in g.outputs or out in g.state_outputs \
+                    or g.type_of(norm.inputs[1]).dtype != norm.results[0].type.dtype:
+                continue
+            plan[norm.name] = "in-route"
+            plan[first.name] = ("route_norm", norm.inputs[0], norm.inputs[1], norm.attr("eps"), out)
+        return plan
 
     def _plan_chains(self, g: Graph) -> dict:
         """Single-use chains of element-wise nodes, each one generated kernel, keyed by the chain's last node."""
@@ -166,6 +185,16 @@ class TritonProgram(ReferenceProgram):
             return None  # computed inside the generated kernel of the chain it belongs to
         if step == "in-attend" and inplace:
             return None  # a per-head norm the attention launch applies itself
+        if step == "in-route":
+            return None  # the route launch computes the norm (and stores it before any other user runs)
+        if isinstance(step, tuple) and step[0] == "route_norm":
+            from lowerlm.codegen.reference import route_attrs
+            from lowerlm.codegen.triton import moe
+
+            _, x, weight, eps, normed = step
+            values[normed], ids, weights = moe.moe_route(values[x], *self._slots(node, args)[1:], **route_attrs(a),
+                                                         norm=(values[weight], eps))
+            return ids, weights
         if step is not None and inplace:
             return self._run_fused(step, a, node, args, values)
         if op is Op.EMBEDDING:
