@@ -34,6 +34,12 @@ def test_embedding_and_rms_norm():
     assert torch.equal(embedding.embedding(table, ids), table[ids])
     x, w = rand(5, 37, seed=1), rand(37, seed=2)
     close(rms_norm.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5))
+    res = rand(5, 37, seed=3)
+    normed, r = rms_norm.rms_norm(x, w, 1e-5, res)  # prefill's residual add in the same launch
+    close(r, x + res)
+    close(normed, ref.rms_norm(x + res, w, 1e-5))
+    y = rand(4, 2 * 19, seed=4)  # [gate | up] rows, as the fused projection returns them
+    close(swiglu.swiglu_halves(y, "silu"), ref.activation(y[:, :19], "silu") * y[:, 19:])
 
 
 @pytest.mark.parametrize("rows", [1, 3, 17, gemv.DOT_MAX_ROWS + 1])  # the GEMV, the rows GEMM, torch's matmul

@@ -82,7 +82,7 @@ def test_every_kernel_a_model_launches_compiles_for_sm90():
     names = Counter(launch.name for launch in launches)
     for kernel in ("embedding_kernel", "gemv_kernel", "rows_gemm_kernel", "rope_kernel", "rope_cache_write_kernel",
                    "attention_kernel", "decode_attention_kernel", "rms_norm_kernel", "arm_up_kernel", "arm_down_kernel",
-                   "sample_kernel", "route_kernel", "grouped_gemm_kernel", "combine_kernel"):
+                   "sample_kernel", "route_kernel", "grouped_gemm_kernel", "combine_kernel", "swiglu_halves_kernel"):
         assert names[kernel] > 0, f"no workload launches {kernel}: {sorted(names)}"
     results = compile_launches(launches)
     assert len(results) == len(launches)

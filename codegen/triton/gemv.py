@@ -10,7 +10,8 @@ computes it. With a SwiGLU epilogue the program also accumulates the matching ``
 ``rows_gemm_kernel`` (2 to DOT_MAX_ROWS rows: batched decode, short prompts): the same prologue and epilogues over a
 BLOCK_M × BLOCK_N tile with ``tl.dot``, so W is read once per BLOCK_M rows instead of once per row.
 
-More rows (prefill) go through torch's matmul (cuBLAS on a GPU) after the same normalisation.
+More rows (prefill) go through torch's matmul (cuBLAS on a GPU): the residual add and the norm before it are one
+launch (rms_norm.py), the SwiGLU after it one more (swiglu.py), and a residual output is added by the GEMM itself.
 """
 
 from __future__ import annotations
@@ -237,10 +238,13 @@ def linear(x, w, bias=None, residual=None):
     _check(x, w, "linear")
     x2 = _rows(x)
     n = w.shape[0]
-    if x2.shape[0] > DOT_MAX_ROWS:
-        out = torch.nn.functional.linear(x2, w, bias)
-        if residual is not None:
-            out = out + _rows(residual)
+    if x2.shape[0] > DOT_MAX_ROWS:  # cuBLAS, the residual added by its epilogue (beta = 1)
+        if residual is not None and bias is None:
+            out = torch.addmm(_rows(residual), x2, w.t())
+        else:
+            out = torch.nn.functional.linear(x2, w, bias)
+            if residual is not None:
+                out = out + _rows(residual)
         return out.reshape(*x.shape[:-1], n)
     res2 = _rows(residual) if residual is not None else None
     out, _ = _launch(x2, w, bias, res2, None, 0.0, n, 0, "none", False, residual is not None)
@@ -255,13 +259,10 @@ def rms_norm_linear(x, norm_weight, w, bias=None, residual=None, eps=1e-6, split
     x2 = _rows(x)
     res2 = _rows(residual) if residual is not None else None
     lead = x.shape[:-1]
-    if x2.shape[0] > DOT_MAX_ROWS:
-        r = x2 + res2 if res2 is not None else x2
-        h = rms_norm(r, norm_weight, eps)
+    if x2.shape[0] > DOT_MAX_ROWS:  # prefill: the residual add and the norm in one launch, cuBLAS, the SwiGLU
+        h, r = rms_norm(x2, norm_weight, eps, res2) if res2 is not None else (rms_norm(x2, norm_weight, eps), x2)
         y = torch.nn.functional.linear(h, w, bias)
-        pieces = list(torch.split(y, splits, dim=-1))
-        if act != "none":
-            pieces = [_torch_act(pieces[0], act) * pieces[1]]
+        pieces = [swiglu_halves(y, act)] if act != "none" else list(torch.split(y, splits, dim=-1))
         out = [p.reshape(*lead, p.shape[-1]) for p in pieces]
         return tuple(out + ([r.reshape(x.shape)] if res2 is not None else []))
     if act != "none":
@@ -274,10 +275,5 @@ def rms_norm_linear(x, norm_weight, w, bias=None, residual=None, eps=1e-6, split
     return tuple(out + ([r.reshape(x.shape)] if r is not None else []))
 
 
-def _torch_act(x, act):
-    if act == "silu":
-        return torch.nn.functional.silu(x)
-    return torch.nn.functional.gelu(x, approximate="tanh" if act == "gelu_tanh" else "none")
-
-
 from lowerlm.codegen.triton.rms_norm import rms_norm  # noqa: E402  (the prefill path's prologue)
+from lowerlm.codegen.triton.swiglu import swiglu_halves  # noqa: E402  (and epilogue; swiglu.py imports _act here)

@@ -1,4 +1,6 @@
-"""RMSNorm, one program per row: ``w * (x * rsqrt(mean(x²) + eps)).to(dtype)`` with the statistics in f32."""
+"""RMSNorm, one program per row: ``w * (x * rsqrt(mean(x²) + eps)).to(dtype)`` with the statistics in f32; with a
+residual input, of ``x + residual`` (rounded to the dtype, as torch adds), which it also stores: the new residual
+stream, in the same pass (prefill's add + norm in one launch)."""
 
 from __future__ import annotations
 
@@ -9,16 +11,20 @@ import triton.language as tl
 
 @triton.jit
 def rms_norm_kernel(
-    x_ptr, w_ptr, out_ptr,  # pointers
+    x_ptr, w_ptr, out_ptr, res_ptr, r_out_ptr,  # pointers
     K,  # sizes
-    stride_xm, stride_om,  # strides
+    stride_xm, stride_om, stride_rm, stride_rom,  # strides
     eps,
-    BLOCK_K: tl.constexpr,  # meta-parameters: BLOCK_K >= K, one pass
+    RES_IN: tl.constexpr, BLOCK_K: tl.constexpr,  # meta-parameters: BLOCK_K >= K, one pass
 ):
     pid = tl.program_id(0)
     offs_k = tl.arange(0, BLOCK_K)
     mask = offs_k < K
     x = tl.load(x_ptr + pid * stride_xm + offs_k, mask=mask, other=0.0)
+    if RES_IN:
+        res = tl.load(res_ptr + pid * stride_rm + offs_k, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + res.to(tl.float32)).to(x.dtype)
+        tl.store(r_out_ptr + pid * stride_rom + offs_k, x, mask=mask)
     x32 = x.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / K + eps)
     # w * normed, with normed rounded to the activation dtype first (as transformers does); the product is
@@ -28,15 +34,24 @@ def rms_norm_kernel(
     tl.store(out_ptr + pid * stride_om + offs_k, (w * normed).to(x.dtype), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [..., K], w [K]."""
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """x [..., K], w [K]: the normalised x; with ``residual`` (shaped like x), (normalised x + residual,
+    x + residual)."""
     if w.shape != (x.shape[-1],) or w.dtype != x.dtype:
         raise ValueError(f"rms_norm weight {tuple(w.shape)} {w.dtype} does not fit input {tuple(x.shape)} {x.dtype}")
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x)
     out = torch.empty_like(x2)
+    res2 = _rows(residual) if residual is not None else x2
+    r_out = torch.empty_like(x2) if residual is not None else out
     if x2.shape[0]:
-        rms_norm_kernel[(x2.shape[0],)](x2, w, out, x2.shape[1], x2.stride(0), out.stride(0), eps,
+        rms_norm_kernel[(x2.shape[0],)](x2, w, out, res2, r_out, x2.shape[1], x2.stride(0), out.stride(0),
+                                        res2.stride(0), r_out.stride(0), eps, RES_IN=residual is not None,
                                         BLOCK_K=triton.next_power_of_2(x2.shape[1]))
-    return out.reshape(x.shape)
+    if residual is None:
+        return out.reshape(x.shape)
+    return out.reshape(x.shape), r_out.reshape(x.shape)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
