@@ -5,6 +5,7 @@ bf16 on CUDA."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import pytest
@@ -371,6 +372,32 @@ def test_device_sampling():
     assert torch.equal(draws[10:60], sample(logits[:50], 0.9, 0, 1.0, seed, positions[10:60]).cpu())
     assert not torch.equal(draws[:50], sample(logits[:50], 0.9, 0, 1.0, seed, positions[:50] + 1).cpu())
     assert not torch.equal(draws[:50], sample(logits[:50], 0.9, 0, 1.0, seed + 1, positions[:50]).cpu())
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_sampling_split_over_the_vocabulary_draws_the_same_tokens(temperature, monkeypatch):
+    """The GPU's launch for unfiltered rows: each row's vocabulary (3000 here: 3 chunks of 1024) in several
+    programs, the last to finish taking the best; the draws are the ones a single program makes."""
+    from lowerlm.codegen.triton import sampling
+    from lowerlm.codegen.triton.aot import Recorder
+
+    logits = rand(2, 3000, seed=3) * 3
+    logits[1, 2500] = logits[1, 100] = 50.0  # a tie across chunks: the first index wins, as argmax
+    seed, positions = torch.tensor([11], device=DEV), torch.tensor([4, 9], device=DEV)
+    one = sampling.sample(logits, temperature, 0, 1.0, seed, positions)
+    monkeypatch.setattr(sampling, "interpreted", lambda device: False)
+    ids = torch.full((2, 1), -1, dtype=torch.long, device=DEV)
+    lens = torch.zeros(2, dtype=torch.int32, device=DEV)
+    record = Recorder() if DEV == "cpu" else contextlib.nullcontext()  # (a GPU runs no interpreter to record)
+    with record:
+        split = sampling.sample(logits, temperature, 0, 1.0, seed, positions.clone())
+        sampling.sample(logits, temperature, 0, 1.0, seed, positions, out=ids[:, 0], seq_lens=lens, limit=100)
+    if DEV == "cpu":
+        assert [launch.grid for launch in record.launches] == [[2, 3], [2, 3]]
+    assert torch.equal(split, one) and torch.equal(ids[:, 0], one)
+    if temperature == 0.0:
+        assert one[1].item() == 100
+    assert positions.tolist() == [5, 10] and lens.tolist() == [6, 11]  # advanced once, by the last program
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])

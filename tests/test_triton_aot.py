@@ -63,6 +63,9 @@ def _record_workload(rec_models) -> list:
                 sample(torch.randn(2, 64), temperature, top_k, top_p, seed, positions[:, 0])
                 sample(torch.randn(2, 1, 64).to(torch.bfloat16)[:, 0], temperature, top_k, top_p, seed,
                        positions[:, 0], out=ids[:, 0], seq_lens=lens, limit=63)  # the decode loop's step
+            for temperature in (0.0, 0.8):  # a vocabulary of 3 chunks: split over 3 programs on a GPU
+                sample(torch.randn(2, 3000), temperature, 0, 1.0, seed, positions[:, 0], out=ids[:, 0],
+                       seq_lens=lens, limit=63)
         launches += rec.launches
     with Recorder(execute=False) as rec:  # the launchers' unfused forms, which the tiny models plan away
         for dtype in (torch.float32, torch.bfloat16):

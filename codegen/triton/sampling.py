@@ -1,5 +1,7 @@
-"""On-device sampling, one program per row of logits: greedy argmax, or a draw from softmax(logits / T) restricted
-to the top-k tokens and then to the top-p nucleus of what top-k kept (the order of ``runtime/sampler.py``).
+"""On-device sampling: greedy argmax, or a draw from softmax(logits / T) restricted to the top-k tokens and then to
+the top-p nucleus of what top-k kept (the order of ``runtime/sampler.py``). On a GPU an unfiltered row's vocabulary
+is split over several programs, the last to finish taking the best of their bests (codegen/triton/splits.py);
+top-k/top-p rows take one program each.
 
 No sort: the top-k threshold (the k-th largest logit) and the top-p threshold (the smallest logit whose nucleus
 reaches p) are found by bisection on the logit value, each step one pass over the row. The draw is the Gumbel-max
@@ -18,6 +20,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from lowerlm.codegen.triton import interpreted, sm_count
+from lowerlm.codegen.triton.splits import counters, last_to_finish
 
 BISECT_STEPS = 32
 
@@ -38,27 +43,28 @@ def _count_and_mass(row_ptr, V, t, m, inv_temp, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def sample_kernel(
-    logits_ptr, out_ptr, seed_ptr, pos_ptr, lens_ptr,  # pointers
-    V, stride_row, stride_out, stride_pos,  # sizes, strides
+    logits_ptr, out_ptr, seed_ptr, pos_ptr, lens_ptr, part_val_ptr, part_idx_ptr, count_ptr,  # pointers
+    V, CHUNK, SPLITS, stride_row, stride_out, stride_pos,  # sizes (vocabulary, per program, programs), strides
     inv_temp, top_k, top_p, limit,
     GREEDY: tl.constexpr, FILTER: tl.constexpr, ADVANCE: tl.constexpr, STEPS: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0)
+    split = tl.program_id(1)
     row_ptr = logits_ptr + row * stride_row
     pos = tl.load(pos_ptr + row * stride_pos)  # the position of the token these logits follow
-    # the row's maximum and minimum
-    hi = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
-    lo = tl.full([BLOCK_V], float("inf"), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        hi = tl.maximum(hi, x)
-        lo = tl.minimum(lo, tl.where(offs < V, x, float("inf")))
-    m = tl.max(hi, axis=0)
-    floor = tl.min(lo, axis=0)
-    threshold = floor
-    if FILTER:
+    threshold = float("-inf")
+    if FILTER:  # (one program per row: the thresholds need the whole row at every step)
+        # the row's maximum and minimum
+        hi = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
+        lo = tl.full([BLOCK_V], float("inf"), dtype=tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+            hi = tl.maximum(hi, x)
+            lo = tl.minimum(lo, tl.where(offs < V, x, float("inf")))
+        m = tl.max(hi, axis=0)
+        floor = tl.min(lo, axis=0)
         # top-k: the largest t still keeping top_k tokens (invariant: a keeps enough, b does not)
         a = floor
         b = m
@@ -81,7 +87,7 @@ def sample_kernel(
         key = (pos + 1) * V  # the drawn token's position: one stream of V uniforms per position
     best = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
     best_idx = tl.zeros([BLOCK_V], dtype=tl.int32)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(split * CHUNK, tl.minimum(split * CHUNK + CHUNK, V), BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         valid = offs < V
         x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
@@ -97,11 +103,23 @@ def sample_kernel(
         best = tl.where(better, score, best)
     top = tl.max(best, axis=0)
     idx = tl.min(tl.where(best == top, best_idx, 2147483647), axis=0)
-    tl.store(out_ptr + row * stride_out, idx.to(tl.int64))
+    last = split == 0
+    if SPLITS > 1:  # the row's chunks in several programs: the last to finish takes the best of their bests
+        tl.store(part_val_ptr + row * SPLITS + split, top)
+        tl.store(part_idx_ptr + row * SPLITS + split, idx)
+        last = last_to_finish(count_ptr + row, SPLITS)
+        offs_s = tl.arange(0, BLOCK_S)
+        tops = tl.load(part_val_ptr + row * SPLITS + offs_s, mask=offs_s < SPLITS, other=float("-inf"),
+                       cache_modifier=".cg")
+        idxs = tl.load(part_idx_ptr + row * SPLITS + offs_s, mask=offs_s < SPLITS, other=2147483647,
+                       cache_modifier=".cg")
+        top = tl.max(tops, axis=0)
+        idx = tl.min(tl.where(tops == top, idxs, 2147483647), axis=0)  # chunks in order: the first index wins
+    tl.store(out_ptr + row * stride_out, idx.to(tl.int64), mask=last)
     if ADVANCE:  # the next decode step: this token at the next position (its slot in the cache)
         nxt = tl.minimum(pos + 1, limit)
-        tl.store(pos_ptr + row * stride_pos, nxt)
-        tl.store(lens_ptr + row, (nxt + 1).to(lens_ptr.dtype.element_ty))
+        tl.store(pos_ptr + row * stride_pos, nxt, mask=last)
+        tl.store(lens_ptr + row, (nxt + 1).to(lens_ptr.dtype.element_ty), mask=last)
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -125,10 +143,23 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
         out = torch.empty(b, dtype=torch.int64, device=dev)
     if positions is None:
         positions = torch.zeros(b, dtype=torch.int64, device=dev)
-    sample_kernel[(b,)](
+    filtered = not greedy and (0 < top_k < v or top_p < 1.0)
+    block_v = min(1024, triton.next_power_of_2(v))
+    blocks = triton.cdiv(v, block_v)
+    # on a GPU a row's vocabulary is split over programs (one would read 256 KB and draw 128K Philox numbers
+    # alone); top-k/top-p keep one program per row
+    splits = 1 if filtered or interpreted(dev) else max(1, min(blocks, triton.cdiv(2 * sm_count(dev), b), 64))
+    chunk = block_v * triton.cdiv(blocks, splits)
+    splits = triton.cdiv(v, chunk)  # no program without a chunk
+    split = splits > 1
+    part_val = torch.empty(b * splits if split else 1, dtype=torch.float32, device=dev)
+    part_idx = torch.empty(b * splits if split else 1, dtype=torch.int32, device=dev)
+    count = counters(b, dev) if split else part_idx
+    sample_kernel[(b, splits)](
         logits, out, seed if seed is not None else positions, positions, seq_lens if advance else positions,
-        v, logits.stride(0), out.stride(0), positions.stride(0),
+        part_val, part_idx, count,
+        v, chunk, splits, logits.stride(0), out.stride(0), positions.stride(0),
         1.0 / temperature if not greedy else 1.0, float(min(top_k, v) if top_k else v), float(top_p), limit,
-        GREEDY=greedy, FILTER=not greedy and (0 < top_k < v or top_p < 1.0), ADVANCE=advance, STEPS=BISECT_STEPS,
-        BLOCK_V=min(1024, triton.next_power_of_2(v)))
+        GREEDY=greedy, FILTER=filtered, ADVANCE=advance, STEPS=BISECT_STEPS, BLOCK_V=block_v,
+        BLOCK_S=triton.next_power_of_2(splits))
     return out
