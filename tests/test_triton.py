@@ -174,8 +174,8 @@ def test_tiny_models_through_the_triton_backend(family):
         with torch.no_grad():
             hf.append(model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):])
     assert [s[0] for s in cm.generate_ids(prompts[:1], n)] == hf[0].tolist()  # batch-1 decode: the GEMV
-    steps = list(cm.generate_ids(prompts, n))  # batch 2: the rows GEMM, two prompt lengths
-    assert [[s[i] for s in steps] for i in range(2)] == [h.tolist() for h in hf]
+    steps = list(cm.generate_ids(prompts, 8))  # batch 2: the rows GEMM, two prompt lengths
+    assert [[s[i] for s in steps] for i in range(2)] == [h[:8].tolist() for h in hf]
 
 
 class _EagerGraphs:
@@ -226,10 +226,13 @@ def test_decode_loop_over_graph_buckets_matches_the_plain_loop():
     assert [s[2] for s in greedy][7:] == [None]  # the third one's cache (22 slots) was full after its 7th token
     stop = greedy[4][1]  # the second sequence stops at its 5th token
     assert run(True) == greedy
-    stopped = run(True, [stop])
-    assert stopped == run(False, [stop])
-    second = [s[1] for s in stopped]
-    assert second.index(stop) <= 4 and set(second[second.index(stop) + 1:]) <= {None}
+    expected, done = [], [False] * 3  # the greedy tokens, each sequence ending at its first stop token
+    for step in greedy:
+        if all(done):
+            break
+        expected.append([None if d else t for d, t in zip(done, step)])
+        done = [d or t is None or t == stop for d, t in zip(done, step)]
+    assert run(True, [stop]) == expected != greedy
     sampled = dict(temperature=0.9, seed=5)  # (the top-k/top-p bisection: test_device_sampling)
     assert run(True, **sampled) == run(False, **sampled) != greedy
 

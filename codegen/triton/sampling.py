@@ -7,7 +7,8 @@ No sort: the top-k threshold (the k-th largest logit) and the top-p threshold (t
 reaches p) are found by bisection on the logit value, each step one pass over the row. The draw is the Gumbel-max
 trick, ``argmax(l / T - log(-log U))``, which samples softmax(l / T) exactly; U comes from Triton's Philox
 generator keyed by a seed and the position of the token being drawn, both read from device memory: a CUDA graph
-replays with fresh randomness as positions advance, and a sequence draws the same tokens alone or in any batch.
+replays with fresh randomness as positions advance, and a row's draw depends on its logits, the seed and the
+position only, not on the batch around it (batched projections may still round the logits differently).
 Ties at a threshold keep every tied token.
 
 With ``advance`` the kernel also moves the decode loop on (runtime/decode_loop.py): it writes each row's token
