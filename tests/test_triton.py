@@ -375,6 +375,8 @@ def test_device_sampling():
     assert torch.equal(draws[10:60], sample(logits[:50], 0.9, 0, 1.0, seed, positions[10:60]).cpu())
     assert not torch.equal(draws[:50], sample(logits[:50], 0.9, 0, 1.0, seed, positions[:50] + 1).cpu())
     assert not torch.equal(draws[:50], sample(logits[:50], 0.9, 0, 1.0, seed + 1, positions[:50]).cpu())
+    with pytest.raises(ValueError, match="positions must be a vector of 50"):  # not read past its end
+        sample(logits[:50], 0.9, 0, 1.0, seed, positions[:1])
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])

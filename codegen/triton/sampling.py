@@ -140,6 +140,12 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
     advance = out is not None
     if advance and (positions is None or seq_lens is None):
         raise ValueError("advancing the decode loop needs positions and seq_lens")
+    for name, t in (("positions", positions), ("out", out), ("seq_lens", seq_lens)):
+        if t is not None and (t.dim() != 1 or t.shape[0] != b or t.device != dev):
+            raise ValueError(f"{name} must be a vector of {b} (one per row of logits) on {dev}, got "
+                             f"{tuple(t.shape)} on {t.device}")
+    if seed is not None and (seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != dev):
+        raise ValueError(f"seed must be one int64 on {dev}, got {tuple(seed.shape)} {seed.dtype} on {seed.device}")
     if out is None:
         out = torch.empty(b, dtype=torch.int64, device=dev)
     if positions is None:
