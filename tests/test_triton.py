@@ -359,10 +359,11 @@ def test_device_sampling():
     assert torch.equal(sample(x.to(torch.bfloat16)), x.to(torch.bfloat16).argmax(-1))  # any float dtype
     seed = torch.tensor([1234], device=DEV)
     # top-k then top-p over what it kept: draws never leave the set runtime/sampler.py keeps
-    kept = filter_logits(x.cpu() / 0.7, top_k=5, top_p=0.8) > float("-inf")
-    for pos in range(3):
-        s = sample(x, 0.7, 5, 0.8, seed, torch.full((3,), pos, device=DEV)).cpu()
-        assert kept[torch.arange(3), s].all()
+    for top_k, top_p in ((5, 0.8), (5, 1.0), (0, 0.5)):  # both filters, each alone
+        kept = filter_logits(x.cpu() / 0.7, top_k=top_k, top_p=top_p) > float("-inf")
+        for pos in range(3):
+            s = sample(x, 0.7, top_k, top_p, seed, torch.full((3,), pos, device=DEV)).cpu()
+            assert kept[torch.arange(3), s].all()
     # plain temperature sampling follows softmax(l / T): n rows of one distribution at n positions, one launch
     n = 4000 if DEV == "cuda" else 500
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], device=DEV).repeat(n, 1).contiguous()

@@ -66,22 +66,25 @@ def sample_kernel(
             lo = tl.minimum(lo, tl.where(offs < V, x, float("inf")))
         m = tl.max(hi, axis=0)
         floor = tl.min(lo, axis=0)
-        # top-k: the largest t still keeping top_k tokens (invariant: a keeps enough, b does not)
+        # top-k: the largest t still keeping top_k tokens (invariant: a keeps enough, b does not); each bisection
+        # runs only when its filter is on (one pass over the row per step)
         a = floor
         b = m
-        for _ in range(STEPS):
-            mid = 0.5 * (a + b)
-            count, _ = _count_and_mass(row_ptr, V, mid, m, inv_temp, BLOCK_V)
-            a = tl.where(count >= top_k, mid, a)
-            b = tl.where(count >= top_k, b, mid)
+        if top_k < V:
+            for _ in range(STEPS):
+                mid = 0.5 * (a + b)
+                count, _ = _count_and_mass(row_ptr, V, mid, m, inv_temp, BLOCK_V)
+                a = tl.where(count >= top_k, mid, a)
+                b = tl.where(count >= top_k, b, mid)
         # top-p over what top-k kept: the largest t whose tokens hold top_p of that mass
-        _, total = _count_and_mass(row_ptr, V, a, m, inv_temp, BLOCK_V)
-        b = m
-        for _ in range(STEPS):
-            mid = 0.5 * (a + b)
-            _, mass = _count_and_mass(row_ptr, V, mid, m, inv_temp, BLOCK_V)
-            a = tl.where(mass >= top_p * total, mid, a)
-            b = tl.where(mass >= top_p * total, b, mid)
+        if top_p < 1.0:
+            _, total = _count_and_mass(row_ptr, V, a, m, inv_temp, BLOCK_V)
+            b = m
+            for _ in range(STEPS):
+                mid = 0.5 * (a + b)
+                _, mass = _count_and_mass(row_ptr, V, mid, m, inv_temp, BLOCK_V)
+                a = tl.where(mass >= top_p * total, mid, a)
+                b = tl.where(mass >= top_p * total, b, mid)
         threshold = a
     if not GREEDY:
         seed = tl.load(seed_ptr)
