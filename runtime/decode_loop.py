@@ -31,7 +31,7 @@ class DecodeLoop:
         cuda = dev.type == "cuda"
         self.host = torch.empty(max_batch, dtype=torch.int64, pin_memory=cuda)
         self.event = torch.cuda.Event() if cuda else None
-        self.inputs = self.logits = None
+        self.inputs = self.logits = self.sampler = None
 
     def _static(self, b: int) -> int:
         """The static inputs and logits for ``b`` sequences (a graph bucket's on a GPU); the rows used."""
@@ -60,7 +60,10 @@ class DecodeLoop:
         self.b = logits.shape[0]
         self.bucket = self._static(self.b)
         if self.graphed is not None:
-            self._capture_sampler()
+            key = (self.bucket, sampling.temperature, sampling.top_k, sampling.top_p)
+            if key not in self.samplers:  # (below, the inputs its capture's compiling run advanced are reset)
+                self.samplers[key] = self.graphed.capture(lambda: self._sample(self.logits[:, 0], self.bucket))
+            self.sampler = self.samplers[key]
         for buf in self.inputs.values():  # rows past the batch decode from slot 0 of their own cache rows
             buf.zero_()
         self.inputs["seq_lens"].fill_(1)
@@ -68,18 +71,11 @@ class DecodeLoop:
         self.seed.fill_(sampling.seed)
         self._sample(logits.contiguous(), self.b)
 
-    def _capture_sampler(self) -> None:
-        s = self.sampling
-        key = (self.bucket, s.temperature, s.top_k, s.top_p)
-        if key not in self.samplers:  # (begin resets the inputs the capture's compiling run advanced)
-            self.samplers[key] = self.graphed.capture(lambda: self._sample(self.logits[:, 0], self.bucket))
-
     def advance(self) -> None:
         """Queue one step: decode the current tokens, sample the next ones into the inputs."""
         if self.graphed is not None:
             self.graphed.graphs[self.bucket][0].replay()
-            s = self.sampling
-            self.samplers[(self.bucket, s.temperature, s.top_k, s.top_p)].replay()
+            self.sampler.replay()
             return
         state = {name: buf[:self.b] for name, buf in self.state.items()}
         (logits,), _ = self.program.run("decode", self.inputs, state, inplace=True)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lowerlm
-from lowerlm.codegen.triton.aot import Recorder, compile_launches, decode_step_launches, unique
+from lowerlm.codegen.triton.aot import Recorder, TorchOps, compile_launches, decode_step_launches, unique
 from lowerlm.runtime.generate import decode_one, prefill
 
 from .conftest import calibration_ids, tiny_model
@@ -85,7 +85,7 @@ def test_every_kernel_a_model_launches_compiles_for_sm90():
     names = Counter(launch.name for launch in launches)
     for kernel in ("embedding_kernel", "gemv_kernel", "rows_gemm_kernel", "rope_kernel", "rope_cache_write_kernel",
                    "attention_kernel", "decode_attention_kernel", "rms_norm_kernel", "arm_up_kernel", "arm_down_kernel",
-                   "sample_kernel", "route_kernel", "grouped_gemm_kernel", "combine_kernel", "swiglu_halves_kernel"):
+                   "sample_kernel", "route_kernel", "grouped_gemm_kernel", "combine_kernel", "swiglu_kernel"):
         assert names[kernel] > 0, f"no workload launches {kernel}: {sorted(names)}"
     results = compile_launches(launches)
     assert len(results) == len(launches)
@@ -113,3 +113,19 @@ def test_a_decode_step_is_capturable_and_within_the_launch_budget(family):
                [(x.name, x.grid, x.scalars, x.constexprs) for x in late]
         assert torch_ops == [], torch_ops  # every launch of the step is one of ours
         assert len(early) == 2 + BUDGET[family] * 2, Counter(x.name for x in early)  # + embedding, lm_head
+
+
+def test_prefill_launches_fuse_the_elementwise_work():
+    """A prefill (more than 64 rows: cuBLAS for the GEMMs) of a tiny 2-layer Llama at 100 tokens: the residual adds
+    ride in the norm launches and in cuBLAS (addmm), SwiGLU is one launch; no add, silu or mul torch op is left."""
+    cm = lowerlm.compile_model(tiny_model("llama"), backend="triton", max_batch=1, max_seq_len=128)
+    ids, lens = torch.randint(0, 64, (1, 100)), torch.tensor([100])
+    prefill(cm.program, cm.generator.state, ids, lens)  # one-time allocations happen here
+    with Recorder(execute=False) as rec, TorchOps() as ops:
+        prefill(cm.program, cm.generator.state, ids, lens)
+    kernels, torch_ops = Counter(x.name for x in rec.launches), Counter(ops.launches)
+    assert kernels == {"embedding_kernel": 1, "rms_norm_kernel": 5, "rope_cache_write_kernel": 2,
+                       "attention_kernel": 2, "swiglu_kernel": 2}, kernels
+    assert {op: torch_ops[op] for op in ("mm", "addmm", "add", "silu", "mul")} == \
+           {"mm": 5, "addmm": 4, "add": 0, "silu": 0, "mul": 0}, torch_ops
+    assert sum(torch_ops.values()) == 15, torch_ops  # + 5 of the runtime's prefill (positions, last-token logits)

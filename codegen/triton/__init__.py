@@ -7,6 +7,7 @@ Kernels run on a CUDA GPU, or on the CPU under ``TRITON_INTERPRET=1`` (slow: tes
 import functools
 
 import torch
+import triton
 
 _RECORDING_FOR_GPU = [False]  # set by aot.Recorder(execute=False): launches are recorded as a GPU run makes them
 
@@ -26,3 +27,15 @@ def sm_count(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., K] as a [M, K] matrix with a contiguous last dimension (a view when it can be)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def tile_for_sms(units: int, device, lo: int, hi: int = 64) -> int:
+    """A power-of-two tile of ``units`` (rows of W, output columns...) in [lo, hi], cut until the launch has two
+    programs per SM: a decode projection is bound by reading W, which takes every SM streaming."""
+    return min(hi, max(lo, triton.next_power_of_2(triton.cdiv(units, 2 * sm_count(device)))))

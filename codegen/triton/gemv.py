@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowerlm.codegen.triton import interpreted, sm_count
+from lowerlm.codegen.triton import as_rows, interpreted, tile_for_sms
 
 DOT_MAX_ROWS = 64  # rows_gemm_kernel takes up to this many rows; more go to torch's matmul
 ACTS = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
@@ -176,12 +176,6 @@ def rows_gemm_kernel(
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=mask)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., K] as a [M, K] matrix with a contiguous last dimension."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def blocks(n_out: int, k: int, device) -> tuple:
     """(BLOCK_N, BLOCK_K) of gemv_kernel. On a GPU a decode GEMV is bound by reading W, which takes every SM
     streaming: rows per program are cut until there are two programs per SM (o_proj of Llama-3.2-1B: 256 programs
@@ -189,7 +183,7 @@ def blocks(n_out: int, k: int, device) -> tuple:
     interpreter keeps big tiles (few programs run faster there)."""
     if interpreted(device):
         return min(64, triton.next_power_of_2(n_out)), min(128, triton.next_power_of_2(k))
-    block_n = min(64, max(4, triton.next_power_of_2(triton.cdiv(n_out, 2 * sm_count(device)))))
+    block_n = tile_for_sms(n_out, device, 4)
     return block_n, min(triton.next_power_of_2(k), max(128, 8192 // block_n))
 
 
@@ -201,7 +195,7 @@ def dot_blocks(m: int, n_out: int, k: int, device) -> tuple:
     if interpreted(device):
         return block_m, min(64, max(16, triton.next_power_of_2(n_out))), min(128, max(16, triton.next_power_of_2(k)))
     programs_m = triton.cdiv(m, block_m)
-    block_n = min(64, max(16, triton.next_power_of_2(triton.cdiv(programs_m * n_out, 2 * sm_count(device)))))
+    block_n = tile_for_sms(programs_m * n_out, device, 16)
     return block_m, block_n, min(max(16, triton.next_power_of_2(k)), 8192 // max(block_m, block_n))
 
 
@@ -236,17 +230,17 @@ def _check(x, w, what):
 def linear(x, w, bias=None, residual=None):
     """x @ w.T (+ bias) (+ residual): x [..., K], w [N, K]."""
     _check(x, w, "linear")
-    x2 = _rows(x)
+    x2 = as_rows(x)
     n = w.shape[0]
     if x2.shape[0] > DOT_MAX_ROWS:  # cuBLAS, the residual added by its epilogue (beta = 1)
         if residual is not None and bias is None:
-            out = torch.addmm(_rows(residual), x2, w.t())
+            out = torch.addmm(as_rows(residual), x2, w.t())
         else:
             out = torch.nn.functional.linear(x2, w, bias)
             if residual is not None:
-                out = out + _rows(residual)
+                out = out + as_rows(residual)
         return out.reshape(*x.shape[:-1], n)
-    res2 = _rows(residual) if residual is not None else None
+    res2 = as_rows(residual) if residual is not None else None
     out, _ = _launch(x2, w, bias, res2, None, 0.0, n, 0, "none", False, residual is not None)
     return out.reshape(*x.shape[:-1], n)
 
@@ -256,8 +250,8 @@ def rms_norm_linear(x, norm_weight, w, bias=None, residual=None, eps=1e-6, split
     ``act(gate) * up`` with a SwiGLU act), then the new residual stream when ``residual`` is given."""
     _check(x, w, "rms_norm_linear")
     splits = list(splits or [w.shape[0]])
-    x2 = _rows(x)
-    res2 = _rows(residual) if residual is not None else None
+    x2 = as_rows(x)
+    res2 = as_rows(residual) if residual is not None else None
     lead = x.shape[:-1]
     if x2.shape[0] > DOT_MAX_ROWS:  # prefill: the residual add and the norm in one launch, cuBLAS, the SwiGLU
         h, r = rms_norm(x2, norm_weight, eps, res2) if res2 is not None else (rms_norm(x2, norm_weight, eps), x2)

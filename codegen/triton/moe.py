@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowerlm.codegen.triton import interpreted, sm_count
+from lowerlm.codegen.triton import interpreted, sm_count, tile_for_sms
 from lowerlm.codegen.triton.gemv import ACTS, _act
 from lowerlm.codegen.triton.splits import counters, last_to_finish
 
@@ -292,7 +292,7 @@ def gemm_blocks(rows: int, n: int, k: int, e: int, device) -> tuple:
     else:
         block_m = min(64, max(16, triton.next_power_of_2(rows // e)))
         busy = min(e, rows)
-        block_n = min(64, max(16, triton.next_power_of_2(triton.cdiv(busy * n, 2 * sm_count(device)))))
+        block_n = tile_for_sms(busy * n, device, 16)
         block_k = min(max(16, triton.next_power_of_2(k)), max(64, 8192 // block_n))
     return block_m, block_n, block_k, triton.cdiv(rows, block_m) + min(e, rows)
 

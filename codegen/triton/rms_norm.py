@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowerlm.codegen.triton import as_rows
+
 
 @triton.jit
 def rms_norm_kernel(
@@ -39,9 +41,9 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tenso
     x + residual)."""
     if w.shape != (x.shape[-1],) or w.dtype != x.dtype:
         raise ValueError(f"rms_norm weight {tuple(w.shape)} {w.dtype} does not fit input {tuple(x.shape)} {x.dtype}")
-    x2 = _rows(x)
+    x2 = as_rows(x)
     out = torch.empty_like(x2)
-    res2 = _rows(residual) if residual is not None else x2
+    res2 = as_rows(residual) if residual is not None else x2
     r_out = torch.empty_like(x2) if residual is not None else out
     if x2.shape[0]:
         rms_norm_kernel[(x2.shape[0],)](x2, w, out, res2, r_out, x2.shape[1], x2.stride(0), out.stride(0),
@@ -51,7 +53,3 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tenso
         return out.reshape(x.shape)
     return out.reshape(x.shape), r_out.reshape(x.shape)
 
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
