@@ -4,10 +4,16 @@
 an empty table keeps ``linear`` and ``scaled_dot_product_attention`` whole and inlines the grad-mode wrapper
 around the rotary cos/sin. The wrapper passes ``position_ids`` explicitly when the model accepts them, so the
 positions are a graph input that RoPE reads instead of an ``arange`` the model builds.
+
+GQA: transformers' sdpa integration repeats the K/V heads (``expand`` + ``reshape``) unless it may pass
+``enable_gqa=True``. torch 2.11's export cannot prove that reshape's contiguity guard for a dynamic sequence length
+(``min(8*S, 16*S) == 8*S``) and refuses every GQA model, so during export the integration is told it may pass the
+flag; the frontend raises both forms to the same attention op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 
@@ -35,6 +41,24 @@ class _Wrapper(torch.nn.Module):
             kwargs["use_cache"] = False
         out = model(input_ids, **kwargs)
         return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
+
+
+@contextlib.contextmanager
+def _sdpa_with_gqa():
+    """transformers' sdpa attention calls sdpa with ``enable_gqa=True`` instead of repeating K/V (see above)."""
+    try:
+        from transformers.integrations import sdpa_attention
+    except ImportError:
+        sdpa_attention = None
+    original = getattr(sdpa_attention, "use_gqa_in_sdpa", None)
+    if original is None:  # another transformers layout: it traces as it is
+        yield
+        return
+    sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: True
+    try:
+        yield
+    finally:
+        sdpa_attention.use_gqa_in_sdpa = original
 
 
 def _is_hf(model) -> bool:
@@ -89,7 +113,7 @@ def export_model(model: torch.nn.Module, vocab_size: int | None = None):
         dynamic["position_ids"] = {0: batch, 1: seq}
         args = (ids, example["position_ids"])
     wrapper = _Wrapper(model, with_positions)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _sdpa_with_gqa():
         warnings.simplefilter("ignore")
         ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)
         ep = ep.run_decompositions({})
