@@ -12,7 +12,7 @@ from lowerlm.errors import CompileError, InputError
 from lowerlm.ir.graph import Module
 from lowerlm.ir.printer import print_module
 from lowerlm.passes import PassRecord, dump_header, run_pipeline
-from lowerlm.runtime.generate import Generator, allocate_state
+from lowerlm.runtime.generate import Generator, allocate_state, selects_logits
 from lowerlm.runtime.sampler import Sampling
 from lowerlm.runtime.text import StreamDecoder, encode
 
@@ -63,6 +63,8 @@ class CompiledModel:
         if "prefill" in names and from_zero:
             # a prefill into a fresh cache just long enough for this call
             state = allocate_state(self.ir, ids.shape[0], ids.shape[1], dev)
+            if selects_logits(self.ir):  # every row's logits
+                on_device["logit_index"] = torch.arange(ids.shape[1], device=dev).repeat(ids.shape[0], 1)
             (logits,), _ = self.program.run("prefill", on_device, state, inplace=True)
             return logits
         if "forward" in names and not self.ir.graph("forward").state:

@@ -28,6 +28,7 @@ from lowerlm.passes.fuse_swiglu import fuse_swiglu
 from lowerlm.passes.insert_kv_cache import insert_kv_cache
 from lowerlm.passes.moe_dispatch import moe_dispatch
 from lowerlm.passes.pattern import take_rewrite_count
+from lowerlm.passes.select_logits import select_logits
 from lowerlm.passes.specialize import specialize
 
 # A pass maps a graph to a graph, or (specialize) to a tuple of graphs that replace it in the module.
@@ -42,6 +43,7 @@ PIPELINE: list[tuple[str, PassFn | None]] = [
     ("moe_dispatch", moe_dispatch),  # moe -> route, sort by expert, grouped GEMMs, combine (+ shared experts)
     ("insert_kv_cache", insert_kv_cache),  # attention reads and writes declared KV-cache state
     ("specialize", specialize),  # forward -> prefill (S free) + decode (S = 1), sharing weights and state
+    ("select_logits", select_logits),  # prefill's lm_head only at the rows asked for (the prompts' last tokens)
 ]
 
 PASSES: dict[str, PassFn] = {name: fn for name, fn in PIPELINE if fn is not None}

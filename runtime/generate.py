@@ -30,16 +30,25 @@ def _batch_view(state: dict, batch: int) -> dict:
     return {name: buf[:batch] for name, buf in state.items()}
 
 
+def selects_logits(module: Module) -> bool:
+    """Whether the module's prefill takes ``logit_index`` (the select_logits pass ran)."""
+    return any(v.name == "logit_index" for v in module.graph("prefill").inputs)
+
+
 def prefill(program, state: dict, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Run the prompts (right-padded ``ids`` [B, S], valid ``lengths`` [B]) into the cache; logits of each
     sequence's last prompt token [B, V]."""
     b, s = ids.shape
     dev = program.device
+    last = lengths.to(dev).long() - 1
     inputs = {"input_ids": ids.to(dev), "positions": torch.arange(s, device=dev).repeat(b, 1),
               "seq_lens": lengths.to(device=dev, dtype=torch.int32)}
+    if selects_logits(program.module):  # the lm_head runs on the last rows only
+        (logits,), _ = program.run("prefill", inputs | {"logit_index": last[:, None]}, _batch_view(state, b),
+                                   inplace=True)
+        return logits[:, 0]
     (logits,), _ = program.run("prefill", inputs, _batch_view(state, b), inplace=True)
-    # logits: [B, S, V]
-    return logits[torch.arange(b, device=dev), lengths.to(dev).long() - 1]
+    return logits[torch.arange(b, device=dev), last]  # logits: [B, S, V]
 
 
 def decode_one(program, state: dict, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,9 @@ def test_dump_ir_of_the_default_model():
     # each layer: qkv and gate|up·swiglu norms fused, o_proj and down with the residual, the head fused too
     assert decode.count(" = rms_norm_linear(") == 61 and decode.count("act=silu") == 30
     assert decode.count(", residual=") == 60 and " = rms_norm(" not in decode
+    # generation's prefill runs the lm_head on the rows it is asked for (the prompts' last)
+    picked = stages["after select_logits"].split("graph decode(")[0]
+    assert "%logit_index: i64[B,L]" in picked and "f32[B,L,49152]  # model.norm, lm_head\n" in picked
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +171,6 @@ def test_dump_ir_reports_the_auto_backend_plan(tiny_dir):
     tail = lines[lines.index("// backend plan (auto)"):]
     assert tail[1:] == ["//   preferred backend: onnx on cpu",
                         "//   prefill: 1 partition, 0 cross-device copies per run",
-                        "//     prefill: onnx on cpu, 18 nodes (%embed_tokens .. %lm_head)",
+                        "//     prefill: onnx on cpu, 21 nodes (%embed_tokens .. %lm_head)",
                         "//   decode: 1 partition, 0 cross-device copies per run",
                         "//     decode: onnx on cpu, 18 nodes (%embed_tokens .. %lm_head)"]

@@ -1,8 +1,9 @@
-"""insert_kv_cache and specialize: golden IR before → after, must-not-fire cases, rewrite counts, and
-differential runs on the reference backend."""
+"""insert_kv_cache, specialize and select_logits: golden IR before → after, must-not-fire cases, rewrite counts,
+and differential runs on the reference backend."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -114,3 +115,76 @@ def test_decode_continues_a_prefill():
         steps.append(out[0][:, 0])
     full = prog.run("prefill", token_inputs(2, 7, 64) | {"input_ids": tokens}, allocate_state(m, 2, 7))[0][0]
     torch.testing.assert_close(torch.stack(steps, 1), full[:, n:], rtol=1e-5, atol=1e-5)
+
+
+SELECT_BEFORE = """\
+params {
+  "norm.weight": f32[4]
+  "lm_head.weight": f32[6,4]
+}
+
+graph prefill(%x: f32[B,S,4], %positions: i64[B,S]) {
+  %ln = param "norm.weight" : f32[4]
+  %w = param "lm_head.weight" : f32[6,4]
+  %logits = rms_norm_linear(%x, %ln, %w) {eps=1e-05, splits=[6]} : f32[B,S,6]  # model.norm, lm_head
+  return %logits
+}
+"""
+
+SELECT_AFTER = """\
+params {
+  "norm.weight": f32[4]
+  "lm_head.weight": f32[6,4]
+}
+
+graph prefill(%x: f32[B,S,4], %positions: i64[B,S], %logit_index: i64[B,L]) {
+  %ln = param "norm.weight" : f32[4]
+  %w = param "lm_head.weight" : f32[6,4]
+  %logit_index.col = reshape(%logit_index) {shape=[B,L,1]} : i64[B,L,1]  # model.norm, lm_head
+  %logit_index.rows = expand(%logit_index.col) {shape=[B,L,4]} : i64[B,L,4]  # model.norm, lm_head
+  %x.picked = gather(%x, %logit_index.rows) {dim=1} : f32[B,L,4]  # model.norm, lm_head
+  %logits = rms_norm_linear(%x.picked, %ln, %w) {eps=1e-05, splits=[6]} : f32[B,L,6]  # model.norm, lm_head
+  return %logits
+}
+"""
+
+
+def test_select_logits_golden():
+    record = _run("select_logits", SELECT_BEFORE)
+    assert ir.print_module(record.module) == SELECT_AFTER and record.rewrites == 1
+
+
+@pytest.mark.parametrize("text", [
+    SELECT_BEFORE.replace("graph prefill", "graph decode"),  # only prefill has more than one row
+    SELECT_AFTER,  # already selected
+    # the output is not made by a row-wise head: nothing to gather before
+    SELECT_BEFORE.replace("  return %logits", "  %y = neg(%logits) : f32[B,S,6]\n  return %y"),
+    # a residual read by the head
+    SELECT_BEFORE.replace("%logits = rms_norm_linear(%x, %ln, %w) {eps=1e-05, splits=[6]}", "%logits = linear(%x, %w, "
+                          "residual=%r)").replace("%positions: i64[B,S])", "%positions: i64[B,S], %r: f32[B,S,6])"),
+    # a residual add before the norm: its sum is a second result
+    SELECT_BEFORE.replace("%logits = rms_norm_linear(%x, %ln, %w)", "%logits, %sum = rms_norm_linear(%x, %ln, %w, "
+                          "residual=%x)").replace(": f32[B,S,6]  #", ": f32[B,S,6], f32[B,S,4]  #"),
+    # two outputs: the runtime's contract is one logits output
+    SELECT_BEFORE.replace("  return %logits", "  return %logits, %x"),
+], ids=["decode", "selected", "not-row-wise", "linear-residual", "norm-residual", "two-outputs"])
+def test_select_logits_must_not_fire(text):
+    record = _run("select_logits", text)
+    assert ir.print_module(record.module) == ir.print_module(ir.parse_module(text)) and record.rewrites == 0
+
+
+def test_select_logits_gives_the_rows_asked_for():
+    """The selected prefill's logits at any rows equal the full prefill's logits at those rows, and its cache
+    writes are the same."""
+    m = _pipeline("canonicalize", "fuse_linear_residual", "fuse_rmsnorm_linear", "insert_kv_cache", "specialize")
+    selected = run_pass("select_logits", PASSES["select_logits"], m).module
+    weights = random_weights(m, 5)
+    inputs = token_inputs(3, 6, 64, 5, lens=[6, 4, 1])
+    full, full_state = ReferenceProgram(m, weights).run("prefill", inputs, allocate_state(m, 3, 8))
+    index = torch.tensor([[5, 0], [3, 1], [0, 0]])
+    got, got_state = ReferenceProgram(selected, weights).run("prefill", inputs | {"logit_index": index},
+                                                             allocate_state(m, 3, 8))
+    assert got[0].shape == (3, 2, 64)
+    torch.testing.assert_close(got[0], full[0].gather(1, index[..., None].expand(-1, -1, 64)), rtol=1e-5, atol=1e-6)
+    for name in full_state:
+        torch.testing.assert_close(got_state[name], full_state[name], rtol=0, atol=0)

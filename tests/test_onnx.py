@@ -113,6 +113,9 @@ def test_export_onnx_runs_with_plain_onnxruntime(tmp_path, family):
         g = index["graphs"][name]
         feed = {"input_ids": np.array([ids], np.int64), "positions": np.array([positions], np.int64),
                 "seq_lens": np.array([positions[-1] + 1], np.int32)} | state
+        if name == "prefill":  # the logits of the last prompt row only (the JSON lists the input)
+            assert [v["name"] for v in g["inputs"]][-1] == "logit_index"
+            feed["logit_index"] = np.array([[len(ids) - 1]], np.int64)
         outs = sessions[name].run(None, feed)
         for s, value in zip(g["state"], outs[len(g["outputs"]):]):
             state[s["name"]] = value

@@ -117,15 +117,16 @@ def test_a_decode_step_is_capturable_and_within_the_launch_budget(family):
 
 def test_prefill_launches_fuse_the_elementwise_work():
     """A prefill (more than 64 rows: cuBLAS for the GEMMs) of a tiny 2-layer Llama at 100 tokens: the residual adds
-    ride in the norm launches and in cuBLAS (addmm), SwiGLU is one launch; no add, silu or mul torch op is left."""
+    ride in the norm launches and in cuBLAS (addmm), SwiGLU is one launch; no add, silu or mul torch op is left.
+    The lm_head runs on the last row only (select_logits): one GEMV with the final norm in its prologue."""
     cm = lowerlm.compile_model(tiny_model("llama"), backend="triton", max_batch=1, max_seq_len=128)
     ids, lens = torch.randint(0, 64, (1, 100)), torch.tensor([100])
     prefill(cm.program, cm.generator.state, ids, lens)  # one-time allocations happen here
     with Recorder(execute=False) as rec, TorchOps() as ops:
         prefill(cm.program, cm.generator.state, ids, lens)
     kernels, torch_ops = Counter(x.name for x in rec.launches), Counter(ops.launches)
-    assert kernels == {"embedding_kernel": 1, "rms_norm_kernel": 5, "rope_cache_write_kernel": 2,
-                       "attention_kernel": 2, "swiglu_kernel": 2}, kernels
-    assert {op: torch_ops[op] for op in ("mm", "addmm", "add", "silu", "mul")} == \
-           {"mm": 5, "addmm": 4, "add": 0, "silu": 0, "mul": 0}, torch_ops
-    assert sum(torch_ops.values()) == 15, torch_ops  # + 5 of the runtime's prefill (positions, last-token logits)
+    assert kernels == {"embedding_kernel": 1, "rms_norm_kernel": 4, "rope_cache_write_kernel": 2,
+                       "attention_kernel": 2, "swiglu_kernel": 2, "gemv_kernel": 1}, kernels
+    assert {op: torch_ops[op] for op in ("mm", "addmm", "gather", "add", "silu", "mul")} == \
+           {"mm": 4, "addmm": 4, "gather": 1, "add": 0, "silu": 0, "mul": 0}, torch_ops
+    assert sum(torch_ops.values()) == 13, torch_ops  # + 4 of the runtime's (positions, the last rows' index)

@@ -4,9 +4,10 @@ com.microsoft ops — checked by ``onnx.checker``) plus ``lowerlm_onnx.json`` de
 inputs, outputs and state, so plain ONNX Runtime can run the model without lowerlm.
 
 How to drive them: allocate every state zeroed with its ``shape`` (``B`` = batch, ``T`` = max_seq_len), run
-``prefill`` on the right-padded prompt with ``positions`` 0..S-1 and ``seq_lens`` = prompt lengths, then ``decode``
-one token per step at ``positions`` = tokens so far and ``seq_lens`` = positions + 1, feeding each state output
-back as the next call's state input (bind it to the same buffer to update it in place).
+``prefill`` on the right-padded prompt with ``positions`` 0..S-1, ``seq_lens`` = prompt lengths and (when it has
+that input) ``logit_index`` [B, L] = the prompt rows whose logits it returns (each prompt's last: length - 1), then
+``decode`` one token per step at ``positions`` = tokens so far and ``seq_lens`` = positions + 1, feeding each state
+output back as the next call's state input (bind it to the same buffer to update it in place).
 """
 
 from __future__ import annotations
