@@ -144,6 +144,8 @@ def test_pipeline_preserves_the_example_model(batch, seq, seed):
     for name, fn in resolve("default"):
         after = run_pass(name, fn, after).module
     want = ReferenceProgram(m, weights).run("forward", inputs)[0][0]
-    got = ReferenceProgram(after, weights).run("prefill", inputs, allocate_state(after, batch, seq))[0][0]
+    every_row = torch.arange(seq).repeat(batch, 1)  # select_logits: the rows whose logits prefill returns
+    got = ReferenceProgram(after, weights).run("prefill", inputs | {"logit_index": every_row},
+                                               allocate_state(after, batch, seq))[0][0]
     for b, n in enumerate(lens):
         torch.testing.assert_close(got[b, :n], want[b, :n], rtol=1e-6, atol=1e-6)

@@ -265,6 +265,8 @@ def test_fused_launches_respect_a_run_that_is_not_in_place(graph):
     s = 3 if graph == "prefill" else 1
     inputs = {"input_ids": torch.tensor([[5, 9, 2][:s]]), "positions": torch.tensor([[4, 5, 6][:s]]),
               "seq_lens": torch.tensor([4 + s], dtype=torch.int32)}
+    if graph == "prefill":  # rows 0 and 2 (select_logits)
+        inputs["logit_index"] = torch.tensor([[0, 2]])
     state = {name: torch.randn(buf[:1].shape, generator=torch.Generator().manual_seed(1))
              for name, buf in cm.generator.state.items()}
     before = {name: buf.clone() for name, buf in state.items()}
