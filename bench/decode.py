@@ -6,7 +6,8 @@ cache, reduce-overhead), in one process on one GPU, random weights with real sha
 
 Prints ms/token and tokens/s of each peer, lowerlm's ratio to each, the share of the memory-bandwidth floor
 (weight bytes / measured copy bandwidth), kernels per decode step, batch 8 and 32 decode throughput, the prefill
-of 2048 tokens, and lowerlm's cold and warm compile time. Decode time per token is
+of 2048 tokens (every row's logits, as a forward; and the last row's only, as generation's time to first token),
+and lowerlm's cold and warm compile time. Decode time per token is
 (time for N new tokens - time for 1) / (N - 1), so the prefill is not in it.
 """
 
@@ -121,6 +122,7 @@ def print_peers(rows: dict, ours: str, floor: float, floor_what: str, cm, device
 
 def bench_shape(shape, args, device, dtype, bandwidth):
     import lowerlm
+    from lowerlm.runtime.generate import prefill as prefill_rows
 
     model = build(shape, dtype, device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -172,12 +174,20 @@ def bench_shape(shape, args, device, dtype, bandwidth):
         prefill = {"lowerlm": lambda: cm(long), "transformers eager": lambda: model(long, use_cache=False)}
         if compiled is not None:
             prefill["transformers + torch.compile"] = lambda: compiled(long, use_cache=False)
-        times = {}
-        for name, fn in prefill.items():
-            fn()  # compiles for this shape
-            times[name] = timed(fn, device)
-    print(f"prefill {args.prefill} tokens: " + ", ".join(
-        f"{name} {sec * 1e3:.1f} ms ({sec / times['lowerlm']:.2f}x lowerlm's time)" for name, sec in times.items()))
+        lengths = torch.tensor([args.prefill])
+        # generation's prefill: the logits of the last row only (lowerlm's select_logits, HF's logits_to_keep=1)
+        first = {"lowerlm": lambda: prefill_rows(cm.program, cm.generator.state, long, lengths),
+                 "transformers eager": lambda: model(long, use_cache=False, logits_to_keep=1)}
+        if compiled is not None:
+            first["transformers + torch.compile"] = lambda: compiled(long, use_cache=False, logits_to_keep=1)
+        for title, fns in ((f"prefill {args.prefill} tokens, every row's logits", prefill),
+                           (f"prefill {args.prefill} tokens, the last row's logits (time to first token)", first)):
+            times = {}
+            for name, fn in fns.items():
+                fn()  # compiles for this shape
+                times[name] = timed(fn, device)
+            print(f"{title}: " + ", ".join(f"{name} {sec * 1e3:.1f} ms ({sec / times['lowerlm']:.2f}x lowerlm's time)"
+                                           for name, sec in times.items()))
     print(f"compile: cold {cold_s:.1f} s, warm {warm_s:.1f} s")
 
 

@@ -19,7 +19,8 @@ def _smoke(script: str) -> str:
 
 def test_decode_bench_smoke():
     out = _smoke("decode.py")
-    assert "prefill 16 tokens" in out and "compile: cold" in out
+    assert "prefill 16 tokens, every row's logits: lowerlm" in out and "compile: cold" in out
+    assert "prefill 16 tokens, the last row's logits (time to first token): lowerlm" in out
 
 
 def test_moe_bench_smoke():
