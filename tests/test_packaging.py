@@ -26,9 +26,10 @@ def _python(code: str, cwd: Path, *flags: str) -> str:
 
 
 def _source_files():
-    skip = {".venv", "build", "dist", ".git"}
+    skip = {"build", "dist", ".git"}
     for p in ROOT.rglob("*.py"):
-        if not skip & set(p.relative_to(ROOT).parts):
+        parts = p.relative_to(ROOT).parts
+        if not skip & set(parts) and not any(part.startswith(".venv") for part in parts):  # .venv-gpu-versions too
             yield p
 
 
