@@ -1,14 +1,16 @@
 """CPU decode of SmolLM2-135M-Instruct (real weights, f32, greedy): lowerlm-onnx versus transformers eager versus
 ONNX Runtime GenAI (its model builder's output, built here from the same weights), interleaved in one process.
 
-    python bench/cpu.py [--new-tokens 128] [--rounds 3] [--weight-bits 8,4]
+    python bench/cpu.py [--new-tokens 128] [--rounds 3] [--weight-bits 8,4] [--long-prompt 512]
 
 Prints ms/token of decode ((time for N tokens - time for 1) / (N - 1), so the prefill is not in it), tokens/s,
 lowerlm's ratio to each peer, the share of the bandwidth floor (weight bytes read per step / measured read
 bandwidth; for lowerlm-onnx the bytes of its packed decode model), and
 whether every peer produced the same tokens. ``--weight-bits`` adds lowerlm-onnx with quantized projection
 weights (MatMulNBits), reported separately: where its greedy tokens first differ from the f32 ones, and its
-teacher-forced top-1 agreement (its argmax at every position of the f32 continuation). Needs
+teacher-forced top-1 agreement (its argmax at every position of the f32 continuation). Then the time to first
+token (generating 1 token: the prefill and the first draw) of the chat prompt and of a ``--long-prompt`` of random
+tokens, per peer. Needs
 `pip install onnxruntime-genai onnx_ir` for the GenAI peer
 (reported as unavailable otherwise).
 """
@@ -94,6 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--weight-bits", default="8,4", help="quantized variants to add ('' for none)")
+    p.add_argument("--long-prompt", type=int, default=512, help="tokens of the long prompt timed for first token")
     args = p.parse_args(argv)
     bits = [int(b) for b in args.weight_bits.split(",") if b.strip()]
     import lowerlm
@@ -104,28 +107,39 @@ def main(argv=None) -> int:
     cm = lowerlm.compile_model(model, backend="onnx", max_batch=1, max_seq_len=1024)
     ids = encode(cm.tokenizer, PROMPT, chat=True)
     n = args.new_tokens
+    long = torch.randint(0, model.config.vocab_size, (args.long_prompt,),
+                         generator=torch.Generator().manual_seed(0)).tolist()
+
+    def lowerlm_peer(c):
+        return lambda k, p=ids: [s[0] for s in c.generate_ids([p], k) if s[0] is not None]
+
     peers = {
-        "lowerlm-onnx": lambda k: [s[0] for s in cm.generate_ids([ids], k) if s[0] is not None],
-        "transformers eager": lambda k: model.generate(torch.tensor([ids]), max_new_tokens=k,
-                                                       do_sample=False)[0, len(ids):].tolist(),
+        "lowerlm-onnx": lowerlm_peer(cm),
+        "transformers eager": lambda k, p=ids: model.generate(torch.tensor([p]), max_new_tokens=k,
+                                                              do_sample=False)[0, len(p):].tolist(),
     }
     quantized = {}
     for b in bits:
         q = lowerlm.compile_model(model, backend="onnx", max_batch=1, max_seq_len=1024, weight_bits=b)
         quantized[f"lowerlm-onnx int{b}"] = q
-        peers[f"lowerlm-onnx int{b}"] = lambda k, q=q: [s[0] for s in q.generate_ids([ids], k) if s[0] is not None]
+        peers[f"lowerlm-onnx int{b}"] = lowerlm_peer(q)
     with tempfile.TemporaryDirectory() as tmp:
         genai, why = genai_peer(weight_cache(resolve_model("smollm2")[1]), Path(tmp))
         if genai is not None:
-            peers["onnxruntime-genai"] = lambda k: genai(ids, k)
+            peers["onnxruntime-genai"] = lambda k, p=ids: genai(p, k)
         tokens = {name: fn(n) for name, fn in peers.items()}  # also the warm-up
+        for fn in peers.values():
+            fn(1, long)  # the long prompt's shapes, warmed up too
         times: dict = {name: [] for name in peers}
+        first: dict = {name: ([], []) for name in peers}  # time to first token: chat prompt, long prompt
         with torch.no_grad():
             for _ in range(args.rounds):  # interleaved: every peer sees the same machine state
                 for name, fn in peers.items():
                     t1 = _timed(lambda fn=fn: fn(1))
                     tn = _timed(lambda fn=fn: fn(n))
                     times[name].append((tn - t1) / (len(tokens[name]) - 1))
+                    first[name][0].append(t1)
+                    first[name][1].append(_timed(lambda fn=fn: fn(1, long)))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied embedding counted once
     bandwidth = read_bandwidth()
     floor = weight_bytes / bandwidth
@@ -156,6 +170,14 @@ def main(argv=None) -> int:
         share = "—" if name in quantized else f"{own / sec:.0%}"
         print(f"| {name} | {sec * 1e3:.1f} | {1 / sec:.1f} | {sec / ours:.2f}x | {share} | "
               f"{len(tokens[name])}, {same} |")
+    print("\ntime to first token (median; the prefill and the first draw, generating 1 token):")
+    print(f"| peer | chat prompt, {len(ids)} tokens | lowerlm speed-up | long prompt, {len(long)} tokens | "
+          "lowerlm speed-up |")
+    print("|---|---|---|---|---|")
+    mine = [statistics.median(t) for t in first["lowerlm-onnx"]]
+    for name, (short_t, long_t) in first.items():
+        a, b = statistics.median(short_t), statistics.median(long_t)
+        print(f"| {name} | {a * 1e3:.1f} ms | {a / mine[0]:.2f}x | {b * 1e3:.1f} ms | {b / mine[1]:.2f}x |")
     return 0
 
 

@@ -8,6 +8,7 @@ import torch
 
 import lowerlm
 from lowerlm.calibrate import calibrate
+from lowerlm.errors import InputError
 
 from .conftest import calibration_ids, tiny_model
 
@@ -47,15 +48,33 @@ def test_arm_through_onnx():
     torch.testing.assert_close(got(x), want(x), rtol=1e-5, atol=1e-5)
 
 
-def test_decode_attention_uses_group_query_attention_when_head_dims_allow():
-    """Head dims that are multiples of 16: decode's rope + cache writes + attention become one
-    com.microsoft GroupQueryAttention per layer, with the same greedy tokens as transformers."""
+def test_attention_uses_group_query_attention_when_head_dims_allow():
+    """Head dims that are multiples of 16: rope + cache writes + attention become one com.microsoft
+    GroupQueryAttention per layer, in decode and in the prefill (a first prompt: positions from 0). The logits of a
+    right-padded batch whose rows are all shorter than the prompt width match the reference backend, so do the
+    caches it writes, and the greedy tokens those of transformers; a prefill that does not start at 0 is refused."""
     from lowerlm.codegen.onnx.lower import lower_graph
+    from lowerlm.runtime.generate import allocate_state
 
     model = tiny_model("llama", hidden_size=64, intermediate_size=96)  # 4 heads of 16
     cm = lowerlm.compile_model(model, backend="onnx", max_seq_len=64)
-    ops = [n.op_type for n in lower_graph(cm.ir.graph("decode"), cm.program._constant).graph.node]
-    assert ops.count("GroupQueryAttention") == 2 and "TensorScatter" not in ops
+    for graph in ("decode", "prefill"):
+        ops = [n.op_type for n in lower_graph(cm.ir.graph(graph), cm.program._constant).graph.node]
+        assert ops.count("GroupQueryAttention") == 2 and "TensorScatter" not in ops, graph
+    ref = lowerlm.compile_model(model, backend="reference", max_seq_len=64)
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(2))
+    lens = torch.tensor([7, 4, 1])  # total length 9 > every row's
+    inputs = {"input_ids": ids, "positions": torch.arange(9).repeat(3, 1), "seq_lens": lens.to(torch.int32),
+              "logit_index": (lens - 1)[:, None]}
+    states = [allocate_state(cm.ir, 3, 16) for _ in range(2)]
+    (got,), _ = cm.program.run("prefill", inputs, states[0], inplace=True)
+    (want,), _ = ref.program.run("prefill", inputs, states[1], inplace=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, buf in states[1].items():  # the valid slots (ORT leaves the padded ones alone)
+        for row, n in enumerate(lens.tolist()):
+            torch.testing.assert_close(states[0][name][row, :, :n], buf[row, :, :n], rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="positions must be 0..S-1"):
+        cm.program.run("prefill", inputs | {"positions": torch.arange(2, 11).repeat(3, 1)}, states[0], inplace=True)
     prompt = [5, 7, 9, 11, 3]
     with torch.no_grad():
         hf = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, 5:].tolist()

@@ -6,8 +6,9 @@ reference backend's rounding points: RMSNorm in f32 then cast, RoPE from positio
 with TensorScatter (opset 24: contiguous writes from each sequence's first position), attention as masked
 softmax over the visible keys (a query that sees none gets zeros) of the cache's first max(seq_lens) slots, so a
 decode step costs by the valid length. Values every layer would compute alike (cos/sin, masks) are built once.
-Without ``contrib`` (standalone exports) attention is one opset-24 ``Attention``; with it, decode attention is
-com.microsoft GroupQueryAttention where ONNX Runtime's kernel takes the head size.
+Without ``contrib`` (standalone exports) attention is one opset-24 ``Attention``; with it, attention over the cache
+is com.microsoft GroupQueryAttention where ONNX Runtime's kernel takes the head size: in decode (one token at
+``seq_lens - 1``) and in a prefill, which it takes for a first prompt (positions 0..S-1; ``OnnxProgram`` checks).
 """
 
 from __future__ import annotations
@@ -147,16 +148,19 @@ class Lowering:
         return model
 
     def _plan_gqa(self) -> dict:
-        """In a decode graph (one token per sequence), rope → two cache writes → cached_attention becomes one
-        com.microsoft GroupQueryAttention: it rotates q and k, appends k and v into the caches (the state buffers,
-        bound in and out) and attends over the valid length. Keyed by node name: the attention maps to the
-        pieces, the nodes it absorbs to None."""
+        """rope → two cache writes → cached_attention becomes one com.microsoft GroupQueryAttention: it rotates q
+        and k, appends k and v into the caches (the state buffers, bound in and out) and attends over the valid
+        length. ONNX Runtime derives the positions from the lengths: in decode the token sits at ``seq_lens - 1``
+        (the runtime's contract); a prefill (S free) is taken as a first prompt, positions 0..S-1, which
+        ``OnnxProgram`` checks before it runs one. A sliding window or a head size ORT's kernel does not take (a
+        multiple of 16) keeps the plain lowering. Keyed by node name: the attention maps to the pieces, the nodes it
+        absorbs to None."""
         g = self.g
         plan: dict = {}
         for att in (n for n in g.nodes if n.op is Op.CACHED_ATTENTION):
-            q_type, cache_type = g.type_of(att.inputs[0]), g.type_of(att.inputs[1])
-            if q_type.shape[1] != 1 or att.attr("window") or not att.attr("causal") or cache_type.shape[3] % 16:
-                continue  # decode only; ORT's kernel wants head sizes that are multiples of 16
+            cache_type = g.type_of(att.inputs[1])
+            if att.attr("window") or not att.attr("causal") or cache_type.shape[3] % 16:
+                continue
             kw, vw = g.producer(att.inputs[1]), g.producer(att.inputs[2])
             rope = g.producer(att.inputs[0])
             if not (kw and vw and rope and kw.op is vw.op is Op.KV_CACHE_WRITE and rope.op is Op.ROPE):
@@ -185,9 +189,13 @@ class Lowering:
             dtype = self.type(rope, 0).dtype
             self._memo[key] = tuple(self.cast(self.op("Mul", [self.op(f, [angle]), scale]), dtype)
                                     for f in ("Cos", "Sin"))
+            # the total length: the longest sequence in decode; S in a prefill (a first prompt in ORT's terms, which
+            # it recognises by total == S, however short the sequences are)
+            one_token = self.type(rope, 0).shape[1] == 1
+            total = self.op("ReduceMax", [seq_lens], keepdims=1) if one_token else \
+                self.cast(self.op("Shape", [q], start=1, end=2), DType.I32)
             self._memo[("gqa-lens", seq_lens)] = (
-                self.op("Sub", [seq_lens, self.const(np.array([1], np.int32), dtype=np.int32)]),
-                self.op("ReduceMax", [seq_lens], keepdims=1))
+                self.op("Sub", [seq_lens, self.const(np.array([1], np.int32), dtype=np.int32)]), total)
         cos, sin = self._memo[key]
         past_lens, total = self._memo[("gqa-lens", seq_lens)]
         out, k_new, v_new = self.op("GroupQueryAttention", [q, k, v, kc, vc, past_lens, total, cos, sin], 3,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from lowerlm.codegen.reference import ReferenceProgram, bind_symbols
-from lowerlm.ir.errors import CompileError
+from lowerlm.ir.errors import CompileError, InputError
 from lowerlm.ir.graph import Node
 
 
@@ -40,6 +40,7 @@ class OnnxProgram(ReferenceProgram):
         self.packer = Packer(exact=weight_bits != 4)
         self._sessions: dict = {}
         self._bindings: dict = {}  # graph -> (state buffers' key, (IOBinding, state, OrtValues))
+        self._first_prompt: dict = {}  # graph -> its attention assumes positions 0..S-1
 
     def prepare(self) -> None:
         """Build every graph's session now (lowering + ONNX Runtime's optimisation take seconds for SmolLM2)."""
@@ -67,6 +68,11 @@ class OnnxProgram(ReferenceProgram):
                 options.intra_op_num_threads = self.threads
             self._sessions[name] = ort.InferenceSession(model.SerializeToString(), options,
                                                         providers=providers())
+            g = self.module.graph(name)
+            positions = next((v for v in g.inputs if v.name == "positions"), None)
+            # GroupQueryAttention over more than one token takes a first prompt: positions 0..S-1 (lower.py)
+            self._first_prompt[name] = positions is not None and positions.type.shape[-1] != 1 and \
+                any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
         return self._sessions[name]
 
     def run(self, graph, inputs, state=None, symbols=None, inplace=False, observe=None):
@@ -78,6 +84,11 @@ class OnnxProgram(ReferenceProgram):
         state = state or {}
         env = dict(symbols or {})
         session = self.session(g.name)
+        if self._first_prompt[g.name]:
+            positions = torch.as_tensor(inputs["positions"])
+            if not torch.equal(positions, torch.arange(positions.shape[-1]).expand_as(positions)):
+                raise InputError(f"graph '{g.name}' on the ONNX backend runs prompts from position 0: positions must "
+                                 "be 0..S-1 in every row (continue a cache with decode, one token per step)")
         # the state buffers are the runtime's, allocated once: their binding is made once and reused, so a decode
         # step only rebinds its three small inputs
         key = (inplace, tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in sorted(state.items())))
