@@ -131,15 +131,15 @@ def main(argv=None) -> int:
         for fn in peers.values():
             fn(1, long)  # the long prompt's shapes, warmed up too
         times: dict = {name: [] for name in peers}
-        first: dict = {name: ([], []) for name in peers}  # time to first token: chat prompt, long prompt
+        ttft: dict = {name: ([], []) for name in peers}  # time to first token: chat prompt, long prompt
         with torch.no_grad():
             for _ in range(args.rounds):  # interleaved: every peer sees the same machine state
                 for name, fn in peers.items():
                     t1 = _timed(lambda fn=fn: fn(1))
                     tn = _timed(lambda fn=fn: fn(n))
                     times[name].append((tn - t1) / (len(tokens[name]) - 1))
-                    first[name][0].append(t1)
-                    first[name][1].append(_timed(lambda fn=fn: fn(1, long)))
+                    ttft[name][0].append(t1)
+                    ttft[name][1].append(_timed(lambda fn=fn: fn(1, long)))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied embedding counted once
     bandwidth = read_bandwidth()
     floor = weight_bytes / bandwidth
@@ -174,8 +174,8 @@ def main(argv=None) -> int:
     print(f"| peer | chat prompt, {len(ids)} tokens | lowerlm speed-up | long prompt, {len(long)} tokens | "
           "lowerlm speed-up |")
     print("|---|---|---|---|---|")
-    mine = [statistics.median(t) for t in first["lowerlm-onnx"]]
-    for name, (short_t, long_t) in first.items():
+    mine = [statistics.median(t) for t in ttft["lowerlm-onnx"]]
+    for name, (short_t, long_t) in ttft.items():
         a, b = statistics.median(short_t), statistics.median(long_t)
         print(f"| {name} | {a * 1e3:.1f} ms | {a / mine[0]:.2f}x | {b * 1e3:.1f} ms | {b / mine[1]:.2f}x |")
     return 0
