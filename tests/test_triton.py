@@ -70,13 +70,13 @@ def test_linear_and_rms_norm_linear(rows, tiles, monkeypatch):
 def test_swiglu_and_arm_mlp():
     g, u = rand(2, 3, 33), rand(2, 3, 33, seed=1)
     close(swiglu.swiglu(g, u, "gelu_tanh"), ref.activation(g, "gelu_tanh") * u)
-    h, i = 20, 36
-    x, nw = rand(3, h), rand(h, seed=1).abs() + 0.5
-    wgm, wu, wd = rand(i + h, h, seed=2), rand(i, h, seed=3), rand(h, i, seed=4)
-    mu, scale, res = rand(i, seed=5) * 0.1, rand(i, seed=6).abs() + 0.5, rand(3, h, seed=7)
-    for tau in (0.0, 0.7):
-        close(arm_mlp.arm_mlp(x, nw, wgm, wu, wd, mu, scale, res, 1e-6, tau),
-              ref.arm_mlp(x, nw, wgm, wu, wd, mu, scale, res, 1e-6, tau, "silu"))
+    for h, i in ((20, 36), (150, 36)):  # the up kernel's own norm over one K block and over two
+        x, nw = rand(3, h), rand(h, seed=1).abs() + 0.5
+        wgm, wu, wd = rand(i + h, h, seed=2), rand(i, h, seed=3), rand(h, i, seed=4)
+        mu, scale, res = rand(i, seed=5) * 0.1, rand(i, seed=6).abs() + 0.5, rand(3, h, seed=7)
+        for tau in (0.0, 0.7):
+            close(arm_mlp.arm_mlp(x, nw, wgm, wu, wd, mu, scale, res, 1e-6, tau),
+                  ref.arm_mlp(x, nw, wgm, wu, wd, mu, scale, res, 1e-6, tau, "silu"))
 
 
 @pytest.mark.parametrize("layout", ["half", "interleaved"])

@@ -1,6 +1,7 @@
 """ARM's gated MLP in decode: the norm and ``[W_g; M]`` in one GEMV (gemv.py), then ``arm_up_kernel`` computes
-``z = mask(â) ⊙ (W_u h)`` reading only the W_u rows of channels that survive the mask, and the down projection
-``W_d·diag(s) z + m (+ residual)`` reads only the W_d columns of those channels (``arm_down_kernel``)."""
+``z = mask(â) ⊙ (W_u h)`` reading only the W_u rows of channels that survive the mask (it normalises x itself,
+like the GEMV's prologue: h is never written), and the down projection ``W_d·diag(s) z + m (+ residual)`` reads
+only the W_d columns of those channels (``arm_down_kernel``): three launches."""
 
 from __future__ import annotations
 
@@ -15,13 +16,20 @@ DECODE_MAX_ROWS = 16  # rows the per-row decode kernels take; more (prefill) go 
 
 @triton.jit
 def arm_up_kernel(
-    h_ptr, g_ptr, wu_ptr, mu_ptr, scale_ptr, z_ptr,  # pointers
+    x_ptr, nw_ptr, g_ptr, wu_ptr, mu_ptr, scale_ptr, z_ptr,  # pointers
     C, K,  # sizes: channels (the intermediate size), hidden
-    stride_hm, stride_gm, stride_wu, stride_zm,  # strides
-    tau,
+    stride_xm, stride_gm, stride_wu, stride_zm,  # strides
+    tau, eps,
     ACT: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    x_row = x_ptr + pid_m * stride_xm
+    sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)  # the row's RMS, as the gate GEMV's prologue computes it
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xk = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        sumsq += xk * xk
+    inv = 1.0 / tl.sqrt(tl.sum(sumsq, axis=0) / K + eps)
     offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask_i = offs_i < C
     g = tl.load(g_ptr + pid_m * stride_gm + offs_i, mask=mask_i, other=0.0).to(tl.float32)
@@ -33,7 +41,11 @@ def arm_up_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        h = tl.load(h_ptr + pid_m * stride_hm + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        xk = tl.load(x_row + offs_k, mask=mask_k, other=0.0)
+        dt = xk.dtype
+        # transformers' RMSNorm: normalise in f32, round to the activation dtype, times the weight (rounded)
+        normed = (xk.to(tl.float32) * inv).to(dt).to(tl.float32)
+        h = (tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32) * normed).to(dt).to(tl.float32)
         w = tl.load(wu_ptr + offs_i[:, None] * stride_wu + offs_k[None, :], mask=keep[:, None] & mask_k[None, :],
                     other=0.0)  # rows of dropped channels are never read
         acc += tl.sum(w.to(tl.float32) * h[None, :], axis=1)
@@ -78,15 +90,12 @@ def arm_mlp(x, norm_weight, gate_m, up, down_scaled, mu, scale, residual=None, e
     if x2.shape[0] > DECODE_MAX_ROWS:  # prefill: dense math, the mask still applies
         return reference_arm_mlp(x, norm_weight, gate_m, up, down_scaled, mu, scale, residual, eps, tau, act)
     (gm,) = rms_norm_linear(x2, norm_weight, gate_m, eps=eps)
-    from lowerlm.codegen.triton.rms_norm import rms_norm
-
-    h = rms_norm(x2, norm_weight, eps)
     m_rows = x2.shape[0]
     z = torch.empty(m_rows, inter, dtype=x.dtype, device=x.device)
     block_i = min(64, triton.next_power_of_2(inter))
     arm_up_kernel[(m_rows, triton.cdiv(inter, block_i))](
-        h, gm, up, mu, scale, z, inter, hidden, h.stride(0), gm.stride(0), up.stride(0), z.stride(0), tau,
-        ACT=ACTS[act], BLOCK_I=block_i, BLOCK_K=min(128, triton.next_power_of_2(hidden)))
+        x2, norm_weight, gm, up, mu, scale, z, inter, hidden, x2.stride(0), gm.stride(0), up.stride(0), z.stride(0),
+        tau, eps, ACT=ACTS[act], BLOCK_I=block_i, BLOCK_K=min(128, triton.next_power_of_2(hidden)))
     out = torch.empty(m_rows, hidden, dtype=x.dtype, device=x.device)
     m = gm[:, inter:]
     res = residual.reshape(-1, hidden).contiguous() if residual is not None else out
