@@ -20,6 +20,21 @@ from lowerlm.codegen.triton import interpreted
 
 
 @triton.jit
+def online_softmax_step(scores, visible, v, m_i, l_i, acc, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold one block of keys into a running softmax: ``scores`` [M, N] (-1e30 where not ``visible``), their
+    values ``v`` [N, DV], the running max ``m_i`` and sum ``l_i`` [M] and output ``acc`` [M, DV]. With MASK, keys
+    that are not visible weigh exactly 0, so a row that sees nothing yet keeps l = 0. Returns (m, l, acc)."""
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(scores - m_new[:, None])
+    if MASK:
+        p = tl.where(visible, p, 0.0)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attend_block(q, k_base, v_base, kpos_base, qpos, mask_m, j0, n_keys, window, scale, m_i, l_i, acc,
                   stride_kj, stride_vj, D, DV,
                   MASK: tl.constexpr, CAUSAL: tl.constexpr, KEY_POS: tl.constexpr, PRECISION: tl.constexpr,
@@ -48,20 +63,14 @@ def _attend_block(q, k_base, v_base, kpos_base, qpos, mask_m, j0, n_keys, window
             diff = qpos[:, None] - kpos[None, :]
             visible = visible & (diff >= 0) & ((window <= 0) | (diff < window))
         scores = tl.where(visible, scores, -1.0e30)
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(scores - m_new[:, None])
-    if MASK:
-        p = tl.where(visible, p, 0.0)  # a row that sees nothing yet keeps l = 0
         v = tl.load(v_base + offs_n[:, None] * stride_vj + offs_dv[None, :],
                     mask=mask_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
     else:
+        visible = scores  # (unread: no mask)
         v = tl.load(v_base + offs_n[:, None] * stride_vj + offs_dv[None, :], mask=offs_dv[None, :] < DV, other=0.0)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
     if UPCAST:
         v = v.to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i, acc
+    return online_softmax_step(scores, visible, v, m_i, l_i, acc, MASK, PRECISION)
 
 
 @triton.jit

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from lowerlm.codegen.triton import interpreted, sm_count
+from lowerlm.codegen.triton.attention import online_softmax_step
 from lowerlm.codegen.triton.rope import rope_rows
 from lowerlm.codegen.triton.splits import counters, last_to_finish
 
@@ -90,12 +91,7 @@ def decode_attention_kernel(
             if window > 0:
                 visible = visible & (diff < window)[None, :]
         scores = tl.where(visible, scores, -1.0e30)
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.where(visible, tl.exp(scores - m_new[:, None]), 0.0)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(scores, visible, v, m_i, l_i, acc, True, PRECISION)
     if ROPE_APPEND:
         mask_d = offs_d < D
         mask_dv = offs_dv < DV
@@ -108,6 +104,7 @@ def decode_attention_kernel(
             slot_v = tl.zeros([BLOCK_DV], dtype=tl.int64) + qpos
             tl.store(v_head + slot_v * stride_vj + offs_dv, v_new, mask=mask_dv & (slot_v >= 0) & (slot_v < T))
         if (qpos >= start) & (qpos < stop) & (qpos < T):  # this chunk holds the step's own key
+            # online_softmax_step for one key (a dot product needs 16): the same update as vectors
             s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale
             s_new = tl.where(mask_g, s_new, -1.0e30)
             m_new = tl.maximum(m_i, s_new)
