@@ -43,7 +43,7 @@ def _fresh_symbol(g: Graph) -> str:
     taken = set()
     for t in g.types.values():
         taken |= free_symbols(t.shape)
-    return next(s for s in ("L", "L1", "L2", "L3", "L_logits") if s not in taken)
+    return next(s for s in ("L", *(f"L{i}" for i in range(1, len(taken) + 2))) if s not in taken)
 
 
 def select_logits(g: Graph) -> Graph:
