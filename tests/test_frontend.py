@@ -60,6 +60,22 @@ def test_right_padded_batch_matches_hf_with_the_same_mask_and_positions(family):
     assert_logits_close(got[1, :5], alone[0])
 
 
+def test_gqa_is_exported_as_one_sdpa_with_enable_gqa():
+    """transformers' repeat_kv (expand + reshape of K/V) is not traced: torch 2.11, the GPU machine's, cannot prove
+    that reshape's guard for a dynamic sequence and refuses the export (frontend/export.py)."""
+    from lowerlm.frontend.export import export_model
+
+    model = tiny_model("llama")  # 4 query heads, 2 kv heads
+    assert model.config.num_attention_heads != model.config.num_key_value_heads
+    ep, _ = export_model(model)
+    sdpa = [n for n in ep.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert len(sdpa) == model.config.num_hidden_layers and all(n.kwargs.get("enable_gqa") for n in sdpa)
+    assert not any(n.target is torch.ops.aten.expand.default and len(n.args[1]) == 5 for n in ep.graph.nodes)
+    from transformers.integrations import sdpa_attention  # the switch is undone after the export
+
+    assert sdpa_attention.use_gqa_in_sdpa(torch.ones(1), torch.ones(1, 1, 1, 8), torch.ones(1, 1, 1, 8)) is False
+
+
 def test_sliding_window_is_read_from_the_mask():
     model = tiny_model("mistral", sliding_window=4)
     cm = lowerlm.compile_model(model)
