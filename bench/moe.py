@@ -2,6 +2,7 @@
 process on one GPU: Qwen3-30B-A3B shapes cut to 12 layers (128 experts of 768, top 8), random weights, bf16.
 
     python bench/moe.py                 # batch-1 greedy decode (prompt 128, 128 new tokens), prefill of 2048
+                                        # (every row's logits, and the last row's only: time to first token)
     python bench/moe.py --smoke         # tiny shapes on the CPU: checks the script runs (no speed claim)
 
 The share of the bandwidth floor counts the bytes a decode step must read: every weight except the embedding
@@ -65,6 +66,7 @@ def decode_bytes(model) -> int:
 
 def main(argv=None) -> int:
     import lowerlm
+    from lowerlm.runtime.generate import prefill as prefill_rows
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="qwen3-30b-a3b-12l")
@@ -114,11 +116,18 @@ def main(argv=None) -> int:
     print_peers(rows, f"lowerlm-{backend}", floor, "bytes read / copy bandwidth", cm, device)
     long = torch.randint(0, model.config.vocab_size, (1, args.prefill), generator=torch.Generator().manual_seed(1))
     long = long.to(device)
+    lengths = torch.tensor([args.prefill])
     with torch.no_grad():
         times = {"lowerlm": timed(lambda: cm(long), device), "transformers eager": timed(lambda: model(long), device)}
+        # generation's prefill: the last row's logits only (lowerlm's select_logits, HF's logits_to_keep=1)
+        first = {"lowerlm": timed(lambda: prefill_rows(cm.program, cm.generator.state, long, lengths), device),
+                 "transformers eager": timed(lambda: model(long, logits_to_keep=1), device)}
         if compiled is not None:
             times["transformers + torch.compile"] = timed(lambda: compiled(long), device)
+            first["transformers + torch.compile"] = timed(lambda: compiled(long, logits_to_keep=1), device)
     print(f"prefill {args.prefill} tokens: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()))
+    print(f"prefill {args.prefill} tokens, the last row's logits (time to first token): " +
+          ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in first.items()))
     print(f"compile: {compile_s:.1f} s")
     return 0
 
