@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from lowerlm.codegen.triton.gemv import ACTS, _act, rms_norm_linear
+from lowerlm.codegen.triton.rms_norm import rms_scale, row_inv_rms
 
 DECODE_MAX_ROWS = 16  # rows the per-row decode kernels take; more (prefill) go through the dense math
 
@@ -24,12 +25,7 @@ def arm_up_kernel(
 ):
     pid_m = tl.program_id(0)
     x_row = x_ptr + pid_m * stride_xm
-    sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)  # the row's RMS, as the gate GEMV's prologue computes it
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        xk = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        sumsq += xk * xk
-    inv = 1.0 / tl.sqrt(tl.sum(sumsq, axis=0) / K + eps)
+    inv = row_inv_rms(x_row, K, eps, BLOCK_K)
     offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask_i = offs_i < C
     g = tl.load(g_ptr + pid_m * stride_gm + offs_i, mask=mask_i, other=0.0).to(tl.float32)
@@ -42,10 +38,7 @@ def arm_up_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         xk = tl.load(x_row + offs_k, mask=mask_k, other=0.0)
-        dt = xk.dtype
-        # transformers' RMSNorm: normalise in f32, round to the activation dtype, times the weight (rounded)
-        normed = (xk.to(tl.float32) * inv).to(dt).to(tl.float32)
-        h = (tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32) * normed).to(dt).to(tl.float32)
+        h = rms_scale(xk, inv, tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0)).to(tl.float32)
         w = tl.load(wu_ptr + offs_i[:, None] * stride_wu + offs_k[None, :], mask=keep[:, None] & mask_k[None, :],
                     other=0.0)  # rows of dropped channels are never read
         acc += tl.sum(w.to(tl.float32) * h[None, :], axis=1)

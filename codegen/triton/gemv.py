@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from lowerlm.codegen.triton import as_rows, interpreted, tile_for_sms
+from lowerlm.codegen.triton.rms_norm import rms_norm, rms_scale
 
 DOT_MAX_ROWS = 64  # rows_gemm_kernel takes up to this many rows; more go to torch's matmul
 ACTS = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
@@ -74,14 +75,11 @@ def gemv_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         xk = tl.load(x_row + offs_k, mask=mask_k, other=0.0)
-        dt = xk.dtype
-        h = xk.to(tl.float32)
         if RES_IN:
-            h = (h + tl.load(res_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+            xk = (xk.to(tl.float32) + tl.load(res_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)).to(xk.dtype)
         if NORM:
-            # transformers' RMSNorm: normalise in f32, round to the activation dtype, times the weight (rounded)
-            normed = (h * inv).to(dt).to(tl.float32)
-            h = (tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32) * normed).to(dt).to(tl.float32)
+            xk = rms_scale(xk, inv, tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0))
+        h = xk.to(tl.float32)
         w_tile = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
         mask_w = mask_n[:, None] & mask_k[None, :]
         acc += tl.sum(tl.load(w_tile, mask=mask_w, other=0.0).to(tl.float32) * h[None, :], axis=1)
@@ -146,9 +144,8 @@ def rows_gemm_kernel(
         dt = a.dtype
         if RES_IN:
             a = (a.to(tl.float32) + tl.load(res_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)).to(dt)
-        if NORM:  # as gemv_kernel: normalise in f32, round, times the weight, round
-            normed = (a.to(tl.float32) * inv[:, None]).to(dt).to(tl.float32)
-            a = (tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :] * normed).to(dt)
+        if NORM:
+            a = rms_scale(a, inv[:, None], tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0)[None, :])
         w_tile = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
         mask_w = mask_k[:, None] & mask_n[None, :]
         b = tl.load(w_tile, mask=mask_w, other=0.0)
@@ -269,5 +266,4 @@ def rms_norm_linear(x, norm_weight, w, bias=None, residual=None, eps=1e-6, split
     return tuple(out + ([r.reshape(x.shape)] if r is not None else []))
 
 
-from lowerlm.codegen.triton.rms_norm import rms_norm  # noqa: E402  (the prefill path's prologue)
-from lowerlm.codegen.triton.swiglu import swiglu_halves  # noqa: E402  (and epilogue; swiglu.py imports _act here)
+from lowerlm.codegen.triton.swiglu import swiglu_halves  # noqa: E402  (the prefill's epilogue; swiglu.py imports _act)

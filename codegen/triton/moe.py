@@ -23,6 +23,7 @@ import triton.language as tl
 
 from lowerlm.codegen.triton import interpreted, sm_count, tile_for_sms
 from lowerlm.codegen.triton.gemv import ACTS, _act
+from lowerlm.codegen.triton.rms_norm import rms_scale, row_inv_rms
 from lowerlm.codegen.triton.splits import counters, last_to_finish
 
 
@@ -40,13 +41,8 @@ def route_kernel(
     e = tl.arange(0, BLOCK_E)
     emask = e < E
     inv = 1.0
-    if NORM:  # the layer's RMSNorm first (as rms_norm_kernel rounds it): the row's statistics over all of H
-        sumsq = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            h = h0 + tl.arange(0, BLOCK_H)
-            xv = tl.load(x_ptr + t * H + h, mask=h < H, other=0.0).to(tl.float32)
-            sumsq += xv * xv
-        inv = 1.0 / tl.sqrt(tl.sum(sumsq, axis=0) / H + eps)
+    if NORM:  # the layer's RMSNorm first: the row's statistics over all of H
+        inv = row_inv_rms(x_ptr + t * H, H, eps, BLOCK_H)
     acc = tl.zeros([BLOCK_E], dtype=tl.float32)
     for h0 in range(split * CHUNK, tl.minimum(split * CHUNK + CHUNK, H), BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
@@ -54,8 +50,7 @@ def route_kernel(
         xr = tl.load(x_ptr + t * H + h, mask=hmask, other=0.0)
         xv = xr.to(tl.float32)
         if NORM:  # this program's slice of the normalised row, stored for the experts' GEMM
-            normed = (xv * inv).to(xr.dtype).to(tl.float32)
-            xn = (tl.load(nw_ptr + h, mask=hmask, other=0.0).to(tl.float32) * normed).to(xr.dtype)
+            xn = rms_scale(xr, inv, tl.load(nw_ptr + h, mask=hmask, other=0.0))
             tl.store(xn_ptr + t * H + h, xn, mask=hmask)
             xv = xn.to(tl.float32)
         wv = tl.load(w_ptr + e[:, None] * H + h[None, :], mask=emask[:, None] & hmask[None, :], other=0.0)

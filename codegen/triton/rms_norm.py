@@ -12,6 +12,27 @@ from lowerlm.codegen.triton import as_rows
 
 
 @triton.jit
+def rms_scale(x, inv, w):
+    """transformers' RMSNorm of ``x`` (in the activation dtype) given its ``inv`` = 1/rms (f32) and the weight ``w``:
+    x·inv rounded to the activation dtype, times the weight in f32, rounded once (what a multiply in that dtype
+    gives). Every kernel that normalises applies the norm through this (broadcast ``inv`` and ``w`` to x's
+    shape)."""
+    dt = x.dtype
+    return (w.to(tl.float32) * (x.to(tl.float32) * inv).to(dt).to(tl.float32)).to(dt)
+
+
+@triton.jit
+def row_inv_rms(row_ptr, K, eps, BLOCK_K: tl.constexpr):
+    """1 / sqrt(mean(x²) + eps) of the row of K elements at ``row_ptr``, in f32, in blocks of BLOCK_K."""
+    sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(row_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+        sumsq += x * x
+    return 1.0 / tl.sqrt(tl.sum(sumsq, axis=0) / K + eps)
+
+
+@triton.jit
 def rms_norm_kernel(
     x_ptr, w_ptr, out_ptr, res_ptr, r_out_ptr,  # pointers
     K,  # sizes
@@ -29,11 +50,8 @@ def rms_norm_kernel(
         tl.store(r_out_ptr + pid * stride_rom + offs_k, x, mask=mask)
     x32 = x.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / K + eps)
-    # w * normed, with normed rounded to the activation dtype first (as transformers does); the product is
-    # formed in f32 and rounded once, which is what a bf16 multiply gives
-    normed = (x32 * inv).to(x.dtype).to(tl.float32)
-    w = tl.load(w_ptr + offs_k, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + pid * stride_om + offs_k, (w * normed).to(x.dtype), mask=mask)
+    tl.store(out_ptr + pid * stride_om + offs_k, rms_scale(x, inv, tl.load(w_ptr + offs_k, mask=mask, other=0.0)),
+             mask=mask)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -52,4 +70,3 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tenso
     if residual is None:
         return out.reshape(x.shape)
     return out.reshape(x.shape), r_out.reshape(x.shape)
-
