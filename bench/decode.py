@@ -122,7 +122,6 @@ def print_peers(rows: dict, ours: str, floor: float, floor_what: str, cm, device
 
 def bench_shape(shape, args, device, dtype, bandwidth):
     import lowerlm
-    from lowerlm.runtime.generate import prefill as prefill_rows
 
     model = build(shape, dtype, device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -168,27 +167,32 @@ def bench_shape(shape, args, device, dtype, bandwidth):
         batch = [ids] * b
         sec = per_token(lambda k, batch=batch: list(cm.generate_ids(batch, k, stop_ids=[])), min(n, 64), device)
         print(f"batch {b} decode: {b / sec:.0f} tokens/s")
-    long = torch.randint(0, model.config.vocab_size, (1, args.prefill), generator=torch.Generator().manual_seed(1))
-    long = long.to(device)
-    with torch.no_grad():  # full logits on every side, as a forward computes them
-        prefill = {"lowerlm": lambda: cm(long), "transformers eager": lambda: model(long, use_cache=False)}
-        if compiled is not None:
-            prefill["transformers + torch.compile"] = lambda: compiled(long, use_cache=False)
-        lengths = torch.tensor([args.prefill])
-        # generation's prefill: the logits of the last row only (lowerlm's select_logits, HF's logits_to_keep=1)
-        first = {"lowerlm": lambda: prefill_rows(cm.program, cm.generator.state, long, lengths),
-                 "transformers eager": lambda: model(long, use_cache=False, logits_to_keep=1)}
-        if compiled is not None:
-            first["transformers + torch.compile"] = lambda: compiled(long, use_cache=False, logits_to_keep=1)
-        for title, fns in ((f"prefill {args.prefill} tokens, every row's logits", prefill),
-                           (f"prefill {args.prefill} tokens, the last row's logits (time to first token)", first)):
+    peers = {"transformers eager": model} | ({"transformers + torch.compile": compiled} if compiled is not None else {})
+    print_prefill(cm, peers, args.prefill, model.config.vocab_size, device)
+    print(f"compile: cold {cold_s:.1f} s, warm {warm_s:.1f} s")
+
+
+def print_prefill(cm, peers: dict, n: int, vocab: int, device) -> None:
+    """Prefill of ``n`` random tokens (batch 1), lowerlm against each transformers peer (name -> model): every row's
+    logits, as a forward computes them, then the last row's only, as generation needs them (time to first token:
+    lowerlm's select_logits, transformers' logits_to_keep=1). Each call runs once (compiling for the shape), then
+    is timed."""
+    from lowerlm.runtime.generate import prefill
+
+    long = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(1)).to(device)
+    lengths = torch.tensor([n])
+    every = {"lowerlm": lambda: cm(long)} | {name: (lambda m=m: m(long, use_cache=False)) for name, m in peers.items()}
+    first = {"lowerlm": lambda: prefill(cm.program, cm.generator.state, long, lengths)} | {
+        name: (lambda m=m: m(long, use_cache=False, logits_to_keep=1)) for name, m in peers.items()}
+    with torch.no_grad():
+        for title, fns in ((f"prefill {n} tokens, every row's logits", every),
+                           (f"prefill {n} tokens, the last row's logits (time to first token)", first)):
             times = {}
             for name, fn in fns.items():
-                fn()  # compiles for this shape
+                fn()
                 times[name] = timed(fn, device)
             print(f"{title}: " + ", ".join(f"{name} {sec * 1e3:.1f} ms ({sec / times['lowerlm']:.2f}x lowerlm's time)"
                                            for name, sec in times.items()))
-    print(f"compile: cold {cold_s:.1f} s, warm {warm_s:.1f} s")
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import copy_bandwidth, per_token, print_peers, timed  # noqa: E402
+from decode import copy_bandwidth, per_token, print_peers, print_prefill  # noqa: E402
 
 SHAPES = {
     "qwen3-30b-a3b-12l": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
@@ -66,7 +66,6 @@ def decode_bytes(model) -> int:
 
 def main(argv=None) -> int:
     import lowerlm
-    from lowerlm.runtime.generate import prefill as prefill_rows
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="qwen3-30b-a3b-12l")
@@ -114,20 +113,8 @@ def main(argv=None) -> int:
     rows[f"lowerlm-{backend}"] = per_token(lambda k: list(cm.generate_ids([ids], k, stop_ids=[])), n, device)
     print(f"\n## {args.shape} ({decode_bytes(model) / 1e6:.0f} MB read per decode step, {dtype}, {device})")
     print_peers(rows, f"lowerlm-{backend}", floor, "bytes read / copy bandwidth", cm, device)
-    long = torch.randint(0, model.config.vocab_size, (1, args.prefill), generator=torch.Generator().manual_seed(1))
-    long = long.to(device)
-    lengths = torch.tensor([args.prefill])
-    with torch.no_grad():
-        times = {"lowerlm": timed(lambda: cm(long), device), "transformers eager": timed(lambda: model(long), device)}
-        # generation's prefill: the last row's logits only (lowerlm's select_logits, HF's logits_to_keep=1)
-        first = {"lowerlm": timed(lambda: prefill_rows(cm.program, cm.generator.state, long, lengths), device),
-                 "transformers eager": timed(lambda: model(long, logits_to_keep=1), device)}
-        if compiled is not None:
-            times["transformers + torch.compile"] = timed(lambda: compiled(long), device)
-            first["transformers + torch.compile"] = timed(lambda: compiled(long, logits_to_keep=1), device)
-    print(f"prefill {args.prefill} tokens: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()))
-    print(f"prefill {args.prefill} tokens, the last row's logits (time to first token): " +
-          ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in first.items()))
+    peers = {"transformers eager": model} | ({"transformers + torch.compile": compiled} if compiled is not None else {})
+    print_prefill(cm, peers, args.prefill, model.config.vocab_size, device)
     print(f"compile: {compile_s:.1f} s")
     return 0
 

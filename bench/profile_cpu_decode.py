@@ -2,6 +2,9 @@
 
     python bench/profile_cpu_decode.py [--steps 20] [--position 40]
     python bench/profile_cpu_decode.py --lm-head     # SmolLM2's lm_head alone in each weight format
+    python bench/profile_cpu_decode.py --prefill 512 [--without select_logits]
+        # a prefill of 512 tokens: the runtime's time (best of 5) and ORT's profile, against transformers'
+        # forward with logits_to_keep=1 (best of 5) and torch's profile of it; --without drops passes
 
 The session runs the decode model with plain ``InferenceSession.run`` (the caches are fed, not bound in place as
 the runtime does), so GroupQueryAttention includes copying the caches; the projections' numbers are the
@@ -73,32 +76,16 @@ def lm_head_formats(cm, repeat: int = 50) -> None:
         print(f"| {name} | {ms:.2f} | {np.abs(got - want).max() / np.abs(want).max():.1e} |")
 
 
-def main(argv=None) -> int:
+def _ort_profile(model, feed, runs: int) -> tuple:
+    """(kernel ms per run, Counter of µs and of calls per op type) of ``runs`` plain runs of ``model``."""
     import onnxruntime as ort
 
-    import lowerlm
-    from lowerlm.codegen.onnx.lower import lower_graph
-    from lowerlm.runtime.generate import allocate_state
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--position", type=int, default=40)
-    p.add_argument("--lm-head", action="store_true", help="time the lm_head alone in each weight format")
-    args = p.parse_args(argv)
-    cm = lowerlm.compile_model(lowerlm.load("smollm2"), backend="onnx", max_batch=1, max_seq_len=1024)
-    if args.lm_head:
-        lm_head_formats(cm)
-        return 0
-    model = lower_graph(cm.ir.graph("decode"), cm.program._constant, packer=cm.program.packer)
     options = ort.SessionOptions()
     options.enable_profiling = True
     options.log_severity_level = 3
-    options.profile_file_prefix = tempfile.mkdtemp() + "/decode"
+    options.profile_file_prefix = tempfile.mkdtemp() + "/run"
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    state = allocate_state(cm.ir, 1, 1024, torch.device("cpu"))
-    feed = {"input_ids": np.array([[5]]), "positions": np.array([[args.position]]),
-            "seq_lens": np.array([args.position + 1], np.int32)} | {k: v.numpy() for k, v in state.items()}
-    for _ in range(args.steps):
+    for _ in range(runs):
         session.run(None, feed)
     with open(session.end_profiling()) as f:
         events = json.load(f)
@@ -107,7 +94,85 @@ def main(argv=None) -> int:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             total[e["args"]["op_name"]] += e["dur"]
             count[e["args"]["op_name"]] += 1
-    print(f"kernel time per step: {sum(total.values()) / args.steps / 1e3:.2f} ms")
+    return sum(total.values()) / runs / 1e3, total, count
+
+
+def _best_ms(fn, repeat: int = 5) -> float:
+    import time
+
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def prefill_profile(model, cm, n: int) -> None:
+    """A prefill of ``n`` random tokens: lowerlm's runtime prefill and ONNX Runtime's profile of its graph (plain
+    ``run``, the caches fed), against transformers' forward with logits_to_keep=1 and torch's profile of it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lowerlm.codegen.onnx.lower import lower_graph
+    from lowerlm.runtime.generate import allocate_state, prefill, selects_logits
+
+    ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([n])
+    ours = _best_ms(lambda: prefill(cm.program, cm.generator.state, ids, lengths))
+    with torch.no_grad():
+        theirs = _best_ms(lambda: model(ids, logits_to_keep=1))
+    print(f"prefill of {n} tokens (best of 5): lowerlm-onnx {ours:.1f} ms, transformers eager (logits_to_keep=1) "
+          f"{theirs:.1f} ms")
+    graph = lower_graph(cm.ir.graph("prefill"), cm.program._constant, packer=cm.program.packer)
+    state = allocate_state(cm.ir, 1, cm.max_seq_len, torch.device("cpu"))
+    feed = {"input_ids": ids.numpy(), "positions": np.arange(n)[None], "seq_lens": np.array([n], np.int32)}
+    if selects_logits(cm.ir):
+        feed["logit_index"] = np.array([[n - 1]])
+    ms, total, count = _ort_profile(graph, feed | {k: v.numpy() for k, v in state.items()}, 3)
+    print(f"\nONNX Runtime, kernel time per prefill: {ms:.1f} ms")
+    print("| op | ms | calls |")
+    print("|---|---|---|")
+    for op, us in total.most_common(10):
+        print(f"| {op} | {us / 3 / 1e3:.1f} | {count[op] // 3} |")
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(ids, logits_to_keep=1)
+    print("\ntransformers eager, torch's profiler (one forward):")
+    print("| op | ms | calls |")
+    print("|---|---|---|")
+    for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]:
+        print(f"| {e.key} | {e.self_cpu_time_total / 1e3:.1f} | {e.count} |")
+
+
+def main(argv=None) -> int:
+    import lowerlm
+    from lowerlm.codegen.onnx.lower import lower_graph
+    from lowerlm.passes import resolve
+    from lowerlm.runtime.generate import allocate_state
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--position", type=int, default=40)
+    p.add_argument("--lm-head", action="store_true", help="time the lm_head alone in each weight format")
+    p.add_argument("--prefill", type=int, default=0, help="profile a prefill of this many tokens instead")
+    p.add_argument("--without", default="", help="passes to drop from the default pipeline (comma-separated)")
+    args = p.parse_args(argv)
+    dropped = {name for name in args.without.split(",") if name}
+    passes = [name for name, _ in resolve("default") if name not in dropped]
+    model = lowerlm.load("smollm2")
+    cm = lowerlm.compile_model(model, backend="onnx", max_batch=1, max_seq_len=1024, passes=passes)
+    if args.lm_head:
+        lm_head_formats(cm)
+        return 0
+    if args.prefill:
+        prefill_profile(model, cm, args.prefill)
+        return 0
+    graph = lower_graph(cm.ir.graph("decode"), cm.program._constant, packer=cm.program.packer)
+    state = allocate_state(cm.ir, 1, 1024, torch.device("cpu"))
+    feed = {"input_ids": np.array([[5]]), "positions": np.array([[args.position]]),
+            "seq_lens": np.array([args.position + 1], np.int32)} | {k: v.numpy() for k, v in state.items()}
+    ms, total, count = _ort_profile(graph, feed, args.steps)
+    print(f"kernel time per step: {ms:.2f} ms")
     print("| op | ms per step | calls per step |")
     print("|---|---|---|")
     for op, us in total.most_common():

@@ -43,12 +43,11 @@ def prefill(program, state: dict, ids: torch.Tensor, lengths: torch.Tensor) -> t
     last = lengths.to(dev).long() - 1
     inputs = {"input_ids": ids.to(dev), "positions": torch.arange(s, device=dev).repeat(b, 1),
               "seq_lens": lengths.to(device=dev, dtype=torch.int32)}
-    if selects_logits(program.module):  # the lm_head runs on the last rows only
-        (logits,), _ = program.run("prefill", inputs | {"logit_index": last[:, None]}, _batch_view(state, b),
-                                   inplace=True)
-        return logits[:, 0]
+    picked = selects_logits(program.module)
+    if picked:  # the lm_head runs on the last rows only
+        inputs["logit_index"] = last[:, None]
     (logits,), _ = program.run("prefill", inputs, _batch_view(state, b), inplace=True)
-    return logits[torch.arange(b, device=dev), last]  # logits: [B, S, V]
+    return logits[:, 0] if picked else logits[torch.arange(b, device=dev), last]  # [B, 1, V] or [B, S, V]
 
 
 def decode_one(program, state: dict, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ def test_decode_bench_smoke():
 
 def test_moe_bench_smoke():
     out = _smoke("moe.py")
-    assert "prefill 16 tokens: lowerlm" in out and "floor (bytes read / copy bandwidth)" in out
+    assert "prefill 16 tokens, every row's logits: lowerlm" in out and "floor (bytes read / copy bandwidth)" in out
     assert "prefill 16 tokens, the last row's logits (time to first token): lowerlm" in out
 
 
