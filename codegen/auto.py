@@ -35,12 +35,14 @@ def _reason(backend: str, graph):
 class AutoProgram:
     """Runs each graph's partitions on their programs; they share the weights and the runtime's state buffers."""
 
-    def __init__(self, module: Module, weights, device=None, exclude=None, weight_bits: int | None = None):
+    def __init__(self, module: Module, weights, device=None, exclude=None, weight_bits: int | None = None,
+                 cache: bool = True):
         """``exclude(node)``: a reason to keep a node off the preferred backend, or None (to work around a
         backend's problem with one op, or to test partitioning). ``weight_bits``: the ONNX backend's quantized
-        weights (ONNX only)."""
+        weights (ONNX only). ``cache``: the ONNX backend's compile cache."""
         self.module = module
         self.weight_bits = weight_bits
+        self.cache = cache
         self.backend = preferred(device)
         if weight_bits is not None and self.backend != "onnx":
             raise CompileError("weight_bits quantizes weights for the ONNX backend; on a GPU auto prefers Triton, "
@@ -84,7 +86,7 @@ class AutoProgram:
         if backend == "onnx":
             from lowerlm.codegen.onnx.program import OnnxProgram
 
-            return OnnxProgram(sub, weights, weight_bits=self.weight_bits)
+            return OnnxProgram(sub, weights, weight_bits=self.weight_bits, cache=self.cache)
         return ReferenceProgram(sub, {n: w.to(self.device) for n, w in weights.items()}, device=self.device)
 
     def plan(self) -> dict:

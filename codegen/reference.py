@@ -326,12 +326,15 @@ class ReferenceProgram:
             self._param_digests[name] = tensor_digest(self.weights[name])
         return self._param_digests[name]
 
-    def weight_fingerprint(self) -> str:
-        """A digest over every weight the program evaluates (expression structure and parameter values)."""
+    def weight_fingerprint(self, graph: Graph | None = None) -> str:
+        """A digest over every weight the program evaluates, or only those ``graph`` reads (expression structure and
+        parameter values)."""
         import hashlib
 
+        keys = self._constants if graph is None else \
+            {self._weight_key(n) for n in graph.nodes if n.op in (Op.PARAM, Op.WEIGHT)}
         h = hashlib.sha256()
-        for key in sorted(self._constants, key=repr):
+        for key in sorted(keys, key=repr):
             h.update(weight_fingerprint(key, self.param_digest).encode())
         return h.hexdigest()[:16]
 

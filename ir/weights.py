@@ -211,11 +211,9 @@ def tensor_digest(tensor) -> str:
 
     t = tensor.detach().contiguous().cpu()
     if t.dtype in (torch.bfloat16, torch.float16):
-        raw = t.view(torch.int16).numpy().tobytes()
+        t = t.view(torch.int16)
     elif t.dtype == torch.bool:
-        raw = t.to(torch.uint8).numpy().tobytes()
-    else:
-        raw = t.numpy().tobytes()
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(raw)
+        t = t.to(torch.uint8)
+    h = hashlib.sha256(f"{tensor.dtype}{tuple(t.shape)}".encode())
+    h.update(t.numpy().reshape(-1).view("uint8"))  # the bytes in place: no copy of a large weight
     return h.hexdigest()[:16]

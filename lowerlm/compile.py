@@ -184,7 +184,8 @@ def compile_model(model: torch.nn.Module, backend: str = "reference", dtype=None
                   progress: Callable[[str], None] | None = None) -> CompiledModel:
     """Compile a causal LM (a transformers model or an ``nn.Module`` mapping input_ids to logits).
     ``weight_bits`` (4 or 8; ONNX backend, and auto on a CPU) stores the projections' weights quantized: faster
-    on a CPU, no longer the same numbers as the model (BENCHMARKS.md reports the token agreement)."""
+    on a CPU, no longer the same numbers as the model (BENCHMARKS.md reports the token agreement). ``use_cache``:
+    the trace cache and the ONNX backend's compile cache (``~/.cache/lowerlm``, ``LOWERLM_CACHE_DIR``)."""
     from lowerlm.codegen.reference import ReferenceProgram
     from lowerlm.frontend.trace import trace_model
     from lowerlm.runtime.text import load_tokenizer
@@ -219,11 +220,11 @@ def compile_model(model: torch.nn.Module, backend: str = "reference", dtype=None
     elif backend == "onnx":
         from lowerlm.codegen.onnx.program import OnnxProgram
 
-        program = OnnxProgram(final, weights, weight_bits=weight_bits)
+        program = OnnxProgram(final, weights, weight_bits=weight_bits, cache=use_cache)
     elif backend == "auto":
         from lowerlm.codegen.auto import AutoProgram
 
-        program = AutoProgram(final, weights, device, weight_bits=weight_bits)
+        program = AutoProgram(final, weights, device, weight_bits=weight_bits, cache=use_cache)
     else:
         program = ReferenceProgram(final, weights)
     return CompiledModel(imported, records, weights, program, vocab, max_seq_len, max_batch, tokenizer,

@@ -245,3 +245,132 @@ def test_weights_on_a_4_bit_grid_run_as_exact_matmulnbits():
     # off the grids (the random embedding), nothing is packed
     embedding = model.model.embed_tokens.weight.detach().numpy()
     assert grid4(embedding) is None and grid8(embedding) is None
+
+
+def _cache_model():
+    """A tiny Llama whose projections are on Q4_1 grids (packed MatMulNBits weights, as SmolLM2's GGUF gives)."""
+    model = tiny_model("llama", hidden_size=64, intermediate_size=96)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "embed" not in name and name != "lm_head.weight":
+                p.copy_(_q4_1(p))
+    return model
+
+
+def _entries(root):
+    folder = root / "onnx"
+    return sorted(folder.glob("*.onnx")), sorted(folder.glob("*.bin"))
+
+
+def _lowerings(monkeypatch):
+    """Counts calls of the ONNX lowering (what a warm compile skips)."""
+    import lowerlm.codegen.onnx.lower as lower
+
+    calls = []
+    real = lower.lower_graph
+    monkeypatch.setattr(lower, "lower_graph", lambda *a, **k: calls.append(a[0].name) or real(*a, **k))
+    return calls
+
+
+def test_compile_cache_reuses_lowered_graphs(tmp_path, monkeypatch):
+    """A second compile of the same model loads both lowered graphs from the compile cache (no lowering) and gives
+    the same logits and tokens. The two graphs share one copy of each weight. Other weights or another
+    weight_bits are other entries; use_cache=False neither reads nor writes it."""
+    import onnx
+
+    monkeypatch.setenv("LOWERLM_CACHE_DIR", str(tmp_path))
+    lowerings = _lowerings(monkeypatch)
+    model = _cache_model()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    prompt = [5, 7, 9, 11, 3]
+    cold = lowerlm.compile_model(model, backend="onnx", max_seq_len=64)
+    want, want_tokens = cold(ids), list(cold.generate_ids([prompt], 16))
+    assert sorted(lowerings) == ["decode", "prefill"]
+    models, blobs = _entries(tmp_path)
+    assert len(models) == 2 and blobs
+    located = [{e.value for t in onnx.load(str(m), load_external_data=False).graph.initializer
+                for e in t.external_data if e.key == "location"} for m in models]
+    assert located[0] & located[1] and set.union(*located) == {b.name for b in blobs}  # shared, nothing else
+    with torch.no_grad():
+        _close(want, model(ids).logits)
+
+    lowerings.clear()
+    warm = lowerlm.compile_model(model, backend="onnx", max_seq_len=64)
+    assert torch.equal(warm(ids), want) and list(warm.generate_ids([prompt], 16)) == want_tokens
+    assert lowerings == []
+
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[0, 0] += 1.0
+    lowerlm.compile_model(model, backend="onnx", max_seq_len=64).program.prepare()
+    assert sorted(lowerings) == ["decode", "prefill"] and len(_entries(tmp_path)[0]) == 4
+    lowerlm.compile_model(model, backend="onnx", max_seq_len=64, weight_bits=8).program.prepare()
+    assert len(_entries(tmp_path)[0]) == 6
+    lowerings.clear()
+    lowerlm.compile_model(model, backend="onnx", max_seq_len=64, use_cache=False).program.prepare()
+    assert sorted(lowerings) == ["decode", "prefill"] and len(_entries(tmp_path)[0]) == 6
+
+
+@pytest.mark.parametrize("damage", ["blob bytes", "truncated model", "model ONNX Runtime rejects"])
+def test_compile_cache_rebuilds_a_damaged_entry(tmp_path, monkeypatch, damage):
+    """A damaged entry is found on load (a blob whose digest is not its name, a model file that does not parse, a
+    model ONNX Runtime cannot load): a warning, the graph lowered again, the right logits, and the entry whole
+    again for the next compile."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    monkeypatch.setenv("LOWERLM_CACHE_DIR", str(tmp_path))
+    model = _cache_model()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    cold = lowerlm.compile_model(model, backend="onnx", max_seq_len=64)
+    cold.program.prepare()
+    want = cold(ids)
+    models, blobs = _entries(tmp_path)
+    assert len(models) == 2
+    if damage == "blob bytes":
+        data = bytearray(blobs[0].read_bytes())
+        data[len(data) // 2] ^= 0x40
+        blobs[0].write_bytes(bytes(data))
+    for m in models:
+        if damage == "truncated model":
+            m.write_bytes(m.read_bytes()[:100])
+        elif damage == "model ONNX Runtime rejects":
+            bad = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "bad",
+                                    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+            onnx.save(helper.make_model(bad), str(m))
+    lowerings = _lowerings(monkeypatch)
+    damaged = lowerlm.compile_model(model, backend="onnx", max_seq_len=64)
+    with pytest.warns(UserWarning, match="compile cache entry"):
+        damaged.program.prepare()
+    torch.testing.assert_close(damaged(ids), want, rtol=0, atol=0)
+    assert lowerings
+    lowerings.clear()
+    again = lowerlm.compile_model(model, backend="onnx", max_seq_len=64)
+    again.program.prepare()
+    torch.testing.assert_close(again(ids), want, rtol=0, atol=0)
+    assert lowerings == []
+
+
+def test_compile_cache_that_cannot_be_written(tmp_path, monkeypatch):
+    """A cache that cannot be written (here: its folder is a file; then the model file alone fails) gives a warning
+    and a program that runs as without the cache, the lowered model left whole."""
+    from lowerlm.codegen.onnx import cache
+    from lowerlm.codegen.onnx.program import OnnxProgram
+
+    monkeypatch.setenv("LOWERLM_CACHE_DIR", str(tmp_path))
+    model = _cache_model()
+    cm = lowerlm.compile_model(model, backend="onnx", max_seq_len=64, use_cache=False)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    want = cm(ids)
+    (tmp_path / "onnx").write_text("not a folder")
+    cm.program = OnnxProgram(cm.ir, cm.weights)
+    with pytest.warns(UserWarning, match="cannot write the ONNX compile cache"):
+        assert torch.equal(cm(ids), want)
+    (tmp_path / "onnx").unlink()
+    real = cache.atomic_write
+    monkeypatch.setattr(cache, "atomic_write", lambda path, data: real(path, data) if path.suffix == ".bin"
+                        else (_ for _ in ()).throw(OSError("disk full")))
+    cm.program = OnnxProgram(cm.ir, cm.weights)
+    with pytest.warns(UserWarning, match="disk full"):
+        assert torch.equal(cm(ids), want)
+    assert list((tmp_path / "onnx").glob("*.bin")) and not list((tmp_path / "onnx").glob("*.onnx"))

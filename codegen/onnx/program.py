@@ -7,6 +7,8 @@ entries into the runtime's buffer and nothing is copied per token.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -27,7 +29,9 @@ class OnnxProgram(ReferenceProgram):
     """A module ready to run with ONNX Runtime: ``run(graph, inputs, state, inplace=True)``; sessions are built
     on a graph's first run."""
 
-    def __init__(self, module, weights, threads: int | None = None, weight_bits: int | None = None):
+    def __init__(self, module, weights, threads: int | None = None, weight_bits: int | None = None,
+                 cache: bool = True):
+        """``cache``: keep lowered graphs in the compile cache (codegen/onnx/cache.py) and reuse them."""
         super().__init__(module, weights)
         if weight_bits not in (None, 4, 8):
             raise CompileError(f"weight_bits must be 4 or 8 (or None for the model's own precision), got "
@@ -36,6 +40,7 @@ class OnnxProgram(ReferenceProgram):
 
         self.threads = threads
         self.weight_bits = weight_bits
+        self.cache = cache
         # weights already on a 4-bit grid (a Q4 GGUF's) run as exact 4-bit MatMulNBits; weight_bits=4 puts all there
         self.packer = Packer(exact=weight_bits != 4)
         self._sessions: dict = {}
@@ -52,28 +57,62 @@ class OnnxProgram(ReferenceProgram):
 
     def session(self, name: str):
         if name not in self._sessions:
-            import onnxruntime as ort
-
-            from lowerlm.codegen.onnx.lower import lower_graph
-
-            try:
-                model = lower_graph(self.module.graph(name), self._constant, weight_bits=self.weight_bits,
-                                    packer=self.packer)
-            except CompileError as e:
-                raise CompileError(f"{e} (graph '{name}'); backend='auto' runs such ops on the reference backend "
-                                   "and the rest on ONNX") from e
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            if self.threads:
-                options.intra_op_num_threads = self.threads
-            self._sessions[name] = ort.InferenceSession(model.SerializeToString(), options,
-                                                        providers=providers())
             g = self.module.graph(name)
+            model, source, hit = self._model(g)
+            try:
+                session = self._open(source)
+            except Exception as e:  # a cached file ONNX Runtime cannot load is rebuilt
+                if not hit:
+                    raise
+                from lowerlm.codegen.onnx import cache
+
+                cache.discard(source, e)
+                model, source, _ = self._model(g)  # lowered and written again
+                session = self._open(source)
+            self._sessions[name] = session
             positions = next((v for v in g.inputs if v.name == "positions"), None)
             # GroupQueryAttention over more than one token takes a first prompt: positions 0..S-1 (lower.py)
             self._first_prompt[name] = positions is not None and positions.type.shape[-1] != 1 and \
                 any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
         return self._sessions[name]
+
+    def _lower(self, g):
+        from lowerlm.codegen.onnx.lower import lower_graph
+
+        try:
+            return lower_graph(g, self._constant, weight_bits=self.weight_bits, packer=self.packer)
+        except CompileError as e:
+            raise CompileError(f"{e} (graph '{g.name}'); backend='auto' runs such ops on the reference backend "
+                               "and the rest on ONNX") from e
+
+    def _model(self, g):
+        """(the graph's ONNX model, what ONNX Runtime opens: its file in the compile cache or its bytes, whether it
+        came from the cache)."""
+        if not self.cache:
+            model = self._lower(g)
+            return model, model.SerializeToString(), False
+        from lowerlm.codegen.onnx import cache
+
+        key = cache.graph_key(g, self.weight_fingerprint(g), {"weight_bits": self.weight_bits,
+                                                              "exact": self.packer.exact})
+        hit = cache.load(key)
+        if hit is not None:
+            return hit[1], str(hit[0]), True
+        model = self._lower(g)
+        try:
+            return model, str(cache.store(key, model)), False
+        except OSError as e:
+            warnings.warn(f"lowerlm: cannot write the ONNX compile cache ({e}); compiling without it", stacklevel=3)
+            return model, model.SerializeToString(), False
+
+    def _open(self, source):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        return ort.InferenceSession(source, options, providers=providers())
 
     def run(self, graph, inputs, state=None, symbols=None, inplace=False, observe=None):
         g = self.module.graph(graph) if isinstance(graph, str) else graph

@@ -1,0 +1,139 @@
+"""The ONNX backend's compile cache: a lowered graph is kept on disk, so a warm compile skips the lowering (packing
+SmolLM2's weights into 4-bit blocks and building the protos takes ~6 s of a ~8 s start).
+
+Entries live in ``cache_root()/onnx``:
+
+- ``<key>.onnx``: one graph's model, its large initializers stored as external data;
+- ``<digest>.bin``: one initializer's bytes, named by their SHA-256, so the prefill and decode graphs (and every
+  compile of the same weights) share one copy.
+
+The key covers the graph's IR text, the fingerprint of every weight it reads (expression and values), the lowering's
+options, the onnx / onnxruntime / numpy versions and the source of the lowering. Files are written atomically, the
+blobs before the model that names them, so a reader sees a whole entry or none. Loading checks every blob's digest:
+a damaged entry is rebuilt with a warning, never run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from lowerlm.ir.cache import atomic_write, cache_root, file_digest, source_digest
+from lowerlm.ir.graph import Graph
+from lowerlm.ir.printer import print_graph
+
+INLINE_BYTES = 1024  # initializers smaller than this stay inside the model file
+
+
+def folder() -> Path:
+    return cache_root() / "onnx"
+
+
+@functools.lru_cache(maxsize=None)
+def _lowering_source() -> str:
+    """The lowering's source, read once per process (entries written by one process share one key)."""
+    import lowerlm.codegen.onnx as lowering
+
+    return source_digest(lowering)
+
+
+def graph_key(g: Graph, weights_fingerprint: str, options: dict) -> str:
+    """The entry's name for graph ``g`` lowered with ``options`` over weights with this fingerprint."""
+    import onnxruntime
+
+    h = hashlib.sha256(print_graph(g).encode())
+    h.update(weights_fingerprint.encode())
+    versions = {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+    h.update(json.dumps({"options": options, "versions": versions}, sort_keys=True).encode())
+    h.update(_lowering_source().encode())
+    return h.hexdigest()[:24]
+
+
+def _external(tensor: onnx.TensorProto) -> dict:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+_checked: set = set()  # blobs this process has read whole, (path, size, mtime): graphs sharing one hash it once
+
+
+def _blob_ok(blob: Path) -> bool:
+    """Whether ``blob`` exists and holds the bytes it is named after."""
+    try:
+        stat = blob.stat()
+    except FileNotFoundError:
+        return False
+    seen = (str(blob), stat.st_size, stat.st_mtime_ns)
+    if seen not in _checked:
+        if file_digest(blob) != blob.stem:
+            return False
+        _checked.add(seen)
+    return True
+
+
+def load(key: str):
+    """``(path, model without its external data)`` of a whole, undamaged entry, else None (a damaged one is removed
+    with a warning)."""
+    path = folder() / f"{key}.onnx"
+    if not path.exists():
+        return None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                blob = folder() / _external(t)["location"]
+                if not _blob_ok(blob):
+                    raise ValueError(f"{blob.name} is missing or does not hold the bytes it is named after")
+    except Exception as e:  # a truncated or altered file: protobuf's, onnx's and the digest check's errors
+        warnings.warn(f"lowerlm: ONNX compile cache entry {path} is damaged ({type(e).__name__}: {e}); lowering "
+                      "again", stacklevel=3)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return None
+    return path, model
+
+
+def store(key: str, model: onnx.ModelProto) -> Path:
+    """Write ``model`` as entry ``key`` and return the model file's path: its large initializers become shared blobs
+    and ``model`` refers to them. On OSError (the cache cannot be written) ``model`` is left as it was."""
+    root = folder()
+    blobs = []
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= INLINE_BYTES:
+            digest = hashlib.sha256(t.raw_data).hexdigest()
+            blob = root / f"{digest}.bin"
+            if not _blob_ok(blob):
+                atomic_write(blob, t.raw_data)  # content-addressed: a concurrent writer writes the same bytes
+            blobs.append((t, blob))
+    data = {}
+    for t, blob in blobs:
+        data[t.name] = t.raw_data
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", blob.name), ("offset", "0"), ("length", str(len(data[t.name])))):
+            entry = t.external_data.add()
+            entry.key, entry.value = k, v
+    path = root / f"{key}.onnx"
+    try:
+        atomic_write(path, model.SerializeToString())
+    except OSError:
+        for t, _ in blobs:  # back to the model as lowered
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = data[t.name]
+        raise
+    return path
+
+
+def discard(path, error: Exception) -> None:
+    """Remove an entry ONNX Runtime could not load, with a warning (the caller lowers the graph again)."""
+    warnings.warn(f"lowerlm: ONNX Runtime cannot load compile cache entry {path} ({type(error).__name__}: "
+                  f"{str(error).splitlines()[0] if str(error) else ''}); lowering again", stacklevel=3)
+    with contextlib.suppress(FileNotFoundError):
+        Path(path).unlink()
