@@ -366,6 +366,17 @@ def test_device_sampling():
         for pos in range(3):
             s = sample(x, 0.7, top_k, top_p, seed, torch.full((3,), pos, device=DEV)).cpu()
             assert kept[torch.arange(3), s].all()
+    # near-ties at the set's edge (gaps of 1e-3 in a range of 8: the bisections stop early, after ~13 steps):
+    # over many draws every token the filters keep is drawn and no other
+    near = torch.full((256,), -8.0)
+    near[:12] = torch.arange(12) * 1e-3
+    near[100] = 0.0105  # the largest, away from the others' indices
+    n = 1200 if DEV == "cuda" else 120
+    rows = near.to(DEV).repeat(n, 1).contiguous()
+    for top_k, top_p in ((6, 1.0), (0, 0.5), (9, 0.6)):
+        kept = (filter_logits(near[None], top_k=top_k, top_p=top_p) > float("-inf"))[0].nonzero()[:, 0]
+        drawn = sample(rows, 1.0, top_k, top_p, seed, torch.arange(n, device=DEV)).cpu()
+        assert set(drawn.tolist()) == set(kept.tolist()), (top_k, top_p)
     # plain temperature sampling follows softmax(l / T): n rows of one distribution at n positions, one launch
     n = 4000 if DEV == "cuda" else 500
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], device=DEV).repeat(n, 1).contiguous()

@@ -4,12 +4,16 @@ is split over several programs, the last to finish taking the best of their best
 top-k/top-p rows take one program each.
 
 No sort: the top-k threshold (the k-th largest logit) and the top-p threshold (the smallest logit whose nucleus
-reaches p) are found by bisection on the logit value, each step one pass over the row. The draw is the Gumbel-max
-trick, ``argmax(l / T - log(-log U))``, which samples softmax(l / T) exactly; U comes from Triton's Philox
-generator keyed by a seed and the position of the token being drawn, both read from device memory: a CUDA graph
-replays with fresh randomness as positions advance, and a row's draw depends on its logits, the seed and the
-position only, not on the batch around it (batched projections may still round the logits differently).
-Ties at a threshold keep every tied token.
+reaches p) are found by bisection on the logit value, each step one pass over the row. A bisection stops as soon as
+the set it keeps can no longer change (exactly k tokens at or above the midpoint; one token between the bounds of
+the top-p search), which keeps the same set as all 32 steps would. On SmolLM2's logits (65 positions of a greedy
+continuation, one-off) top-k 50 took 10 steps (median; at most 18) and top-p 0.9 took 6 (at most 15).
+
+The draw is the Gumbel-max trick, ``argmax(l / T - log(-log U))``, which samples softmax(l / T) exactly; U comes
+from Triton's Philox generator keyed by a seed and the position of the token being drawn, both read from device
+memory: a CUDA graph replays with fresh randomness as positions advance, and a row's draw depends on its logits,
+the seed and the position only, not on the batch around it (batched projections may still round the logits
+differently). Ties at a threshold keep every tied token.
 
 With ``advance`` the kernel also moves the decode loop on (runtime/decode_loop.py): it writes each row's token
 into the next step's input ids and advances its position (clamped to ``limit``) and valid length, all on the
@@ -71,20 +75,30 @@ def sample_kernel(
         a = floor
         b = m
         if top_k < V:
-            for _ in range(STEPS):
+            left = tl.full([], STEPS, tl.int32)
+            while left > 0:
                 mid = 0.5 * (a + b)
                 count, _ = _count_and_mass(row_ptr, V, mid, m, inv_temp, BLOCK_V)
                 a = tl.where(count >= top_k, mid, a)
                 b = tl.where(count >= top_k, b, mid)
+                # exactly top_k tokens at or above mid: they are the set, more steps would not change it
+                left = tl.where(count == top_k, 0, left - 1)
         # top-p over what top-k kept: the largest t whose tokens hold top_p of that mass
         if top_p < 1.0:
-            _, total = _count_and_mass(row_ptr, V, a, m, inv_temp, BLOCK_V)
+            count_a, total = _count_and_mass(row_ptr, V, a, m, inv_temp, BLOCK_V)
             b = m
-            for _ in range(STEPS):
+            count_b = tl.zeros([], tl.float32)  # tokens at or above a bound holding less than top_p (+inf first)
+            left = tl.where(count_a <= 1.0, 0, STEPS)  # top-k kept one token: nothing to search
+            while left > 0:
                 mid = 0.5 * (a + b)
-                _, mass = _count_and_mass(row_ptr, V, mid, m, inv_temp, BLOCK_V)
-                a = tl.where(mass >= top_p * total, mid, a)
-                b = tl.where(mass >= top_p * total, b, mid)
+                count, mass = _count_and_mass(row_ptr, V, mid, m, inv_temp, BLOCK_V)
+                enough = mass >= top_p * total
+                a = tl.where(enough, mid, a)
+                b = tl.where(enough, b, mid)
+                count_a = tl.where(enough, count, count_a)
+                count_b = tl.where(enough, count_b, count)
+                # one token in [a, b): a stays at or below it whatever the next steps, so the set is final
+                left = tl.where(count_a - count_b <= 1.0, 0, left - 1)
         threshold = a
     if not GREEDY:
         seed = tl.load(seed_ptr)
