@@ -83,5 +83,8 @@ def trace_model(model: torch.nn.Module, use_cache: bool = True, progress: Callab
             progress("importing the aten graph into lowerlm's IR")
         module = verify_module(import_program(ep, info))
     if path is not None:
-        atomic_write(path, print_module(module))
+        try:
+            atomic_write(path, print_module(module))
+        except OSError as e:  # a read-only or full cache: the next compile traces again
+            warnings.warn(f"lowerlm: cannot write the trace cache ({e}); compiling without it", stacklevel=2)
     return module

@@ -147,7 +147,11 @@ def weight_cache(gguf: Path, progress: Callable[[str], None] = _progress) -> Pat
         return folder
     if folder.exists():
         warnings.warn(f"lowerlm: weight cache {folder} is corrupt; converting again", stacklevel=2)
-    _convert_gguf(gguf, folder, progress)
+    try:
+        _convert_gguf(gguf, folder, progress)
+    except OSError as e:
+        raise ModelFileError(f"cannot write the converted weights of {gguf.name} under {folder.parent} ({e}); "
+                             "set LOWERLM_CACHE_DIR to a writable folder with ~1 GB free") from None
     return folder
 
 

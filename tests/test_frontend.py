@@ -228,6 +228,21 @@ def test_trace_cache_skips_export_and_survives_corruption(tmp_path, monkeypatch)
     assert trace_mod.trace_key(tiny_model("llama", num_hidden_layers=1)) != entry.stem
 
 
+def test_caches_that_cannot_be_written_only_warn(tmp_path, monkeypatch):
+    """A cache folder that cannot be written (here: a file where the folder should be) costs a warning per cache
+    (the trace, the ONNX compile cache) and nothing else: the model compiles and runs."""
+    (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setenv("LOWERLM_CACHE_DIR", str(tmp_path / "cache"))
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning) as caught:
+        cm = lowerlm.compile_model(model, backend="onnx", max_seq_len=32)
+        ids = torch.randint(0, 64, (2, 6))
+        with torch.no_grad():
+            assert_logits_close(cm(ids), model(ids).logits)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "cannot write the trace cache" in messages and "cannot write the ONNX compile cache" in messages
+
+
 def test_compiled_model_input_errors():
     cm = lowerlm.compile_model(tiny_model("llama"))
     with pytest.raises(lowerlm.errors.InputError, match="token id 64 is outside the vocabulary"):

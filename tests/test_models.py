@@ -80,6 +80,11 @@ def test_weight_cache_is_reused_verified_and_rebuilt(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="corrupt"):
         models.weight_cache(gguf)
     assert len(calls) == 3
+    # a cache that cannot be written (the conversion's mkdir fails): one error saying what to do, not a traceback
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("LOWERLM_CACHE_DIR", str(tmp_path / "file"))
+    with pytest.raises(lowerlm.errors.ModelFileError, match="set LOWERLM_CACHE_DIR to a writable folder"):
+        models.weight_cache(gguf)
 
 
 def test_default_model_package_is_found():

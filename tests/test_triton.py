@@ -478,6 +478,17 @@ def test_generated_elementwise_chains_and_the_compile_cache(tmp_path, monkeypatc
     stamps = [f.stat().st_mtime_ns for f in files]
     TritonProgram(m, weights, DEV).plan(m.graphs[0])  # a warm compile reuses the cached sources
     assert [f.stat().st_mtime_ns for f in files] == stamps
+    # a cache that cannot be written (a file where its folder should be): a warning, the kernels from a temporary
+    # folder, the same results
+    from lowerlm.codegen.triton import elementwise
+
+    monkeypatch.setattr(elementwise, "_LOADED", {})
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("LOWERLM_CACHE_DIR", str(tmp_path / "file"))
+    with pytest.warns(UserWarning, match="cannot write the Triton kernel cache"):
+        again = TritonProgram(m, weights, DEV).run("forward", {k: v.to(DEV) for k, v in inputs.items()})[0]
+    for a, b in zip(again, got):
+        assert torch.equal(a, b)
 
 
 def test_arm_model_through_the_triton_backend():

@@ -12,6 +12,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import sys
+import tempfile
+import warnings
+from pathlib import Path
 
 import torch
 import triton
@@ -101,8 +104,13 @@ def load_kernel(source: str):
     if digest in _LOADED:
         return _LOADED[digest]
     path = cache_root() / "triton" / f"chain_{digest}.py"
-    if not path.exists() or path.read_text() != source:
-        atomic_write(path, source)
+    try:
+        if not path.exists() or path.read_text() != source:
+            atomic_write(path, source)
+    except OSError as e:  # a read-only or full cache: Triton still needs the source in a file
+        warnings.warn(f"lowerlm: cannot write the Triton kernel cache ({e}); using a temporary folder", stacklevel=2)
+        path = Path(tempfile.mkdtemp(prefix="lowerlm-triton-")) / path.name
+        path.write_text(source)
     spec = importlib.util.spec_from_file_location(f"lowerlm_chain_{digest}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
