@@ -37,16 +37,38 @@ def selects_logits(module: Module) -> bool:
 
 def prefill(program, state: dict, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Run the prompts (right-padded ``ids`` [B, S], valid ``lengths`` [B]) into the cache; logits of each
-    sequence's last prompt token [B, V]."""
+    sequence's last prompt token [B, V].
+
+    A program with ``prefill_chunk(S)`` (the ONNX backend) takes long prompts one sequence at a time, each in
+    chunks that continue its cache (ONNX Runtime continues a cache with more than one token only at batch 1), and
+    without the padding."""
+    b, s = ids.shape
+    if getattr(program, "prefill_chunk", lambda s: None)(s) is None:
+        return prefill_once(program, _batch_view(state, b), ids, 0, lengths)
+    out = []
+    for i, n in enumerate(lengths.tolist()):
+        row = {name: buf[i:i + 1] for name, buf in state.items()}
+        chunk = program.prefill_chunk(n) or n
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            logits = prefill_once(program, row, ids[i:i + 1, c0:c1], c0, torch.tensor([c1]))
+        out.append(logits)
+    return torch.cat(out)
+
+
+def prefill_once(program, state: dict, ids: torch.Tensor, start: int,
+                 lengths: torch.Tensor) -> torch.Tensor:
+    """One prefill of ``ids`` [B, L] at positions start..start+L-1, the sequences ``lengths`` long after it: each
+    one's logits at its last token [B, V]."""
     b, s = ids.shape
     dev = program.device
-    last = lengths.to(dev).long() - 1
-    inputs = {"input_ids": ids.to(dev), "positions": torch.arange(s, device=dev).repeat(b, 1),
+    last = lengths.to(dev).long() - (1 + start)
+    inputs = {"input_ids": ids.to(dev), "positions": torch.arange(start, start + s, device=dev).repeat(b, 1),
               "seq_lens": lengths.to(device=dev, dtype=torch.int32)}
     picked = selects_logits(program.module)
     if picked:  # the lm_head runs on the last rows only
         inputs["logit_index"] = last[:, None]
-    (logits,), _ = program.run("prefill", inputs, _batch_view(state, b), inplace=True)
+    (logits,), _ = program.run("prefill", inputs, state, inplace=True)
     return logits[:, 0] if picked else logits[torch.arange(b, device=dev), last]  # [B, 1, V] or [B, S, V]
 
 

@@ -52,7 +52,8 @@ def test_attention_uses_group_query_attention_when_head_dims_allow():
     """Head dims that are multiples of 16: rope + cache writes + attention become one com.microsoft
     GroupQueryAttention per layer, in decode and in the prefill (a first prompt: positions from 0). The logits of a
     right-padded batch whose rows are all shorter than the prompt width match the reference backend, so do the
-    caches it writes, and the greedy tokens those of transformers; a prefill that does not start at 0 is refused."""
+    caches it writes, and the greedy tokens those of transformers; a prefill that continues the cache with rows of
+    other lengths, or starts rows at different positions, is refused (ORT derives positions from lengths)."""
     from lowerlm.codegen.onnx.lower import lower_graph
     from lowerlm.runtime.generate import allocate_state
 
@@ -73,14 +74,52 @@ def test_attention_uses_group_query_attention_when_head_dims_allow():
     for name, buf in states[1].items():  # the valid slots (ORT leaves the padded ones alone)
         for row, n in enumerate(lens.tolist()):
             torch.testing.assert_close(states[0][name][row, :, :n], buf[row, :, :n], rtol=1e-5, atol=1e-6)
-    with pytest.raises(InputError, match="positions must be 0..S-1"):
+    with pytest.raises(InputError, match="continues a cache only with every row full"):
         cm.program.run("prefill", inputs | {"positions": torch.arange(2, 11).repeat(3, 1)}, states[0], inplace=True)
+    staggered = torch.arange(9).repeat(3, 1) + torch.tensor([[0], [1], [0]])
+    with pytest.raises(InputError, match="the same in every row"):
+        cm.program.run("prefill", inputs | {"positions": staggered}, states[0], inplace=True)
     prompt = [5, 7, 9, 11, 3]
     with torch.no_grad():
         hf = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, 5:].tolist()
     assert [s[0] for s in cm.generate_ids([prompt], 24)] == hf
     batch = list(cm.generate_ids([prompt, [8, 1, 4]], 12))
     assert [s[1] for s in batch if s[1] is not None] == [s[0] for s in cm.generate_ids([[8, 1, 4]], 12)]
+
+
+def test_long_prompts_prefill_in_chunks():
+    """A long prompt's prefill runs in chunks that continue the cache (prefill_chunk: 4 of them from 256 tokens),
+    a batch's sequences one at a time without their padding (ORT continues a cache only at batch 1): a right-padded
+    batch gets the reference backend's last-token logits and the same cache slots, and the greedy tokens of
+    transformers; short prompts run whole."""
+    from lowerlm.runtime.generate import allocate_state, prefill
+
+    model = tiny_model("llama", hidden_size=64, intermediate_size=96, max_position_embeddings=512)  # heads of 16
+    cm = lowerlm.compile_model(model, backend="onnx", max_batch=3, max_seq_len=400)
+    ref = lowerlm.compile_model(model, backend="reference", max_batch=3, max_seq_len=400)
+    assert cm.program.prefill_chunk(255) is None and cm.program.prefill_chunk(300) == 128
+    assert cm.program.prefill_chunk(1000) == 250 and getattr(ref.program, "prefill_chunk", None) is None
+    calls = []
+    run = cm.program.run
+    cm.program.run = lambda graph, inputs, *a, **k: calls.append(tuple(inputs["positions"].shape)) or \
+        run(graph, inputs, *a, **k)
+    lens = torch.tensor([300, 90, 280])
+    ids = torch.randint(0, 64, (3, 300), generator=torch.Generator().manual_seed(4))
+    states = [allocate_state(cm.ir, 3, 400) for _ in range(2)]
+    got = prefill(cm.program, states[0], ids, lens)
+    assert calls == [(1, 128), (1, 128), (1, 44), (1, 90), (1, 128), (1, 128), (1, 24)]  # 300, 90, 280 tokens
+    want = prefill(ref.program, states[1], ids, lens)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for name, buf in states[1].items():
+        for row, n in enumerate(lens.tolist()):
+            torch.testing.assert_close(states[0][name][row, :, :n], buf[row, :, :n], rtol=1e-4, atol=1e-5)
+    cm.program.run = run
+    prompts = [ids[0].tolist(), ids[1, :90].tolist()]
+    with torch.no_grad():
+        hf = model.generate(ids[:1], max_new_tokens=16, do_sample=False)[0, 300:].tolist()
+    steps = list(cm.generate_ids(prompts, 16))
+    assert [s[0] for s in steps] == hf
+    assert [s[1] for s in steps] == [s[0] for s in cm.generate_ids([prompts[1]], 16)]
 
 
 @pytest.mark.slow

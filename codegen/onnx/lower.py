@@ -151,7 +151,8 @@ class Lowering:
         """rope → two cache writes → cached_attention becomes one com.microsoft GroupQueryAttention: it rotates q
         and k, appends k and v into the caches (the state buffers, bound in and out) and attends over the valid
         length. ONNX Runtime derives the positions from the lengths: in decode the token sits at ``seq_lens - 1``
-        (the runtime's contract); a prefill (S free) is taken as a first prompt, positions 0..S-1, which
+        (the runtime's contract); a prefill (S free) runs positions p0..p0+S-1 in every row: a first prompt
+        (p0 = 0, rows of any length) or a chunk continuing the cache (every row's length p0 + S), which
         ``OnnxProgram`` checks before it runs one. A sliding window or a head size ORT's kernel does not take (a
         multiple of 16) keeps the plain lowering. Keyed by node name: the attention maps to the pieces, the nodes it
         absorbs to None."""
@@ -189,11 +190,16 @@ class Lowering:
             dtype = self.type(rope, 0).dtype
             self._memo[key] = tuple(self.cast(self.op("Mul", [self.op(f, [angle]), scale]), dtype)
                                     for f in ("Cos", "Sin"))
-            # the total length: the longest sequence in decode; S in a prefill (a first prompt in ORT's terms, which
-            # it recognises by total == S, however short the sequences are)
+            # the total length: the longest sequence in decode; in a prefill (S free) the last position + 1: S for
+            # a first prompt (ORT recognises one by total == S, however short the sequences are), p0 + S for a
+            # chunk that continues the cache from position p0 (every row then full to p0 + S: OnnxProgram checks)
             one_token = self.type(rope, 0).shape[1] == 1
-            total = self.op("ReduceMax", [seq_lens], keepdims=1) if one_token else \
-                self.cast(self.op("Shape", [q], start=1, end=2), DType.I32)
+            if one_token:
+                total = self.op("ReduceMax", [seq_lens], keepdims=1)
+            else:
+                last = self.op("Slice", [positions, self.const([-1]), self.const([2**62]), self.const([1])])
+                total = self.cast(self.op("Add", [self.op("ReduceMax", [self.op("Reshape", [last, self.const([-1])])],
+                                                          keepdims=1), self.const([1])]), DType.I32)
             self._memo[("gqa-lens", seq_lens)] = (
                 self.op("Sub", [seq_lens, self.const(np.array([1], np.int32), dtype=np.int32)]), total)
         cos, sin = self._memo[key]

@@ -16,6 +16,9 @@ from lowerlm.codegen.reference import ReferenceProgram, bind_symbols
 from lowerlm.ir.errors import CompileError, InputError
 from lowerlm.ir.graph import Node
 
+PREFILL_CHUNKS = 4  # a long prompt's prefill in this many calls (prefill_chunk)
+MIN_PREFILL_CHUNK = 128
+
 
 def providers() -> list:
     """ONNX Runtime's CUDA provider when the installed package has it (onnxruntime-gpu), then the CPU."""
@@ -45,7 +48,22 @@ class OnnxProgram(ReferenceProgram):
         self.packer = Packer(exact=weight_bits != 4)
         self._sessions: dict = {}
         self._bindings: dict = {}  # graph -> (state buffers' key, (IOBinding, state, OrtValues))
-        self._first_prompt: dict = {}  # graph -> its attention assumes positions 0..S-1
+        self._chunks: dict = {}  # graph -> its attention takes runs of positions p0..p0+S-1 (_check_chunk)
+
+    def prefill_chunk(self, s: int) -> int | None:
+        """Tokens per ``prefill`` call for prompts ``s`` tokens wide (runtime/generate.py), or None for one call.
+
+        ONNX Runtime's CPU GroupQueryAttention computes every query against every key of its call and masks the
+        future afterwards: a prompt in C-token chunks (each continuing the cache; ORT takes those at batch 1 only,
+        so the runtime prefills such prompts one at a time) computes about (1 + C/S)/2 of that. Four chunks of at
+        least 128 tokens were the fastest on a 2-core CPU with SmolLM2 (one-off, 512 to 2048 tokens, against 2, 3
+        and 8; BENCHMARKS.md); shorter prompts run whole."""
+        if "prefill" not in [g.name for g in self.module.graphs]:
+            return None
+        self.session("prefill")
+        if not self._chunks["prefill"] or s < 2 * MIN_PREFILL_CHUNK:
+            return None
+        return max(MIN_PREFILL_CHUNK, -(-s // PREFILL_CHUNKS))
 
     def prepare(self) -> None:
         """Build every graph's session now (lowering + ONNX Runtime's optimisation take seconds for SmolLM2)."""
@@ -71,8 +89,8 @@ class OnnxProgram(ReferenceProgram):
                 session = self._open(source)
             self._sessions[name] = session
             positions = next((v for v in g.inputs if v.name == "positions"), None)
-            # GroupQueryAttention over more than one token takes a first prompt: positions 0..S-1 (lower.py)
-            self._first_prompt[name] = positions is not None and positions.type.shape[-1] != 1 and \
+            # GroupQueryAttention over more than one token takes runs of positions (lower.py, _check_chunk)
+            self._chunks[name] = positions is not None and positions.type.shape[-1] != 1 and \
                 any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
         return self._sessions[name]
 
@@ -123,11 +141,8 @@ class OnnxProgram(ReferenceProgram):
         state = state or {}
         env = dict(symbols or {})
         session = self.session(g.name)
-        if self._first_prompt[g.name]:
-            positions = torch.as_tensor(inputs["positions"])
-            if not torch.equal(positions, torch.arange(positions.shape[-1]).expand_as(positions)):
-                raise InputError(f"graph '{g.name}' on the ONNX backend runs prompts from position 0: positions must "
-                                 "be 0..S-1 in every row (continue a cache with decode, one token per step)")
+        if self._chunks[g.name]:
+            self._check_chunk(g.name, torch.as_tensor(inputs["positions"]), torch.as_tensor(inputs["seq_lens"]))
         # the state buffers are the runtime's, allocated once: their binding is made once and reused, so a decode
         # step only rebinds its three small inputs
         key = (inplace, tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in sorted(state.items())))
@@ -166,6 +181,20 @@ class OnnxProgram(ReferenceProgram):
         # only the graph outputs are read back (the state outputs are the runtime's buffers already)
         outputs = [torch.from_numpy(v.numpy()) for v in binding.get_outputs()[:len(g.outputs)]]
         return outputs, dict(new_state)
+
+    @staticmethod
+    def _check_chunk(name: str, positions: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        """GroupQueryAttention derives positions from lengths: a prefill runs p0..p0+S-1 in every row, from p0 = 0
+        (a first prompt, rows of any length) or continuing the cache with every row p0 + S long."""
+        s = positions.shape[-1]
+        p0 = int(positions[0, 0]) if positions.numel() else 0
+        if not torch.equal(positions, torch.arange(p0, p0 + s).expand_as(positions)):
+            raise InputError(f"graph '{name}' on the ONNX backend runs positions p0..p0+S-1, the same in every row; "
+                             f"got rows starting at {positions[:, 0].tolist()}")
+        if p0 and not bool((seq_lens == p0 + s).all()):
+            raise InputError(f"graph '{name}' on the ONNX backend continues a cache only with every row full: "
+                             f"seq_lens must all be {p0 + s} for positions {p0}..{p0 + s - 1}, got "
+                             f"{seq_lens.tolist()}")
 
     @staticmethod
     def _ortvalue(tensor: torch.Tensor):
