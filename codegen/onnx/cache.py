@@ -9,8 +9,10 @@ Entries live in ``cache_root()/onnx``:
 
 The key covers the graph's IR text, the fingerprint of every weight it reads (expression and values), the lowering's
 options, the onnx / onnxruntime / numpy versions and the source of the lowering. Files are written atomically, the
-blobs before the model that names them, so a reader sees a whole entry or none. Loading checks every blob's digest:
-a damaged entry is rebuilt with a warning, never run.
+blobs before the model that names them, so a reader sees a whole entry or none. Loading checks every blob against
+its digest (the weights: nearly all of an entry's bytes); a blob that fails, or a model file that does not parse or
+that ONNX Runtime refuses, gets a warning and the graph is lowered again. The model file itself carries no digest.
+Nothing is ever evicted: delete the folder to reclaim its space.
 """
 
 from __future__ import annotations
