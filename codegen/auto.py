@@ -99,6 +99,14 @@ class AutoProgram:
             lines += describe(plan)
         return lines
 
+    def prefill_chunk(self, s: int) -> int | None:
+        """The preferred program's prefill chunking (runtime/generate.py) when it runs the prefill whole."""
+        plan = self.plans.get("prefill")
+        if plan is None or not plan.whole or plan.parts[0].backend != self.backend:
+            return None
+        chunk = getattr(self.main, "prefill_chunk", None)
+        return chunk(s) if chunk is not None else None
+
     def _runner(self, backend: str):
         return self.main if backend == self.backend else self.fallback
 
