@@ -121,7 +121,7 @@ def test_long_prompts_prefill_in_chunks():
         hf = model.generate(ids[:1], max_new_tokens=16, do_sample=False)[0, 300:].tolist()
     steps = list(cm.generate_ids(prompts, 16))
     assert [s[0] for s in steps] == hf
-    assert [s[1] for s in steps] == [s[0] for s in cm.generate_ids([prompts[1]], 16)]
+    assert [s[1] for s in steps if s[1] is not None] == [s[0] for s in cm.generate_ids([prompts[1]], 16)]
 
 
 @pytest.mark.slow
