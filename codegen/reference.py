@@ -299,7 +299,9 @@ class ReferenceProgram:
 
     device = torch.device("cpu")
 
-    def __init__(self, module: Module, weights: Mapping[str, torch.Tensor], device=None):
+    def __init__(self, module: Module, weights: Mapping[str, torch.Tensor], device=None, lazy: bool = False):
+        """``lazy``: evaluate each weight expression (a concatenated q|k|v, …) when it is first read instead of
+        now (the ONNX backend reads none when its lowered graphs come from the compile cache)."""
         if device is not None:
             self.device = torch.device(device)
         self.module = module
@@ -314,8 +316,16 @@ class ReferenceProgram:
             for node in g.nodes:
                 if node.op in (Op.PARAM, Op.WEIGHT):
                     self._constants.setdefault(self._weight_key(node), None)
-        for key in self._constants:
-            self._constants[key] = evaluate_weight(key, self.weights.__getitem__).to(self.device)
+        if not lazy:
+            for key in self._constants:
+                self.constant(key)
+
+    def constant(self, key):
+        """The tensor of a weight key (``Param`` or weight expression), evaluated on first use."""
+        value = self._constants[key]
+        if value is None:
+            value = self._constants[key] = evaluate_weight(key, self.weights.__getitem__).to(self.device)
+        return value
 
     @staticmethod
     def _weight_key(node: Node):
@@ -351,7 +361,7 @@ class ReferenceProgram:
         for node in g.nodes:
             args = [values[i] for i in node.args]
             if node.op in (Op.PARAM, Op.WEIGHT):
-                out = self._constants[self._weight_key(node)]
+                out = self.constant(self._weight_key(node))
             else:
                 out = self.execute(node, args, env, inplace, values, plan)
             outs = out if isinstance(out, tuple) else (out,)

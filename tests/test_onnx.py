@@ -314,9 +314,10 @@ def _lowerings(monkeypatch):
 
 
 def test_compile_cache_reuses_lowered_graphs(tmp_path, monkeypatch):
-    """A second compile of the same model loads both lowered graphs from the compile cache (no lowering) and gives
-    the same logits and tokens. The two graphs share one copy of each weight. Other weights or another
-    weight_bits are other entries; use_cache=False neither reads nor writes it."""
+    """A second compile of the same model loads both lowered graphs from the compile cache (no lowering, no weight
+    expression evaluated: the concatenated q|k|v copies are never made) and gives the same logits and tokens. The
+    two graphs share one copy of each weight. Other weights or another weight_bits are other entries;
+    use_cache=False neither reads nor writes it."""
     import onnx
 
     monkeypatch.setenv("LOWERLM_CACHE_DIR", str(tmp_path))
@@ -339,6 +340,7 @@ def test_compile_cache_reuses_lowered_graphs(tmp_path, monkeypatch):
     warm = lowerlm.compile_model(model, backend="onnx", max_seq_len=64)
     assert torch.equal(warm(ids), want) and list(warm.generate_ids([prompt], 16)) == want_tokens
     assert lowerings == []
+    assert all(v is None for v in warm.program._constants.values())  # no weight expression evaluated either
 
     with torch.no_grad():
         model.model.layers[0].self_attn.o_proj.weight[0, 0] += 1.0

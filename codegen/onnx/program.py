@@ -35,7 +35,7 @@ class OnnxProgram(ReferenceProgram):
     def __init__(self, module, weights, threads: int | None = None, weight_bits: int | None = None,
                  cache: bool = True):
         """``cache``: keep lowered graphs in the compile cache (codegen/onnx/cache.py) and reuse them."""
-        super().__init__(module, weights)
+        super().__init__(module, weights, lazy=True)  # a graph from the compile cache reads no weight here
         if weight_bits not in (None, 4, 8):
             raise CompileError(f"weight_bits must be 4 or 8 (or None for the model's own precision), got "
                                f"{weight_bits}")
@@ -71,7 +71,7 @@ class OnnxProgram(ReferenceProgram):
             self.session(g.name)
 
     def _constant(self, node: Node):
-        return self._constants[self._weight_key(node)]
+        return self.constant(self._weight_key(node))
 
     def session(self, name: str):
         if name not in self._sessions:
