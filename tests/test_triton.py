@@ -352,7 +352,8 @@ def test_bf16_teacher_forced_logits(family):
     assert torch.equal(got.argmax(-1)[sure], want.argmax(-1)[sure])
 
 
-def test_device_sampling():
+def test_device_sampling(monkeypatch):
+    from lowerlm.codegen.triton import sampling
     from lowerlm.codegen.triton.sampling import sample
     from lowerlm.runtime.sampler import filter_logits
 
@@ -366,17 +367,26 @@ def test_device_sampling():
         for pos in range(3):
             s = sample(x, 0.7, top_k, top_p, seed, torch.full((3,), pos, device=DEV)).cpu()
             assert kept[torch.arange(3), s].all()
-    # near-ties at the set's edge (gaps of 1e-3 in a range of 8: the bisections stop early, after ~13 steps):
-    # over many draws every token the filters keep is drawn and no other
+    # near-ties at the set's edge (gaps of 1e-3 in a range of 8): over many draws every token the filters keep is
+    # drawn and no other, and (counted in the interpreter) the bisections stop early: 13-14 passes over the row
+    # where all 32 steps of each would take 32, 33 and 65
     near = torch.full((256,), -8.0)
     near[:12] = torch.arange(12) * 1e-3
     near[100] = 0.0105  # the largest, away from the others' indices
     n = 1200 if DEV == "cuda" else 120
     rows = near.to(DEV).repeat(n, 1).contiguous()
+    passes = []
+    if DEV != "cuda":  # the interpreter calls the jit helper through the module: count its calls
+        count_and_mass = sampling._count_and_mass
+        monkeypatch.setattr(sampling, "_count_and_mass", lambda *a: passes.append(1) or count_and_mass.fn(*a))
     for top_k, top_p in ((6, 1.0), (0, 0.5), (9, 0.6)):
         kept = (filter_logits(near[None], top_k=top_k, top_p=top_p) > float("-inf"))[0].nonzero()[:, 0]
         drawn = sample(rows, 1.0, top_k, top_p, seed, torch.arange(n, device=DEV)).cpu()
         assert set(drawn.tolist()) == set(kept.tolist()), (top_k, top_p)
+        if DEV != "cuda":  # one row alone
+            passes.clear()
+            sample(near[None].contiguous(), 1.0, top_k, top_p, seed, torch.zeros(1, dtype=torch.long))
+            assert len(passes) <= 16, (top_k, top_p, len(passes))
     # plain temperature sampling follows softmax(l / T): n rows of one distribution at n positions, one launch
     n = 4000 if DEV == "cuda" else 500
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], device=DEV).repeat(n, 1).contiguous()
