@@ -310,12 +310,8 @@ class ReferenceProgram:
         if missing:
             raise CompileError(f"weights missing for params: {', '.join(missing[:5])}")
         self._param_digests: dict = {}
-        self._constants: dict = {}
+        self._constants: dict = dict.fromkeys(k for g in module.graphs for k in self._weight_keys(g))
         self._made_constants: dict = {}  # constant nodes' tensors by attributes
-        for g in module.graphs:
-            for node in g.nodes:
-                if node.op in (Op.PARAM, Op.WEIGHT):
-                    self._constants.setdefault(self._weight_key(node), None)
         if not lazy:
             for key in self._constants:
                 self.constant(key)
@@ -331,6 +327,11 @@ class ReferenceProgram:
     def _weight_key(node: Node):
         return Param(node.attrs["name"]) if node.op is Op.PARAM else node.attrs["expr"]
 
+    @classmethod
+    def _weight_keys(cls, graph: Graph) -> list:
+        """The weight keys ``graph`` reads, in order."""
+        return [cls._weight_key(n) for n in graph.nodes if n.op in (Op.PARAM, Op.WEIGHT)]
+
     def param_digest(self, name: str) -> str:
         if name not in self._param_digests:
             self._param_digests[name] = tensor_digest(self.weights[name])
@@ -341,8 +342,7 @@ class ReferenceProgram:
         parameter values)."""
         import hashlib
 
-        keys = self._constants if graph is None else \
-            {self._weight_key(n) for n in graph.nodes if n.op in (Op.PARAM, Op.WEIGHT)}
+        keys = self._constants if graph is None else set(self._weight_keys(graph))
         h = hashlib.sha256()
         for key in sorted(keys, key=repr):
             h.update(weight_fingerprint(key, self.param_digest).encode())

@@ -93,10 +93,7 @@ def load(key: str):
                 if not _blob_ok(blob):
                     raise ValueError(f"{blob.name} is missing or does not hold the bytes it is named after")
     except Exception as e:  # a truncated or altered file: protobuf's, onnx's and the digest check's errors
-        warnings.warn(f"lowerlm: ONNX compile cache entry {path} is damaged ({type(e).__name__}: {e}); lowering "
-                      "again", stacklevel=3)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        discard(path, e, "is damaged")
         return None
     return path, model
 
@@ -133,9 +130,10 @@ def store(key: str, model: onnx.ModelProto) -> Path:
     return path
 
 
-def discard(path, error: Exception) -> None:
-    """Remove an entry ONNX Runtime could not load, with a warning (the caller lowers the graph again)."""
-    warnings.warn(f"lowerlm: ONNX Runtime cannot load compile cache entry {path} ({type(error).__name__}: "
-                  f"{str(error).splitlines()[0] if str(error) else ''}); lowering again", stacklevel=3)
+def discard(path, error: Exception, what: str = "cannot be loaded by ONNX Runtime") -> None:
+    """Remove a bad entry's model file, with a warning (the caller lowers the graph again)."""
+    first = str(error).splitlines()[0] if str(error) else ""
+    warnings.warn(f"lowerlm: ONNX compile cache entry {path} {what} ({type(error).__name__}: {first}); lowering "
+                  "again", stacklevel=3)
     with contextlib.suppress(FileNotFoundError):
         Path(path).unlink()

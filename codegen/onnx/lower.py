@@ -8,7 +8,8 @@ softmax over the visible keys (a query that sees none gets zeros) of the cache's
 decode step costs by the valid length. Values every layer would compute alike (cos/sin, masks) are built once.
 Without ``contrib`` (standalone exports) attention is one opset-24 ``Attention``; with it, attention over the cache
 is com.microsoft GroupQueryAttention where ONNX Runtime's kernel takes the head size: in decode (one token at
-``seq_lens - 1``) and in a prefill, which it takes for a first prompt (positions 0..S-1; ``OnnxProgram`` checks).
+``seq_lens - 1``) and in a prefill, which runs positions p0..p0+S-1 (a first prompt, or a chunk continuing the
+cache with every row full; ``OnnxProgram`` checks).
 """
 
 from __future__ import annotations
