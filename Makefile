@@ -22,7 +22,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 demo: setup
-	$(BIN)/lowerlm generate --backend onnx --compare-eager "What is the capital of France?"
+	$(BIN)/lowerlm generate --compare-eager "What is the capital of France?"
 
 # The suite under the GPU machine's versions (torch 2.11, triton 3.6, transformers 5.17, onnxruntime 1.30), on this
 # CPU: PyPI's torch 2.11 is a CUDA build (about 3 GB; it runs on the CPU). numpy < 2.4 because Triton 3.6's

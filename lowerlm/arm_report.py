@@ -85,7 +85,7 @@ def arm_eval(model, sparsities=(0.3, 0.4, 0.5, 0.6, 0.7), max_tokens: int = 1024
     held = text_tokens(model, shipped_text("heldout"), max_tokens=max_tokens)
     hidden, inter = model.config.hidden_size, model.config.intermediate_size
     m_share = hidden / (2 * inter)
-    dense = lowerlm.compile_model(model, max_batch=1)
+    dense = lowerlm.compile_model(model, backend="reference", max_batch=1)
     dense_nll, dense_lp = _nll_and_logprobs(dense, held)
     rows = [EvalRow("dense", 0.0, 1.0, math.exp(dense_nll), 0.0)]
     for p in sparsities:
@@ -93,7 +93,8 @@ def arm_eval(model, sparsities=(0.3, 0.4, 0.5, 0.6, 0.7), max_tokens: int = 1024
                                        ("plain", p - m_share, "plain")):
             if sparsity < 0:
                 continue
-            cm = lowerlm.compile_model(model, max_batch=1, arm=from_activations(cal_acts, sparsity, mode))
+            arm = from_activations(cal_acts, sparsity, mode)
+            cm = lowerlm.compile_model(model, backend="reference", max_batch=1, arm=arm)
             nll, lp = _nll_and_logprobs(cm, held)
             kl = float((dense_lp.exp() * (dense_lp - lp)).sum(-1).mean())
             # bytes per token, in units of one I x H matrix: W_g (+ M) + the kept part of W_u and W_d

@@ -129,7 +129,8 @@ def _cmd_generate(args) -> int:
             text = cm.tokenizer.decode(toks, skip_special_tokens=True) if cm.tokenizer is not None else toks
             print(f"[{i}] {text}")
     seconds = time.perf_counter() - start
-    print(f"-- {count} tokens in {seconds:.2f} s: {count / seconds:.1f} tokens/s (lowerlm, {args.backend} backend)")
+    backend = f"auto: {cm.program.backend}" if args.backend == "auto" else args.backend
+    print(f"-- {count} tokens in {seconds:.2f} s: {count / seconds:.1f} tokens/s (lowerlm, {backend} backend)")
     if args.compare_eager:
         _compare_eager(model, prompts, outputs, args)
     return 0
@@ -202,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with a compiled model, streaming it")
     g.add_argument("prompt", nargs="+", help="the prompt (several make a batch)")
     g.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf file or an HF model folder")
-    g.add_argument("--backend", default="reference")
+    g.add_argument("--backend", default="auto", help="'auto' (default: ONNX Runtime on a CPU, Triton on a GPU, the "
+                   "ops they lack on the reference backend), 'onnx', 'triton' or 'reference' (plain torch, the oracle)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-k", type=int, default=0, help="0: off")

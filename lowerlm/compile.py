@@ -177,12 +177,15 @@ def stop_token_ids(model, tokenizer) -> list:
     return ids
 
 
-def compile_model(model: torch.nn.Module, backend: str = "reference", dtype=None, device=None,
+def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, device=None,
                   max_seq_len: int = 2048, max_batch: int = 8, passes="default", arm=None, tp: int = 1,
                   weight_bits: int | None = None,
                   captures=(), use_cache: bool = True, tokenizer=None,
                   progress: Callable[[str], None] | None = None) -> CompiledModel:
     """Compile a causal LM (a transformers model or an ``nn.Module`` mapping input_ids to logits).
+    ``backend``: "auto" (the default) runs each graph on the device's fast backend (a CUDA GPU: Triton; a CPU: ONNX
+    Runtime) and the ops it lacks on the reference backend; "reference" is plain torch op by op (the oracle the
+    others are tested against; slower than the model's own eager forward), "onnx" and "triton" name one.
     ``weight_bits`` (4 or 8; ONNX backend, and auto on a CPU) stores the projections' weights quantized: faster
     on a CPU, no longer the same numbers as the model (BENCHMARKS.md reports the token agreement). ``use_cache``:
     the trace cache and the ONNX backend's compile cache (``~/.cache/lowerlm``, ``LOWERLM_CACHE_DIR``)."""

@@ -80,7 +80,7 @@ CAL_IDS = calibration_ids()
 def test_arm_with_tau_zero_matches_eager_logits_and_greedy_tokens(family):
     model = tiny_model(family)
     cal = calibrate(model, token_ids=CAL_IDS, sparsity=0.0)
-    cm = lowerlm.compile_model(model, arm=cal, max_batch=2, max_seq_len=64)
+    cm = lowerlm.compile_model(model, backend="reference", arm=cal, max_batch=2, max_seq_len=64)
     assert sum(n.op is Op.ARM_MLP for n in cm.ir.graph("decode").nodes) == 2
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -96,7 +96,8 @@ def test_sparse_arm_prefill_and_decode_agree():
     """The mask applies in prefill and decode alike: generated tokens are the argmax of cm() on the growing
     sequence (teacher forcing)."""
     model = tiny_model("llama")
-    cm = lowerlm.compile_model(model, arm=calibrate(model, token_ids=CAL_IDS, sparsity=0.6), max_seq_len=64)
+    cal = calibrate(model, token_ids=CAL_IDS, sparsity=0.6)
+    cm = lowerlm.compile_model(model, backend="reference", arm=cal, max_seq_len=64)
     prompt = [5, 7, 9, 11, 3]
     generated = [s[0] for s in cm.generate_ids([prompt], 12, stop_ids=[])]
     logits = cm(torch.tensor([prompt + generated[:-1]]))[0]
@@ -106,7 +107,8 @@ def test_sparse_arm_prefill_and_decode_agree():
 @pytest.mark.slow
 def test_smollm2_arm_tau_zero_matches_eager_and_hist_is_written(tmp_path):
     model = lowerlm.load("smollm2")
-    cm = lowerlm.compile_model(model, arm=calibrate(model, sparsity=0.0, max_tokens=256), max_batch=1)
+    cal = calibrate(model, sparsity=0.0, max_tokens=256)
+    cm = lowerlm.compile_model(model, backend="reference", arm=cal, max_batch=1)
     ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(ids).logits

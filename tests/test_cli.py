@@ -81,7 +81,8 @@ def test_generate_with_token_ids(tiny_dir):
                   "5,7,9", "8 1")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("[0] [") and lines[1].startswith("[1] [") and "tokens/s" in lines[2]
+    assert lines[0].startswith("[0] [") and lines[1].startswith("[1] [")
+    assert lines[2].endswith("tokens/s (lowerlm, auto: onnx backend)")  # the default: the CPU's fast backend
 
 
 @pytest.mark.slow
@@ -98,7 +99,8 @@ def test_generate_answers_the_demo_prompt():
     (("--max-new-tokens", "0", "hi"), "--max-new-tokens must be >= 1"),
     (("--max-batch", "1", "--token-ids", "1", "2"), "2 prompts are more than --max-batch 1"),
     (("hello",), "this model has no tokenizer"),
-    (("--weight-bits", "4", "--token-ids", "1,2"), "weight_bits quantizes weights for the ONNX backend"),
+    (("--backend", "reference", "--weight-bits", "4", "--token-ids", "1,2"),
+     "weight_bits quantizes weights for the ONNX backend"),
 ])
 def test_generate_errors_are_one_line_with_exit_code_2(tiny_dir, args, message):
     out = lowerlm("generate", "--model", tiny_dir, *args)

@@ -30,7 +30,7 @@ def ops_of(cm) -> list:
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_tiny_families_match_eager(family):
     model = tiny_model(family)
-    cm = lowerlm.compile_model(model)
+    cm = lowerlm.compile_model(model, backend="reference")
     g = torch.Generator().manual_seed(1)
     for b, s in ((2, 7), (2, 9), (1, 3)):
         ids = torch.randint(0, 64, (b, s), generator=g)
@@ -44,7 +44,7 @@ def test_tiny_families_match_eager(family):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_right_padded_batch_matches_hf_with_the_same_mask_and_positions(family):
     model = tiny_model(family)
-    cm = lowerlm.compile_model(model)
+    cm = lowerlm.compile_model(model, backend="reference")
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, 5:] = 0
@@ -78,7 +78,7 @@ def test_gqa_is_exported_as_one_sdpa_with_enable_gqa():
 
 def test_sliding_window_is_read_from_the_mask():
     model = tiny_model("mistral", sliding_window=4)
-    cm = lowerlm.compile_model(model)
+    cm = lowerlm.compile_model(model, backend="reference")
     attn = [n for n in cm.imported.graphs[0].nodes if n.op is Op.ATTENTION]
     assert all(n.attr("window") == 4 and n.attr("causal") for n in attn)
     ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(3))
@@ -91,7 +91,7 @@ def test_yarn_rope_scaling_is_raised_with_its_multiplier():
     model = tiny_model("llama", max_position_embeddings=256,
                        rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                         "original_max_position_embeddings": 64})
-    cm = lowerlm.compile_model(model)
+    cm = lowerlm.compile_model(model, backend="reference")
     rope = next(n for n in cm.imported.graphs[0].nodes if n.op is Op.ROPE)
     assert rope.attr("scaling") == pytest.approx(model.model.rotary_emb.attention_scaling)
     assert list(rope.attr("inv_freq")) == pytest.approx(model.model.rotary_emb.inv_freq.tolist())
@@ -105,14 +105,14 @@ def test_yarn_rope_scaling_is_raised_with_its_multiplier():
 def test_dynamic_ntk_rope_is_refused():
     model = tiny_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     with pytest.raises(lowerlm.errors.UnsupportedOpError, match="dynamic NTK.*model.rotary_emb"):
-        lowerlm.compile_model(model)
+        lowerlm.compile_model(model, backend="reference")
 
 
 def test_golden_import_of_one_tiny_llama_layer():
     """The imported IR of a one-layer tiny Llama, raw and after canonicalize. The raw import follows
     transformers' aten graph, so its golden is checked only on the transformers version it was recorded with."""
     model = tiny_model("llama", num_hidden_layers=1, hidden_size=16, intermediate_size=32)
-    cm = lowerlm.compile_model(model, use_cache=False)
+    cm = lowerlm.compile_model(model, backend="reference", use_cache=False)
     stages = {header.split()[2] if "after" in header else "import": ir.print_module(m) for header, m in cm.stages()}
     for stage in ("import", "canonicalize"):
         text = stages[stage]
@@ -128,7 +128,7 @@ def test_golden_import_of_one_tiny_llama_layer():
 
 
 def test_every_node_keeps_its_module_path():
-    cm = lowerlm.compile_model(tiny_model("qwen2"))
+    cm = lowerlm.compile_model(tiny_model("qwen2"), backend="reference")
     g = cm.imported.graphs[0]
     for node in g.nodes:
         if node.op not in (Op.PARAM, Op.CONSTANT):
@@ -161,14 +161,14 @@ class _Plain(torch.nn.Module):
 def test_plain_module_compiles():
     torch.manual_seed(0)
     model = _Plain().eval()
-    cm = lowerlm.compile_model(model, use_cache=False)
+    cm = lowerlm.compile_model(model, backend="reference", use_cache=False)
     ids = torch.randint(0, 32, (2, 5))
     torch.testing.assert_close(cm(ids), model(ids))
 
 
 def test_unsupported_op_names_op_module_and_what_to_do():
     with pytest.raises(lowerlm.errors.UnsupportedOpError) as e:
-        lowerlm.compile_model(_Plain(_Weird()).eval(), use_cache=False)
+        lowerlm.compile_model(_Plain(_Weird()).eval(), backend="reference", use_cache=False)
     msg = str(e.value)
     assert "aten.cumsum" in msg and "blocks.0" in msg and "capture" in msg
 
@@ -193,8 +193,8 @@ def test_module_capture_turns_a_block_into_one_ir_op():
     torch.manual_seed(0)
     model = _Plain(_ToyNorm(8)).eval()
     with pytest.raises(lowerlm.errors.UnsupportedOpError, match="aten.sqrt"):
-        lowerlm.compile_model(model, use_cache=False)
-    cm = lowerlm.compile_model(model, use_cache=False, captures=[cap])
+        lowerlm.compile_model(model, backend="reference", use_cache=False)
+    cm = lowerlm.compile_model(model, backend="reference", use_cache=False, captures=[cap])
     norms = [n for n in cm.ir.graphs[0].nodes if n.op is Op.RMS_NORM]
     assert len(norms) == 1 and norms[0].source == ("blocks.0",) and norms[0].attr("eps") == 1e-6
     ids = torch.randint(0, 32, (2, 6))
@@ -206,7 +206,7 @@ def test_module_capture_turns_a_block_into_one_ir_op():
 def test_trace_cache_skips_export_and_survives_corruption(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWERLM_CACHE_DIR", str(tmp_path))
     first = tiny_model("llama", seed=0)
-    cm1 = lowerlm.compile_model(first)
+    cm1 = lowerlm.compile_model(first, backend="reference")
     (entry,) = (tmp_path / "traces").iterdir()
 
     def no_export(*a, **k):
@@ -214,7 +214,7 @@ def test_trace_cache_skips_export_and_survives_corruption(tmp_path, monkeypatch)
 
     monkeypatch.setattr("lowerlm.frontend.export.export_model", no_export)
     second = tiny_model("llama", seed=1)  # same architecture, other weights
-    cm2 = lowerlm.compile_model(second)
+    cm2 = lowerlm.compile_model(second, backend="reference")
     assert ir.print_module(cm2.imported) == ir.print_module(cm1.imported)
     ids = torch.randint(0, 64, (2, 6))
     with torch.no_grad():
@@ -223,7 +223,7 @@ def test_trace_cache_skips_export_and_survives_corruption(tmp_path, monkeypatch)
     monkeypatch.undo()
     monkeypatch.setenv("LOWERLM_CACHE_DIR", str(tmp_path))
     with pytest.warns(UserWarning, match="corrupt"):
-        cm3 = lowerlm.compile_model(second)
+        cm3 = lowerlm.compile_model(second, backend="reference")
     assert ir.print_module(cm3.imported) == ir.print_module(cm1.imported)
     assert trace_mod.trace_key(tiny_model("llama", num_hidden_layers=1)) != entry.stem
 
@@ -244,7 +244,7 @@ def test_caches_that_cannot_be_written_only_warn(tmp_path, monkeypatch):
 
 
 def test_compiled_model_input_errors():
-    cm = lowerlm.compile_model(tiny_model("llama"))
+    cm = lowerlm.compile_model(tiny_model("llama"), backend="reference")
     with pytest.raises(lowerlm.errors.InputError, match="token id 64 is outside the vocabulary"):
         cm(torch.tensor([[1, 64]]))
     with pytest.raises(lowerlm.errors.InputError, match="integer token ids"):
@@ -256,7 +256,7 @@ def test_compiled_model_input_errors():
 @pytest.mark.slow
 def test_smollm2_real_weights_match_eager():
     model = lowerlm.load("smollm2")
-    cm = lowerlm.compile_model(model)
+    cm = lowerlm.compile_model(model, backend="reference")
     ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         want = model(ids).logits

@@ -29,7 +29,7 @@ def tokens_of(steps, i=0):
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
 def family(request):
     model = tiny_model(request.param, sliding_window=4) if request.param == "mistral" else tiny_model(request.param)
-    return model, lowerlm.compile_model(model, max_batch=4, max_seq_len=64)
+    return model, lowerlm.compile_model(model, backend="reference", max_batch=4, max_seq_len=64)
 
 
 def test_greedy_matches_transformers_generate(family):
@@ -56,7 +56,7 @@ def test_seeded_sampling_is_reproducible(family):
 
 def test_stop_tokens_and_a_full_cache_end_generation():
     model = tiny_model("llama")
-    cm = lowerlm.compile_model(model, max_batch=2, max_seq_len=8)
+    cm = lowerlm.compile_model(model, backend="reference", max_batch=2, max_seq_len=8)
     greedy = tokens_of(cm.generate_ids([PROMPTS[0]], 3, stop_ids=[]))
     stopped = tokens_of(cm.generate_ids([PROMPTS[0]], 32, stop_ids=[greedy[2]]))
     assert stopped == greedy[:greedy.index(greedy[2]) + 1]
@@ -65,7 +65,7 @@ def test_stop_tokens_and_a_full_cache_end_generation():
 
 
 def test_input_errors():
-    cm = lowerlm.compile_model(tiny_model("llama"), max_batch=2, max_seq_len=8)
+    cm = lowerlm.compile_model(tiny_model("llama"), backend="reference", max_batch=2, max_seq_len=8)
     cases = [
         (([list(range(8))], 4), "longer than max_seq_len 8"),
         (([[1, 2, 64]], 4), "token id 64 in prompt 0 is outside the vocabulary"),
@@ -105,7 +105,7 @@ def test_top_k_and_top_p_keep_exactly_the_right_tokens():
 @pytest.mark.slow
 def test_smollm2_chat_greedy_matches_transformers_and_streams():
     model = lowerlm.load("smollm2")
-    cm = lowerlm.compile_model(model, max_batch=1)
+    cm = lowerlm.compile_model(model, backend="reference", max_batch=1)
     from lowerlm.runtime.text import encode
 
     prompt = encode(cm.tokenizer, "What is the capital of France?", chat=True)
