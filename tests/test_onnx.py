@@ -353,11 +353,15 @@ def test_compile_cache_reuses_lowered_graphs(tmp_path, monkeypatch):
     assert sorted(lowerings) == ["decode", "prefill"] and len(_entries(tmp_path)[0]) == 6
 
 
-@pytest.mark.parametrize("damage", ["blob bytes", "truncated model", "model ONNX Runtime rejects"])
+@pytest.mark.parametrize("damage", ["blob bytes", "truncated model", "model altered, still valid",
+                                    "model ONNX Runtime rejects"])
 def test_compile_cache_rebuilds_a_damaged_entry(tmp_path, monkeypatch, damage):
-    """A damaged entry is found on load (a blob whose digest is not its name, a model file that does not parse, a
-    model ONNX Runtime cannot load): a warning, the graph lowered again, the right logits, and the entry whole
-    again for the next compile."""
+    """A damaged entry is found on load (a blob whose digest is not its name; a model file that does not parse, or
+    that parses and runs but not with the bytes its digest records; a model ONNX Runtime cannot load, its digest
+    made to match): a warning, the graph lowered again, the right logits, and the entry whole again for the next
+    compile."""
+    import hashlib
+
     import onnx
     from onnx import TensorProto, helper
 
@@ -376,11 +380,20 @@ def test_compile_cache_rebuilds_a_damaged_entry(tmp_path, monkeypatch, damage):
     for m in models:
         if damage == "truncated model":
             m.write_bytes(m.read_bytes()[:100])
+        elif damage == "model altered, still valid":  # another epsilon: ONNX Runtime runs it, other numbers
+            altered = onnx.load(str(m), load_external_data=False)
+            norms = [a for n in altered.graph.node if n.op_type == "RMSNormalization" for a in n.attribute
+                     if a.name == "epsilon"]
+            assert norms
+            for a in norms:
+                a.f = 0.5
+            m.write_bytes(altered.SerializeToString())
         elif damage == "model ONNX Runtime rejects":
             bad = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "bad",
                                     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
             onnx.save(helper.make_model(bad), str(m))
+            m.with_suffix(".sha256").write_text(hashlib.sha256(m.read_bytes()).hexdigest())
     lowerings = _lowerings(monkeypatch)
     damaged = lowerlm.compile_model(model, backend="onnx", max_seq_len=64)
     with pytest.warns(UserWarning, match="compile cache entry"):

@@ -4,15 +4,16 @@ SmolLM2's weights into 4-bit blocks and building the protos takes ~6 s of a ~8 s
 Entries live in ``cache_root()/onnx``:
 
 - ``<key>.onnx``: one graph's model, its large initializers stored as external data;
+- ``<key>.sha256``: the model file's SHA-256 (written before it);
 - ``<digest>.bin``: one initializer's bytes, named by their SHA-256, so the prefill and decode graphs (and every
   compile of the same weights) share one copy.
 
 The key covers the graph's IR text, the fingerprint of every weight it reads (expression and values), the lowering's
 options, the onnx / onnxruntime / numpy versions and the source of the lowering. Files are written atomically, the
-blobs before the model that names them, so a reader sees a whole entry or none. Loading checks every blob against
-its digest (the weights: nearly all of an entry's bytes); a blob that fails, or a model file that does not parse or
-that ONNX Runtime refuses, gets a warning and the graph is lowered again. The model file itself carries no digest.
-Nothing is ever evicted: delete the folder to reclaim its space.
+blobs and the model's digest before the model that names them, so a reader sees a whole entry or none. Loading
+checks the model file and every blob against their digests, so a changed byte anywhere is found, also one that
+leaves a model ONNX Runtime would run with other numbers. A file that fails, or a model ONNX Runtime refuses, gets a
+warning and the graph is lowered again. Nothing is ever evicted: delete the folder to reclaim its space.
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ def _blob_ok(blob: Path) -> bool:
     return True
 
 
+def _digest_path(model_path: Path) -> Path:
+    return model_path.with_suffix(".sha256")
+
+
 def load(key: str):
     """``(path, model without its external data)`` of a whole, undamaged entry, else None (a damaged one is removed
     with a warning)."""
@@ -86,7 +91,14 @@ def load(key: str):
     if not path.exists():
         return None
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        data = path.read_bytes()
+        try:
+            recorded = _digest_path(path).read_text().strip()
+        except FileNotFoundError:
+            recorded = None
+        if recorded != hashlib.sha256(data).hexdigest():
+            raise ValueError(f"the model file does not hold the bytes {_digest_path(path).name} records")
+        model = onnx.load_model_from_string(data)
         for t in model.graph.initializer:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 blob = folder() / _external(t)["location"]
@@ -120,7 +132,9 @@ def store(key: str, model: onnx.ModelProto) -> Path:
             entry.key, entry.value = k, v
     path = root / f"{key}.onnx"
     try:
-        atomic_write(path, model.SerializeToString())
+        serialized = model.SerializeToString()
+        atomic_write(_digest_path(path), hashlib.sha256(serialized).hexdigest().encode())
+        atomic_write(path, serialized)
     except OSError:
         for t, _ in blobs:  # back to the model as lowered
             del t.external_data[:]
@@ -131,9 +145,10 @@ def store(key: str, model: onnx.ModelProto) -> Path:
 
 
 def discard(path, error: Exception, what: str = "cannot be loaded by ONNX Runtime") -> None:
-    """Remove a bad entry's model file, with a warning (the caller lowers the graph again)."""
+    """Remove a bad entry's model file and its digest, with a warning (the caller lowers the graph again)."""
     first = str(error).splitlines()[0] if str(error) else ""
     warnings.warn(f"lowerlm: ONNX compile cache entry {path} {what} ({type(error).__name__}: {first}); lowering "
                   "again", stacklevel=3)
-    with contextlib.suppress(FileNotFoundError):
-        Path(path).unlink()
+    for p in (Path(path), _digest_path(Path(path))):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
