@@ -25,9 +25,9 @@ def preferred(device=None) -> str:
 def _reason(backend: str, graph):
     """``reason(node)``: None when ``backend`` runs the node, else why not."""
     if backend == "onnx":
-        from lowerlm.codegen.onnx.lower import unsupported
+        from lowerlm.codegen.onnx.lower import checker
 
-        return lambda node: unsupported(graph, node)
+        return checker(graph)
     # the Triton program runs every op: those without a kernel of their own run as torch ops on its device
     return lambda node: None
 

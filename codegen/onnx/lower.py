@@ -658,14 +658,28 @@ def lower_graph(g: Graph, constants, contrib: bool = True, weight_bits: int | No
 
 def unsupported(g: Graph, node: Node) -> str | None:
     """Why the ONNX backend cannot lower ``node`` of ``g`` (None when it can): the node is lowered alone."""
-    if any(r.type.dtype == DType.BF16 for r in node.results):
-        return "the ONNX backend runs f32 or f16 models (bf16 has no numpy type)"
-    if node.op in (Op.PARAM, Op.WEIGHT):
+    return checker(g)(node)
+
+
+def checker(g: Graph):
+    """``unsupported`` for many nodes of ``g``: one probe lowering serves them all (one per node cost ~3 ms each,
+    1.3 s of a warm SmolLM2 compile), a fresh one after a node fails (it may have left half its work behind)."""
+    probe = None
+
+    def reason(node: Node) -> str | None:
+        nonlocal probe
+        if any(r.type.dtype == DType.BF16 for r in node.results):
+            return "the ONNX backend runs f32 or f16 models (bf16 has no numpy type)"
+        if node.op in (Op.PARAM, Op.WEIGHT):
+            return None
+        if probe is None:
+            probe = Lowering(g, constants=None)
+            probe.names = {name: name for name in g.types}
+        try:
+            probe.lower(node)
+        except CompileError as e:
+            probe = None
+            return str(e)
         return None
-    lowering = Lowering(g, constants=None)
-    lowering.names = {name: name for name in g.types}
-    try:
-        lowering.lower(node)
-    except CompileError as e:
-        return str(e)
-    return None
+
+    return reason
