@@ -1,8 +1,8 @@
-"""Start-up of `lowerlm generate` on the CPU (SmolLM2-135M-Instruct, ONNX backend): the wall time of the whole
-command, from a cold cache and from a warm one, next to transformers loading the same weights and generating the
-same tokens in a fresh process.
+"""Start-up of `lowerlm generate` on the CPU (SmolLM2-135M-Instruct, its default backend: auto, which is ONNX
+Runtime on a CPU): the wall time of the whole command, from a cold cache and from a warm one, next to transformers
+loading the same weights and generating the same tokens in a fresh process.
 
-    python bench/startup.py [--runs 3] [--new-tokens 8]
+    python bench/startup.py [--runs 3] [--new-tokens 8] [--backend auto]
 
 Cold: an empty ``LOWERLM_CACHE_DIR``, so the GGUF is converted, the model exported and its graphs lowered. Warm:
 the same folder afterwards (the converted weights, the trace and the ONNX compile cache are read back). The
@@ -52,8 +52,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--backend", default="auto", help="lowerlm generate's --backend (auto: its default)")
     args = p.parse_args(argv)
-    generate = [sys.executable, "-m", "lowerlm", "generate", "--backend", "onnx", "--max-new-tokens",
+    generate = [sys.executable, "-m", "lowerlm", "generate", "--backend", args.backend, "--max-new-tokens",
                 str(args.new_tokens), PROMPT]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
                 for _ in range(args.runs)]
         rows.append(("transformers: from_pretrained + eager generate", [s for s, _ in peer],
                      peer[-1][1].strip().splitlines()[0]))
-    print(f"start-up, SmolLM2-135M-Instruct f32 on the CPU, {args.new_tokens} new tokens, a fresh process per run "
+    print(f"start-up, SmolLM2-135M-Instruct f32 on the CPU, backend {args.backend}, {args.new_tokens} new tokens, "
+          "a fresh process per run "
           f"(median of {args.runs}; the cold run once)")
     print("| command | wall s | answer |")
     print("|---|---|---|")
