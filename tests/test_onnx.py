@@ -193,18 +193,26 @@ def test_export_onnx_runs_with_plain_onnxruntime(tmp_path, family):
     assert tokens == hf
 
 
-def test_auto_backend_prefers_onnx_on_a_cpu():
-    model = tiny_model("llama")
-    cm = lowerlm.compile_model(model, backend="auto")
+def test_the_default_backend_auto_prefers_onnx_on_a_cpu():
+    """compile_model's default is auto, which on a CPU runs a Llama whole on ONNX Runtime (not the reference
+    oracle): eager's logits and greedy tokens."""
+    from lowerlm.codegen.auto import AutoProgram
+
     if torch.cuda.is_available():
         pytest.skip("with a GPU, auto prefers Triton")
+    model = tiny_model("llama")
+    cm = lowerlm.compile_model(model, max_seq_len=64)
+    assert isinstance(cm.program, AutoProgram)
     plans = cm.program.plan()
     assert [(name, [p.backend for p in plan.parts]) for name, plan in plans.items()] == \
         [("prefill", ["onnx"]), ("decode", ["onnx"])]
     assert all(plan.whole and plan.parts[0].graph is plan.graph for plan in plans.values())
     ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(4))
+    prompt = [5, 7, 9, 11, 3]
     with torch.no_grad():
         _close(cm(ids), model(ids).logits)
+        eager = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    assert [s[0] for s in cm.generate_ids([prompt], 32, stop_ids=[])] == eager[0, len(prompt):].tolist()
 
 
 def test_quantized_weights_option():
