@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lowerlm.ir as ir
 from lowerlm.codegen.reference import ReferenceProgram
@@ -23,21 +25,34 @@ def _random_inputs(g: ir.Graph, b=2, s=3, seed=0):
     return {v.name: torch.randn([ir.evaluate(d, env) for d in v.type.shape], generator=gen) for v in g.inputs}
 
 
+def _golden(name):
+    before = ir.verify_module(ir.parse_module((GOLDEN / f"{name}.before.ir").read_text()))
+    return before, run_pass(name, PASSES[name], before)
+
+
 @pytest.mark.parametrize("name, rewrites", CASES)
 def test_golden_and_differential(name, rewrites):
-    before = ir.verify_module(ir.parse_module((GOLDEN / f"{name}.before.ir").read_text()))
-    record = run_pass(name, PASSES[name], before)
+    before, record = _golden(name)
     assert ir.print_module(record.module) == (GOLDEN / f"{name}.after.ir").read_text()
     assert record.rewrites == rewrites
-    weights = random_weights(before, seed=1)
-    inputs = _random_inputs(before.graphs[0])
-    want = ReferenceProgram(before, weights).run("forward", inputs)[0]
-    got = ReferenceProgram(record.module, weights).run("forward", inputs)[0]
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # a second run finds nothing left to fuse
     again = run_pass(name, PASSES[name], record.module)
     assert again.rewrites == 0 and ir.print_module(again.module) == ir.print_module(record.module)
+
+
+@pytest.mark.parametrize("name", [name for name, _ in CASES])
+@settings(max_examples=6, deadline=None)
+@given(batch=st.integers(1, 3), seq=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_differential_over_shapes(name, batch, seed, seq):
+    """The reference backend gives the same results before and after the pass, on any batch and sequence length
+    and random weights and inputs."""
+    before, record = _golden(name)
+    weights = random_weights(before, seed=seed)
+    inputs = _random_inputs(before.graphs[0], batch, seq, seed)
+    want = ReferenceProgram(before, weights).run("forward", inputs)[0]
+    got = ReferenceProgram(record.module, weights).run("forward", inputs)[0]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_tiny_llama_layer_becomes_five_ops_plus_rope_and_cache_writes():
