@@ -82,7 +82,8 @@ def test_generate_with_token_ids(tiny_dir):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("[0] [") and lines[1].startswith("[1] [")
-    assert lines[2].endswith("tokens/s (lowerlm, auto: onnx backend)")  # the default: the CPU's fast backend
+    # the default backend: the device's fast one (a CPU: ONNX Runtime; a GPU: Triton)
+    assert lines[2].endswith(f"tokens/s (lowerlm, auto: {'triton' if torch.cuda.is_available() else 'onnx'} backend)")
 
 
 @pytest.mark.slow
