@@ -138,4 +138,3 @@ def test_the_onnx_backend_alone_names_what_it_lacks_and_points_to_auto(interleav
     cm, module = interleaved
     with pytest.raises(CompileError, match=r"half-split RoPE layout only \(graph 'prefill'\); backend='auto'"):
         OnnxProgram(module, cm.weights).prepare()
-
