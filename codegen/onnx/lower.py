@@ -662,8 +662,9 @@ def unsupported(g: Graph, node: Node) -> str | None:
 
 
 def checker(g: Graph):
-    """``unsupported`` for many nodes of ``g``: one probe lowering serves them all (one per node cost ~3 ms each,
-    1.3 s of a warm SmolLM2 compile), a fresh one after a node fails (it may have left half its work behind)."""
+    """``unsupported`` for many nodes of ``g``: one probe lowering serves them all (a Lowering per node took 0.42 s
+    over SmolLM2's two graphs, one probe 0.07 s, the same reasons), a fresh one after a node fails (it may have
+    left half its work behind)."""
     probe = None
 
     def reason(node: Node) -> str | None:
