@@ -30,13 +30,15 @@ def tiny_config(family: str, **overrides):
     """A 2-layer config of a transformers family with GQA (4 query heads, 2 kv heads)."""
     import transformers
 
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
            "mistral": transformers.MistralConfig, "mixtral": transformers.MixtralConfig,
            "qwen3_moe": transformers.Qwen3MoeConfig}[family]
     kw = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)
     if family == "mixtral":  # 4 experts of 16, top 2
         kw.update(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
+    if family == "qwen3":  # q/k norms (RMSNorm per head), head_dim 8 (its own default is 128)
+        kw.update(head_dim=8)
     if family == "qwen3_moe":  # q/k norms, head_dim 8, every layer sparse: 4 experts of 16, top 2
         kw.update(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1,
                   norm_topk_prob=True)
@@ -48,8 +50,8 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     import transformers
 
     cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-           "mistral": transformers.MistralForCausalLM, "mixtral": transformers.MixtralForCausalLM,
-           "qwen3_moe": transformers.Qwen3MoeForCausalLM}[family]
+           "qwen3": transformers.Qwen3ForCausalLM, "mistral": transformers.MistralForCausalLM,
+           "mixtral": transformers.MixtralForCausalLM, "qwen3_moe": transformers.Qwen3MoeForCausalLM}[family]
     torch.manual_seed(seed)
     model = cls(tiny_config(family, **overrides)).eval()
     with torch.no_grad():  # random biases too (Qwen2's q/k/v), so they are not silently dropped

@@ -17,7 +17,7 @@ def _close(got, want):
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
 def test_tiny_families_through_onnx(family):
     model = tiny_model(family, sliding_window=4) if family == "mistral" else tiny_model(family)
     cm = lowerlm.compile_model(model, backend="onnx", max_batch=3, max_seq_len=64)
