@@ -1,10 +1,11 @@
 """``backend="auto"``: each graph is split at op level between the device's preferred backend (a CUDA GPU: Triton;
 a CPU: ONNX) and the reference backend, which runs the ops the preferred one lacks (codegen/partition.py).
 
-A graph the preferred backend runs whole stays one program call. Otherwise its partitions run in order, values
-handed from one to the next (copied only where their devices differ, which ``describe()`` lists and ``copies``
-counts), state updated in place by whichever partition writes it. ``describe()`` is what ``lowerlm dump-ir
---backend auto`` prints.
+A graph the preferred backend runs whole stays one program call; one where it would run no floating-point work (only
+index arithmetic between the reference backend's partitions: a bf16 model on a CPU) runs whole on the reference
+backend. Otherwise its partitions run in order, values handed from one to the next (copied only where their devices
+differ, which ``describe()`` lists and ``copies`` counts), state updated in place by whichever partition writes it.
+``describe()`` is what ``lowerlm dump-ir --backend auto`` prints.
 """
 
 from __future__ import annotations
@@ -51,8 +52,14 @@ class AutoProgram:
         self.plans: dict = {}
         for g in module.graphs:
             reason = _reason(self.backend, g)
-            self.plans[g.name] = assign(g, [self.backend, "reference"],
-                                        lambda b, node, reason=reason: (exclude and exclude(node)) or reason(node))
+            plan = assign(g, [self.backend, "reference"],
+                          lambda b, node, reason=reason: (exclude and exclude(node)) or reason(node))
+            if not any(r.type.dtype.is_float for p in plan.parts if p.backend == self.backend for n in p.nodes
+                       for r in n.results):  # index arithmetic alone (a bf16 model on a CPU) is not worth a hop
+                reasons = {k: v for p in plan.parts for k, v in p.reasons.items()}
+                plan = assign(g, ["reference"], None)
+                plan.parts[0].reasons = reasons
+            self.plans[g.name] = plan
         if self.backend == "triton":
             from lowerlm.codegen.triton.program import TritonProgram
 

@@ -215,6 +215,22 @@ def test_the_default_backend_auto_prefers_onnx_on_a_cpu():
     assert [s[0] for s in cm.generate_ids([prompt], 32, stop_ids=[])] == eager[0, len(prompt):].tolist()
 
 
+def test_auto_runs_a_bf16_model_whole_on_the_reference_backend():
+    """ONNX Runtime has no bf16: auto would leave ONNX only the index arithmetic between reference partitions, so
+    the graphs run whole on the reference backend (no ONNX session), and the plan says why."""
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, auto prefers Triton")
+    model = tiny_model("llama").to(torch.bfloat16)
+    cm = lowerlm.compile_model(model, max_seq_len=64, use_cache=False)
+    plans = cm.program.plan()
+    assert all(plan.whole and plan.parts[0].backend == "reference" for plan in plans.values())
+    assert cm.program.main._sessions == {}
+    assert "fallback for cached_attention, embedding" in "\n".join(cm.program.describe())
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(cm(ids), model(ids).logits, rtol=0.02, atol=0.02)
+
+
 def test_quantized_weights_option():
     """weight_bits: every projection becomes MatMulNBits (the f32 weights are gone from the model); logits stay
     near the f32 ones (int8: within 3% of the largest logit here; int4 is reported in BENCHMARKS.md by token
