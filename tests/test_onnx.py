@@ -231,6 +231,29 @@ def test_auto_runs_a_bf16_model_whole_on_the_reference_backend():
         torch.testing.assert_close(cm(ids), model(ids).logits, rtol=0.02, atol=0.02)
 
 
+def test_an_f16_model_through_onnx():
+    """An f16 model lowers without an overflowing constant (the attention mask's fill is f16's finite minimum, not
+    -1e30, which casts to -inf) and gives eager f16's logits to f16 rounding: within 2e-3 (two f16 ulps at 1; the
+    logits here are below 1), padded batch included."""
+    import warnings
+
+    model = tiny_model("llama").to(torch.float16)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        cm = lowerlm.compile_model(model, backend="onnx", max_seq_len=64, use_cache=False)
+        cm.program.prepare()
+    with torch.no_grad():
+        want, want_padded = model(ids).logits, model(ids, attention_mask=mask).logits
+    got, got_padded = cm(ids), cm(ids, attention_mask=mask)
+    assert got.dtype == torch.float16 and want.abs().max() < 1
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2e-3)
+    torch.testing.assert_close(got_padded[1, :5].float(), want_padded[1, :5].float(), rtol=0, atol=2e-3)
+    assert torch.isfinite(got_padded).all()
+
+
 def test_quantized_weights_option():
     """weight_bits: every projection becomes MatMulNBits (the f32 weights are gone from the model); logits stay
     near the f32 ones (int8: within 3% of the largest logit here; int4 is reported in BENCHMARKS.md by token

@@ -579,7 +579,8 @@ class Lowering:
         scores = self.op("Mul", [self.op("MatMul", [q5, self.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])]),
                                  self.scalar(a["scale"], dtype)])  # [B, Hk, G, S, L]
         vis = self._visible(node, positions, seq_lens, kpos, length, a)
-        masked = self.op("Where", [vis, scores, self.scalar(-1e30, dtype)])
+        hidden = max(-1e30, float(np.finfo(_np_dtype(dtype)).min))  # finite in f16 too (-1e30 would cast to -inf)
+        masked = self.op("Where", [vis, scores, self.scalar(hidden, dtype)])
         probs = self.op("Mul", [self.op("Softmax", [masked], axis=-1), self.cast(vis, dtype)])
         out = self.op("MatMul", [probs, v5])  # [B, Hk, G, S, Dv]
         out = self.op("Transpose", [out], perm=[0, 3, 1, 2, 4])
