@@ -362,10 +362,14 @@ def _lowerings(monkeypatch):
 
 def test_compile_cache_reuses_lowered_graphs(tmp_path, monkeypatch):
     """A second compile of the same model loads both lowered graphs from the compile cache (no lowering, no weight
-    expression evaluated: the concatenated q|k|v copies are never made) and gives the same logits and tokens. The
-    two graphs share one copy of each weight. Other weights or another weight_bits are other entries;
-    use_cache=False neither reads nor writes it."""
+    expression evaluated: the concatenated q|k|v copies are never made, no blob hashed while its size and mtime
+    are as written) and gives the same logits and tokens. The two graphs share one copy of each weight. Other
+    weights or another weight_bits are other entries; use_cache=False neither reads nor writes it."""
+    import os
+
     import onnx
+
+    from lowerlm.codegen.onnx import cache
 
     monkeypatch.setenv("LOWERLM_CACHE_DIR", str(tmp_path))
     lowerings = _lowerings(monkeypatch)
@@ -384,10 +388,17 @@ def test_compile_cache_reuses_lowered_graphs(tmp_path, monkeypatch):
         _close(want, model(ids).logits)
 
     lowerings.clear()
+    hashed = []  # blobs as written (size and mtime as the manifest records) are not read again
+    real_digest = cache.file_digest
+    monkeypatch.setattr(cache, "file_digest", lambda path: hashed.append(path.name) or real_digest(path))
+    monkeypatch.setattr(cache, "_checked", set())  # as in a fresh process
     warm = lowerlm.compile_model(model, backend="onnx", max_seq_len=64)
     assert torch.equal(warm(ids), want) and list(warm.generate_ids([prompt], 16)) == want_tokens
-    assert lowerings == []
+    assert lowerings == [] and hashed == []
     assert all(v is None for v in warm.program._constants.values())  # no weight expression evaluated either
+    os.utime(blobs[0], ns=(blobs[0].stat().st_atime_ns, blobs[0].stat().st_mtime_ns + 10**9))  # touched: hashed
+    lowerlm.compile_model(model, backend="onnx", max_seq_len=64).program.prepare()
+    assert hashed == [blobs[0].name] and lowerings == []
 
     with torch.no_grad():
         model.model.layers[0].self_attn.o_proj.weight[0, 0] += 1.0
@@ -408,6 +419,7 @@ def test_compile_cache_rebuilds_a_damaged_entry(tmp_path, monkeypatch, damage):
     made to match): a warning, the graph lowered again, the right logits, and the entry whole again for the next
     compile."""
     import hashlib
+    import json
 
     import onnx
     from onnx import TensorProto, helper
@@ -440,7 +452,9 @@ def test_compile_cache_rebuilds_a_damaged_entry(tmp_path, monkeypatch, damage):
                                     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
             onnx.save(helper.make_model(bad), str(m))
-            m.with_suffix(".sha256").write_text(hashlib.sha256(m.read_bytes()).hexdigest())
+            manifest = json.loads(m.with_suffix(".json").read_text())
+            manifest["model"] = hashlib.sha256(m.read_bytes()).hexdigest()
+            m.with_suffix(".json").write_text(json.dumps(manifest))
     lowerings = _lowerings(monkeypatch)
     damaged = lowerlm.compile_model(model, backend="onnx", max_seq_len=64)
     with pytest.warns(UserWarning, match="compile cache entry"):

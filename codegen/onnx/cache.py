@@ -4,16 +4,20 @@ SmolLM2's weights into 4-bit blocks and building the protos takes ~6 s of a ~8 s
 Entries live in ``cache_root()/onnx``:
 
 - ``<key>.onnx``: one graph's model, its large initializers stored as external data;
-- ``<key>.sha256``: the model file's SHA-256 (written before it);
+- ``<key>.json``: the model file's SHA-256 and the size and modification time of each blob it names (written before
+  it);
 - ``<digest>.bin``: one initializer's bytes, named by their SHA-256, so the prefill and decode graphs (and every
   compile of the same weights) share one copy.
 
 The key covers the graph's IR text, the fingerprint of every weight it reads (expression and values), the lowering's
 options, the onnx / onnxruntime / numpy versions and the source of the lowering. Files are written atomically, the
-blobs and the model's digest before the model that names them, so a reader sees a whole entry or none. Loading
-checks the model file and every blob against their digests, so a changed byte anywhere is found, also one that
-leaves a model ONNX Runtime would run with other numbers. A file that fails, or a model ONNX Runtime refuses, gets a
-warning and the graph is lowered again. Nothing is ever evicted: delete the folder to reclaim its space.
+blobs and the manifest before the model that names them, so a reader sees a whole entry or none. Loading hashes the
+model file (small) and checks it against the manifest, so a changed byte there is found, also one that leaves a
+model ONNX Runtime would run with other numbers. A blob is hashed again only when its size or modification time is
+not what the manifest recorded (the weight cache's rule, lowerlm/models.py: hashing SmolLM2's 223 MB of blobs took
+0.45 s of every warm start); one whose bytes then differ from its name is damaged. A damaged file, or a model ONNX
+Runtime refuses, gets a warning and the graph is lowered again. Nothing is ever evicted: delete the folder to
+reclaim its space.
 """
 
 from __future__ import annotations
@@ -80,8 +84,13 @@ def _blob_ok(blob: Path) -> bool:
     return True
 
 
-def _digest_path(model_path: Path) -> Path:
-    return model_path.with_suffix(".sha256")
+def _manifest_path(model_path: Path) -> Path:
+    return model_path.with_suffix(".json")
+
+
+def _stat(path: Path) -> list:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
 
 
 def load(key: str):
@@ -93,16 +102,20 @@ def load(key: str):
     try:
         data = path.read_bytes()
         try:
-            recorded = _digest_path(path).read_text().strip()
+            manifest = json.loads(_manifest_path(path).read_text())
         except FileNotFoundError:
-            recorded = None
-        if recorded != hashlib.sha256(data).hexdigest():
-            raise ValueError(f"the model file does not hold the bytes {_digest_path(path).name} records")
+            manifest = {}
+        if manifest.get("model") != hashlib.sha256(data).hexdigest():
+            raise ValueError(f"the model file does not hold the bytes {_manifest_path(path).name} records")
         model = onnx.load_model_from_string(data)
         for t in model.graph.initializer:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 blob = folder() / _external(t)["location"]
-                if not _blob_ok(blob):
+                try:
+                    as_written = _stat(blob) == manifest["blobs"].get(blob.name)
+                except FileNotFoundError:
+                    as_written = False
+                if not as_written and not _blob_ok(blob):
                     raise ValueError(f"{blob.name} is missing or does not hold the bytes it is named after")
     except Exception as e:  # a truncated or altered file: protobuf's, onnx's and the digest check's errors
         discard(path, e, "is damaged")
@@ -133,7 +146,8 @@ def store(key: str, model: onnx.ModelProto) -> Path:
     path = root / f"{key}.onnx"
     try:
         serialized = model.SerializeToString()
-        atomic_write(_digest_path(path), hashlib.sha256(serialized).hexdigest().encode())
+        manifest = {"model": hashlib.sha256(serialized).hexdigest(), "blobs": {b.name: _stat(b) for _, b in blobs}}
+        atomic_write(_manifest_path(path), json.dumps(manifest))
         atomic_write(path, serialized)
     except OSError:
         for t, _ in blobs:  # back to the model as lowered
@@ -145,10 +159,10 @@ def store(key: str, model: onnx.ModelProto) -> Path:
 
 
 def discard(path, error: Exception, what: str = "cannot be loaded by ONNX Runtime") -> None:
-    """Remove a bad entry's model file and its digest, with a warning (the caller lowers the graph again)."""
+    """Remove a bad entry's model file and its manifest, with a warning (the caller lowers the graph again)."""
     first = str(error).splitlines()[0] if str(error) else ""
     warnings.warn(f"lowerlm: ONNX compile cache entry {path} {what} ({type(error).__name__}: {first}); lowering "
                   "again", stacklevel=3)
-    for p in (Path(path), _digest_path(Path(path))):
+    for p in (Path(path), _manifest_path(Path(path))):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
