@@ -237,6 +237,23 @@ def test_decode_loop_over_graph_buckets_matches_the_plain_loop():
     assert run(True, **sampled) == run(False, **sampled) != greedy
 
 
+def test_auto_on_a_gpu_is_the_triton_backend(monkeypatch):
+    """The default backend where a GPU is preferred (here: auto told to prefer Triton, whose kernels run in the
+    interpreter): every graph whole on Triton, sampling on the device, eager logits and greedy tokens."""
+    import lowerlm.codegen.auto as auto
+
+    monkeypatch.setattr(auto, "preferred", lambda device=None: "triton")
+    model = tiny_model("llama")
+    cm = lowerlm.compile_model(model, max_seq_len=32, max_batch=2)
+    assert isinstance(cm.program, auto.AutoProgram) and cm.program.device_sampling
+    assert all(plan.whole and plan.parts[0].backend == "triton" for plan in cm.program.plan().values())
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        close(cm(ids).cpu(), model(ids).logits, tol=1e-4)
+        hf = model.generate(torch.tensor([[5, 7, 9]]), max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert [s[0] for s in cm.generate_ids([[5, 7, 9]], 6, stop_ids=[])] == hf[0, 3:].tolist()
+
+
 def test_seeded_sampling_through_the_triton_backend():
     cm = lowerlm.compile_model(tiny_model("llama"), backend="triton", max_seq_len=32)
     kw = dict(temperature=1.2, top_k=8, top_p=0.9)
