@@ -1,11 +1,10 @@
 """``backend="auto"``: each graph is split at op level between the device's preferred backend (a CUDA GPU: Triton;
 a CPU: ONNX) and the reference backend, which runs the ops the preferred one lacks (codegen/partition.py).
 
-A graph the preferred backend runs whole stays one program call; one where it would run no floating-point work (only
-index arithmetic between the reference backend's partitions: a bf16 model on a CPU) runs whole on the reference
-backend. Otherwise its partitions run in order, values handed from one to the next (copied only where their devices
-differ, which ``describe()`` lists and ``copies`` counts), state updated in place by whichever partition writes it.
-``describe()`` is what ``lowerlm dump-ir --backend auto`` prints.
+A graph the preferred backend runs whole stays one program call (a bf16 graph on a CPU runs whole on the reference
+backend: the ONNX lowering refuses all of it). Otherwise its partitions run in order, values handed from one to the
+next (copied only where their devices differ, which ``describe()`` lists and ``copies`` counts), state updated in
+place by whichever partition writes it. ``describe()`` is what ``lowerlm dump-ir --backend auto`` prints.
 """
 
 from __future__ import annotations
@@ -26,9 +25,9 @@ def preferred(device=None) -> str:
 def _reason(backend: str, graph):
     """``reason(node)``: None when ``backend`` runs the node, else why not."""
     if backend == "onnx":
-        from lowerlm.codegen.onnx.lower import checker
+        from lowerlm.codegen.onnx.lower import unsupported
 
-        return checker(graph)
+        return unsupported(graph)
     # the Triton program runs every op: those without a kernel of their own run as torch ops on its device
     return lambda node: None
 
@@ -52,14 +51,8 @@ class AutoProgram:
         self.plans: dict = {}
         for g in module.graphs:
             reason = _reason(self.backend, g)
-            plan = assign(g, [self.backend, "reference"],
-                          lambda b, node, reason=reason: (exclude and exclude(node)) or reason(node))
-            if not any(r.type.dtype.is_float for p in plan.parts if p.backend == self.backend for n in p.nodes
-                       for r in n.results):  # index arithmetic alone (a bf16 model on a CPU) is not worth a hop
-                reasons = {k: v for p in plan.parts for k, v in p.reasons.items()}
-                plan = assign(g, ["reference"], None)
-                plan.parts[0].reasons = reasons
-            self.plans[g.name] = plan
+            self.plans[g.name] = assign(g, [self.backend, "reference"],
+                                        lambda b, node, reason=reason: (exclude and exclude(node)) or reason(node))
         if self.backend == "triton":
             from lowerlm.codegen.triton.program import TritonProgram
 

@@ -42,13 +42,14 @@ def prefill(program, state: dict, ids: torch.Tensor, lengths: torch.Tensor) -> t
     A program with ``prefill_chunk(S)`` (the ONNX backend) takes long prompts one sequence at a time, each in
     chunks that continue its cache (ONNX Runtime continues a cache with more than one token only at batch 1), and
     without the padding."""
-    b, s = ids.shape
-    if getattr(program, "prefill_chunk", lambda s: None)(s) is None:
-        return prefill_once(program, _batch_view(state, b), ids, 0, lengths)
+    chunk_of = getattr(program, "prefill_chunk", lambda n: None)
+    chunks = [chunk_of(n) for n in lengths.tolist()]
+    if all(c is None for c in chunks):
+        return prefill_once(program, _batch_view(state, ids.shape[0]), ids, 0, lengths)
     out = []
-    for i, n in enumerate(lengths.tolist()):
+    for i, (n, chunk) in enumerate(zip(lengths.tolist(), chunks)):
         row = {name: buf[i:i + 1] for name, buf in state.items()}
-        chunk = program.prefill_chunk(n) or n
+        chunk = chunk or n
         for c0 in range(0, n, chunk):
             c1 = min(n, c0 + chunk)
             logits = prefill_once(program, row, ids[i:i + 1, c0:c1], c0, torch.tensor([c1]))

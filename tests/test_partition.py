@@ -118,7 +118,8 @@ def test_cross_device_copies_are_counted():
     from lowerlm.codegen.onnx.lower import unsupported
 
     g = module.graph("decode")
-    plan = build(assign(g, ["onnx", "reference"], lambda b, node: unsupported(g, node)),
+    reason = unsupported(g)
+    plan = build(assign(g, ["onnx", "reference"], lambda b, node: reason(node)),
                  {"": "cpu", "onnx": "cpu", "reference": "meta"})
     # per layer: q, k and positions to the rope's device, the rotated q and k back
     assert len(plan.copies) == 10

@@ -657,23 +657,21 @@ def lower_graph(g: Graph, constants, contrib: bool = True, weight_bits: int | No
     return Lowering(g, constants, contrib, weight_bits, packer).run()
 
 
-def unsupported(g: Graph, node: Node) -> str | None:
-    """Why the ONNX backend cannot lower ``node`` of ``g`` (None when it can): the node is lowered alone."""
-    return checker(g)(node)
-
-
-def checker(g: Graph):
-    """``unsupported`` for many nodes of ``g``: one probe lowering serves them all (a Lowering per node took 0.42 s
-    over SmolLM2's two graphs, one probe 0.07 s, the same reasons), a fresh one after a node fails (it may have
-    left half its work behind)."""
+def unsupported(g: Graph):
+    """``reason(node)``: why the ONNX backend cannot lower ``node`` of ``g``, or None when it can. A graph with bf16
+    values runs nowhere on ONNX Runtime (bf16 has no numpy type, ORT's CPU kernels no bf16): every node gets that
+    reason, so auto does not hand ONNX the index arithmetic between them. Otherwise each node is lowered alone by
+    one probe lowering (a Lowering per node took 0.42 s over SmolLM2's two graphs, one probe 0.07 s, one-off), made
+    afresh after a node fails (it may have left half its work behind)."""
+    bf16 = any(t.dtype == DType.BF16 for t in g.types.values())
     probe = None
 
     def reason(node: Node) -> str | None:
         nonlocal probe
-        if any(r.type.dtype == DType.BF16 for r in node.results):
-            return "the ONNX backend runs f32 or f16 models (bf16 has no numpy type)"
         if node.op in (Op.PARAM, Op.WEIGHT):
             return None
+        if bf16:
+            return "the ONNX backend runs f32 or f16 models (bf16 has no numpy type)"
         if probe is None:
             probe = Lowering(g, constants=None)
             probe.names = {name: name for name in g.types}
