@@ -1,7 +1,7 @@
 """CPU decode of SmolLM2-135M-Instruct (real weights, f32, greedy): lowerlm-onnx versus transformers eager versus
 ONNX Runtime GenAI (its model builder's output, built here from the same weights), interleaved in one process.
 
-    python bench/cpu.py [--new-tokens 128] [--rounds 3] [--weight-bits 8,4] [--long-prompt 512]
+    python bench/cpu.py [--new-tokens 128] [--rounds 3] [--weight-bits 8,4] [--long-prompt 512] [--bf16]
 
 Prints ms/token of decode ((time for N tokens - time for 1) / (N - 1), so the prefill is not in it), tokens/s,
 lowerlm's ratio to each peer, the share of the bandwidth floor (weight bytes read per step / measured read
@@ -10,7 +10,8 @@ whether every peer produced the same tokens. ``--weight-bits`` adds lowerlm-onnx
 weights (MatMulNBits), reported separately: where its greedy tokens first differ from the f32 ones, and its
 teacher-forced top-1 agreement (its argmax at every position of the f32 continuation). Then the time to first
 token (generating 1 token: the prefill and the first draw) of the chat prompt and of a ``--long-prompt`` of random
-tokens, per peer. Needs
+tokens, per peer. ``--bf16`` adds the model converted to bf16 (what transformers 5 loads from a bf16 checkpoint):
+transformers eager in bf16, and lowerlm's default (auto, which computes a bf16 model in f32 on a CPU). Needs
 `pip install onnxruntime-genai onnx_ir` for the GenAI peer
 (reported as unavailable otherwise).
 """
@@ -97,6 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--weight-bits", default="8,4", help="quantized variants to add ('' for none)")
     p.add_argument("--long-prompt", type=int, default=512, help="tokens of the long prompt timed for first token")
+    p.add_argument("--bf16", action="store_true", help="add the bf16 model: transformers eager and lowerlm auto")
     args = p.parse_args(argv)
     bits = [int(b) for b in args.weight_bits.split(",") if b.strip()]
     import lowerlm
@@ -123,6 +125,21 @@ def main(argv=None) -> int:
         q = lowerlm.compile_model(model, backend="onnx", max_batch=1, max_seq_len=1024, weight_bits=b)
         quantized[f"lowerlm-onnx int{b}"] = q
         peers[f"lowerlm-onnx int{b}"] = lowerlm_peer(q)
+    narrow = {}  # peers that run the model converted to bf16: name -> weight bytes they read per step
+    if args.bf16:
+        import copy
+        import warnings
+
+        m16 = copy.deepcopy(model).to(torch.bfloat16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # auto says it computes in f32: this table says so too
+            c16 = lowerlm.compile_model(m16, max_batch=1, max_seq_len=1024)
+        bf16_bytes = sum(p.numel() * p.element_size() for p in m16.parameters())
+        narrow = {"transformers eager, bf16 model": bf16_bytes,
+                  "lowerlm auto, bf16 model (f32 compute)": 2 * bf16_bytes}
+        peers["lowerlm auto, bf16 model (f32 compute)"] = lowerlm_peer(c16)
+        peers["transformers eager, bf16 model"] = lambda k, p=ids: m16.generate(
+            torch.tensor([p]), max_new_tokens=k, do_sample=False)[0, len(p):].tolist()
     with tempfile.TemporaryDirectory() as tmp:
         genai, why = genai_peer(weight_cache(resolve_model("smollm2")[1]), Path(tmp))
         if genai is not None:
@@ -163,10 +180,13 @@ def main(argv=None) -> int:
     for name, ts in times.items():
         sec = statistics.median(ts)
         same = "identical" if tokens[name] == reference else "DIFFER"
+        first = next((i for i, (a, b) in enumerate(zip(tokens[name], reference)) if a != b), len(reference))
         if name in agreement:
-            first = next((i for i, (a, b) in enumerate(zip(tokens[name], reference)) if a != b), len(reference))
             same = f"first differs at {first}; teacher-forced top-1 agreement {agreement[name]:.1%}"
+        elif name in narrow and same == "DIFFER":
+            same = f"first differs at {first} (bf16-rounded weights)"
         own = ours_bytes / bandwidth if name == "lowerlm-onnx" else floor  # the bytes each peer reads
+        own = narrow[name] / bandwidth if name in narrow else own
         share = "—" if name in quantized else f"{own / sec:.0%}"
         print(f"| {name} | {sec * 1e3:.1f} | {1 / sec:.1f} | {sec / ours:.2f}x | {share} | "
               f"{len(tokens[name])}, {same} |")

@@ -15,7 +15,8 @@ def _cmd_passes(args) -> int:
     from lowerlm.passes import PASS_DOCS, PIPELINE
 
     for name, fn in PIPELINE:
-        kind = "default" if fn is not None else "data   "  # arm runs when calibration data is given
+        # upcast runs when a bf16/f16 model is computed in f32, arm when calibration data is given
+        kind = "default" if fn is not None else "dtype  " if name == "upcast" else "data   "
         print(f"{name:24s} {kind}  {PASS_DOCS[name]}")
     return 0
 

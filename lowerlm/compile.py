@@ -4,11 +4,13 @@ the runtime (logits for a batch, or streamed generation)."""
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable, Iterator
 
 import torch
 
 from lowerlm.errors import CompileError, InputError
+from lowerlm.ir.dtypes import DType
 from lowerlm.ir.graph import Module
 from lowerlm.ir.printer import print_module
 from lowerlm.passes import PassRecord, dump_header, run_pipeline
@@ -24,7 +26,7 @@ class CompiledModel:
     streams text."""
 
     def __init__(self, imported: Module, records: list, weights: dict, program, vocab_size: int | None,
-                 max_seq_len: int, max_batch: int, tokenizer=None, stop_ids=()):
+                 max_seq_len: int, max_batch: int, tokenizer=None, stop_ids=(), logits_dtype=None):
         self.imported = imported
         self.records = records  # one PassRecord per pass, in order
         self.weights = weights
@@ -35,6 +37,7 @@ class CompiledModel:
         self.stop_ids = tuple(stop_ids)
         self._generator: Generator | None = None
         self._stateless = None  # reference program for logits at arbitrary positions, built on first use
+        self.logits_dtype = logits_dtype  # what ``cm(input_ids)`` returns (the model's own, when auto upcast it)
 
     @property
     def ir(self) -> Module:
@@ -54,6 +57,10 @@ class CompiledModel:
 
     # ---- logits ---------------------------------------------------------------------------------------------
     def __call__(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        logits = self._logits(input_ids, attention_mask, position_ids)
+        return logits if self.logits_dtype is None else logits.to(self.logits_dtype)
+
+    def _logits(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         ids, positions, seq_lens = self.prepare(input_ids, attention_mask, position_ids)
         inputs = {"input_ids": ids, "positions": positions, "seq_lens": seq_lens}
         names = [g.name for g in self.ir.graphs]
@@ -177,6 +184,26 @@ def stop_token_ids(model, tokenizer) -> list:
     return ids
 
 
+def compute_dtype(model_dtype: torch.dtype, dtype, backend: str, device) -> torch.dtype:
+    """The dtype the program computes in: ``dtype`` when given (the model's own, or f32 for a bf16/f16 model),
+    else the model's, except that auto on a CPU computes a bf16 model in f32 (ONNX Runtime has no bf16 kernels
+    there; bf16 would run on the reference backend, slower than eager), and says so."""
+    if dtype is None:
+        if backend == "auto" and model_dtype == torch.bfloat16:
+            from lowerlm.codegen.auto import preferred
+
+            if preferred(device) == "onnx":
+                warnings.warn("lowerlm: ONNX Runtime has no bf16 kernels on a CPU, so this bf16 model is computed "
+                              "in float32 (logits returned as bf16); dtype=torch.bfloat16 keeps bf16, on the "
+                              "slower reference backend", stacklevel=3)
+                return torch.float32
+        return model_dtype
+    if dtype == model_dtype or dtype == torch.float32 and model_dtype in (torch.bfloat16, torch.float16):
+        return dtype
+    raise CompileError(f"compile_model computes a model in its own dtype ({model_dtype}) or, for a bf16/f16 model, "
+                       f"in float32; for {dtype}, convert the model first (model.to({dtype}))")
+
+
 def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, device=None,
                   max_seq_len: int = 2048, max_batch: int = 8, passes="default", arm=None, tp: int = 1,
                   weight_bits: int | None = None,
@@ -186,6 +213,10 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     ``backend``: "auto" (the default) runs each graph on the device's fast backend (a CUDA GPU: Triton; a CPU: ONNX
     Runtime) and the ops it lacks on the reference backend; "reference" is plain torch op by op (the oracle the
     others are tested against; slower than the model's own eager forward), "onnx" and "triton" name one.
+    ``dtype``: what the program computes in; the model's own (None) or, for a bf16/f16 model, ``torch.float32``
+    (its weights converted at load, logits returned in f32). A bf16 model under auto on a CPU is computed in f32
+    unless ``dtype=torch.bfloat16`` says otherwise (ONNX Runtime has no bf16 kernels there); its logits are
+    returned as bf16.
     ``weight_bits`` (4 or 8; ONNX backend, and auto on a CPU) stores the projections' weights quantized: faster
     on a CPU, no longer the same numbers as the model (BENCHMARKS.md reports the token agreement). ``use_cache``:
     the trace cache and the ONNX backend's compile cache (``~/.cache/lowerlm``, ``LOWERLM_CACHE_DIR``)."""
@@ -197,9 +228,10 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
         raise CompileError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
     if tp != 1:
         raise CompileError("tensor parallelism is not available yet (tp=1)")
-    if dtype is not None and dtype != next(model.parameters()).dtype:
-        raise CompileError(f"compile the model in the dtype it has ({next(model.parameters()).dtype}); convert it "
-                           f"first (model.to({dtype})) to run in {dtype}")
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"compile_model takes a torch.nn.Module, got {type(model).__name__}")
+    model_dtype = next(model.parameters()).dtype
+    compute = compute_dtype(model_dtype, dtype, backend, device)
     if backend == "reference" and device not in (None, "cpu"):
         raise CompileError("the reference backend runs on the CPU (device=None)")
     if weight_bits is not None and backend not in ("onnx", "auto"):
@@ -207,11 +239,10 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
                            "model's own precision")
     if max_seq_len < 2 or max_batch < 1:
         raise CompileError(f"max_seq_len must be >= 2 and max_batch >= 1, got {max_seq_len} and {max_batch}")
-    if not isinstance(model, torch.nn.Module):
-        raise InputError(f"compile_model takes a torch.nn.Module, got {type(model).__name__}")
     imported = trace_model(model, use_cache=use_cache, progress=progress, captures=captures)
     records: list[PassRecord] = []
-    run_pipeline(imported, passes=passes, on_pass=records.append, arm=arm)
+    run_pipeline(imported, passes=passes, on_pass=records.append, arm=arm,
+                 upcast_from=DType.from_torch(model_dtype) if compute != model_dtype else None)
     final = records[-1].module if records else imported
     weights = model_weights(model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -231,4 +262,4 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     else:
         program = ReferenceProgram(final, weights)
     return CompiledModel(imported, records, weights, program, vocab, max_seq_len, max_batch, tokenizer,
-                         stop_token_ids(model, tokenizer))
+                         stop_token_ids(model, tokenizer), logits_dtype=model_dtype if dtype is None else compute)

@@ -1,7 +1,8 @@
 """Passes: pure ``Graph -> Graph`` rewrites, and the driver that runs them over a module.
 
-The default pipeline is the list below, in order, one line per pass; ``arm`` has no function there because it
-needs calibration data: ``resolve(arm=...)`` builds it, and without data it is skipped. ``PASSES`` maps the
+The default pipeline is the list below, in order, one line per pass. ``upcast`` and ``arm`` have no function
+there because they need an argument: ``resolve(upcast_from=...)`` (a model computed in f32) and
+``resolve(arm=...)`` (calibration data) build them, and without it they are skipped. ``PASSES`` maps the
 names of passes that need no data to their functions, for ``dump-ir --after NAME`` and
 ``compile_model(passes=[...])``. The driver maps a pass
 over every graph of the module, verifies after each pass, counts rewrites, and prints the IR after a pass when
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, TextIO
 
 import lowerlm.passes.arm  # noqa: F401  (its docstring is listed by `lowerlm passes`)
+import lowerlm.passes.upcast  # noqa: F401
 from lowerlm.ir.errors import PassError, VerifyError
 from lowerlm.ir.graph import Graph, Module
 from lowerlm.ir.printer import print_module
@@ -35,6 +37,7 @@ from lowerlm.passes.specialize import specialize
 PassFn = Callable[[Graph], "Graph | tuple"]
 
 PIPELINE: list[tuple[str, PassFn | None]] = [
+    ("upcast", None),  # with a dtype to compute in only: bf16/f16 values become f32, before anything looks at them
     ("canonicalize", canonicalize),  # one canonical form first: no-op views/casts gone, constants folded, CSE, DCE
     ("arm", None),  # with calibration data only: gate and up must still be apart, so before the fusions
     ("fuse_linear_residual", fuse_linear_residual),  # o_proj/down take the residual add: the norm then reads them
@@ -48,7 +51,8 @@ PIPELINE: list[tuple[str, PassFn | None]] = [
 
 PASSES: dict[str, PassFn] = {name: fn for name, fn in PIPELINE if fn is not None}
 
-_MODULES = {name: fn.__module__ for name, fn in PASSES.items()} | {"arm": "lowerlm.passes.arm"}
+_MODULES = {name: fn.__module__ for name, fn in PASSES.items()} | {"arm": "lowerlm.passes.arm",
+                                                                   "upcast": "lowerlm.passes.upcast"}
 # first docstring line of each pass's module, for `lowerlm passes`
 PASS_DOCS: dict[str, str] = {name: (sys.modules[_MODULES[name]].__doc__ or "").strip().split("\n")[0]
                              for name, _ in PIPELINE}
@@ -63,15 +67,25 @@ class PassRecord:
     rewrites: int
 
 
-def resolve(passes: str | Iterable[str | tuple] = "default", arm=None) -> list[tuple[str, PassFn]]:
+def resolve(passes: str | Iterable[str | tuple] = "default", arm=None, upcast_from=None) -> list[tuple[str, PassFn]]:
     """The (name, function) list for ``"default"``, ``"none"`` or a list of names (or (name, fn) pairs). ``arm``
-    (an ``ArmCalibration``) turns the arm pass on."""
+    (an ``ArmCalibration``) turns the arm pass on. ``upcast_from`` (bf16 or f16, a DType) puts the upcast pass
+    first, whatever ``passes`` says: the program computes in f32 only if every graph does."""
+    out = _resolve(passes, arm)
+    if upcast_from is not None:
+        from lowerlm.passes.upcast import upcast
+
+        out.insert(0, ("upcast", upcast(upcast_from)))
+    return out
+
+
+def _resolve(passes, arm) -> list[tuple[str, PassFn]]:
     if passes == "default":
         if arm is None:
             return [(name, fn) for name, fn in PIPELINE if fn is not None]
         from lowerlm.passes.arm import arm as arm_pass
 
-        return [(name, fn if fn is not None else arm_pass(arm)) for name, fn in PIPELINE]
+        return [(name, fn if fn is not None else arm_pass(arm)) for name, fn in PIPELINE if name != "upcast"]
     if passes in ("none", None):
         return []
     if isinstance(passes, str):
@@ -82,6 +96,8 @@ def resolve(passes: str | Iterable[str | tuple] = "default", arm=None) -> list[t
             out.append(p)
         elif p in PASSES:
             out.append((p, PASSES[p]))
+        elif p == "upcast":
+            raise PassError("pass 'upcast' needs the dtype to compute in: compile_model(model, dtype=torch.float32)")
         elif p == "arm":
             if arm is None:
                 raise PassError("pass 'arm' needs calibration data: compile_model(model, "
@@ -121,13 +137,13 @@ def dump_header(record: PassRecord) -> str:
 
 def run_pipeline(module: Module, passes="default", verify: bool = True, dump: set | None = None,
                  out: TextIO | None = None, on_pass: Callable[[PassRecord], None] | None = None,
-                 arm=None) -> Module:
+                 arm=None, upcast_from=None) -> Module:
     """Run the passes in order. ``dump`` (default: from LOWERLM_DUMP) names the passes whose result is printed to
     ``out`` (default stderr); ``on_pass`` receives each PassRecord."""
     dump = _dump_names() if dump is None else dump
     if verify:
         verify_module(module)
-    for name, fn in resolve(passes, arm):
+    for name, fn in resolve(passes, arm, upcast_from):
         record = run_pass(name, fn, module, verify)
         module = record.module
         if "all" in dump or name in dump:

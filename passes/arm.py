@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from lowerlm.ir.graph import Graph, GraphBuilder, Node
 from lowerlm.ir.ops import Op
 from lowerlm.ir.types import TensorType
-from lowerlm.ir.weights import Concat, Data, MatMul, Param, Scale
+from lowerlm.ir.weights import Concat, Data, MatMul, Scale
 from lowerlm.passes.canonicalize import dce
+from lowerlm.passes.fuse_rmsnorm_linear import weight_expr
 from lowerlm.passes.pattern import merge_sources, record_rewrites
 
 ACTS = {Op.SILU: "silu"}
@@ -74,11 +75,11 @@ def _act(node):
 
 
 def _plain_linear(g: Graph, node, x: str | None = None) -> bool:
-    """A linear without bias or residual whose weight is a parameter (and whose input is ``x`` if given)."""
+    """A linear without bias or residual whose weight is a load-time weight (a parameter, or an expression over
+    them, such as upcast's conversion), and whose input is ``x`` if given."""
     if node is None or node.op is not Op.LINEAR or node.inputs[2] is not None or node.inputs[3] is not None:
         return False
-    w = g.producer(node.inputs[1])
-    return w is not None and w.op is Op.PARAM and (x is None or node.inputs[0] == x)
+    return weight_expr(g, node.inputs[1]) is not None and (x is None or node.inputs[0] == x)
 
 
 def find_gated_mlps(g: Graph) -> list:
@@ -126,8 +127,7 @@ def arm(calibration: ArmCalibration):
 
 
 def _emit(b: GraphBuilder, g: Graph, m: GatedMLP, layer: ArmLayer) -> None:
-    param = lambda n: Param(g.producer(n.inputs[1]).attrs["name"])  # noqa: E731
-    w_gate, w_up, w_down = param(m.gate), param(m.up), param(m.down)
+    w_gate, w_up, w_down = (weight_expr(g, n.inputs[1]) for n in (m.gate, m.up, m.down))
     x, norm_w = m.norm.inputs
     xt, up_t = g.type_of(x), g.type_of(m.up.inputs[1])
     hidden, inter = xt.shape[-1], up_t.shape[0]

@@ -92,6 +92,21 @@ def test_arm_with_tau_zero_matches_eager_logits_and_greedy_tokens(family):
     assert [s[0] for s in cm.generate_ids([prompt], 32)] == hf
 
 
+def test_arm_fires_on_a_model_computed_in_f32():
+    """upcast turns parameters into load-time casts: arm still finds the MLPs and composes its weights over them
+    (τ = 0: the logits of the model converted with ``model.float()``)."""
+    import copy
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    cal = calibrate(model, token_ids=CAL_IDS, sparsity=0.0)
+    cm = lowerlm.compile_model(model, backend="reference", dtype=torch.float32, arm=cal, max_seq_len=64)
+    assert [r.name for r in cm.records][:3] == ["upcast", "canonicalize", "arm"] and cm.records[2].rewrites == 2
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = copy.deepcopy(model).float()(ids).logits
+    assert (cm(ids) - want).abs().max() <= 1e-4 * want.abs().max()
+
+
 def test_sparse_arm_prefill_and_decode_agree():
     """The mask applies in prefill and decode alike: generated tokens are the argmax of cm() on the growing
     sequence (teacher forcing)."""

@@ -21,7 +21,10 @@ def lowerlm(*args: str, cwd=ROOT):
 def test_passes_lists_the_pipeline():
     out = lowerlm("passes")
     assert out.returncode == 0
-    assert out.stdout.split()[0] == "canonicalize" and "default" in out.stdout
+    lines = out.stdout.splitlines()
+    assert [line.split()[:2] for line in lines[:3]] == [["upcast", "dtype"], ["canonicalize", "default"],
+                                                        ["arm", "data"]]
+    assert "upcast: a bf16 or f16 model computed in f32" in lines[0]
 
 
 def test_dump_ir_after_all_and_one_pass():

@@ -15,12 +15,19 @@ from .conftest import example_text
 
 
 def test_pipeline_is_a_visible_list_of_known_passes():
-    assert [name for name, _ in PIPELINE][:2] == ["canonicalize", "arm"]
+    assert [name for name, _ in PIPELINE][:3] == ["upcast", "canonicalize", "arm"]
     assert all(PASSES[name] is fn for name, fn in PIPELINE if fn is not None)
-    assert resolve("default") == [(n, fn) for n, fn in PIPELINE if n != "arm"] and resolve("none") == []
+    assert resolve("default") == [(n, fn) for n, fn in PIPELINE if n not in ("upcast", "arm")]
+    assert resolve("none") == []
     with pytest.raises(ir.PassError, match="pass 'arm' needs calibration data"):
         resolve(["arm"])  # arm needs calibration data
+    with pytest.raises(ir.PassError, match=r"pass 'upcast' needs the dtype.*dtype=torch.float32"):
+        resolve(["upcast"])
     assert resolve("canonicalize") == [("canonicalize", PASSES["canonicalize"])]
+    # a model computed in f32 is upcast first, whatever else runs
+    assert [n for n, _ in resolve("none", upcast_from=ir.DType.BF16)] == ["upcast"]
+    assert [n for n, _ in resolve("default", upcast_from=ir.DType.F16)] == ["upcast"] + [
+        n for n, _ in resolve("default")]
 
 
 def test_unknown_pass_name_is_a_pass_error():

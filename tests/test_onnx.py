@@ -215,21 +215,70 @@ def test_the_default_backend_auto_prefers_onnx_on_a_cpu():
     assert [s[0] for s in cm.generate_ids([prompt], 32, stop_ids=[])] == eager[0, len(prompt):].tolist()
 
 
-def test_auto_runs_a_bf16_model_whole_on_the_reference_backend():
-    """ONNX Runtime has no bf16: auto would leave ONNX only the index arithmetic between reference partitions, so
-    the graphs run whole on the reference backend (no ONNX session), and the plan says why."""
+def test_auto_computes_a_bf16_model_in_f32_on_a_cpu():
+    """ONNX Runtime has no bf16 kernels on a CPU: auto computes a bf16 model in f32 (the upcast pass first), says
+    so, runs both graphs whole on ONNX and returns bf16 logits. They are the f32 computation of the same weights
+    (``model.float()``) rounded to bf16 (each within half a bf16 ulp of its own value: one ulp of the largest
+    bounds it), eager bf16's to its rounding (four ulps of the largest), and the greedy tokens are the f32
+    model's."""
+    import copy
+
     if torch.cuda.is_available():
         pytest.skip("with a GPU, auto prefers Triton")
     model = tiny_model("llama").to(torch.bfloat16)
-    cm = lowerlm.compile_model(model, max_seq_len=64, use_cache=False)
+    with pytest.warns(UserWarning, match="bf16 model is computed in float32"):
+        cm = lowerlm.compile_model(model, max_seq_len=64, use_cache=False)
+    assert cm.records[0].name == "upcast"
+    plans = cm.program.plan()
+    assert all(plan.whole and plan.parts[0].backend == "onnx" for plan in plans.values())
+    f32_model = copy.deepcopy(model).float()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+    prompt = [5, 7, 9, 11, 3]
+    with torch.no_grad():
+        got = cm(ids)
+        want32, want16 = f32_model(ids).logits, model(ids).logits.float()
+        eager = f32_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want32).abs().max() <= 2**-8 * want32.abs().max()
+    assert (got.float() - want16).abs().max() <= 4 * 2**-8 * want16.abs().max()
+    assert [s[0] for s in cm.generate_ids([prompt], 32, stop_ids=[])] == eager[0, len(prompt):].tolist()
+
+
+def test_auto_keeps_bf16_when_asked():
+    """``dtype=torch.bfloat16`` keeps bf16 compute: no ONNX for it, so auto runs the graphs whole on the reference
+    backend (not ONNX islands of index arithmetic between reference partitions), no warning, and the plan says
+    why."""
+    import warnings
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, auto prefers Triton")
+    model = tiny_model("llama").to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cm = lowerlm.compile_model(model, dtype=torch.bfloat16, max_seq_len=64, use_cache=False)
     plans = cm.program.plan()
     assert all(plan.whole and plan.parts[0].backend == "reference" for plan in plans.values())
     assert cm.program.main._sessions == {}
-    assert "fallback for cached_attention, embedding" in "\n".join(cm.program.describe())
+    plan_text = "\n".join(cm.program.describe())
+    assert "fallback for cached_attention, embedding" in plan_text and "dtype=torch.float32" in plan_text
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         got, want = cm(ids).float(), model(ids).logits.float()
     assert (got - want).abs().max() <= 4 * 2**-8 * want.abs().max()  # four bf16 ulps of the largest logit
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_onnx_computes_a_narrow_model_in_f32_when_asked(dtype):
+    """``backend="onnx", dtype=torch.float32`` on a bf16 or f16 model: f32 logits, those of ``model.float()``."""
+    import copy
+
+    model = tiny_model("llama").to(dtype)
+    cm = lowerlm.compile_model(model, backend="onnx", dtype=torch.float32, max_seq_len=64, use_cache=False)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        got, want = cm(ids), copy.deepcopy(model).float()(ids).logits
+    assert got.dtype == torch.float32
+    _close(got, want)
 
 
 def test_an_f16_model_through_onnx():
