@@ -230,7 +230,10 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
         raise CompileError("tensor parallelism is not available yet (tp=1)")
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"compile_model takes a torch.nn.Module, got {type(model).__name__}")
-    model_dtype = next(model.parameters()).dtype
+    first = next(model.parameters(), None)
+    if first is None:
+        raise InputError(f"{type(model).__name__} has no parameters: compile_model takes a language model")
+    model_dtype = first.dtype
     compute = compute_dtype(model_dtype, dtype, backend, device)
     if backend == "reference" and device not in (None, "cpu"):
         raise CompileError("the reference backend runs on the CPU (device=None)")

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, TextIO
 
 import lowerlm.passes.arm  # noqa: F401  (its docstring is listed by `lowerlm passes`)
-import lowerlm.passes.upcast  # noqa: F401
 from lowerlm.ir.errors import PassError, VerifyError
 from lowerlm.ir.graph import Graph, Module
 from lowerlm.ir.printer import print_module
@@ -32,6 +31,7 @@ from lowerlm.passes.moe_dispatch import moe_dispatch
 from lowerlm.passes.pattern import take_rewrite_count
 from lowerlm.passes.select_logits import select_logits
 from lowerlm.passes.specialize import specialize
+from lowerlm.passes.upcast import upcast
 
 # A pass maps a graph to a graph, or (specialize) to a tuple of graphs that replace it in the module.
 PassFn = Callable[[Graph], "Graph | tuple"]
@@ -73,8 +73,6 @@ def resolve(passes: str | Iterable[str | tuple] = "default", arm=None, upcast_fr
     first, whatever ``passes`` says: the program computes in f32 only if every graph does."""
     out = _resolve(passes, arm)
     if upcast_from is not None:
-        from lowerlm.passes.upcast import upcast
-
         out.insert(0, ("upcast", upcast(upcast_from)))
     return out
 

@@ -244,6 +244,13 @@ def test_caches_that_cannot_be_written_only_warn(tmp_path, monkeypatch):
     assert "cannot write the trace cache" in messages and "cannot write the ONNX compile cache" in messages
 
 
+def test_compile_model_refuses_what_is_not_a_model():
+    with pytest.raises(lowerlm.errors.InputError, match="takes a torch.nn.Module, got str"):
+        lowerlm.compile_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(lowerlm.errors.InputError, match="ReLU has no parameters"):
+        lowerlm.compile_model(torch.nn.ReLU())
+
+
 def test_compiled_model_input_errors():
     cm = lowerlm.compile_model(tiny_model("llama"), backend="reference")
     with pytest.raises(lowerlm.errors.InputError, match="token id 64 is outside the vocabulary"):
