@@ -178,6 +178,25 @@ def test_tiny_models_through_the_triton_backend(family):
     assert [[s[i] for s in steps] for i in range(2)] == [h[:8].tolist() for h in hf]
 
 
+def test_a_bf16_model_computed_in_f32_through_the_triton_backend():
+    """``dtype=torch.float32`` on a bf16 model: the upcast graph's load-time casts are evaluated on the program's
+    device, and the kernels compute what ``model.float()`` computes eagerly (logits, greedy tokens)."""
+    import copy
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    cm = lowerlm.compile_model(model, backend="triton", dtype=torch.float32, max_batch=1, max_seq_len=64)
+    f32_model = copy.deepcopy(model).float()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    prompt = [5, 7, 9, 11, 3]
+    with torch.no_grad():
+        want = f32_model(ids).logits
+        hf = f32_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):]
+    got = cm(ids).cpu()
+    assert got.dtype == torch.float32
+    close(got, want, tol=1e-4)
+    assert [s[0] for s in cm.generate_ids([prompt], 8)] == hf.tolist()
+
+
 class _EagerGraphs:
     """GraphedDecode's interface with runs in place of CUDA graphs (which need a GPU): a bucket's "graph" runs the
     decode step on its static inputs into its static logits; a capture is the function itself."""
