@@ -43,7 +43,9 @@ def _full_slice(ctx, root):
 
 
 def _single_piece(ctx, root):
-    return root.args[0] if len(root.args) == 1 else None
+    """A concat of one input, or a split into one piece, is its input."""
+    pieces = root.results if root.op is Op.SPLIT else root.args
+    return root.args[0] if len(pieces) == 1 else None
 
 
 def _is_constant(ctx, value: str, number: float) -> bool:

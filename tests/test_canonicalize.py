@@ -89,7 +89,7 @@ def test_differential_on_the_reference_backend():
 def test_must_not_fire_on_canonical_text():
     """Nothing to do: a canonical graph, and lookalikes that are not no-ops (a reshape that changes the shape, a
     narrowing cast, a real transpose, mul by 2, a strided or partial slice, a big or symbolic constant
-    expression, identical state writers)."""
+    expression, identical state writers, a split into two pieces: one input, but not one piece)."""
     text = """\
 params {
   "w": f32[8,4]
@@ -108,13 +108,28 @@ graph forward(%x: f32[B,S,4], %positions: i64[B,S])
   %e = exp(%big) : f32[5000]
   %kc1 = kv_cache_write(%kc0, %x, %positions) : f32[B,1,T,4]
   %vc1 = kv_cache_write(%vc0, %x, %positions) : f32[B,1,T,4]
-  return %c, %p, %q, %e state(%kc1, %vc1)
+  %lo, %hi = split(%x) {dim=2, sizes=[1,3]} : f32[B,S,1], f32[B,S,3]
+  return %c, %p, %q, %e, %lo, %hi state(%kc1, %vc1)
 }
 """
     m = ir.verify_module(ir.parse_module(text))
     record = run_pass("canonicalize", canonicalize, m)
     assert ir.print_module(record.module) == text
     assert record.rewrites == 0
+
+
+def test_a_split_into_one_piece_and_a_concat_of_one_are_their_input():
+    text = """\
+graph forward(%x: f32[B,S,4]) {
+  %s = split(%x) {dim=2, sizes=[4]} : f32[B,S,4]
+  %c = concat(%s) {dim=2} : f32[B,S,4]
+  %y = exp(%c) : f32[B,S,4]
+  return %y
+}
+"""
+    record = run_pass("canonicalize", canonicalize, ir.verify_module(ir.parse_module(text)))
+    assert [n.op for n in record.module.graphs[0].nodes] == [ir.Op.EXP]
+    assert record.module.graphs[0].nodes[0].inputs == ("x",) and record.rewrites == 2
 
 
 def test_dce_keeps_state_updates_that_only_the_return_reads():
