@@ -82,6 +82,28 @@ def _reduce(op: Op):
     return conv
 
 
+def _layer_norm(imp, node, kw):
+    """``(x - mean) * rsqrt(var + eps) * weight + bias`` over the last dim, in f32 for narrower inputs (as torch
+    computes it), cast back: core ops every backend runs, no op of its own (decode reads its inputs once either
+    way; a fused kernel is for when a model family in scope needs it)."""
+    out = _out(imp, node)
+    x = imp.value(kw["input"])
+    if len(kw["normalized_shape"]) != 1:
+        raise UnsupportedOpError(op_name(node), imp.path(node), "layer_norm over more than the last dim")
+    f32 = DType.F32 if out.dtype in (DType.BF16, DType.F16) else out.dtype
+    last = imp.b.types[x].rank - 1
+    x = imp.cast(x, f32)
+    centred = imp.emit(node, Op.SUB, [x, imp.emit(node, Op.MEAN, [x], {"dims": [last], "keepdim": True})])
+    var = imp.emit(node, Op.MEAN, [imp.emit(node, Op.MUL, [centred, centred])], {"dims": [last], "keepdim": True})
+    inv = imp.emit(node, Op.RSQRT, [imp.emit(node, Op.ADD, [var, imp.constant(kw.get("eps", 1e-5), f32)])])
+    y = imp.emit(node, Op.MUL, [centred, inv])
+    if kw.get("weight") is not None:
+        y = imp.emit(node, Op.MUL, [y, imp.cast(imp.value(kw["weight"]), f32)])
+    if kw.get("bias") is not None:
+        y = imp.emit(node, Op.ADD, [y, imp.cast(imp.value(kw["bias"]), f32)])
+    return imp.cast(y, out.dtype)
+
+
 def _softmax(imp, node, kw):
     x = imp.cast(imp.value(kw["self"]), _out(imp, node).dtype)
     return imp.emit(node, Op.SOFTMAX, [x], {"dim": kw["dim"]})
@@ -233,7 +255,7 @@ ATEN = {
     "add": _binary(Op.ADD), "sub": _binary(Op.SUB), "mul": _binary(Op.MUL), "div": _div,
     "neg": _unary(Op.NEG), "exp": _unary(Op.EXP), "rsqrt": _unary(Op.RSQRT), "sigmoid": _unary(Op.SIGMOID),
     "silu": _unary(Op.SILU), "tanh": _unary(Op.TANH), "cos": _unary(Op.COS), "sin": _unary(Op.SIN),
-    "pow": _pow, "gelu": _gelu,
+    "pow": _pow, "gelu": _gelu, "layer_norm": _layer_norm,
     "mean": _reduce(Op.MEAN), "sum": _reduce(Op.SUM), "_softmax": _softmax, "softmax": _softmax,
     "_to_copy": _to_copy, "clone": _identity, "alias": _identity, "contiguous": _identity, "detach": _identity,
     "lift_fresh_copy": _identity,

@@ -177,10 +177,12 @@ class Importer:
         from lowerlm.frontend.aten import convert
         from lowerlm.frontend.raise_attention import raise_attention
         from lowerlm.frontend.raise_norm import raise_rms_norm
+        from lowerlm.frontend.raise_positions import raise_positions
 
         self.add_inputs()
         self.raised.update(raise_rms_norm(self))
         self.raised.update(raise_attention(self))
+        self.raised.update(raise_positions(self))
         need = self.needed()
         for node in self.graph.nodes:
             if node not in need or node in self.values:

@@ -167,6 +167,103 @@ def test_plain_module_compiles():
     torch.testing.assert_close(cm(ids), model(ids))
 
 
+class _GptBlock(torch.nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        self.fc, self.out = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                   for y in self.qkv(self.ln1(x)).split(d, dim=2))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).contiguous().view(b, t, d))
+        return x + self.out(torch.nn.functional.gelu(self.fc(self.ln2(x))))
+
+
+class _NanoGpt(torch.nn.Module):
+    """A plain GPT the way nanoGPT writes one: learned positions numbered by ``arange`` (no ``position_ids``),
+    LayerNorm, biased projections, q/k/v split from one projection, causal sdpa, GeLU, a tied head."""
+
+    def __init__(self, vocab=64, d=32, heads=4, layers=2, max_len=64, ids_scale=None):
+        super().__init__()
+        self.wte, self.wpe = torch.nn.Embedding(vocab, d), torch.nn.Embedding(max_len, d)
+        self.blocks = torch.nn.ModuleList([_GptBlock(d, heads) for _ in range(layers)])
+        self.ln_f = torch.nn.LayerNorm(d)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.wte.weight
+        self.ids_scale = ids_scale
+
+    def forward(self, input_ids):
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.wte(input_ids) + self.wpe(pos)
+        if self.ids_scale:  # an arange used as numbers, not as a row lookup
+            x = x * pos[:, None].to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def _nano_gpt(**kw):
+    torch.manual_seed(0)
+    model = _NanoGpt(**kw).eval()
+    with torch.no_grad():  # nanoGPT's init (std 0.02) greedily repeats one token; LayerNorm starts at 1 and 0
+        for p in model.parameters():
+            p.normal_(0, 0.3) if p.dim() == 2 else p.uniform_(-0.2, 0.2)
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def _eager_greedy(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])  # triton: kernels in the interpreter
+def test_a_plain_nanogpt_compiles(backend):
+    """Its LayerNorms import as core ops, its split q/k/v survives canonicalize, and its ``wpe(arange(S))`` reads
+    the positions input: decode steps at their cache positions give the eager model's greedy tokens (eager
+    recomputes the whole sequence each step)."""
+    model = _nano_gpt()
+    cm = lowerlm.compile_model(model, backend=backend, max_seq_len=64, use_cache=False)
+    g = cm.imported.graphs[0]
+    assert [n.inputs[1] for n in g.nodes if n.op is Op.EMBEDDING] == ["input_ids", "positions"]
+    assert sum(n.op is Op.MEAN for n in g.nodes) == 2 * 5  # mean and variance of each of the 5 LayerNorms
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids)
+    assert (cm(ids).cpu() - want).abs().max() <= 1e-4 * want.abs().max()
+    prompt = [5, 7, 9, 11, 3]
+    assert [s[0] for s in cm.generate_ids([prompt], 16, stop_ids=[])] == _eager_greedy(model, prompt, 16)
+
+
+def test_layer_norm_of_a_bf16_model_is_computed_in_f32():
+    """As torch's layer_norm does: the reference backend's bf16 logits are eager bf16's to bf16 rounding."""
+    model = _nano_gpt().to(torch.bfloat16)
+    cm = lowerlm.compile_model(model, backend="reference", use_cache=False)
+    means = [n for n in cm.imported.graphs[0].nodes if n.op is Op.MEAN]
+    assert means and all(r.type.dtype is ir.DType.F32 for n in means for r in n.results)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = cm(ids).float(), model(ids).float()
+    assert (got - want).abs().max() <= 4 * 2**-8 * want.abs().max()  # four bf16 ulps of the largest logit
+
+
+def test_an_arange_used_as_numbers_stays_unsupported():
+    """Only a row lookup by ``arange(S)`` becomes the positions input: ``x * arange(S)`` would mean position 0
+    in every decode step, so it is refused, and the error names the op."""
+    with pytest.raises(lowerlm.errors.UnsupportedOpError, match="aten.arange"):
+        lowerlm.compile_model(_nano_gpt(ids_scale=True), backend="reference", use_cache=False)
+
+
 def test_unsupported_op_names_op_module_and_what_to_do():
     with pytest.raises(lowerlm.errors.UnsupportedOpError) as e:
         lowerlm.compile_model(_Plain(_Weird()).eval(), backend="reference", use_cache=False)

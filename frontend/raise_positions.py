@@ -1,0 +1,59 @@
+"""Raise a plain module's learned position embedding: ``embedding(W, arange(S))`` → ``embedding(W, positions)``.
+
+A plain ``nn.Module`` that takes no ``position_ids`` numbers its tokens itself, ``torch.arange(seq_len)``. That is
+right for a call that holds the whole sequence and wrong for a decode step, whose one token sits at its cache
+position: so the row lookup reads the graph's ``positions`` input instead (equal to the arange in a prefill from
+position 0, the only call the model's own code describes). The lookup then yields ``[B, S, D]`` rather than
+``[S, D]``, so it is raised only where every user is an element-wise op with a ``[B, S, D]`` result (the add to
+the token embeddings), which broadcasting gives the same value. Any other ``arange`` stays an unsupported op: the
+error names it and its module.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from lowerlm.frontend.fx import kwargs_of
+from lowerlm.frontend.importer import Raised
+from lowerlm.ir.ops import Op
+
+aten = torch.ops.aten
+_ARANGE = (aten.arange.default, aten.arange.start, aten.arange.start_step)
+_ELEMENTWISE = (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor)
+
+
+def _is_sequence_arange(imp, node) -> bool:
+    """``arange(S)`` (or ``arange(0, S, 1)``) of int64 where S is the input ids' length."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _ARANGE):
+        return False
+    kw = kwargs_of(node)
+    start, end, step = kw.get("start", 0), kw["end"], kw.get("step", 1)
+    seq = imp.user_inputs["input_ids"].meta["val"].shape[1]
+    end_val = end.meta.get("val") if isinstance(end, fx.Node) else end
+    val = node.meta["val"]
+    return start == 0 and step == 1 and val.dtype == torch.int64 and str(end_val) == str(seq)
+
+
+def raise_positions(imp) -> dict:
+    """Position-embedding lookups by ``arange(S)``, keyed by their embedding node."""
+    if imp.positions_node is not None:  # the model takes position_ids: its positions are already the input
+        return {}
+    ids = imp.user_inputs["input_ids"].meta["val"].shape
+    out = {}
+    for node in imp.graph.nodes:
+        if not (node.op == "call_function" and node.target is aten.embedding.default):
+            continue
+        kw = kwargs_of(node)
+        if not _is_sequence_arange(imp, kw["indices"]) or not node.users:
+            continue
+        wide = tuple(str(d) for d in ids) + (str(node.meta["val"].shape[-1]),)
+        if not all(u.op == "call_function" and u.target in _ELEMENTWISE
+                   and tuple(str(d) for d in u.meta["val"].shape) == wide for u in node.users):
+            continue
+
+        def build(imp, node=node, w=kw["weight"]):
+            return imp.emit(node, Op.EMBEDDING, [imp.value(w), imp.positions])
+
+        out[node] = Raised([kw["weight"]], build, "position_embedding")
+    return out
