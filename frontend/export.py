@@ -20,7 +20,7 @@ import warnings
 import torch
 
 from lowerlm.frontend.importer import ExportInfo
-from lowerlm.ir.errors import UnsupportedOpError
+from lowerlm.ir.errors import CompileError, UnsupportedOpError
 
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 5
 WRAPPER_ATTR = "model"
@@ -59,6 +59,14 @@ def _sdpa_with_gqa():
         yield
     finally:
         sdpa_attention.use_gqa_in_sdpa = original
+
+
+def _export_reason(e: Exception) -> str:
+    """The first line of torch.export's error, and the lines that name a violated shape constraint."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
+    first = lines[0].split(" For more information")[0]
+    detail = [line[2:] for line in lines[1:] if line.startswith("- Not all values")]
+    return " ".join([f"{type(e).__name__}: {first}"] + detail[:2]).rstrip(".")
 
 
 def _is_hf(model) -> bool:
@@ -115,7 +123,14 @@ def export_model(model: torch.nn.Module, vocab_size: int | None = None):
     wrapper = _Wrapper(model, with_positions)
     with warnings.catch_warnings(), torch.no_grad(), _sdpa_with_gqa():
         warnings.simplefilter("ignore")
-        ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)
+        try:
+            ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)
+        except Exception as e:  # torch's own error is pages long and points into torch
+            raise CompileError(
+                f"torch.export cannot trace {type(model).__name__} for batch sizes 1-1024 and sequence lengths "
+                f"1-{seq.max}: {_export_reason(e)}. lowerlm compiles one graph for every length, so the forward "
+                "must not branch on values or special-case a length (a causal mask sliced from a fixed-size buffer "
+                "does; F.scaled_dot_product_attention(is_causal=True) needs no mask)") from e
         ep = ep.run_decompositions({})
     window = config_value(model, "sliding_window", default=0) or 0
     return ep, ExportInfo(WRAPPER_ATTR, example, max_pos, int(window) if window < max_pos else 0)

@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0: off")
     g.add_argument("--top-p", type=float, default=1.0, help="1: off")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-seq-len", type=int, default=2048)
+    g.add_argument("--max-seq-len", type=int, default=None,
+                   help="longest prompt + generated tokens (default 2048, or a learned position table's rows)")
     g.add_argument("--max-batch", type=int, default=1)
     g.add_argument("--weight-bits", type=int, choices=(4, 8), default=None,
                    help="ONNX backend: quantized projection weights (faster on a CPU, not bit-exact)")

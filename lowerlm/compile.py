@@ -12,6 +12,7 @@ import torch
 from lowerlm.errors import CompileError, InputError
 from lowerlm.ir.dtypes import DType
 from lowerlm.ir.graph import Module
+from lowerlm.ir.ops import Op
 from lowerlm.ir.printer import print_module
 from lowerlm.passes import PassRecord, dump_header, run_pipeline
 from lowerlm.runtime.generate import Generator, allocate_state, selects_logits
@@ -19,6 +20,7 @@ from lowerlm.runtime.sampler import Sampling
 from lowerlm.runtime.text import StreamDecoder, encode
 
 BACKENDS = ("reference", "triton", "onnx", "auto")
+DEFAULT_MAX_SEQ_LEN = 2048
 
 
 class CompiledModel:
@@ -38,6 +40,7 @@ class CompiledModel:
         self._generator: Generator | None = None
         self._stateless = None  # reference program for logits at arbitrary positions, built on first use
         self.logits_dtype = logits_dtype  # what ``cm(input_ids)`` returns (the model's own, when auto upcast it)
+        self.position_table = position_table(imported)  # (name, rows) of a learned position embedding, or None
 
     @property
     def ir(self) -> Module:
@@ -118,6 +121,10 @@ class CompiledModel:
             raise InputError(f"position_ids shape {list(positions.shape)} differs from input_ids {list(ids.shape)}")
         if positions.min() < 0:
             raise InputError("position_ids must be >= 0")
+        if self.position_table is not None and positions.max() >= self.position_table[1]:
+            name, rows = self.position_table
+            raise InputError(f"position {positions.max().item()} is past the {rows} positions of the model's position "
+                             f"embedding '{name}'")
         return ids, positions, seq_lens
 
     # ---- generation -----------------------------------------------------------------------------------------
@@ -184,6 +191,29 @@ def stop_token_ids(model, tokenizer) -> list:
     return ids
 
 
+def position_table(module: Module) -> tuple[str, int] | None:
+    """The learned position embedding (parameter, rows) the positions input is looked up in, if any: positions
+    past its last row do not exist."""
+    for node in module.graphs[0].nodes:
+        if node.op is Op.EMBEDDING and node.inputs[1] == "positions":
+            table = module.graphs[0].producer(node.inputs[0])
+            name = table.attrs["name"] if table is not None and table.op is Op.PARAM else node.inputs[0]
+            return name, int(module.graphs[0].type_of(node.inputs[0]).shape[0])
+    return None
+
+
+def fit_max_seq_len(module: Module, max_seq_len: int | None) -> int:
+    """``max_seq_len``, by default 2048 or the rows of a learned position table if fewer; more than those rows
+    is refused."""
+    table = position_table(module)
+    if max_seq_len is None:
+        return min(DEFAULT_MAX_SEQ_LEN, table[1]) if table else DEFAULT_MAX_SEQ_LEN
+    if table is not None and max_seq_len > table[1]:
+        raise CompileError(f"max_seq_len {max_seq_len} is more than the {table[1]} positions of the model's "
+                           f"position embedding '{table[0]}'; pass max_seq_len={table[1]} or less")
+    return max_seq_len
+
+
 def compute_dtype(model_dtype: torch.dtype, dtype, backend: str, device) -> torch.dtype:
     """The dtype the program computes in: ``dtype`` when given (the model's own, or f32 for a bf16/f16 model),
     else the model's, except that auto on a CPU computes a bf16 model in f32 (ONNX Runtime has no bf16 kernels
@@ -205,7 +235,7 @@ def compute_dtype(model_dtype: torch.dtype, dtype, backend: str, device) -> torc
 
 
 def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, device=None,
-                  max_seq_len: int = 2048, max_batch: int = 8, passes="default", arm=None, tp: int = 1,
+                  max_seq_len: int | None = None, max_batch: int = 8, passes="default", arm=None, tp: int = 1,
                   weight_bits: int | None = None,
                   captures=(), use_cache: bool = True, tokenizer=None,
                   progress: Callable[[str], None] | None = None) -> CompiledModel:
@@ -217,6 +247,8 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     (its weights converted at load, logits returned in f32). A bf16 model under auto on a CPU is computed in f32
     unless ``dtype=torch.bfloat16`` says otherwise (ONNX Runtime has no bf16 kernels there); its logits are
     returned as bf16.
+    ``max_seq_len``: the longest sequence (prompt and generated tokens) generation holds; 2048 by default, or
+    the rows of the model's learned position embedding if it has fewer.
     ``weight_bits`` (4 or 8; ONNX backend, and auto on a CPU) stores the projections' weights quantized: faster
     on a CPU, no longer the same numbers as the model (BENCHMARKS.md reports the token agreement). ``use_cache``:
     the trace cache and the ONNX backend's compile cache (``~/.cache/lowerlm``, ``LOWERLM_CACHE_DIR``)."""
@@ -240,9 +272,10 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     if weight_bits is not None and backend not in ("onnx", "auto"):
         raise CompileError(f"weight_bits quantizes weights for the ONNX backend; backend '{backend}' runs the "
                            "model's own precision")
-    if max_seq_len < 2 or max_batch < 1:
+    if max_seq_len is not None and max_seq_len < 2 or max_batch < 1:
         raise CompileError(f"max_seq_len must be >= 2 and max_batch >= 1, got {max_seq_len} and {max_batch}")
     imported = trace_model(model, use_cache=use_cache, progress=progress, captures=captures)
+    max_seq_len = fit_max_seq_len(imported, max_seq_len)
     records: list[PassRecord] = []
     run_pipeline(imported, passes=passes, on_pass=records.append, arm=arm,
                  upcast_from=DType.from_torch(model_dtype) if compute != model_dtype else None)

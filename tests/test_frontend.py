@@ -370,3 +370,44 @@ def test_smollm2_real_weights_match_eager():
     assert sum(n.op is Op.ATTENTION for n in g.nodes) == 30 and sum(n.op is Op.RMS_NORM for n in g.nodes) == 61
     decode = cm.ir.graph("decode")
     assert sum(n.op is Op.CACHED_ATTENTION for n in decode.nodes) == 30 and len(decode.state) == 60
+
+
+def test_a_learned_position_table_bounds_the_sequence():
+    """nanoGPT's wpe has 64 rows: max_seq_len defaults to 64, asking for more is refused, and so are logits at a
+    position past the table (not an index error from inside a backend)."""
+    model = _nano_gpt()
+    cm = lowerlm.compile_model(model, backend="reference", use_cache=False)
+    assert cm.max_seq_len == 64 and cm.position_table == ("wpe.weight", 64)
+    with pytest.raises(lowerlm.errors.CompileError, match=r"max_seq_len 65 is more than the 64 positions of the "
+                       r"model's position embedding 'wpe.weight'; pass max_seq_len=64 or less"):
+        lowerlm.compile_model(model, backend="reference", max_seq_len=65, use_cache=False)
+    with pytest.raises(lowerlm.errors.InputError, match="position 64 is past the 64 positions"):
+        cm(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(lowerlm.errors.InputError, match="longer than max_seq_len 64"):
+        list(cm.generate_ids([[1] * 64], 4))
+    assert lowerlm.compile_model(tiny_model("llama"), backend="reference").max_seq_len == 2048  # no table: RoPE
+
+
+def test_a_model_torch_export_cannot_trace_is_one_clear_error():
+    """A causal mask sliced from a fixed-size buffer makes torch.export special-case a length: the error says so in
+    one message, naming the class and the violated constraint, instead of torch's pages."""
+
+    class MaskedBlock(_GptBlock):
+        def __init__(self, d, heads, max_len=64):
+            super().__init__(d, heads)
+            self.register_buffer("mask", torch.full((max_len, max_len), float("-inf")).triu(1))
+
+        def forward(self, x):
+            b, t, d = x.shape
+            q, k, v = (y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                       for y in self.qkv(self.ln1(x)).split(d, dim=2))
+            att = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5 + self.mask[:t, :t]
+            y = att.softmax(-1) @ v
+            return x + self.proj(y.transpose(1, 2).contiguous().view(b, t, d))
+
+    model = _nano_gpt()
+    model.blocks = torch.nn.ModuleList([MaskedBlock(32, 4)])
+    with pytest.raises(lowerlm.errors.CompileError, match=r"torch.export cannot trace _NanoGpt for batch sizes "
+                       r"1-1024 and sequence lengths 1-2048: .*Not all values of S") as e:
+        lowerlm.compile_model(model.eval(), backend="reference", use_cache=False)
+    assert "\n" not in str(e.value) and "scaled_dot_product_attention(is_causal=True)" in str(e.value)
