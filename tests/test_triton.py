@@ -506,7 +506,11 @@ def test_generated_elementwise_chains_and_the_compile_cache(tmp_path, monkeypatc
     from lowerlm.codegen.reference import ReferenceProgram
     from lowerlm.codegen.triton.program import TritonProgram
 
+    from lowerlm.codegen.triton import elementwise
+
     monkeypatch.setenv("LOWERLM_CACHE_DIR", str(tmp_path))
+    # a fresh process's state: kernels other tests generated (the same chain sources) are already loaded
+    monkeypatch.setattr(elementwise, "_LOADED", {})
     m = lowerlm.ir.verify_module(lowerlm.ir.parse_module(CHAIN))
     weights = {"w": torch.randn(6)}
     inputs = {"x": torch.randn(2, 3, 6), "y": torch.randn(2, 1, 6)}
@@ -526,8 +530,6 @@ def test_generated_elementwise_chains_and_the_compile_cache(tmp_path, monkeypatc
     assert [f.stat().st_mtime_ns for f in files] == stamps
     # a cache that cannot be written (a file where its folder should be): a warning, the kernels from a temporary
     # folder, the same results
-    from lowerlm.codegen.triton import elementwise
-
     monkeypatch.setattr(elementwise, "_LOADED", {})
     (tmp_path / "file").write_text("not a folder")
     monkeypatch.setenv("LOWERLM_CACHE_DIR", str(tmp_path / "file"))
