@@ -504,9 +504,8 @@ graph forward(%x: f32[B,S,6], %y: f32[B,1,6]) {
 
 def test_generated_elementwise_chains_and_the_compile_cache(tmp_path, monkeypatch):
     from lowerlm.codegen.reference import ReferenceProgram
-    from lowerlm.codegen.triton.program import TritonProgram
-
     from lowerlm.codegen.triton import elementwise
+    from lowerlm.codegen.triton.program import TritonProgram
 
     monkeypatch.setenv("LOWERLM_CACHE_DIR", str(tmp_path))
     # a fresh process's state: kernels other tests generated (the same chain sources) are already loaded
