@@ -7,21 +7,69 @@ new versions. Semantics of the graph inputs after this pass: ``positions`` are t
 ``seq_lens`` the number of valid tokens in each sequence's cache after the writes — for a prefill into an empty
 cache these are exactly the values the pass's input took, so outputs are unchanged.
 Runs after the fusions (they never touch attention) and before specialize. Leaves graphs without attention alone.
+
+It refuses a graph that mixes tokens outside attention (``sequence_mixers``): a reduction or softmax over the
+sequence axis, a product contracting it, a value indexed by two sequence axes (pairwise scores), a slice, gather or
+concat along it (token shifts). One token at a time against a cache computes something else there, so generation
+would be silently wrong. The check reads shapes, so it sees the common forms, not every conceivable one (a
+sequence axis first merged into another and then reduced over part of it would pass).
 """
 
 from __future__ import annotations
 
-from lowerlm.ir.graph import Graph, GraphBuilder
+from lowerlm.ir.errors import PassError
+from lowerlm.ir.graph import Graph, GraphBuilder, Node
 from lowerlm.ir.ops import Op
-from lowerlm.ir.shapes import sym
+from lowerlm.ir.shapes import free_symbols, sym
 from lowerlm.ir.types import TensorType
 from lowerlm.passes.pattern import record_rewrites
 
 CACHE_LEN = "T"
+SEQ = "S"
+_REDUCE = {Op.MEAN: "dims", Op.SUM: "dims", Op.SOFTMAX: "dim", Op.ARGMAX: "dim", Op.TOPK: "dim"}
+_ALONG = (Op.SLICE, Op.GATHER, Op.CONCAT)
+
+
+def _seq(dim) -> bool:
+    return SEQ in free_symbols((dim,))
+
+
+def _axes(node: Node, attr: str, rank: int) -> list:
+    v = node.attr(attr)
+    return [a % rank for a in (v if isinstance(v, (list, tuple)) else [v])]
+
+
+def _mixes(g: Graph, node: Node) -> str | None:
+    """Why ``node`` combines values of different tokens, or None."""
+    if node.op in (Op.ATTENTION, Op.CACHED_ATTENTION) or not node.args:
+        return None
+    x = g.type_of(node.args[0])
+    if sum(_seq(d) for d in node.results[0].type.shape) > 1:
+        return "its result is indexed by two sequence axes"
+    if node.op in _REDUCE and any(_seq(x.shape[a]) for a in _axes(node, _REDUCE[node.op], x.rank)):
+        return f"{node.op.value} over the sequence axis"
+    if node.op in (Op.MATMUL, Op.LINEAR) and x.rank and _seq(x.shape[-1]):
+        return "a product contracting the sequence axis"
+    if node.op in _ALONG and any(_seq(x.shape[a]) for a in _axes(node, "dim", x.rank)):
+        return f"{node.op.value} along the sequence axis"
+    return None
+
+
+def sequence_mixers(g: Graph) -> list:
+    """(node, why) for every node that mixes tokens outside attention."""
+    return [(n, why) for n in g.nodes if (why := _mixes(g, n)) is not None]
 
 
 def insert_kv_cache(g: Graph) -> Graph:
     """Give every attention a key and a value cache."""
+    mixers = sequence_mixers(g)
+    if mixers:
+        node, why = mixers[0]
+        where = f" in module '{node.source[0]}'" if node.source else ""
+        raise PassError(f"'{node.op.value}'{where} mixes tokens outside an attention op ({why}): decoding one token "
+                        "at a time against a KV cache would compute something else. Write attention with "
+                        "F.scaled_dot_product_attention, or capture the block as one op; compile_model(model, "
+                        "passes=['canonicalize']) gives logits without generation")
     if not any(n.op is Op.ATTENTION for n in g.nodes):
         return g
     b = GraphBuilder.rebuild(g)

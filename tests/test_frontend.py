@@ -411,3 +411,22 @@ def test_a_model_torch_export_cannot_trace_is_one_clear_error():
                        r"1-1024 and sequence lengths 1-2048: .*Not all values of S") as e:
         lowerlm.compile_model(model.eval(), backend="reference", use_cache=False)
     assert "\n" not in str(e.value) and "scaled_dot_product_attention(is_causal=True)" in str(e.value)
+
+
+class _MeanMixer(torch.nn.Module):
+    """Each token also sees the mean of all tokens: not attention, and not something one token at a time against a
+    KV cache can compute."""
+
+    def forward(self, x):
+        return x + x.mean(dim=1, keepdim=True)
+
+
+def test_a_model_that_mixes_tokens_outside_attention_is_refused_not_decoded_wrongly():
+    model = _Plain(_MeanMixer()).eval()
+    with pytest.raises(lowerlm.errors.PassError, match="'mean' in module 'blocks.0' mixes tokens outside an "
+                       "attention op"):
+        lowerlm.compile_model(model, backend="reference", use_cache=False)
+    # what the error offers: logits without generation
+    cm = lowerlm.compile_model(model, backend="reference", passes=["canonicalize"], use_cache=False)
+    ids = torch.randint(0, 32, (2, 5))
+    torch.testing.assert_close(cm(ids), model(ids))

@@ -18,7 +18,7 @@ from .conftest import example_text, random_weights, token_inputs
 BEFORE = """\
 graph forward(%q: f32[B,S,8], %k: f32[B,S,4], %v: f32[B,S,6], %positions: i64[B,S], %seq_lens: i32[B]) {
   %o = attention(%q, %k, %v, %positions, %seq_lens) {heads=[2,1], scale=0.5, window=3} : f32[B,S,12]  # model.layers.0.self_attn
-  %s = slice(%o) {dim=1, end=S//2} : f32[B,S//2,12]
+  %s = reshape(%o) {shape=[B*S,12]} : f32[B*S,12]
   return %o, %s
 }
 """
@@ -29,7 +29,7 @@ graph forward(%q: f32[B,S,8], %k: f32[B,S,4], %v: f32[B,S,6], %positions: i64[B,
   %L0.kcache1 = kv_cache_write(%L0.kcache, %k, %positions) : f32[B,1,T,4]  # model.layers.0.self_attn
   %L0.vcache1 = kv_cache_write(%L0.vcache, %v, %positions) : f32[B,1,T,6]  # model.layers.0.self_attn
   %o = cached_attention(%q, %L0.kcache1, %L0.vcache1, %positions, %seq_lens) {scale=0.5, window=3} : f32[B,S,12]  # model.layers.0.self_attn
-  %s = slice(%o) {dim=1, end=S//2} : f32[B,S//2,12]
+  %s = reshape(%o) {shape=[B*S,12]} : f32[B*S,12]
   return %o, %s state(%L0.kcache1, %L0.vcache1)
 }
 """
@@ -40,7 +40,7 @@ graph decode(%q: f32[B,1,8], %k: f32[B,1,4], %v: f32[B,1,6], %positions: i64[B,1
   %L0.kcache1 = kv_cache_write(%L0.kcache, %k, %positions) : f32[B,1,T,4]  # model.layers.0.self_attn
   %L0.vcache1 = kv_cache_write(%L0.vcache, %v, %positions) : f32[B,1,T,6]  # model.layers.0.self_attn
   %o = cached_attention(%q, %L0.kcache1, %L0.vcache1, %positions, %seq_lens) {scale=0.5, window=3} : f32[B,1,12]  # model.layers.0.self_attn
-  %s = slice(%o) {dim=1, end=0} : f32[B,0,12]
+  %s = reshape(%o) {shape=[B,12]} : f32[B,12]
   return %o, %s state(%L0.kcache1, %L0.vcache1)
 }"""
 
@@ -188,3 +188,44 @@ def test_select_logits_gives_the_rows_asked_for():
     torch.testing.assert_close(got[0], full[0].gather(1, index[..., None].expand(-1, -1, 64)), rtol=1e-5, atol=1e-6)
     for name in full_state:
         torch.testing.assert_close(got_state[name], full_state[name], rtol=0, atol=0)
+
+
+MIXERS = {
+    "mean over the sequence axis": "%m = mean(%x) {dims=[1], keepdim=true} : f32[B,1,8]",
+    "softmax over the sequence axis": "%m = softmax(%x) {dim=1} : f32[B,S,8]",
+    "indexed by two sequence axes": "%t = transpose(%x) {perm=[0,2,1]} : f32[B,8,S]\n"
+                                    "  %m = matmul(%x, %t) : f32[B,S,S]",
+    "contracting the sequence axis": "%t = transpose(%x) {perm=[0,2,1]} : f32[B,8,S]\n"
+                                     "  %m = matmul(%t, %x) : f32[B,8,8]",
+    "slice along the sequence axis": "%m = slice(%x) {dim=1, start=1, end=S} : f32[B,S-1,8]",
+}
+
+
+@pytest.mark.parametrize("why", list(MIXERS))
+def test_insert_kv_cache_refuses_a_graph_that_mixes_tokens_outside_attention(why):
+    """Decoding one token at a time would compute something else: a mean or softmax over the tokens, pairwise
+    scores, a product over the tokens, a token shift. The error names the op, its module and what to do."""
+    text = f"""\
+graph forward(%x: f32[B,S,8]) {{
+  {MIXERS[why]}  # blocks.0
+  return %m
+}}
+"""
+    with pytest.raises(ir.PassError, match=rf"in module 'blocks.0' mixes tokens outside an attention op \(.*{why}"):
+        _run("insert_kv_cache", text)
+
+
+def test_insert_kv_cache_allows_what_stays_within_a_token():
+    """A reduction over features, an outer product that is per token (rotary angles: [B,D,1] @ [B,1,S]), a
+    reshape merging batch and sequence, a slice of features: nothing to refuse, nothing to rewrite."""
+    text = """\
+graph forward(%x: f32[B,S,8], %f: f32[B,4,1], %p: f32[B,1,S]) {
+  %m = mean(%x) {dims=[2], keepdim} : f32[B,S,1]
+  %a = matmul(%f, %p) : f32[B,4,S]
+  %r = reshape(%x) {shape=[B*S,8]} : f32[B*S,8]
+  %h = slice(%x) {dim=2, end=4} : f32[B,S,4]
+  return %m, %a, %r, %h
+}
+"""
+    record = _run("insert_kv_cache", text)
+    assert record.rewrites == 0 and ir.print_module(record.module) == text
