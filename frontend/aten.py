@@ -66,6 +66,11 @@ def _pow(imp, node, kw):
     return imp.emit(node, Op.POW, [imp.value(kw["self"])], {"exponent": float(e)})
 
 
+def _sqrt(imp, node, kw):
+    """``x ** 0.5``: the pow op every backend has (Triton's generated chains emit ``tl.sqrt`` for it)."""
+    return imp.emit(node, Op.POW, [imp.cast(imp.value(kw["self"]), _out(imp, node).dtype)], {"exponent": 0.5})
+
+
 def _gelu(imp, node, kw):
     return imp.emit(node, Op.GELU, [imp.value(kw["self"])], {"approximate": kw.get("approximate", "none")})
 
@@ -255,7 +260,7 @@ ATEN = {
     "add": _binary(Op.ADD), "sub": _binary(Op.SUB), "mul": _binary(Op.MUL), "div": _div,
     "neg": _unary(Op.NEG), "exp": _unary(Op.EXP), "rsqrt": _unary(Op.RSQRT), "sigmoid": _unary(Op.SIGMOID),
     "silu": _unary(Op.SILU), "tanh": _unary(Op.TANH), "cos": _unary(Op.COS), "sin": _unary(Op.SIN),
-    "pow": _pow, "gelu": _gelu, "layer_norm": _layer_norm,
+    "pow": _pow, "sqrt": _sqrt, "gelu": _gelu, "layer_norm": _layer_norm,
     "mean": _reduce(Op.MEAN), "sum": _reduce(Op.SUM), "_softmax": _softmax, "softmax": _softmax,
     "_to_copy": _to_copy, "clone": _identity, "alias": _identity, "contiguous": _identity, "detach": _identity,
     "lift_fresh_copy": _identity,

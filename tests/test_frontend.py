@@ -272,7 +272,20 @@ def test_unsupported_op_names_op_module_and_what_to_do():
 
 
 class _ToyNorm(torch.nn.Module):
-    """RMSNorm written with sqrt, which the importer has no op for: only capture can import it."""
+    """RMSNorm written with a vector norm, which the importer has no op for: only capture can import it."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(dim) + 0.5)
+        self.eps = eps
+
+    def forward(self, x):
+        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).pow(2) / x.shape[-1]
+        return self.weight * (x * torch.rsqrt(mean_square + self.eps))
+
+
+class _SqrtNorm(torch.nn.Module):
+    """RMSNorm as people write it by hand, with sqrt and a division."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -283,6 +296,16 @@ class _ToyNorm(torch.nn.Module):
         return self.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
+@pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])  # triton: a generated chain, tl.sqrt
+def test_sqrt_imports_as_pow_one_half(backend):
+    torch.manual_seed(0)
+    model = _Plain(_SqrtNorm(8)).eval()
+    cm = lowerlm.compile_model(model, backend=backend, use_cache=False)
+    assert [n.attr("exponent") for n in cm.imported.graphs[0].nodes if n.op is Op.POW] == [2.0, 0.5]
+    ids = torch.randint(0, 32, (2, 6))
+    torch.testing.assert_close(cm(ids).cpu(), model(ids), rtol=1e-5, atol=1e-5)
+
+
 def test_module_capture_turns_a_block_into_one_ir_op():
     from lowerlm.frontend.capture import Capture
 
@@ -290,7 +313,7 @@ def test_module_capture_turns_a_block_into_one_ir_op():
                   attrs=lambda m: {"eps": m.eps}, op=Op.RMS_NORM)
     torch.manual_seed(0)
     model = _Plain(_ToyNorm(8)).eval()
-    with pytest.raises(lowerlm.errors.UnsupportedOpError, match="aten.sqrt"):
+    with pytest.raises(lowerlm.errors.UnsupportedOpError, match="aten.linalg_vector_norm"):
         lowerlm.compile_model(model, backend="reference", use_cache=False)
     cm = lowerlm.compile_model(model, backend="reference", use_cache=False, captures=[cap])
     norms = [n for n in cm.ir.graphs[0].nodes if n.op is Op.RMS_NORM]
