@@ -6,11 +6,12 @@ states, ``[B, Hkv, T, D]`` key and value caches owned by its module (``T`` is th
 new versions. Semantics of the graph inputs after this pass: ``positions`` are the cache slots the call writes,
 ``seq_lens`` the number of valid tokens in each sequence's cache after the writes — for a prefill into an empty
 cache these are exactly the values the pass's input took, so outputs are unchanged.
-Runs after the fusions (they never touch attention) and before specialize. Leaves graphs without attention alone.
+Runs after the fusions (they never touch attention) and before specialize. Leaves graphs without attention as they
+are.
 
 It refuses a graph that mixes tokens outside attention (``sequence_mixers``): a reduction or softmax over the
-sequence axis, a product contracting it, a value indexed by two sequence axes (pairwise scores), a slice, gather or
-concat along it (token shifts). One token at a time against a cache computes something else there, so generation
+sequence axis, a product contracting it, a value indexed by two sequence axes (pairwise scores), a slice, split,
+gather or concat along it (token shifts). One token at a time against a cache computes something else there, so generation
 would be silently wrong. The check reads shapes, so it sees the common forms, not every conceivable one (a
 sequence axis first merged into another and then reduced over part of it would pass).
 """
@@ -27,7 +28,7 @@ from lowerlm.passes.pattern import record_rewrites
 CACHE_LEN = "T"
 SEQ = "S"
 _REDUCE = {Op.MEAN: "dims", Op.SUM: "dims", Op.SOFTMAX: "dim", Op.ARGMAX: "dim", Op.TOPK: "dim"}
-_ALONG = (Op.SLICE, Op.GATHER, Op.CONCAT)
+_ALONG = (Op.SLICE, Op.SPLIT, Op.GATHER, Op.CONCAT)
 
 
 def _seq(dim) -> bool:

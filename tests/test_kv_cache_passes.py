@@ -198,6 +198,7 @@ MIXERS = {
     "contracting the sequence axis": "%t = transpose(%x) {perm=[0,2,1]} : f32[B,8,S]\n"
                                      "  %m = matmul(%t, %x) : f32[B,8,8]",
     "slice along the sequence axis": "%m = slice(%x) {dim=1, start=1, end=S} : f32[B,S-1,8]",
+    "split along the sequence axis": "%m, %n = split(%x) {dim=1, sizes=[1,S-1]} : f32[B,1,8], f32[B,S-1,8]",
 }
 
 
