@@ -11,9 +11,9 @@ are.
 
 It refuses a graph that mixes tokens outside attention (``sequence_mixers``): a reduction or softmax over the
 sequence axis, a product contracting it, a value indexed by two sequence axes (pairwise scores), a slice, split,
-gather or concat along it (token shifts). One token at a time against a cache computes something else there, so generation
-would be silently wrong. The check reads shapes, so it sees the common forms, not every conceivable one (a
-sequence axis first merged into another and then reduced over part of it would pass).
+gather or concat along it (token shifts). One token at a time against a cache computes something else there, so
+generation would be silently wrong. The check reads shapes, so it sees the common forms, not every conceivable one
+(a sequence axis first merged into another and then reduced over part of it would pass).
 """
 
 from __future__ import annotations
