@@ -1,8 +1,9 @@
 """``backend="auto"``: each graph is split at op level between the device's preferred backend (a CUDA GPU: Triton;
 a CPU: ONNX) and the reference backend, which runs the ops the preferred one lacks (codegen/partition.py).
 
-A graph the preferred backend runs whole stays one program call (a bf16 graph on a CPU runs whole on the reference
-backend: the ONNX lowering refuses all of it). Otherwise its partitions run in order, values handed from one to the
+A graph the preferred backend runs whole stays one program call. A bf16 graph reaches a CPU's auto only when asked
+for (``compile_model`` otherwise computes a bf16 model in f32 there, the upcast pass); the ONNX lowering refuses all
+of it, so it runs whole on the reference backend. Otherwise its partitions run in order, values handed from one to the
 next (copied only where their devices differ, which ``describe()`` lists and ``copies`` counts), state updated in
 place by whichever partition writes it. ``describe()`` is what ``lowerlm dump-ir --backend auto`` prints.
 """

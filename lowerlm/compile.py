@@ -28,7 +28,8 @@ class CompiledModel:
     streams text."""
 
     def __init__(self, imported: Module, records: list, weights: dict, program, vocab_size: int | None,
-                 max_seq_len: int, max_batch: int, tokenizer=None, stop_ids=(), logits_dtype=None):
+                 max_seq_len: int, max_batch: int, tokenizer=None, stop_ids=(), logits_dtype=None,
+                 position_table: tuple | None = None):
         self.imported = imported
         self.records = records  # one PassRecord per pass, in order
         self.weights = weights
@@ -40,7 +41,7 @@ class CompiledModel:
         self._generator: Generator | None = None
         self._stateless = None  # reference program for logits at arbitrary positions, built on first use
         self.logits_dtype = logits_dtype  # what ``cm(input_ids)`` returns (the model's own, when auto upcast it)
-        self.position_table = position_table(imported)  # (name, rows) of a learned position embedding, or None
+        self.position_table = position_table  # (name, rows) of a learned position embedding, or None
 
     @property
     def ir(self) -> Module:
@@ -202,10 +203,9 @@ def position_table(module: Module) -> tuple[str, int] | None:
     return None
 
 
-def fit_max_seq_len(module: Module, max_seq_len: int | None) -> int:
-    """``max_seq_len``, by default 2048 or the rows of a learned position table if fewer; more than those rows
-    is refused."""
-    table = position_table(module)
+def fit_max_seq_len(table: tuple | None, max_seq_len: int | None) -> int:
+    """``max_seq_len``, by default 2048 or the rows of the learned position ``table`` (``position_table``) if
+    fewer; more than those rows is refused."""
     if max_seq_len is None:
         return min(DEFAULT_MAX_SEQ_LEN, table[1]) if table else DEFAULT_MAX_SEQ_LEN
     if table is not None and max_seq_len > table[1]:
@@ -275,7 +275,8 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     if max_seq_len is not None and max_seq_len < 2 or max_batch < 1:
         raise CompileError(f"max_seq_len must be >= 2 and max_batch >= 1, got {max_seq_len} and {max_batch}")
     imported = trace_model(model, use_cache=use_cache, progress=progress, captures=captures)
-    max_seq_len = fit_max_seq_len(imported, max_seq_len)
+    table = position_table(imported)
+    max_seq_len = fit_max_seq_len(table, max_seq_len)
     records: list[PassRecord] = []
     run_pipeline(imported, passes=passes, on_pass=records.append, arm=arm,
                  upcast_from=DType.from_torch(model_dtype) if compute != model_dtype else None)
@@ -298,4 +299,5 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     else:
         program = ReferenceProgram(final, weights)
     return CompiledModel(imported, records, weights, program, vocab, max_seq_len, max_batch, tokenizer,
-                         stop_token_ids(model, tokenizer), logits_dtype=model_dtype if dtype is None else compute)
+                         stop_token_ids(model, tokenizer), logits_dtype=model_dtype if dtype is None else compute,
+                         position_table=table)

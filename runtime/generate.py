@@ -43,11 +43,12 @@ def prefill(program, state: dict, ids: torch.Tensor, lengths: torch.Tensor) -> t
     chunks that continue its cache (ONNX Runtime continues a cache with more than one token only at batch 1), and
     without the padding."""
     chunk_of = getattr(program, "prefill_chunk", lambda n: None)
-    chunks = [chunk_of(n) for n in lengths.tolist()]
+    rows = lengths.tolist()
+    chunks = [chunk_of(n) for n in rows]
     if all(c is None for c in chunks):
         return prefill_once(program, _batch_view(state, ids.shape[0]), ids, 0, lengths)
     out = []
-    for i, (n, chunk) in enumerate(zip(lengths.tolist(), chunks)):
+    for i, (n, chunk) in enumerate(zip(rows, chunks)):
         row = {name: buf[i:i + 1] for name, buf in state.items()}
         chunk = chunk or n
         for c0 in range(0, n, chunk):

@@ -643,13 +643,13 @@ def _np_dtype(dtype: DType):
             DType.BOOL: np.bool_}[dtype]
 
 
-BF16 = ("the ONNX backend runs f32 or f16 models (ONNX Runtime has no bf16 kernels on a CPU); "
+BF16_REFUSED = ("the ONNX backend runs f32 or f16 models (ONNX Runtime has no bf16 kernels on a CPU); "
         "compile_model(model, dtype=torch.float32) computes a bf16 model in f32")
 
 
 def _to_numpy(tensor):
     if str(tensor.dtype) == "torch.bfloat16":
-        raise CompileError(BF16)
+        raise CompileError(BF16_REFUSED)
     return tensor.detach().cpu().contiguous().numpy()
 
 
@@ -675,7 +675,7 @@ def unsupported(g: Graph):
         if node.op in (Op.PARAM, Op.WEIGHT):
             return None
         if bf16:
-            return BF16
+            return BF16_REFUSED
         if probe is None:
             probe = Lowering(g, constants=None)
             probe.names = {name: name for name in g.types}
