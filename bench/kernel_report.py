@@ -2,9 +2,9 @@
 without one: launches per step and per layer, and each kernel's grid, warps, registers, stack, spills and shared
 memory from Triton's compiler (sm_90).
 
-    python bench/kernels.py                                   # SmolLM2-135M and Llama-3.2-1B shapes, bf16
-    python bench/kernels.py --shapes qwen3-30b-a3b-12l        # the MoE shapes of bench/moe.py
-    python bench/kernels.py --triton-path DIR                 # compile with the Triton installed in DIR
+    python bench/kernel_report.py                             # SmolLM2-135M and Llama-3.2-1B shapes, bf16
+    python bench/kernel_report.py --shapes qwen3-30b-a3b-12l  # the MoE shapes of bench/moe.py
+    python bench/kernel_report.py --triton-path DIR           # compile with the Triton installed in DIR
                                                               # (pip install --target DIR triton==3.6.0)
 
 Launches are recorded under Triton's interpreter without running them (2 layers of the real shapes; a layer's
