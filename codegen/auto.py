@@ -83,7 +83,7 @@ class AutoProgram:
         if backend == "triton":
             from lowerlm.codegen.triton.program import TritonProgram
 
-            return TritonProgram(sub, weights, device)
+            return TritonProgram(sub, weights, device, cache=self.cache)
         if backend == "onnx":
             from lowerlm.codegen.onnx.program import OnnxProgram
 

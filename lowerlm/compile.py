@@ -251,7 +251,8 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     the rows of the model's learned position embedding if it has fewer.
     ``weight_bits`` (4 or 8; ONNX backend, and auto on a CPU) stores the projections' weights quantized: faster
     on a CPU, no longer the same numbers as the model (BENCHMARKS.md reports the token agreement). ``use_cache``:
-    the trace cache and the ONNX backend's compile cache (``~/.cache/lowerlm``, ``LOWERLM_CACHE_DIR``)."""
+    the trace cache, the ONNX backend's compile cache and the Triton backend's generated kernel sources
+    (``~/.cache/lowerlm``, ``LOWERLM_CACHE_DIR``; docs/caches.md); off, nothing is read from or written there."""
     from lowerlm.codegen.reference import ReferenceProgram
     from lowerlm.frontend.trace import trace_model
     from lowerlm.runtime.text import load_tokenizer
@@ -287,7 +288,7 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     if backend == "triton":
         from lowerlm.codegen.triton.program import TritonProgram
 
-        program = TritonProgram(final, weights, device)
+        program = TritonProgram(final, weights, device, cache=use_cache)
     elif backend == "onnx":
         from lowerlm.codegen.onnx.program import OnnxProgram
 

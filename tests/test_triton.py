@@ -6,6 +6,9 @@ bf16 on CUDA."""
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
+import warnings
 from collections import Counter
 
 import pytest
@@ -527,15 +530,26 @@ def test_generated_elementwise_chains_and_the_compile_cache(tmp_path, monkeypatc
     stamps = [f.stat().st_mtime_ns for f in files]
     TritonProgram(m, weights, DEV).plan(m.graphs[0])  # a warm compile reuses the cached sources
     assert [f.stat().st_mtime_ns for f in files] == stamps
-    # a cache that cannot be written (a file where its folder should be): a warning, the kernels from a temporary
-    # folder, the same results
+    # no compile cache (use_cache=False) or one that cannot be written (a file where its folder should be): the
+    # kernels from memory, nothing written anywhere (no folder left in the temp directory), the same results
+    temp = tempfile.gettempdir()
+    before = set(os.listdir(temp))
     monkeypatch.setattr(elementwise, "_LOADED", {})
     (tmp_path / "file").write_text("not a folder")
     monkeypatch.setenv("LOWERLM_CACHE_DIR", str(tmp_path / "file"))
     with pytest.warns(UserWarning, match="cannot write the Triton kernel cache"):
         again = TritonProgram(m, weights, DEV).run("forward", {k: v.to(DEV) for k, v in inputs.items()})[0]
-    for a, b in zip(again, got):
-        assert torch.equal(a, b)
+    monkeypatch.setattr(elementwise, "_LOADED", {})
+    monkeypatch.setenv("LOWERLM_CACHE_DIR", str(tmp_path / "unused"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        uncached = TritonProgram(m, weights, DEV, cache=False).run(
+            "forward", {k: v.to(DEV) for k, v in inputs.items()})[0]
+    assert not [w for w in seen if "lowerlm" in str(w.message)]
+    for a, b, c in zip(again, uncached, got):
+        assert torch.equal(a, c) and torch.equal(b, c)
+    assert not (tmp_path / "unused").exists()
+    assert not {f for f in set(os.listdir(temp)) - before if f.startswith("lowerlm")}
 
 
 def test_arm_model_through_the_triton_backend():

@@ -4,17 +4,18 @@ through strides, 0 on broadcast axes) and writes only the chain's last result.
 
 Each node's result is rounded to its IR dtype, as torch rounds op by op, so bf16 chains match eager. The source
 is generated from the chain's structure, written to the compile cache (``<cache>/triton/<digest>.py``, atomically)
-and imported from there — Triton needs the source in a file — so a warm compile only imports it.
+and imported from there, so a warm compile only imports it. Without a compile cache (``use_cache=False``, or a cache
+that cannot be written) the module is made from the source in memory, with a loader that hands the source to
+``inspect`` (Triton reads a kernel's source through it): nothing is written anywhere.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.abc
 import importlib.util
 import sys
-import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 import triton
@@ -98,20 +99,39 @@ def chain_source(nodes: list, inputs: list, rank: int) -> str:
 _LOADED: dict = {}
 
 
-def load_kernel(source: str):
-    """The kernel for generated source, from the compile cache (written there on first use)."""
+class _MemoryLoader(importlib.abc.InspectLoader):
+    """Executes generated source kept in memory and gives it to ``inspect``/``linecache`` on request."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def get_source(self, fullname: str) -> str:
+        return self.source
+
+    def exec_module(self, module) -> None:
+        exec(compile(self.source, module.__spec__.origin, "exec"), module.__dict__)
+
+
+def load_kernel(source: str, cache: bool = True):
+    """The kernel for generated source: from the compile cache (written there on first use), or, with ``cache``
+    off or a cache that cannot be written, from memory."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:20]
     if digest in _LOADED:
         return _LOADED[digest]
-    path = cache_root() / "triton" / f"chain_{digest}.py"
-    try:
-        if not path.exists() or path.read_text() != source:
-            atomic_write(path, source)
-    except OSError as e:  # a read-only or full cache: Triton still needs the source in a file
-        warnings.warn(f"lowerlm: cannot write the Triton kernel cache ({e}); using a temporary folder", stacklevel=2)
-        path = Path(tempfile.mkdtemp(prefix="lowerlm-triton-")) / path.name
-        path.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"lowerlm_chain_{digest}", path)
+    name = f"lowerlm_chain_{digest}"
+    spec = None
+    if cache:
+        path = cache_root() / "triton" / f"chain_{digest}.py"
+        try:
+            if not path.exists() or path.read_text() != source:
+                atomic_write(path, source)
+            spec = importlib.util.spec_from_file_location(name, path)
+        except OSError as e:  # a read-only or full cache
+            warnings.warn(f"lowerlm: cannot write the Triton kernel cache ({e}); generated kernels stay in memory",
+                          stacklevel=2)
+    if spec is None:  # a file name that exists nowhere: linecache asks the loader for the source
+        spec = importlib.util.spec_from_loader(name, _MemoryLoader(source), origin=f"lowerlm-generated/{name}.py")
+        spec.has_location = True
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

@@ -30,16 +30,18 @@ _MOE_OPS = frozenset({Op.MOE_ROUTE, Op.MOE_SORT, Op.GROUPED_GEMM, Op.MOE_COMBINE
 
 
 class TritonProgram(ReferenceProgram):
-    """A module ready to run with Triton kernels: ``run(graph, inputs, state, inplace=True)``."""
+    """A module ready to run with Triton kernels: ``run(graph, inputs, state, inplace=True)``. ``cache``: keep
+    generated kernels' sources in the compile cache (else they live in memory only)."""
 
     device_sampling = True  # the runtime samples with codegen/triton/sampling.py on the device
 
-    def __init__(self, module, weights, device=None):
+    def __init__(self, module, weights, device=None, cache: bool = True):
         device = self.resolve_device(device)
         if not available(device):
             raise CompileError("the Triton backend needs a CUDA GPU; on a CPU set TRITON_INTERPRET=1 (before lowerlm "
                                "is imported) to run its kernels in Triton's slow interpreter")
         self.device = device  # before the weights are evaluated: they land here
+        self.cache = cache
         super().__init__(module, {n: w.to(device) for n, w in weights.items()})
         self._plans: dict = {}
 
@@ -165,7 +167,7 @@ class TritonProgram(ReferenceProgram):
             names = {m.name for m in members}
             inputs = list(dict.fromkeys(v for m in members for v in m.args if v not in names))
             source = chain_source(members, inputs, root.results[0].type.rank)
-            plan[root.name] = ("chain", inputs, load_kernel(source))
+            plan[root.name] = ("chain", inputs, load_kernel(source, cache=self.cache))
             plan.update({m.name: "in-chain" for m in members if m is not root})
         return plan
 
