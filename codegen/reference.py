@@ -16,6 +16,7 @@ from lowerlm.ir.errors import CompileError, InputError
 from lowerlm.ir.fold import CORE_OPS, by_slot, run_core
 from lowerlm.ir.graph import Graph, Module, Node
 from lowerlm.ir.ops import Op
+from lowerlm.ir.rope import rope_cos_sin, rotate
 from lowerlm.ir.shapes import Sym, evaluate
 from lowerlm.ir.weights import Param, evaluate_weight, tensor_digest, weight_fingerprint
 
@@ -28,21 +29,6 @@ def rms_norm(x, w, eps: float):
     return w * x32.to(x.dtype)
 
 
-def rope_cos_sin(positions, inv_freq, scaling: float, layout: str, dtype):
-    # positions: [B, S] -> cos, sin: [B, S, 1, R] with R = 2 * len(inv_freq)
-    freqs = positions.float()[..., None] * torch.tensor(inv_freq, dtype=torch.float32)
-    emb = torch.cat([freqs, freqs], -1) if layout == "half" else freqs.repeat_interleave(2, -1)
-    return (emb.cos() * scaling).to(dtype)[:, :, None, :], (emb.sin() * scaling).to(dtype)[:, :, None, :]
-
-
-def _rotate(x, layout: str):
-    if layout == "half":
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([-x2, x1], dim=-1)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([-x2, x1], dim=-1).flatten(-2)
-
-
 def rope(q, k, positions, heads, inv_freq, scaling: float, layout: str):
     # q: [B, S, Hq*D], k: [B, S, Hk*D]; the first R = 2*len(inv_freq) dims of each head rotate
     cos, sin = rope_cos_sin(positions, inv_freq, scaling, layout, q.dtype)
@@ -52,7 +38,7 @@ def rope(q, k, positions, heads, inv_freq, scaling: float, layout: str):
         b, s, width = x.shape
         xh = x.reshape(b, s, h, width // h)
         rot, rest = xh[..., :rdim], xh[..., rdim:]
-        rot = rot * cos + _rotate(rot, layout) * sin
+        rot = rot * cos + rotate(rot, layout) * sin
         out.append(torch.cat([rot, rest], -1).reshape(b, s, width))
     return tuple(out)
 

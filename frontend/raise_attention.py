@@ -19,11 +19,11 @@ import math
 import torch
 import torch.fx as fx
 
-from lowerlm.codegen.reference import _rotate, rope_cos_sin
 from lowerlm.frontend.fx import ancestors, fx_eval, kwargs_of
 from lowerlm.frontend.importer import Raised
 from lowerlm.ir.errors import UnsupportedOpError
 from lowerlm.ir.ops import Op
+from lowerlm.ir.rope import rope_cos_sin, rotate
 
 aten = torch.ops.aten
 
@@ -134,7 +134,7 @@ class _RopeCheck:
             got = fx_eval(r, env)
         except Exception:  # the subgraph does not run on a probe: not a plain rotation
             return False
-        return got.shape == probe.shape and torch.equal(got.cpu(), _rotate(probe.cpu(), layout))
+        return got.shape == probe.shape and torch.equal(got.cpu(), rotate(probe.cpu(), layout))
 
 
 def match_rope(check: _RopeCheck, t: fx.Node):
