@@ -1,6 +1,6 @@
 """The GPU's view of the Triton backend, checked on the CPU: every kernel a model launches compiles with Triton's
 real compiler for an H100 (sm_90), and a decode step is safe to capture in a CUDA graph (the same launches
-whatever the position, no host synchronisation) within DESIGN.md's launch budget.
+whatever the position, no host synchronisation) within the decode launch budget (docs/backends.md).
 
 Triton's interpreter runs kernels as numpy programs and accepts code the compiler rejects, so the kernel tests in
 test_triton.py alone cannot tell whether the GPU would compile them. The launches are recorded without running
@@ -10,6 +10,7 @@ them (the launchers' control flow does not read device data), then compiled in a
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -96,9 +97,9 @@ def test_every_kernel_a_model_launches_compiles_for_sm90():
         assert r["spills"] == 0, (launch.name, launch.constexprs, r)  # no kernel runs out of registers
 
 
-# DESIGN.md's decode budget, per layer: 5 launches for a dense layer (qkv with the norm, attention with rope and
-# the cache writes, o with the residual, gate/up with the norm and SwiGLU, down with the residual); an MoE layer
-# has route (with the norm), sort, two grouped GEMMs and the combine in place of the last two
+# The decode launch budget (docs/backends.md), per layer: 5 launches for a dense layer (qkv with the norm,
+# attention with rope and the cache writes, o with the residual, gate/up with the norm and SwiGLU, down with the
+# residual); an MoE layer has route (with the norm), sort, two grouped GEMMs and the combine in place of the last two
 BUDGET = {"llama": 5, "mixtral": 8, "qwen3_moe": 8}  # Qwen3's q/k norms go into the attention launch
 
 
@@ -130,3 +131,22 @@ def test_prefill_launches_fuse_the_elementwise_work():
     assert {op: torch_ops[op] for op in ("mm", "addmm", "gather", "add", "silu", "mul")} == \
            {"mm": 4, "addmm": 4, "gather": 1, "add": 0, "silu": 0, "mul": 0}, torch_ops
     assert sum(torch_ops.values()) == 13, torch_ops  # + 4 of the runtime's (positions, the last rows' index)
+
+
+@pytest.mark.skipif(not _has_ptxas(), reason="this Triton has no NVIDIA backend with ptxas to compile for sm_90")
+def test_generated_kernels_kept_in_memory_compile_for_sm90(monkeypatch):
+    """Without a compile cache a generated chain kernel has no file; compile_launches hands its source over."""
+    from lowerlm.codegen.triton import elementwise
+    from lowerlm.codegen.triton.program import TritonProgram
+
+    from .test_triton import CHAIN
+
+    monkeypatch.setattr(elementwise, "_LOADED", {})
+    m = lowerlm.ir.verify_module(lowerlm.ir.parse_module(CHAIN))
+    program = TritonProgram(m, {"w": torch.randn(6)}, "cpu", cache=False)
+    with Recorder(execute=False) as rec:
+        program.run("forward", {"x": torch.randn(2, 3, 6), "y": torch.randn(2, 1, 6)})
+    chains = [launch for launch in rec.launches if launch.name == "chain_kernel"]
+    assert len(chains) == 4 and not any(os.path.exists(launch.file) for launch in chains)
+    results = compile_launches(chains)
+    assert all(r["ok"] for r in results), results

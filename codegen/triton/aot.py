@@ -42,7 +42,7 @@ class Launch:
     """One kernel launch as the JIT specialises it."""
 
     module: str  # the kernel's module name
-    file: str  # its source file (generated kernels are imported from the compile cache)
+    file: str  # its source file (a generated kernel without a compile cache has none: compile_launches writes it)
     name: str
     signature: dict  # parameter -> Triton type ("*bf16", "i32", "fp32", "u1") or "constexpr"
     constexprs: dict  # parameter -> value
@@ -182,9 +182,17 @@ def compile_launches(launches: list, target: str = DEFAULT_TARGET, env: dict | N
     """Compile each launch's kernel with Triton's compiler for ``target`` ("cuda:90:32") in a fresh process
     without the interpreter; one result dict per launch, in order."""
     with tempfile.TemporaryDirectory() as tmp:
+        records = []
+        for launch in launches:
+            record = asdict(launch)
+            if not os.path.exists(launch.file):  # a generated kernel kept in memory (no compile cache)
+                record["file"] = os.path.join(tmp, f"{launch.module}.py")
+                with open(record["file"], "w") as f:
+                    f.write(inspect.getsource(sys.modules[launch.module]))
+            records.append(record)
         path = os.path.join(tmp, "launches.json")
         with open(path, "w") as f:
-            json.dump([asdict(launch) for launch in launches], f, default=str)
+            json.dump(records, f, default=str)
         child_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         child_env.update(env or {})
         proc = subprocess.run([sys.executable, "-m", "lowerlm.codegen.triton.aot", path, "--target", target],
