@@ -1,2 +1,3 @@
-"""Codegen: turns the specialised graphs of a module into a Program. The reference backend (plain torch, the
-oracle) is here now; the Triton and ONNX backends come with their issues."""
+"""Codegen: turns the graphs of a module into a program: the reference backend (plain torch, the oracle), ONNX
+Runtime (``onnx/``), Triton (``triton/``) and ``auto``, which partitions each graph between the device's preferred
+backend and the reference one (docs/backends.md)."""

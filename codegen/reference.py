@@ -132,7 +132,7 @@ def arm_mlp(x, norm_weight, gate_m, up, down_scaled, mu, scale, residual, eps, t
     return y if residual is None else y + residual
 
 
-# ---- MoE (MODELS.md) -------------------------------------------------------------------------------------------
+# ---- MoE (docs/models.md) ---------------------------------------------------------------------------------------
 def moe_route(x, router, bias, router_kind, top_k, n_group, topk_group, renormalize, scaling, router_f32,
               weights_f32):
     # x: [..., H] -> ids i32[..., k], weights [..., k]: transformers' routers, with their rounding points

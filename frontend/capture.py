@@ -1,5 +1,6 @@
-"""Module capture: blocks that tracing would unroll or that change between library versions (MoE, KDA, MLA) are
-swapped, before export, for a ``torch.library.custom_op`` and become one IR node whatever their implementation.
+"""Module capture: blocks that tracing would unroll or that change between library versions (transformers' MoE
+blocks, frontend/moe.py; a user's own ``Capture``) are swapped, before export, for a ``torch.library.custom_op``
+and become one IR node whatever their implementation.
 
 A ``Capture`` says which modules it takes (``matches``), which of their tensors the op reads (``weights``: names
 of parameters or buffers, passed as op inputs so export lifts them to weights; a None name leaves an optional

@@ -1,9 +1,9 @@
-"""transformers' MoE blocks, captured whole as one IR ``moe`` op (DESIGN.md: module capture).
+"""transformers' MoE blocks, captured whole as one IR ``moe`` op (module capture: frontend/capture.py).
 
 Tracing a MoE block would unroll its per-expert loop for the example's routing (or go through whichever experts
 implementation transformers picks), so each known block class is swapped for the ``lowerlm::moe`` custom op
 before export. The op's inputs are the block's router weight, correction bias, stacked expert weights and shared
-expert; its attributes carry the routing rules and the rounding points of that family (MODELS.md):
+expert; its attributes carry the routing rules and the rounding points of that family (docs/models.md):
 
 - Mixtral: router logits in the model's dtype, softmax in f32, top-k, always renormalised, weights kept in f32;
 - Qwen3-MoE: the same, renormalised only with ``norm_topk_prob``, weights cast back to the model's dtype;

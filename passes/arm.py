@@ -1,4 +1,4 @@
-"""arm: activation redistribution before the down projection (DESIGN.md, "ARM").
+"""arm: activation redistribution before the down projection (docs/models.md, "ARM").
 
 A gated MLP ``y = W_d (act(W_g x̂) ⊙ W_u x̂)`` with ``x̂ = rms_norm(x)`` becomes one ``arm_mlp``:
 ``y = (W_d·diag(s)) (mask(â) ⊙ u) + M x̂`` with ``â = (a − μ) / s``, ``M = W_d·diag(μ)·W_u`` and channels with

@@ -2,7 +2,8 @@
 
 Why: the frontend imports graphs full of views that do nothing (reshapes, casts and expands to the shape or
 dtype they already have, transposes that undo each other) and repeated subexpressions; every later pattern is
-simpler when it sees one canonical form. Needs nothing before it; runs first.
+simpler when it sees one canonical form. Needs nothing before it; runs first, after ``upcast`` when that runs
+(whose casts it then removes).
 Assertions are not IR ops (the frontend drops aten's ``_assert_*`` nodes at import), so none remain to remove.
 DCE keeps state updates because every final state version is returned. CSE never merges state writers.
 """

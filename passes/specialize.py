@@ -3,7 +3,8 @@
 Why: decode runs once per token, so it gets its own graph with every shape static in S (only the batch B and the
 cache length T stay symbols, and the runtime fixes both): later passes and backends can plan buffers and capture
 it. Prefill keeps S free. Both share the weights and the state specs. Runs after insert_kv_cache (decode without
-state would be pointless) and before plan_memory. A module already specialised is left alone.
+state would be pointless) and before select_logits, which rewrites prefill only. A module already specialised is
+left alone.
 """
 
 from __future__ import annotations

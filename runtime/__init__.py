@@ -1,2 +1,2 @@
-"""Runtime: weights on the device, state buffers, sampler and the autoregressive loop (built by the runtime
-issue on top of ``lowerlm.codegen``)."""
+"""Runtime: state buffers allocated once, prefill and decode, the sampler, streaming generation, the on-device
+decode loop and CUDA graphs, over a program from ``lowerlm.codegen`` (docs/runtime.md)."""

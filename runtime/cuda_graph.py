@@ -1,8 +1,8 @@
 """The decode step captured in CUDA graphs, one per batch-size bucket (1, 2, 4, … up to max_batch).
 
-Rules the kernels follow so a captured step stays correct on replay (DESIGN.md): they read positions and lengths
-from device tensors (the static inputs copied in before each replay), grids are sized for the bucket and the cache
-length with early exit, and every kernel has run (compiled) before capture. A smaller batch runs in the next
+Rules the kernels follow so a captured step stays correct on replay (docs/runtime.md): they read positions and
+lengths from device tensors (the static inputs copied in before each replay), grids are sized for the bucket and the
+cache length with early exit, and every kernel has run (compiled) before capture. A smaller batch runs in the next
 bucket up; its extra rows write only to cache rows no sequence of this batch uses.
 """
 

@@ -1,8 +1,9 @@
 """The autoregressive loop, gpt-fast small: ``prefill``, ``decode_one`` and ``sample`` as plain functions over a
 program and state buffers allocated once.
 
-Batches are right-padded ``[B, S]``: every sequence has its own ``positions`` and ``seq_lens``, so padding never
-enters attention or the cache, and a batch gives each sequence the tokens it would get alone.
+Batches are right-padded ``[B, S]``: every sequence has its own ``positions`` and ``seq_lens``. A padded row's
+extra tokens are written into cache slots at or past its ``seq_lens``, which attention never reads and the next
+steps overwrite, so padding never enters a result, and a batch gives each sequence the tokens it would get alone.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Packaging: one import package ``lowerlm`` from a checkout, an editable install and a wheel; no bare stage
-imports; no script shadows a module; lint; ``import lowerlm.ir`` stays light."""
+imports; imports run the directions docs/architecture.md states; no script shadows a module; lint; ``import
+lowerlm.ir`` stays light."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ast
 import importlib.metadata
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 import zipfile
@@ -153,3 +155,55 @@ def test_no_script_shadows_a_module(tmp_path):
     (tmp_path / "bench" / "moe.py").write_text("")
     assert shadowing_scripts(tmp_path) == [os.path.join("bench", "kernels.py")]
 
+
+def _doc_import_rules() -> dict:
+    """The import directions docs/architecture.md states, from its table: ``| `frontend/` | `frontend`, `ir` |``."""
+    rules = {}
+    for line in (ROOT / "docs" / "architecture.md").read_text().splitlines():
+        m = re.match(r"\|\s*`(\w+)/`\s*\|([^|]*)\|\s*$", line)
+        if m:
+            rules[m.group(1)] = set(re.findall(r"`(\w+)`", m.group(2)))
+    return rules
+
+
+def _imported_parts(path: Path) -> set:
+    """The parts of lowerlm a file imports (a stage, or ``lowerlm`` for the package root's modules), local imports
+    included."""
+    parts = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            modules = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules = [node.module] if node.module != "lowerlm" else [f"lowerlm.{a.name}" for a in node.names]
+        else:
+            continue
+        for module in modules:
+            pieces = module.split(".")
+            if pieces[0] == "lowerlm":
+                parts.add(pieces[1] if len(pieces) > 1 and pieces[1] in STAGES else "lowerlm")
+    return parts
+
+
+def test_imports_run_the_directions_the_docs_state():
+    rules = _doc_import_rules()
+    assert set(rules) == {*STAGES, "lowerlm"}, f"docs/architecture.md's import table lists {sorted(rules)}"
+    offenders = []
+    for part, allowed in rules.items():
+        for path in sorted((ROOT / part).rglob("*.py")):
+            offenders += [f"{path.relative_to(ROOT)} imports lowerlm.{bad}" for bad in _imported_parts(path) - allowed]
+    assert not offenders, "against docs/architecture.md's import directions:\n" + "\n".join(offenders)
+
+
+def test_references_point_into_the_repository():
+    """Code and documentation cite docs/ pages that exist, and never the plan outside the repository (a user of the
+    project does not have it)."""
+    dangling, outside = [], []
+    files = [*_source_files(), *ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md")]
+    for path in files:
+        text = path.read_text()
+        rel = path.relative_to(ROOT)
+        dangling += [f"{rel}: docs/{page}" for page in re.findall(r"docs/([\w-]+\.md)", text)
+                     if not (ROOT / "docs" / page).is_file()]
+        outside += [f"{rel}: {m}" for m in re.findall(r"\.\./shared[/]\S*|\b(?:DESIGN|MODELS)\.md\b", text)]
+    assert not dangling, "no such page:\n" + "\n".join(dangling)
+    assert not outside, "points outside the repository:\n" + "\n".join(outside)

@@ -3,10 +3,10 @@ a chain of single-use element-wise nodes becomes one kernel that reads each outs
 through strides, 0 on broadcast axes) and writes only the chain's last result.
 
 Each node's result is rounded to its IR dtype, as torch rounds op by op, so bf16 chains match eager. The source
-is generated from the chain's structure, written to the compile cache (``<cache>/triton/<digest>.py``, atomically)
-and imported from there, so a warm compile only imports it. Without a compile cache (``use_cache=False``, or a cache
-that cannot be written) the module is made from the source in memory, with a loader that hands the source to
-``inspect`` (Triton reads a kernel's source through it): nothing is written anywhere.
+is generated from the chain's structure, written to the compile cache (``<cache>/triton/chain_<digest>.py``,
+atomically) and imported from there, so a warm compile only imports it. Without a compile cache
+(``use_cache=False``, or a cache that cannot be written) the module is made from the source in memory, with a
+loader that hands the source to ``inspect`` (Triton reads a kernel's source through it): nothing is written.
 """
 
 from __future__ import annotations
