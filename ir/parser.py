@@ -154,7 +154,8 @@ class _Parser:
                 owner = ""
                 if self.at("@"):
                     self.take()
-                    owner = self.expect_kind("ident", "an owning module path").text
+                    owner = self.string() if self.peek().kind == "string" else \
+                        self.expect_kind("ident", "an owning module path").text
                 state.append(StateSpec(v, t, owner))
             self.expect(")")
         self.expect("{")

@@ -11,6 +11,7 @@ from lowerlm.ir.ops import Op
 from lowerlm.ir.weights import expr_str
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _KEYWORDS = {"true", "false", "inf", "nan"}
 
 
@@ -72,11 +73,17 @@ def print_node(node: Node) -> str:
     return f"{lhs} = {body} : {types}{src}"
 
 
+def _owner(path: str) -> str:
+    """A state's owning module path: bare when the parser reads it as one name, else a JSON string (an
+    ``nn.Sequential`` numbers its children: ``0.attn``)."""
+    return path if _PATH.fullmatch(path) else json.dumps(path)
+
+
 def print_graph(g: Graph, indent: str = "") -> str:
     sig = ", ".join(f"%{v.name}: {v.type}" for v in g.inputs)
     lines = [f"{indent}graph {g.name}({sig})"]
     if g.state:
-        st = ", ".join(f"%{s.name}: {s.type}" + (f" @{s.owner}" if s.owner else "") for s in g.state)
+        st = ", ".join(f"%{s.name}: {s.type}" + (f" @{_owner(s.owner)}" if s.owner else "") for s in g.state)
         lines[0] += f"\n{indent}    state({st})"
     lines[0] += " {"
     lines += [f"{indent}  {print_node(n)}" for n in g.nodes]

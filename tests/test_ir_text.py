@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -77,6 +79,17 @@ def test_kitchen_sink_round_trips_and_verifies():
     assert g.state[0].owner == "model.layers.0.self_attn"
     assert g.producer("wqk").source == ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj")
     assert g.type_of("flat") == TensorType(DType.F32, (32 * sym("B"),))
+
+
+@pytest.mark.parametrize("owner", ["0.attn", "blocks.0 attn", 'a"b', "model.layers.0.self_attn"])
+def test_any_state_owner_round_trips(owner):
+    """An owner the parser cannot read as one name (an nn.Sequential numbers its children) prints as a string."""
+    m = ir.parse_module(KITCHEN_SINK)
+    g = m.graph("decode")
+    g = dataclasses.replace(g, state=tuple(dataclasses.replace(s, owner=owner) for s in g.state))
+    m = ir.Module(tuple(g if x.name == "decode" else x for x in m.graphs), m.params)
+    text = ir.print_module(m)
+    assert ir.parse_module(text) == m and ir.print_module(ir.parse_module(text)) == text
 
 
 def test_graph_built_in_code_round_trips_with_data_values():
