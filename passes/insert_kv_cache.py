@@ -13,7 +13,9 @@ It refuses a graph that mixes tokens outside attention (``sequence_mixers``): a 
 sequence axis, a product contracting it, a value indexed by two sequence axes (pairwise scores), a slice, split,
 gather or concat along it (token shifts). One token at a time against a cache computes something else there, so
 generation would be silently wrong. The check reads shapes, so it sees the common forms, not every conceivable one
-(a sequence axis first merged into another and then reduced over part of it would pass).
+(a sequence axis first merged into another and then reduced over part of it would pass). It refuses an attention
+without a causal mask for the same reason: there every token sees the later ones, which a token computed before
+them never did.
 """
 
 from __future__ import annotations
@@ -70,6 +72,14 @@ def insert_kv_cache(g: Graph) -> Graph:
         raise PassError(f"'{node.op.value}'{where} mixes tokens outside an attention op ({why}): decoding one token "
                         "at a time against a KV cache would compute something else. Write attention with "
                         "F.scaled_dot_product_attention, or capture the block as one op; compile_model(model, "
+                        "passes=['canonicalize']) gives logits without generation")
+    bidirectional = [n for n in g.nodes if n.op is Op.ATTENTION and not n.attr("causal")]
+    if bidirectional:
+        node = bidirectional[0]
+        where = f" in module '{node.source[0]}'" if node.source else ""
+        raise PassError(f"'attention'{where} is not causal (every token sees the later ones): decoding one token at "
+                        "a time against a KV cache would compute something else. Give the model a causal mask "
+                        "(F.scaled_dot_product_attention(..., is_causal=True)); compile_model(model, "
                         "passes=['canonicalize']) gives logits without generation")
     if not any(n.op is Op.ATTENTION for n in g.nodes):
         return g

@@ -444,6 +444,30 @@ class _MeanMixer(torch.nn.Module):
         return x + x.mean(dim=1, keepdim=True)
 
 
+class _Bidirectional(torch.nn.Module):
+    """Self-attention without a mask: every token sees the later ones (an encoder's attention)."""
+
+    def __init__(self, d: int = 8, heads: int = 2):
+        super().__init__()
+        self.heads, self.qkv = heads, torch.nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (y.view(b, t, self.heads, d // self.heads).transpose(1, 2) for y in self.qkv(x).split(d, dim=2))
+        return x + torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+
+
+def test_attention_that_is_not_causal_is_refused_not_decoded_wrongly():
+    torch.manual_seed(0)
+    model = _Plain(_Bidirectional()).eval()
+    model.blocks.append(_Bidirectional())  # from the second layer on, earlier tokens' states depend on later ones
+    with pytest.raises(lowerlm.errors.PassError, match="'attention' in module 'blocks.0' is not causal"):
+        lowerlm.compile_model(model, backend="reference", use_cache=False)
+    cm = lowerlm.compile_model(model, backend="reference", passes=["canonicalize"], use_cache=False)
+    ids = torch.randint(0, 32, (2, 5))
+    torch.testing.assert_close(cm(ids), model(ids))
+
+
 def test_a_model_that_mixes_tokens_outside_attention_is_refused_not_decoded_wrongly():
     model = _Plain(_MeanMixer()).eval()
     with pytest.raises(lowerlm.errors.PassError, match="'mean' in module 'blocks.0' mixes tokens outside an "

@@ -216,6 +216,13 @@ graph forward(%x: f32[B,S,8]) {{
         _run("insert_kv_cache", text)
 
 
+def test_insert_kv_cache_refuses_attention_that_is_not_causal():
+    """Every token of an all-visible attention sees the later ones; decoding against a cache cannot."""
+    text = BEFORE.replace("{heads=[2,1], scale=0.5, window=3}", "{heads=[2,1], scale=0.5, causal=false}")
+    with pytest.raises(ir.PassError, match="'attention' in module 'model.layers.0.self_attn' is not causal"):
+        _run("insert_kv_cache", text)
+
+
 def test_insert_kv_cache_allows_what_stays_within_a_token():
     """A reduction over features, an outer product that is per token (rotary angles: [B,D,1] @ [B,1,S]), a
     reshape merging batch and sequence, a slice of features: nothing to refuse, nothing to rewrite."""
