@@ -24,14 +24,20 @@ from lowerlm.ir.errors import UnsupportedOpError
 from lowerlm.ir.ops import Op
 
 
+# Expert activations by class (transformers' ACT2CLS entries and torch's own modules), each exactly an IR activation;
+# a name-word match took torch's Tanh for tanh-GeLU and the clipped GeLU (gelu_10) for GeLU.
+_ACTS = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu", "GELUTanh": "gelu_tanh",
+         "NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh", "AccurateGELUActivation": "gelu_tanh"}
+
+
 def _act(experts: torch.nn.Module) -> str:
     fn = getattr(experts, "act_fn", None)
-    name = type(fn).__name__.lower()
-    if "quick" not in name:  # QuickGELU, x * sigmoid(1.702 x), has no IR activation
-        for act, marks in (("silu", ("silu", "swish")), ("gelu_tanh", ("tanh", "new", "fast")), ("gelu", ("gelu",))):
-            if any(m in name for m in marks):
-                return act
-    raise UnsupportedOpError(f"MoE expert activation {type(fn).__name__}", type(experts).__name__,
+    name = type(fn).__name__
+    if isinstance(fn, torch.nn.GELU):
+        return "gelu_tanh" if fn.approximate == "tanh" else "gelu"
+    if name in _ACTS:
+        return _ACTS[name]
+    raise UnsupportedOpError(f"MoE expert activation {name}", type(experts).__name__,
                              "lowerlm's experts run SiLU, GeLU or tanh-GeLU")
 
 

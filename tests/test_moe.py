@@ -176,3 +176,25 @@ def test_an_unknown_moe_block_is_refused_by_name():
 
     with pytest.raises(lowerlm.errors.UnsupportedOpError, match="MoE block OddMoe.*frontend/moe.py"):
         lowerlm.compile_model(_MoeLM(OddMoe()), backend="reference", use_cache=False)
+
+
+@pytest.mark.parametrize("name, want", [
+    ("silu", "silu"), ("swish", "silu"), ("gelu", "gelu"), ("gelu_python", "gelu"), ("gelu_new", "gelu_tanh"),
+    ("gelu_fast", "gelu_tanh"), ("gelu_pytorch_tanh", "gelu_tanh"), ("gelu_python_tanh", "gelu_tanh"),
+    ("gelu_accurate", "gelu_tanh"), ("tanh", None), ("gelu_10", None), ("quick_gelu", None), ("relu", None)])
+def test_moe_expert_activation_is_the_experts_own(name, want):
+    """The experts' act_fn is read by class, and what is read computes what the module does; anything else is
+    refused (a word match took torch's Tanh for tanh-GeLU and the clipped gelu_10 for GeLU)."""
+    from transformers.activations import ACT2FN
+
+    from lowerlm.frontend.moe import _act
+
+    experts = torch.nn.Module()
+    experts.act_fn = ACT2FN[name]
+    if want is None:
+        with pytest.raises(lowerlm.errors.UnsupportedOpError, match="MoE expert activation"):
+            _act(experts)
+        return
+    assert _act(experts) == want
+    x = torch.linspace(-12, 12, 1001)
+    torch.testing.assert_close(ref.activation(x, want), experts.act_fn(x), rtol=1e-5, atol=2e-6)
