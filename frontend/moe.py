@@ -23,7 +23,6 @@ from lowerlm.frontend.capture import Capture
 from lowerlm.ir.errors import UnsupportedOpError
 from lowerlm.ir.ops import Op
 
-
 # Expert activations by class (transformers' ACT2CLS entries and torch's own modules), each exactly an IR activation;
 # a name-word match took torch's Tanh for tanh-GeLU and the clipped GeLU (gelu_10) for GeLU.
 _ACTS = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu", "GELUTanh": "gelu_tanh",
