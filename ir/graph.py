@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping
 
 from lowerlm.ir.opdefs import OPDEFS, REQUIRED, AttrKind
 from lowerlm.ir.ops import Op
 from lowerlm.ir.types import StateSpec, TensorType, Value
+
+_NOT_NAME = re.compile(r"[^A-Za-z0-9_.]")  # what a value name cannot hold
 
 
 class Attrs(Mapping):
@@ -267,7 +270,9 @@ class GraphBuilder:
         return b
 
     def fresh(self, hint: str) -> str:
-        base = hint or "v"
+        """An unused value name from ``hint``. Characters a value name cannot hold (``[A-Za-z0-9_.]`` only) become
+        ``_``: passes derive hints from module paths, which may hold any character (``self-attn``)."""
+        base = _NOT_NAME.sub("_", hint) or "v"
         name, i = base, 1
         while name in self._taken:
             name, i = f"{base}_{i}", i + 1

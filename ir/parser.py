@@ -7,7 +7,7 @@ import json
 import re
 
 from lowerlm.ir.dtypes import DType
-from lowerlm.ir.errors import ParseError
+from lowerlm.ir.errors import ParseError, ShapeError
 from lowerlm.ir.graph import Graph, Module, Node
 from lowerlm.ir.opdefs import OPDEFS, AttrKind
 from lowerlm.ir.ops import Op
@@ -27,6 +27,7 @@ _TOKEN = re.compile(r"""
 """, re.VERBOSE)
 
 _MAX_DEPTH = 64
+_JSON = json.JSONDecoder()
 
 
 class _Tok:
@@ -215,8 +216,35 @@ class _Parser:
             raise self.error(f"{len(names)} results but {len(types)} types", op_tok)
         source: tuple = ()
         if self.peek().kind == "source":
-            source = tuple(p.strip() for p in self.take().text[1:].split(",") if p.strip())
+            source = self.sources(self.take())
         return Node.make(op, inputs, [Value(n, t) for n, t in zip(names, types)], attrs, source)
+
+    def sources(self, tok: _Tok) -> tuple:
+        """The paths after ``#``, separated by commas: a JSON string, or bare text (spaces at its ends dropped;
+        empty pieces are skipped)."""
+        text, out, i = tok.text, [], 1
+        while i <= len(text):
+            j = i
+            while j < len(text) and text[j] in " \t\r":
+                j += 1
+            if j < len(text) and text[j] == '"':
+                try:
+                    path, end = _JSON.raw_decode(text, j)
+                except ValueError as e:
+                    raise ParseError(f"bad source path string: {e}", tok.line, tok.col + j) from None
+                out.append(path)
+                while end < len(text) and text[end] in " \t\r":
+                    end += 1
+                if end < len(text) and text[end] != ",":
+                    raise ParseError("expected ',' after a source path string", tok.line, tok.col + end)
+                i = end + 1
+            else:
+                end = text.find(",", j)
+                end = len(text) if end < 0 else end
+                if text[j:end].strip():
+                    out.append(text[j:end].strip())
+                i = end + 1
+        return tuple(out)
 
     def operands(self, op: Op) -> list:
         d = OPDEFS[op]
@@ -231,19 +259,22 @@ class _Parser:
                 self.take()
                 slots = [i for i, s in enumerate(d.inputs) if s.name == key.text and not s.variadic]
                 if not slots:
-                    raise self.error(f"{op} has no input '{key.text}'", key)
+                    names = [s.name for s in d.inputs if not s.variadic]
+                    raise self.error(f"{op} has no input '{key.text}' (it takes: {', '.join(names) or 'none'})", key)
+                if slots[0] in named or slots[0] < len(inputs):
+                    raise self.error(f"operand '{key.text}' given twice", key)
                 named[slots[0]] = self.value_name()
             else:
                 if named:
                     raise self.error("positional operand after a named one")
+                if not d.variadic and len(inputs) == len(d.inputs):
+                    at_most = "at most " if any(s.optional for s in d.inputs) else ""
+                    raise self.error(f"{op} takes {at_most}{len(d.inputs)} operands")
                 inputs.append(self.value_name())
         self.expect(")")
         if named:
-            n = max(max(named) + 1, len(inputs))
-            inputs += [None] * (n - len(inputs))
+            inputs += [None] * (max(named) + 1 - len(inputs))
             for slot, v in named.items():
-                if inputs[slot] is not None:
-                    raise self.error(f"operand {d.inputs[slot].name} given twice")
                 inputs[slot] = v
         return inputs
 
@@ -342,30 +373,42 @@ class _Parser:
         self.nest()
         v = self.dim_term()
         while self.at("+") or self.at("-"):
-            op = self.take().text
-            rhs = self.dim_term()
-            v = v + rhs if op == "+" else v - rhs
+            op = self.take()
+            v = self.arith(op, v, self.dim_term())
         self.depth -= 1
         return v
 
     def dim_term(self):
         v = self.dim_unary()
         while self.at("*") or self.at("//"):
-            if self.take().text == "*":
-                rhs = self.dim_unary()
-                v = rhs * v if isinstance(rhs, Sym) else v * rhs
+            op = self.take()
+            if op.text == "*":
+                v = self.arith(op, v, self.dim_unary())
             else:
                 tok = self.expect_kind("num", "a positive integer divisor")
                 den = self.int_literal(tok)
                 if den <= 0:
                     raise self.error("'//' needs a positive integer divisor", tok)
-                v = v // den
+                v = self.arith(op, v, den)
         return v
+
+    def arith(self, op: _Tok, a, b):
+        """``a op b`` on dimensions; an expression past the size limit (``MAX_TERMS``) is a ParseError at ``op``."""
+        try:
+            if op.text == "+":
+                return a + b
+            if op.text == "-":
+                return a - b
+            if op.text == "*":
+                return b * a if isinstance(b, Sym) else a * b
+            return a // b
+        except ShapeError as e:
+            raise self.error(str(e), op) from None
 
     def dim_unary(self):
         tok = self.take()
         if tok.kind == "punct" and tok.text == "-":
-            return -self.dim_unary()
+            return -self.dim_unary()  # negation keeps the size
         if tok.kind == "num":
             return self.int_literal(tok)
         if tok.kind == "ident" and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", tok.text):

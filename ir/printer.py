@@ -8,11 +8,12 @@ import re
 from lowerlm.ir.graph import Graph, Module, Node
 from lowerlm.ir.opdefs import OPDEFS, AttrKind
 from lowerlm.ir.ops import Op
-from lowerlm.ir.weights import expr_str
+from lowerlm.ir.weights import WeightExpr, expr_str
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _KEYWORDS = {"true", "false", "inf", "nan"}
+_BARE_SOURCE = re.compile(r'[^\s",\x00-\x1f\x7f]+(?: [^\s",\x00-\x1f\x7f]+)*')
 
 
 def format_number(v) -> str:
@@ -37,11 +38,23 @@ def format_attr_value(v, kind: AttrKind | None = None) -> str:
     return str(v)  # DType, Sym
 
 
-def format_attrs(node: Node) -> str:
+def _leaf_form(node: Node) -> str | None:
+    """``param "w"`` or ``weight <expr>``: the text of a leaf whose name or expression stands in place of operands
+    and attributes, or None when the node does not have that shape (it then prints like any other op)."""
+    if node.inputs:
+        return None
+    if node.op is Op.PARAM and isinstance(node.attrs.get("name"), str):
+        return f"param {json.dumps(node.attrs['name'])}"
+    if node.op is Op.WEIGHT and isinstance(node.attrs.get("expr"), WeightExpr.__args__):
+        return f"weight {expr_str(node.attrs['expr'])}"
+    return None
+
+
+def format_attrs(node: Node, skip: str = "") -> str:
     spec = OPDEFS[node.op].attrs if node.op in OPDEFS else {}
     parts = []
     for name, v in node.attrs.items():
-        if node.op is Op.PARAM and name == "name" or node.op is Op.WEIGHT and name == "expr":
+        if name == skip:
             continue
         kind = spec[name].kind if name in spec else None
         parts.append(name if v is True and kind is AttrKind.BOOL else f"{name}={format_attr_value(v, kind)}")
@@ -50,27 +63,36 @@ def format_attrs(node: Node) -> str:
 
 def print_node(node: Node) -> str:
     lhs = ", ".join("%" + r.name for r in node.results)
-    if node.op is Op.PARAM and "name" in node.attrs:
-        body = f"param {json.dumps(node.attrs['name'])}"
-    elif node.op is Op.WEIGHT and "expr" in node.attrs:
-        body = f"weight {expr_str(node.attrs['expr'])}"
+    leaf = _leaf_form(node)
+    if leaf is not None:
+        body = leaf
     else:
         d = OPDEFS.get(node.op)
-        args = []
-        gap = False  # optional inputs are named, and so is every operand after an absent or named one
-        for i, v in enumerate(node.inputs):
-            if v is None:
-                gap = True
-                continue
-            spec = d.inputs[min(i, len(d.inputs) - 1)] if d and d.inputs else None
-            named = spec is not None and not spec.variadic and (spec.optional or gap)
-            gap = gap or named
-            args.append(f"{spec.name}=%{v}" if named else f"%{v}")
+        if d is None or d.variadic or len(node.inputs) > len(d.inputs):
+            # variadic operands, or more than the op has slots (the verifier refuses that): all positional, an
+            # absent one as '?' -- what the node holds, and for an invalid node text the parser refuses
+            args = [f"%{v}" if v is not None else "?" for v in node.inputs]
+        else:
+            args = []
+            gap = False  # optional inputs are named, and so is every operand after an absent or named one
+            for spec, v in zip(d.inputs, node.inputs):
+                if v is None:
+                    gap = True
+                    continue
+                named = spec.optional or gap
+                gap = gap or named
+                args.append(f"{spec.name}=%{v}" if named else f"%{v}")
         body = node.op.value + (f"({', '.join(args)})" if node.inputs else "")
-    body += format_attrs(node)
+    body += format_attrs(node, skip={Op.PARAM: "name", Op.WEIGHT: "expr"}.get(node.op, "") if leaf else "")
     types = ", ".join(str(r.type) for r in node.results)
-    src = f"  # {', '.join(node.source)}" if node.source else ""
+    src = f"  # {', '.join(map(format_source, node.source))}" if node.source else ""
     return f"{lhs} = {body} : {types}{src}"
+
+
+def format_source(path: str) -> str:
+    """A source path as the ``#`` list writes it: bare when it reads back as itself (no comma, quote or line
+    break, no space at its ends or doubled), else a JSON string (module names may hold any of these)."""
+    return path if _BARE_SOURCE.fullmatch(path) else json.dumps(path)
 
 
 def _owner(path: str) -> str:

@@ -4,18 +4,35 @@ A dimension is a plain ``int`` or a ``Sym``. A ``Sym`` is kept in one canonical 
 mathematical equality for the expressions torch.export produces (``B``, ``B*S``, ``H*D``, ``S//2``, ``(S+1)//2``):
 terms are sorted, constants folded, and ``(c*q + r)//c`` is rewritten to ``q + r//c`` with every coefficient of
 ``r`` in ``[0, c)``. Symbols stand for non-negative integers.
+
+The canonical form is expanded, and expansion is exponential in the worst case (a product of n sums of two terms
+has 2**n terms), so every expression is bounded: its *size*, the number of its terms counting the terms inside
+floor-division numerators at each occurrence, may not exceed ``MAX_TERMS``, and a product is refused before it is
+expanded when the sizes of its factors multiply past it (``ShapeError``: "shape expression too large"). That keeps
+every operation, and so parsing and comparing shapes, polynomial in the size of the text.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
+
+from lowerlm.ir.errors import ShapeError
 
 Dim = Union[int, "Sym"]
 Shape = tuple  # tuple[Dim, ...]
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# Real shapes have a handful of terms (torch.export gives B, B*S, S+1, (S+1)//2, ...); 256 leaves a wide margin
+# while bounding one product's expansion to 256 monomial products.
+MAX_TERMS = 256
+
+
+def _too_large(n: int) -> ShapeError:
+    return ShapeError(f"shape expression too large ({n} terms; at most {MAX_TERMS})")
 
 
 @dataclass(frozen=True)
@@ -25,20 +42,35 @@ class FloorDiv:
     num: Sym
     den: int
 
+    @functools.cached_property
+    def key(self) -> str:
+        """The sort key of the atom (its text), computed once: sorting compares it often."""
+        return "~" + _print_poly(self.num) + "//" + str(self.den)
+
 
 Atom = Union[str, FloorDiv]
 Monomial = tuple  # tuple[tuple[Atom, int], ...] sorted by atom key
 
 
 def _atom_key(atom: Atom) -> str:
-    return atom if isinstance(atom, str) else "~" + _print_poly(atom.num) + "//" + str(atom.den)
+    return atom if isinstance(atom, str) else atom.key
+
+
+def _mono_size(m: Monomial) -> int:
+    """1 for the term itself, plus the size of each floor-division numerator each time it occurs."""
+    return 1 + sum(p * a.num.size for a, p in m if not isinstance(a, str))
 
 
 @dataclass(frozen=True)
 class Sym:
-    """A canonical polynomial: ``terms`` maps monomials to non-zero integer coefficients, sorted."""
+    """A canonical polynomial: ``terms`` maps monomials to non-zero integer coefficients, sorted. ``size`` counts
+    the terms, those inside floor-division numerators included (bounded by ``MAX_TERMS``); it is not compared."""
 
     terms: tuple  # tuple[tuple[Monomial, int], ...]
+    size: int = field(default=0, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "size", sum(_mono_size(m) for m, _ in self.terms))
 
     # construction ---------------------------------------------------------------------------------------
     @staticmethod
@@ -46,6 +78,9 @@ class Sym:
         items = [(m, c) for m, c in terms.items() if c != 0]
         if all(m == () for m, _ in items):
             return sum(c for _, c in items)
+        size = sum(_mono_size(m) for m, _ in items)
+        if size > MAX_TERMS:
+            raise _too_large(size)
         items.sort(key=lambda mc: (mc[0] == (), [(_atom_key(a), p) for a, p in mc[0]]))
         return Sym(tuple(items))
 
@@ -74,9 +109,14 @@ class Sym:
         return (-self) + other
 
     def __mul__(self, other: Dim) -> Dim:
+        t1, t2 = _terms(self), _terms(other)
+        # the expansion's size is at most the product of the sizes: refuse it before computing it
+        bound = self.size * (other.size if isinstance(other, Sym) else 1)
+        if bound > MAX_TERMS:
+            raise _too_large(bound)
         out: dict = {}
-        for m1, c1 in _terms(self):
-            for m2, c2 in _terms(other):
+        for m1, c1 in t1:
+            for m2, c2 in t2:
                 m = _mono_mul(m1, m2)
                 out[m] = out.get(m, 0) + c1 * c2
         return Sym.of(out)
@@ -194,6 +234,49 @@ def is_dim(d) -> bool:
 def evaluate(d: Dim, env: dict) -> int:
     """The integer value of ``d`` with symbols bound by ``env``."""
     return d.evaluate(env) if isinstance(d, Sym) else d
+
+
+_INF = float("inf")
+
+
+def _imul(x, y):
+    """Product of two interval bounds where 0 times an infinite bound is 0 (the 0 is exact)."""
+    return 0 if x == 0 or y == 0 else x * y
+
+
+def _interval_mul(a: tuple, b: tuple) -> tuple:
+    products = [_imul(x, y) for x in a for y in b]
+    return min(products), max(products)
+
+
+def _interval_pow(a: tuple, p: int) -> tuple:
+    lo, hi = a
+    if p == 0:
+        return 1, 1
+    if lo >= 0 or p % 2:  # monotonic
+        return lo**p, hi**p
+    if hi <= 0:
+        return hi**p, lo**p
+    return 0, max(lo**p, hi**p)
+
+
+def dim_bounds(d: Dim) -> tuple:
+    """``(lo, hi)``: bounds of ``d``'s value over every non-negative value of its symbols (ints, or -inf/inf).
+    Interval arithmetic: sound, not always tight. ``hi < 0`` proves a dimension negative for any binding."""
+    if not isinstance(d, Sym):
+        return d, d
+    lo = hi = 0
+    for m, c in d.terms:
+        term = (c, c)
+        for atom, power in m:
+            if isinstance(atom, str):
+                base = (0, _INF)
+            else:
+                nlo, nhi = dim_bounds(atom.num)
+                base = tuple(v if v in (_INF, -_INF) else v // atom.den for v in (nlo, nhi))
+            term = _interval_mul(term, _interval_pow(base, power))
+        lo, hi = lo + term[0], hi + term[1]
+    return lo, hi
 
 
 def free_symbols(shape) -> frozenset:

@@ -14,10 +14,12 @@ from lowerlm.ir.errors import ShapeError, VerifyError
 from lowerlm.ir.graph import Graph, Module, Node, infer_types
 from lowerlm.ir.opdefs import OPDEFS, REQUIRED, AttrKind
 from lowerlm.ir.ops import Op
-from lowerlm.ir.shapes import is_dim
+from lowerlm.ir.shapes import dim_bounds, is_dim
+from lowerlm.ir.types import TensorType
 from lowerlm.ir.weights import WeightExpr, weight_type
 
 _NAME = re.compile(r"[A-Za-z0-9_.]+")
+_GRAPH_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")  # the parser's IDENT
 
 
 def _is_int(v) -> bool:
@@ -53,7 +55,9 @@ def check_node(node: Node, in_types: list, params: dict | None = None) -> None:
         if len(node.inputs) < n_spec:
             raise VerifyError(f"{node.op} takes at least {n_spec} operands, got {len(node.inputs)}")
     elif len(node.inputs) != n_spec:
-        raise VerifyError(f"{node.op} takes {n_spec} operands, got {len(node.inputs)}")
+        # more operands than declared slots: the text form could not name the extra ones
+        at_most = "at most " if any(s.optional for s in d.inputs) else ""
+        raise VerifyError(f"{node.op} takes {at_most}{n_spec} operands, got {len(node.inputs)}")
     for i, v in enumerate(node.inputs):
         spec = d.inputs[min(i, n_spec - 1)]
         if v is None and not spec.optional:
@@ -85,16 +89,36 @@ def check_node(node: Node, in_types: list, params: dict | None = None) -> None:
                          f"{', '.join(map(str, declared))}")
 
 
+def check_type(t: TensorType) -> None:
+    """A declared type's dimensions: none negative, as a constant or for every value of its symbols (``S-S-1``
+    is ``-1``; ``-S-1`` is negative for any ``S >= 0``). Raises ShapeError. A 0 dimension is allowed: torch has
+    empty tensors and the frontend emits them (a slice clamped to ``x[..., n:]`` with ``n`` the full width)."""
+    for d in t.shape:
+        if not is_dim(d):
+            raise ShapeError(f"type {t} has a dimension that is not an int or a symbolic expression: {d!r}")
+        if dim_bounds(d)[1] < 0:
+            raise ShapeError(f"type {t} has a negative dimension {d}")
+
+
 def verify_graph(g: Graph, params: dict | None = None) -> Graph:
     """Check ``g``; return it unchanged or raise VerifyError naming the graph and the node."""
     defined: dict = {}
+    if not isinstance(g.name, str) or not _GRAPH_NAME.fullmatch(g.name):
+        raise VerifyError(f"bad graph name {g.name!r}: the text form needs [A-Za-z_][A-Za-z0-9_.]*")
 
     def define(name: str, type_, where: str) -> None:
-        if not _NAME.fullmatch(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise VerifyError(f"bad value name '%{name}'", g.name, where)
         if name in defined:
             raise VerifyError(f"%{name} is defined twice", g.name, where)
+        check_declared(name, type_, where)
         defined[name] = type_
+
+    def check_declared(name: str, type_, where: str) -> None:
+        try:
+            check_type(type_)
+        except ShapeError as e:
+            raise ShapeError(f"%{name}: {e}", g.name, where) from None
 
     for v in g.inputs:
         define(v.name, v.type, "inputs")
@@ -116,6 +140,10 @@ def verify_graph(g: Graph, params: dict | None = None) -> Graph:
             if v in consumed:
                 verb = "written twice: already" if slot in writes else "read after"
                 raise VerifyError(f"state version %{v} is {verb} overwritten by {consumed[v]}", g.name, where)
+        if not all(isinstance(p, str) for p in node.source):
+            raise VerifyError(f"source paths must be strings, got {node.source!r}", g.name, where)
+        for r in node.results:  # before the rule: a declared negative dimension is the clearer message
+            check_declared(r.name, r.type, where)
         in_types = [defined[v] if v is not None else None for v in node.inputs]
         try:
             check_node(node, in_types, params)
@@ -150,7 +178,14 @@ def verify_graph(g: Graph, params: dict | None = None) -> Graph:
 
 def verify_module(m: Module) -> Module:
     """Verify every graph against the module's weight table, and that graphs agree on shared state."""
+    if not m.graphs:
+        raise VerifyError("module has no graph (empty IR text?)")
     params = m.param_types
+    for name, t in m.params:
+        try:
+            check_type(t)
+        except ShapeError as e:
+            raise ShapeError(f"param '{name}': {e}") from None
     names = [g.name for g in m.graphs]
     if len(set(names)) != len(names):
         raise VerifyError(f"graph names repeat: {names}")

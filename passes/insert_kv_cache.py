@@ -97,6 +97,7 @@ def insert_kv_cache(g: Graph) -> Graph:
         caches = []
         for which, t in (("k", kt), ("v", vt)):
             spec = TensorType(t.dtype, (batch, hk, sym(CACHE_LEN), t.shape[2] // hk))
+            # the builder turns what a value name cannot hold into '_' (a module path may hold any character)
             hint = f"{owner.replace('model.layers.', 'L').replace('.self_attn', '')}.{which}cache" if owner \
                 else f"{which}cache"
             caches.append(b.add_state(hint, spec, owner))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import re
 
 import pytest
 import torch
@@ -10,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lowerlm.ir as ir
-from lowerlm.ir import DType, GraphBuilder, Op, TensorType, parse_type, sym
-from lowerlm.ir.weights import Concat, Data, MatMul, Param, Scale, Transpose
+from lowerlm.ir import OPDEFS, AttrKind, DType, GraphBuilder, Op, TensorType, parse_type, sym
+from lowerlm.ir.types import StateSpec
+from lowerlm.ir.weights import Cast, Concat, Data, MatMul, Param, Scale, Transpose
 
 from .conftest import example_text
 
@@ -185,3 +188,282 @@ def test_deep_nesting_is_a_parse_error():
 def test_parse_type_helper():
     assert parse_type("bf16[B,S*2,576]") == TensorType(DType.BF16, (sym("B"), 2 * sym("S"), 576))
     assert torch.bfloat16 == DType.BF16.to_torch()
+
+
+# ---- operands, names, sources: what the printer writes reads back as the same module ---------------------------
+@pytest.mark.parametrize("node, message", [
+    ("linear(%x, %x, residual=%x, residual=%y)", "operand 'residual' given twice"),
+    ("linear(%x, %x, %y, bias=%x)", "operand 'bias' given twice"),
+    ("linear(%x, %x, %x, %x, %y)", "linear takes at most 4 operands"),
+    ("neg(%x, %y)", "neg takes 1 operands"),
+    ("constant(%x) {value=1.0, dtype=f32}", "constant takes 0 operands"),
+    ("linear(%x, %x, gate=%x)", "linear has no input 'gate' (it takes: x, w, bias, residual)"),
+    ("concat(xs=%x) {dim=0}", "concat has no input 'xs'"),
+])
+def test_operand_lists_that_do_not_name_one_slot_each_are_refused(node, message):
+    """A repeated name used to keep the last operand (``residual=%a, residual=%b`` dropped %a); extra operands
+    printed as repeated names and read back differently."""
+    text = f"graph f(%x: f32[2,2], %y: f32[2,2]) {{\n  %z = {node} : f32[2,2]\n  return %z\n}}\n"
+    with pytest.raises(ir.ParseError, match=re.escape(message)) as e:
+        ir.parse_module(text)
+    assert e.value.line == 2
+
+
+def test_extra_operands_never_print_as_text_that_reads_back_differently():
+    """A node built in code with more operands than its op has slots: the verifier refuses it, and its text does
+    not parse (it used to parse, dropping or moving operands)."""
+    x = ir.Value("x", parse_type("f32[2,2]"))
+    for op, inputs in [(Op.LINEAR, ["x", "x", "x", "x", "x"]), (Op.LINEAR, ["x", "x", None, "x", "x"]),
+                       (Op.NEG, ["x", "x"]), (Op.MOE_ROUTE, ["x", "x", None, "x"])]:
+        node = ir.Node.make(op, inputs, [ir.Value("y", x.type)])
+        m = ir.Module((ir.Graph("f", (x,), (), (node,), ("y",), ()),))
+        with pytest.raises(ir.VerifyError, match="operands, got"):
+            ir.verify_module(m)
+        with pytest.raises(ir.ParseError):
+            ir.parse_module(ir.print_module(m))
+
+
+SOURCE_PATHS = ["model.layers.0.self-attn", "blocks.0 attn", "a,b", " lead", "trail ", "", "two  spaces", 'q"uote',
+                "new\nline", "tab\there", "cr\rx", "ünïcødé.ℓ", "#hash", "a, b", "\u2028sep", "back\\slash", "nul\x00"]
+
+
+@pytest.mark.parametrize("path", SOURCE_PATHS)
+def test_any_source_path_round_trips(path):
+    """nn.Module names may hold any character but '.': a path that does not read back as itself (a comma, a quote,
+    a line break, spaces at its ends) prints as a JSON string."""
+    b = GraphBuilder("f")
+    x = b.input("x", parse_type("f32[2]"))
+    y = b.add(Op.NEG, [x], source=[path, "model.norm"])
+    m = ir.Module.of([b.build([y])])
+    text = ir.print_module(m)
+    assert text.count("\n") == 4  # one line per node
+    assert ir.parse_module(text) == m and ir.print_module(ir.parse_module(text)) == text
+
+
+def test_hand_written_sources_keep_their_reading():
+    text = 'graph f(%x: f32[2]) {\n  %y = neg(%x) : f32[2]  # a.b , c-d,, "e,f"  \n  return %y\n}\n'
+    assert ir.parse_module(text).graphs[0].nodes[0].source == ("a.b", "c-d", "e,f")
+    with pytest.raises(ir.ParseError, match="bad source path string"):
+        ir.parse_module(text.replace('"e,f"', '"e,f'))
+    with pytest.raises(ir.ParseError, match="expected ',' after a source path string"):
+        ir.parse_module(text.replace('"e,f"', '"e" f'))
+
+
+def test_leaf_with_operands_does_not_print_as_its_short_form():
+    """``param "w"`` has no place for operands: a param node given some (refused by the verifier) used to print as
+    a plain ``param "w"``, which read back without them. Now it shows them, and the parser refuses the text."""
+    t = parse_type("f32[2]")
+    node = ir.Node.make(Op.PARAM, ["x"], [ir.Value("w", t)], {"name": "w"})
+    m = ir.Module((ir.Graph("f", (ir.Value("x", t),), (), (node,), ("w",), ()),), (("w", t),))
+    text = ir.print_module(m)
+    assert "%w = param(%x) {name=w}" in text
+    with pytest.raises(ir.ParseError, match="param takes 0 operands"):
+        ir.parse_module(text)
+    # a param without a name attribute prints like any op, and reads back
+    _assert_round_trip(dataclasses.replace(m, graphs=(m.graphs[0].with_(
+        nodes=(ir.Node.make(Op.PARAM, [], [ir.Value("w", t)]),)),)))
+
+
+def test_eighteen_factor_shape_is_a_located_parse_error_quickly():
+    """430 bytes of IR whose shape expands to 2**18 terms never finished parsing."""
+    from .test_shapes import FACTORS_18, within
+
+    text = f"graph f(%x: f32[{FACTORS_18},4]) {{\n  return %x\n}}\n"
+    with within(1), pytest.raises(ir.ParseError, match=r"shape expression too large") as e:
+        ir.parse_module(text)
+    assert e.value.line == 1
+
+
+# ---- every op row, every operand pattern ----------------------------------------------------------------------
+_T = {
+    "x": "f32[B,S,4]", "x1": "f32[B,1,4]", "w": "f32[8,4]", "b8": "f32[8]", "r8": "f32[B,S,8]", "v4": "f32[4]",
+    "q": "f32[B,S,8]", "pos": "i64[B,S]", "lens": "i32[B]", "cache": "f32[B,1,T,4]", "ids": "i64[B,S]",
+    "idx": "i64[B,S,4]", "table": "f32[64,4]", "xt": "f32[B,4,S]", "router": "f32[4,4]", "gate_up": "f32[4,6,4]",
+    "down": "f32[4,4,3]", "sg": "f32[5,4]", "sd": "f32[4,5]", "eids": "i32[B,S,2]", "rows": "f32[2*B*S,4]",
+    "order": "i32[2*B*S]", "offsets": "i32[5]", "ew": "f32[4,6,4]", "rw": "f32[B,S,2]", "wgm": "f32[10,4]",
+    "up": "f32[6,4]", "wd": "f32[4,6]", "v6": "f32[6]",
+}
+# per op: the example type of each input (by _T key) and attributes that make the result rule accept them
+VERIFIED_EXAMPLES = {
+    Op.PARAM: ((), {"name": "w"}),
+    Op.WEIGHT: ((), {"expr": Concat((Param("w"), Param("w")), 0)}),
+    Op.CONSTANT: ((), {"value": [1.0, 2.0], "dtype": DType.F32, "shape": [2]}),
+    **{op: (("x", "x"), {}) for op in (Op.ADD, Op.SUB, Op.MUL, Op.DIV)},
+    **{op: (("x",), {}) for op in (Op.NEG, Op.EXP, Op.RSQRT, Op.SILU, Op.SIGMOID, Op.TANH, Op.COS, Op.SIN)},
+    Op.POW: (("x",), {"exponent": 2.0}),
+    Op.GELU: (("x",), {"approximate": "tanh"}),
+    Op.CAST: (("x",), {"dtype": DType.BF16}),
+    Op.MEAN: (("x",), {"dims": [-1], "keepdim": True}),
+    Op.SUM: (("x",), {"dims": [0, 2]}),
+    Op.SOFTMAX: (("x",), {"dim": -1}),
+    Op.ARGMAX: (("x",), {"dim": 1, "keepdim": True}),
+    Op.TOPK: (("x",), {"k": 2, "largest": False}),
+    Op.RESHAPE: (("x",), {"shape": [parse_type("f32[B*S]").shape[0], 4]}),
+    Op.TRANSPOSE: (("x",), {"perm": [0, 2, 1]}),
+    Op.EXPAND: (("x1",), {"shape": list(parse_type(_T["x"]).shape)}),
+    Op.CONCAT: (("x",), {"dim": 2}),  # the variadic input: 0 to 3 operands
+    Op.SPLIT: (("x",), {"dim": 2, "sizes": [1, 3]}),
+    Op.SLICE: (("x",), {"dim": 2, "start": 1, "end": 3}),
+    Op.GATHER: (("x", "idx"), {"dim": 1}),
+    Op.EMBEDDING: (("table", "ids"), {}),
+    Op.LINEAR: (("x", "w", "b8", "r8"), {}),
+    Op.MATMUL: (("x", "xt"), {}),
+    Op.RMS_NORM: (("x", "v4"), {"eps": 1e-5}),
+    Op.ROPE: (("q", "x", "pos"), {"heads": [2, 1], "inv_freq": [1.0, 0.1], "layout": "interleaved"}),
+    Op.ATTENTION: (("q", "x", "x", "pos", "lens"), {"heads": [2, 1], "scale": 0.5, "window": 2}),
+    Op.RMS_NORM_LINEAR: (("x", "v4", "w", "b8", "x"), {"eps": 1e-5, "splits": [6, 2]}),
+    Op.SWIGLU: (("x", "x"), {"act": "gelu"}),
+    Op.ARM_MLP: (("x", "v4", "wgm", "up", "wd", "v6", "v6", "x"), {"eps": 1e-5, "tau": 0.1}),
+    Op.MOE: (("x", "router", "v4", "gate_up", "down", "sg", "sg", "sd"), {"top_k": 2}),
+    Op.MOE_ROUTE: (("x", "router", "v4"), {"top_k": 2, "router": "sigmoid"}),
+    Op.MOE_SORT: (("eids",), {"experts": 4}),
+    Op.GROUPED_GEMM: (("rows", "ew", "order", "offsets", "rw"), {"act": "silu"}),
+    Op.MOE_COMBINE: (("rows", "order", "x"), {"top_k": 2}),
+    Op.KV_CACHE_WRITE: (("cache", "x", "pos"), {}),
+    Op.CACHED_ATTENTION: (("q", "cache", "cache", "pos", "lens"), {"scale": 0.5}),
+}
+_TIED = {Op.MOE: [{"shared_gate", "shared_up", "shared_down"}]}  # the shared expert: whole or absent
+
+
+def operand_patterns(op: Op, tied: bool = False) -> list:
+    """Every allowed presence pattern of an op's operands, as lists of input slots (None: absent); a variadic
+    input takes 0 to 3 operands. With ``tied``, inputs the result rule wants together are present together."""
+    specs = OPDEFS[op].inputs
+    if OPDEFS[op].variadic:
+        return [[0] * n for n in range(4)]
+    optional = [i for i, s in enumerate(specs) if s.optional]
+    out = []
+    for present in itertools.product((False, True), repeat=len(optional)):
+        on = {i for i, p in zip(optional, present) if p}
+        names = {specs[i].name for i in on}
+        if tied and any(names & group and not group <= names for group in _TIED.get(op, ())):
+            continue
+        out.append([i if not specs[i].optional or i in on else None for i in range(len(specs))])
+    return out
+
+
+def test_examples_cover_the_op_table():
+    assert set(VERIFIED_EXAMPLES) == set(OPDEFS) == set(Op)
+
+
+def _verified_module(op: Op, pattern: list) -> ir.Module:
+    keys, attrs = VERIFIED_EXAMPLES[op]
+    b = GraphBuilder("forward")
+    inputs, state_outputs = [], []
+    for j, slot in enumerate(pattern):
+        if slot is None:
+            inputs.append(None)
+            continue
+        t = parse_type(_T[keys[slot]])
+        name = f"in{j}.{keys[slot]}"
+        is_state = OPDEFS[op].inputs[slot].state
+        inputs.append(b.add_state(name, t, owner="model.layers.0.self-attn") if is_state else b.input(name, t))
+    types = {Op.PARAM: [parse_type("f32[4,4]")], Op.WEIGHT: [parse_type("f32[8,4]")]}.get(op)
+    out = b.add(op, inputs, attrs, name=f"{op.value}.out", types=types, source=["model.layers.0", "a,b"])
+    outs = list(out) if isinstance(out, tuple) else [out]
+    if OPDEFS[op].writes:
+        state_outputs, outs = outs, []
+    return ir.Module.of([b.build(outs, state_outputs)], {"w": parse_type("f32[4,4]")})
+
+
+@pytest.mark.parametrize("op", list(OPDEFS), ids=lambda op: op.value)
+def test_every_op_and_operand_pattern_verifies_and_round_trips(op):
+    """The verified subset: each op from a table of example input types, with every allowed pattern of optional
+    operands (and 1 to 3 operands for concat), built with the builder's type inference and verified."""
+    for pattern in operand_patterns(op, tied=True):
+        if OPDEFS[op].variadic and not pattern:
+            continue  # concat needs at least one operand
+        m = ir.verify_module(_verified_module(op, pattern))
+        text = ir.print_module(m)
+        assert ir.parse_module(text) == m, text
+        assert ir.print_module(ir.parse_module(text)) == text
+
+
+# strategies for the unverified round trip: any value name, attribute value of the declared kind, source path
+_NAME_CHARS = "abcxyzABCLS0123456789_."
+NAMES = st.text(_NAME_CHARS, min_size=1, max_size=8)
+SOURCES = st.lists(st.one_of(st.text(max_size=10), st.text("ab.0_- ,\"\n", max_size=10)), max_size=3)
+DTYPES = st.sampled_from(list(DType))
+FLOATS_ = st.floats(allow_nan=True, allow_infinity=True)
+INTS_ = st.integers(-2**40, 2**40)
+
+
+def _dims():
+    from .test_shapes import exprs
+
+    return exprs(depth=2).map(lambda e: e[1])
+
+
+def _types():
+    return st.builds(TensorType, DTYPES, st.lists(_dims(), max_size=3).map(tuple))
+
+
+def _weight_exprs():
+    leaves = st.one_of(st.builds(Param, st.text(max_size=6)),
+                       st.builds(Data, st.text(max_size=6), _types(), st.text(max_size=6)))
+    return st.recursive(leaves, lambda inner: st.one_of(
+        st.builds(lambda args, axis: Concat(tuple(args), axis), st.lists(inner, max_size=3), st.integers(-3, 3)),
+        st.builds(Transpose, inner), st.builds(MatMul, inner, inner),
+        st.builds(Scale, inner, inner, st.integers(-3, 3)), st.builds(Cast, inner, DTYPES)), max_leaves=5)
+
+
+ATTR_VALUES = {
+    AttrKind.INT: INTS_, AttrKind.FLOAT: FLOATS_, AttrKind.BOOL: st.booleans(), AttrKind.STR: st.text(max_size=8),
+    AttrKind.DTYPE: DTYPES, AttrKind.INTS: st.lists(INTS_, max_size=4).map(tuple),
+    AttrKind.FLOATS: st.lists(FLOATS_, max_size=4).map(tuple), AttrKind.DIM: _dims(),
+    AttrKind.DIMS: st.lists(_dims(), max_size=4).map(tuple),
+    AttrKind.NUMBERS: st.one_of(INTS_, FLOATS_, st.lists(st.one_of(INTS_, FLOATS_), max_size=4).map(tuple)),
+    AttrKind.EXPR: _weight_exprs(),
+}
+
+
+def test_attribute_strategies_cover_every_kind():
+    assert set(ATTR_VALUES) == set(AttrKind)
+
+
+@st.composite
+def unverified_nodes(draw, op: Op | None = None):
+    """A node of any op with an allowed operand pattern, any value names, attribute values of the declared kinds
+    (any subset), any result count and types, any sources: not a valid graph, but a valid text form."""
+    op = op or draw(st.sampled_from(list(OPDEFS)))
+    pattern = draw(st.sampled_from(operand_patterns(op)))
+    inputs = [None if slot is None else draw(NAMES) for slot in pattern]
+    attrs = {name: draw(ATTR_VALUES[spec.kind]) for name, spec in OPDEFS[op].attrs.items() if draw(st.booleans())}
+    results = [ir.Value(draw(NAMES), draw(_types())) for _ in range(draw(st.integers(1, 3)))]
+    return ir.Node.make(op, inputs, results, attrs, draw(SOURCES))
+
+
+@st.composite
+def unverified_modules(draw):
+    nodes = draw(st.lists(unverified_nodes(), min_size=1, max_size=3))
+    inputs = [ir.Value(n, draw(_types())) for n in dict.fromkeys(a for node in nodes for a in node.args)]
+    state = [StateSpec(draw(NAMES), draw(_types()), draw(st.text(max_size=8))) for _ in range(draw(st.integers(0, 2)))]
+    graph = ir.Graph(draw(st.sampled_from(["f", "forward", "decode", "g_1.x"])), tuple(inputs),
+                     tuple(state), tuple(nodes), tuple(draw(st.lists(NAMES, max_size=3))),
+                     tuple(draw(st.lists(NAMES, max_size=2))))
+    return ir.Module((graph,), tuple(draw(st.lists(st.tuples(st.text(max_size=6), _types()), max_size=2))))
+
+
+def _assert_round_trip(m: ir.Module) -> None:
+    text = ir.print_module(m)
+    again = ir.parse_module(text)
+    assert again == m, text
+    assert ir.print_module(again) == text
+
+
+def test_every_op_and_operand_pattern_round_trips_unverified():
+    """Every op, every pattern of present/absent optional operands (0 to 3 for concat), through the text."""
+    for op in OPDEFS:
+        for pattern in operand_patterns(op):
+            names = [None if slot is None else f"v{j}" for j, slot in enumerate(pattern)]
+            node = ir.Node.make(op, names, [ir.Value("out", parse_type("f32[2]"))])
+            inputs = tuple(ir.Value(n, parse_type("f32[2]")) for n in names if n is not None)
+            _assert_round_trip(ir.Module((ir.Graph("f", inputs, (), (node,), ("out",), ()),)))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(unverified_modules())
+def test_random_modules_round_trip(m):
+    """Any op, operand pattern, value name, attribute kind and value, source path, state owner, param name: what
+    the printer writes parses back to the same module and prints the same text."""
+    _assert_round_trip(m)

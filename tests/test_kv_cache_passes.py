@@ -54,6 +54,26 @@ def test_insert_kv_cache_golden():
     assert ir.print_module(record.module) == AFTER_KV and record.rewrites == 1
 
 
+AFTER_KV_DASHED_OWNER = """\
+graph forward(%q: f32[B,S,8], %k: f32[B,S,4], %v: f32[B,S,6], %positions: i64[B,S], %seq_lens: i32[B])
+    state(%L0.self_attn.kcache: f32[B,1,T,4] @"model.layers.0.self-attn", %L0.self_attn.vcache: f32[B,1,T,6] @"model.layers.0.self-attn") {
+  %L0.self_attn.kcache1 = kv_cache_write(%L0.self_attn.kcache, %k, %positions) : f32[B,1,T,4]  # model.layers.0.self-attn
+  %L0.self_attn.vcache1 = kv_cache_write(%L0.self_attn.vcache, %v, %positions) : f32[B,1,T,6]  # model.layers.0.self-attn
+  %o = cached_attention(%q, %L0.self_attn.kcache1, %L0.self_attn.vcache1, %positions, %seq_lens) {scale=0.5, window=3} : f32[B,S,12]  # model.layers.0.self-attn
+  %s = reshape(%o) {shape=[B*S,12]} : f32[B*S,12]
+  return %o, %s state(%L0.self_attn.kcache1, %L0.self_attn.vcache1)
+}
+"""
+
+
+def test_insert_kv_cache_names_states_validly_for_any_module_path():
+    """Cache names come from the owner's module path, which may hold characters a value name cannot
+    (``self-attn``): those become ``_`` (the pass used to leave ``%L0.self-attn.kcache``, an invalid graph)."""
+    record = _run("insert_kv_cache", BEFORE.replace("self_attn", "self-attn"))
+    assert ir.print_module(record.module) == AFTER_KV_DASHED_OWNER and record.rewrites == 1
+    assert ir.parse_module(AFTER_KV_DASHED_OWNER) == record.module
+
+
 def test_specialize_golden():
     record = _run("specialize", AFTER_KV)
     prefill, decode = record.module.graphs
