@@ -10,6 +10,8 @@ place by whichever partition writes it. ``describe()`` is what ``lowerlm dump-ir
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from lowerlm.codegen.partition import Plan, assign, build, describe
@@ -37,13 +39,15 @@ class AutoProgram:
     """Runs each graph's partitions on their programs; they share the weights and the runtime's state buffers."""
 
     def __init__(self, module: Module, weights, device=None, exclude=None, weight_bits: int | None = None,
-                 cache: bool = True):
+                 cache: bool = True, progress: Callable[[str], None] | None = None):
         """``exclude(node)``: a reason to keep a node off the preferred backend, or None (to work around a
         backend's problem with one op, or to test partitioning). ``weight_bits``: the ONNX backend's quantized
-        weights (ONNX only). ``cache``: the ONNX backend's compile cache."""
+        weights (ONNX only). ``cache``: the ONNX backend's compile cache. ``progress(message)``: passed to the ONNX
+        program, which reports each graph it lowers (not those it loads from the cache)."""
         self.module = module
         self.weight_bits = weight_bits
         self.cache = cache
+        self.progress = progress
         self.backend = preferred(device)
         if weight_bits is not None and self.backend != "onnx":
             raise CompileError("weight_bits quantizes weights for the ONNX backend; on a GPU auto prefers Triton, "
@@ -87,7 +91,7 @@ class AutoProgram:
         if backend == "onnx":
             from lowerlm.codegen.onnx.program import OnnxProgram
 
-            return OnnxProgram(sub, weights, weight_bits=self.weight_bits, cache=self.cache)
+            return OnnxProgram(sub, weights, weight_bits=self.weight_bits, cache=self.cache, progress=self.progress)
         return ReferenceProgram(sub, {n: w.to(self.device) for n, w in weights.items()}, device=self.device)
 
     def plan(self) -> dict:

@@ -3,6 +3,13 @@
 The key covers everything a trace depends on except weight values: the source of every module class in the
 model, its parameter and buffer names, shapes and dtypes, the values of its buffers (``inv_freq``), its config,
 the torch and transformers versions and the source of lowerlm's frontend and IR.
+
+An entry is one file, ``traces/<key>.ir``: a first line ``// lowerlm-trace <hash>=<hex>`` holding the content hash
+of the IR text after it, then that text. The header is an IR comment, so the file still reads with ``parse_module``
+and ``lowerlm dump-ir --ir``; and being in the same file, written with one atomic rename, it cannot disagree with
+the text the way a sidecar written separately could. Every load checks the hash before parsing: a changed digit in
+a constant parses and verifies, and would compute other numbers. Processes tracing the same model at once take turns
+on ``traces/<key>.lock``: one traces, the others read its entry.
 """
 
 from __future__ import annotations
@@ -10,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import re
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from lowerlm.ir.cache import atomic_write, cache_root, source_digest
+from lowerlm.ir.cache import HASH, atomic_write, bytes_digest, cache_root, file_lock, source_digest
 from lowerlm.ir.errors import LowerlmError
 from lowerlm.ir.graph import Module
 from lowerlm.ir.parser import parse_module
@@ -42,9 +51,12 @@ def trace_key(model: torch.nn.Module, captures=()) -> str:
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
     for name, b in model.named_buffers(remove_duplicate=False):
         h.update(f"{name}:{tuple(b.shape)}:{b.dtype}:{tensor_digest(b)};".encode())
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "to_json_string"):
-        h.update(cfg.to_json_string(use_diff=False).encode())
+    seen: set = set()  # the model's config and those of transformers models a plain module wraps (eps, window)
+    for path, m in model.named_modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "to_json_string") and id(cfg) not in seen:
+            seen.add(id(cfg))
+            h.update(f"{path}:".encode() + cfg.to_json_string(use_diff=False).encode())
     versions = {"torch": torch.__version__}
     try:
         import transformers
@@ -58,33 +70,79 @@ def trace_key(model: torch.nn.Module, captures=()) -> str:
     return h.hexdigest()[:24]
 
 
+_HEADER = re.compile(rb"// lowerlm-trace (\w+)=([0-9a-f]+)\n")
+
+
+def entry_text(module: Module) -> str:
+    """A trace cache entry's text: the header with the content hash of the module's IR text, then that text."""
+    body = print_module(module)
+    return f"// lowerlm-trace {HASH}={bytes_digest(body.encode())}\n{body}"
+
+
+def read_entry(path: Path) -> tuple[Module | None, str | None]:
+    """``(module, None)`` for a whole entry; ``(None, why)`` otherwise: ``"missing"``, ``"stale"`` (hashed with
+    another algorithm: made by other code, traced again without a warning) or what is damaged."""
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):  # no entry, or no cache folder (a file in its place)
+        return None, "missing"
+    except OSError as e:
+        return None, f"{type(e).__name__}: {e}"
+    m = _HEADER.match(data)
+    if m is None:
+        return None, "no lowerlm-trace header"
+    if m.group(1).decode() != HASH:
+        return None, "stale"
+    body = data[m.end():]
+    if bytes_digest(body) != m.group(2).decode():
+        return None, "the text does not hold the bytes its header records"
+    try:
+        return verify_module(parse_module(body.decode())), None
+    except (LowerlmError, UnicodeDecodeError) as e:
+        return None, str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def trace_model(model: torch.nn.Module, use_cache: bool = True, progress: Callable[[str], None] | None = None,
                 captures=()) -> Module:
-    """The model's imported IR (one ``forward`` graph), from the trace cache when it holds it. ``captures``
-    (``frontend.capture.Capture``) swap modules for custom ops during export."""
-    from lowerlm.frontend.capture import captured
-    from lowerlm.frontend.export import check_supported, export_model
-    from lowerlm.frontend.importer import import_program
+    """The model's imported IR (one ``forward`` graph), from the trace cache when it holds a whole entry (hash,
+    parse and verify checked on every load). ``captures`` (``frontend.capture.Capture``) swap modules for custom ops
+    during export."""
+    from lowerlm.frontend.export import check_supported
     from lowerlm.frontend.moe import MOE_CAPTURE
 
     captures = [MOE_CAPTURE] + list(captures)  # transformers' MoE blocks always become one moe op
     check_supported(model)
-    path = cache_root() / "traces" / f"{trace_key(model, captures)}.ir" if use_cache else None
-    if path is not None and path.exists():
+    if not use_cache:
+        return _trace(model, captures, progress)
+    path = cache_root() / "traces" / f"{trace_key(model, captures)}.ir"
+    module, _ = read_entry(path)
+    if module is not None:
+        return module
+    wait = (lambda: progress(f"waiting for another process tracing {type(model).__name__}")) if progress else None
+    with file_lock(path.with_suffix(".lock"), on_wait=wait):
+        module, problem = read_entry(path)  # again: a process that held the lock may have traced it meanwhile
+        if module is not None:
+            return module
+        if problem not in ("missing", "stale"):
+            warnings.warn(f"lowerlm: trace cache entry {path} is corrupt ({problem}); tracing again", stacklevel=2)
+        module = _trace(model, captures, progress)
         try:
-            return verify_module(parse_module(path.read_text()))
-        except (LowerlmError, UnicodeDecodeError, OSError) as e:
-            warnings.warn(f"lowerlm: trace cache entry {path} is corrupt ({e}); tracing again", stacklevel=2)
+            atomic_write(path, entry_text(module))
+        except OSError as e:  # a read-only or full cache: the next compile traces again
+            warnings.warn(f"lowerlm: cannot write the trace cache ({e}); compiling without it", stacklevel=2)
+    return module
+
+
+def _trace(model, captures, progress) -> Module:
+    """Export and import: the slow part the cache skips."""
+    from lowerlm.frontend.capture import captured
+    from lowerlm.frontend.export import export_model
+    from lowerlm.frontend.importer import import_program
+
     if progress:
         progress(f"exporting {type(model).__name__} with torch.export")
     with captured(model, captures):
         ep, info = export_model(model)
         if progress:
             progress("importing the aten graph into lowerlm's IR")
-        module = verify_module(import_program(ep, info))
-    if path is not None:
-        try:
-            atomic_write(path, print_module(module))
-        except OSError as e:  # a read-only or full cache: the next compile traces again
-            warnings.warn(f"lowerlm: cannot write the trace cache ({e}); compiling without it", stacklevel=2)
-    return module
+        return verify_module(import_program(ep, info))

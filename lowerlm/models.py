@@ -2,9 +2,11 @@
 an HF model directory, as a transformers model in f32.
 
 A GGUF file is converted once (transformers dequantises it in ~20 s) into a weight cache under the cache root:
-``config.json``, ``model.safetensors`` and the tokenizer, plus a manifest of their sha256 digests written last.
-The directory is built under a temporary name and renamed into place, so a cache entry is whole or absent; an
-entry whose files do not match the manifest is rebuilt.
+``config.json``, ``model.safetensors`` and the tokenizer, plus a manifest of their sizes and content hashes written
+last. The directory is built under a temporary name and renamed into place, so a cache entry is whole or absent.
+Every load hashes every file again (~0.06 s for SmolLM2's 542 MB, docs/caches.md): an entry whose files do not match
+the manifest is rebuilt with a warning, never loaded. Processes converting the same GGUF at once take turns on a lock
+file beside the entry, so one converts and the others load its result.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Callable
 import torch
 
 from lowerlm.errors import ModelFileError
-from lowerlm.ir.cache import atomic_write, cache_root, file_digest
+from lowerlm.ir.cache import HASH, atomic_write, cache_root, content_digest, file_digest, file_lock
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,36 +64,48 @@ def resolve_model(name: str) -> tuple[str, Path]:
 
 
 def write_manifest(folder: Path, source: str) -> None:
-    """Record every file's sha256, size and modification time (written last: its presence means complete)."""
+    """Record every file's size and content hash, and the hash's name (written last: its presence means complete)."""
     files = {}
     for p in sorted(folder.iterdir()):
         if p.is_file() and p.name != MANIFEST:
-            st = p.stat()
-            files[p.name] = {"sha256": file_digest(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    atomic_write(folder / MANIFEST, json.dumps({"source": source, "files": files}, indent=1))
+            files[p.name] = {"size": p.stat().st_size, "digest": content_digest(p)}
+    atomic_write(folder / MANIFEST, json.dumps({"source": source, "hash": HASH, "files": files}, indent=1))
 
 
-def _manifest_ok(folder: Path) -> bool:
-    """Whether every file matches the manifest: sizes always checked; contents hashed again only for a file whose
-    modification time changed (hashing 540 MB on every load would cost seconds)."""
+def check_entry(folder: Path) -> str | None:
+    """None when the folder holds exactly the files its manifest lists, each of the recorded size and content hash
+    (all hashed, whatever their modification times); else why not: ``"missing"`` (no entry), ``"stale"`` (a
+    manifest of another format or hash: made by other code, rebuilt without a warning) or what is damaged."""
+    if not folder.is_dir():
+        return "missing"
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-        for name, rec in manifest["files"].items():
-            st = (folder / name).stat()
-            if st.st_size != rec["size"]:
-                return False
-            if st.st_mtime_ns != rec["mtime_ns"] and file_digest(folder / name) != rec["sha256"]:
-                return False
-        return True
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    except FileNotFoundError:
+        return "no manifest"
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest ({type(e).__name__})"
+    if not isinstance(manifest, dict) or manifest.get("hash") != HASH or not isinstance(manifest.get("files"), dict):
+        return "stale"
+    files = manifest["files"]
+    try:
+        present = {p.name for p in folder.iterdir() if p.is_file()} - {MANIFEST}
+        if present != set(files):  # a file transformers would read that the manifest does not vouch for, or a hole
+            return f"its files are not the manifest's ({', '.join(sorted(present ^ set(files)))})"
+        for name, rec in files.items():
+            path = folder / name
+            if path.stat().st_size != rec["size"]:
+                return f"{name} has another size than recorded"
+            if content_digest(path) != rec["digest"]:
+                return f"{name} does not hold the bytes recorded"
+    except (OSError, KeyError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
-def _convert_gguf(gguf: Path, folder: Path, progress: Callable[[str], None]) -> None:
-    from safetensors.torch import save_file
+def _read_gguf(gguf: Path):
+    """transformers' f32 model and tokenizer of a GGUF file (the ~20 s dequantisation)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    progress(f"converting {gguf.name} to f32 weights (once; cached in {folder})")
     try:
         with _quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
@@ -99,6 +113,14 @@ def _convert_gguf(gguf: Path, folder: Path, progress: Callable[[str], None]) -> 
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as e:  # gguf and transformers raise many types for a damaged file
         raise ModelFileError(f"cannot read GGUF file {gguf}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    return model, tokenizer
+
+
+def _convert_gguf(gguf: Path, folder: Path, progress: Callable[[str], None]) -> None:
+    from safetensors.torch import save_file
+
+    progress(f"converting {gguf.name} to f32 weights (once; cached in {folder})")
+    model, tokenizer = _read_gguf(gguf)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
     try:
@@ -141,17 +163,24 @@ def _quiet_transformers():
 
 
 def weight_cache(gguf: Path, progress: Callable[[str], None] = _progress) -> Path:
-    """The converted-weights folder for a GGUF file, converting (or rebuilding a corrupt entry) when needed."""
+    """The converted-weights folder for a GGUF file, every file checked against its manifest; converted when
+    missing, stale or damaged (then with one warning). A process that finds another converting the same GGUF waits
+    on the entry's lock (``<folder>.lock``) and uses its result."""
     folder = cache_root() / "models" / f"{gguf.stem}-{file_digest(gguf)[:16]}"
-    if _manifest_ok(folder):
+    if check_entry(folder) is None:
         return folder
-    if folder.exists():
-        warnings.warn(f"lowerlm: weight cache {folder} is corrupt; converting again", stacklevel=2)
-    try:
-        _convert_gguf(gguf, folder, progress)
-    except OSError as e:
-        raise ModelFileError(f"cannot write the converted weights of {gguf.name} under {folder.parent} ({e}); "
-                             "set LOWERLM_CACHE_DIR to a writable folder with ~1 GB free") from None
+    wait = lambda: progress(f"waiting for another process converting {gguf.name}")
+    with file_lock(folder.with_name(folder.name + ".lock"), on_wait=wait):
+        problem = check_entry(folder)  # again: a process that held the lock may have converted it meanwhile
+        if problem is None:
+            return folder
+        if problem not in ("missing", "stale"):
+            warnings.warn(f"lowerlm: weight cache {folder} is corrupt ({problem}); converting again", stacklevel=2)
+        try:
+            _convert_gguf(gguf, folder, progress)
+        except OSError as e:
+            raise ModelFileError(f"cannot write the converted weights of {gguf.name} under {folder.parent} ({e}); "
+                                 "set LOWERLM_CACHE_DIR to a writable folder with ~1 GB free") from None
     return folder
 
 

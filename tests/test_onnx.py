@@ -412,9 +412,10 @@ def _lowerings(monkeypatch):
 
 def test_compile_cache_reuses_lowered_graphs(tmp_path, monkeypatch):
     """A second compile of the same model loads both lowered graphs from the compile cache (no lowering, no weight
-    expression evaluated: the concatenated q|k|v copies are never made, no blob hashed while its size and mtime
-    are as written) and gives the same logits and tokens. The two graphs share one copy of each weight. Other
-    weights or another weight_bits are other entries; use_cache=False neither reads nor writes it."""
+    expression evaluated: the concatenated q|k|v copies are never made; every blob hashed, once per process though
+    both graphs name it, and again after any change to the file, even one that keeps its mtime) and gives the same
+    logits and tokens. The two graphs share one copy of each weight. Other weights or another weight_bits are other
+    entries; use_cache=False neither reads nor writes it."""
     import os
 
     import onnx
@@ -438,15 +439,19 @@ def test_compile_cache_reuses_lowered_graphs(tmp_path, monkeypatch):
         _close(want, model(ids).logits)
 
     lowerings.clear()
-    hashed = []  # blobs as written (size and mtime as the manifest records) are not read again
-    real_digest = cache.file_digest
-    monkeypatch.setattr(cache, "file_digest", lambda path: hashed.append(path.name) or real_digest(path))
-    monkeypatch.setattr(cache, "_checked", set())  # as in a fresh process
+    hashed = []
+    real_digest = cache.content_digest
+    monkeypatch.setattr(cache, "content_digest", lambda path: hashed.append(path.name) or real_digest(path))
+    monkeypatch.setattr(cache, "_digests", {})  # as in a fresh process
     warm = lowerlm.compile_model(model, backend="onnx", max_seq_len=64)
     assert torch.equal(warm(ids), want) and list(warm.generate_ids([prompt], 16)) == want_tokens
-    assert lowerings == [] and hashed == []
+    assert lowerings == [] and sorted(hashed) == [b.name for b in blobs]  # each blob once
     assert all(v is None for v in warm.program._constants.values())  # no weight expression evaluated either
-    os.utime(blobs[0], ns=(blobs[0].stat().st_atime_ns, blobs[0].stat().st_mtime_ns + 10**9))  # touched: hashed
+    hashed.clear()
+    lowerlm.compile_model(model, backend="onnx", max_seq_len=64).program.prepare()
+    assert hashed == [] and lowerings == []  # hashed already by this process, unchanged since
+    stat = blobs[0].stat()
+    os.utime(blobs[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same mtime, a new ctime: hashed again
     lowerlm.compile_model(model, backend="onnx", max_seq_len=64).program.prepare()
     assert hashed == [blobs[0].name] and lowerings == []
 
@@ -464,15 +469,16 @@ def test_compile_cache_reuses_lowered_graphs(tmp_path, monkeypatch):
 @pytest.mark.parametrize("damage", ["blob bytes", "truncated model", "model altered, still valid",
                                     "model ONNX Runtime rejects"])
 def test_compile_cache_rebuilds_a_damaged_entry(tmp_path, monkeypatch, damage):
-    """A damaged entry is found on load (a blob whose digest is not its name; a model file that does not parse, or
-    that parses and runs but not with the bytes its digest records; a model ONNX Runtime cannot load, its digest
+    """A damaged entry is found on load (a blob whose content hash is not the manifest's; a model file that does not
+    parse, or that parses and runs but not with the bytes its hash records; a model ONNX Runtime cannot load, its digest
     made to match): a warning, the graph lowered again, the right logits, and the entry whole again for the next
     compile."""
-    import hashlib
     import json
 
     import onnx
     from onnx import TensorProto, helper
+
+    from lowerlm.ir.cache import bytes_digest
 
     monkeypatch.setenv("LOWERLM_CACHE_DIR", str(tmp_path))
     model = _cache_model()
@@ -503,7 +509,7 @@ def test_compile_cache_rebuilds_a_damaged_entry(tmp_path, monkeypatch, damage):
                                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
             onnx.save(helper.make_model(bad), str(m))
             manifest = json.loads(m.with_suffix(".json").read_text())
-            manifest["model"] = hashlib.sha256(m.read_bytes()).hexdigest()
+            manifest["model"] = bytes_digest(m.read_bytes())
             m.with_suffix(".json").write_text(json.dumps(manifest))
     lowerings = _lowerings(monkeypatch)
     damaged = lowerlm.compile_model(model, backend="onnx", max_seq_len=64)

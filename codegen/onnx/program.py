@@ -8,6 +8,7 @@ entries into the runtime's buffer and nothing is copied per token.
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,8 +34,10 @@ class OnnxProgram(ReferenceProgram):
     on a graph's first run."""
 
     def __init__(self, module, weights, threads: int | None = None, weight_bits: int | None = None,
-                 cache: bool = True):
-        """``cache``: keep lowered graphs in the compile cache (codegen/onnx/cache.py) and reuse them."""
+                 cache: bool = True, progress: Callable[[str], None] | None = None):
+        """``cache``: keep lowered graphs in the compile cache (codegen/onnx/cache.py) and reuse them.
+        ``progress(message)``: told when a graph is lowered (seconds for SmolLM2), not when it comes from the cache,
+        and when another process is lowering the same graph."""
         super().__init__(module, weights, lazy=True)  # a graph from the compile cache reads no weight here
         if weight_bits not in (None, 4, 8):
             raise CompileError(f"weight_bits must be 4 or 8 (or None for the model's own precision), got "
@@ -44,6 +47,7 @@ class OnnxProgram(ReferenceProgram):
         self.threads = threads
         self.weight_bits = weight_bits
         self.cache = cache
+        self.progress = progress
         # weights already on a 4-bit grid (a Q4 GGUF's) run as exact 4-bit MatMulNBits; weight_bits=4 puts all there
         self.packer = Packer(exact=weight_bits != 4)
         self._sessions: dict = {}
@@ -105,23 +109,36 @@ class OnnxProgram(ReferenceProgram):
 
     def _model(self, g):
         """(the graph's ONNX model, what ONNX Runtime opens: its file in the compile cache or its bytes, whether it
-        came from the cache)."""
+        came from the cache). A missing or damaged entry is lowered under the entry's lock: a process that finds
+        another lowering the same graph waits for it and loads its entry."""
         if not self.cache:
-            model = self._lower(g)
+            model = self._lower_reported(g)
             return model, model.SerializeToString(), False
         from lowerlm.codegen.onnx import cache
+        from lowerlm.ir.cache import file_lock
 
         key = cache.graph_key(g, self.weight_fingerprint(g), {"weight_bits": self.weight_bits,
                                                               "exact": self.packer.exact})
-        hit = cache.load(key)
-        if hit is not None:
-            return hit[1], str(hit[0]), True
-        model = self._lower(g)
-        try:
-            return model, str(cache.store(key, model)), False
-        except OSError as e:
-            warnings.warn(f"lowerlm: cannot write the ONNX compile cache ({e}); compiling without it", stacklevel=3)
-            return model, model.SerializeToString(), False
+        hit = cache.lookup(key)  # the warm path takes no lock
+        if hit is None:
+            wait = (lambda: self.progress(f"waiting for another process lowering graph {g.name}")) \
+                if self.progress else None
+            with file_lock(cache.lock_path(key), on_wait=wait):
+                hit = cache.load(key)  # again, reporting a damaged entry: another process may have stored it
+                if hit is None:
+                    model = self._lower_reported(g)
+                    try:
+                        return model, str(cache.store(key, model)), False
+                    except OSError as e:
+                        warnings.warn(f"lowerlm: cannot write the ONNX compile cache ({e}); compiling without it",
+                                      stacklevel=3)
+                        return model, model.SerializeToString(), False
+        return hit[1], str(hit[0]), True
+
+    def _lower_reported(self, g):
+        if self.progress:
+            self.progress(f"lowering graph {g.name} for ONNX Runtime")
+        return self._lower(g)
 
     def _open(self, source):
         import onnxruntime as ort
