@@ -99,14 +99,58 @@ def check_supported(model: torch.nn.Module) -> None:
                                      "RoPE scaling (default, linear, llama3, yarn)")
 
 
+def _hf_models(model: torch.nn.Module) -> list:
+    """The outermost transformers models in ``model``: itself, or those a plain module wraps."""
+    found: list = []
+    for path, mod in model.named_modules():
+        if _is_hf(mod) and not any(path.startswith(p + ".") or p == "" for p, _ in found):
+            found.append((path, mod))
+    return found
+
+
+def _use_sdpa(path: str, model) -> None:
+    """Switch a transformers model to sdpa attention, the form the frontend raises; a model without attention
+    (Mamba, RWKV, other state-space or recurrent LMs) cannot be switched, and lowerlm cannot compile it."""
+    if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
+        return
+    try:
+        model.set_attn_implementation("sdpa")
+    except Exception as e:  # transformers raises ValueError (and others, by version) for a model it cannot switch
+        where = f" (module '{path}')" if path else ""
+        raise CompileError(
+            f"{type(model).__name__}{where} cannot run scaled-dot-product attention ({type(e).__name__} from "
+            "transformers' set_attn_implementation('sdpa')): lowerlm compiles attention-based decoder-only LMs "
+            "(Llama, Qwen2/3, Mistral, Mixtral, … or a plain module built from their blocks); state-space and other "
+            "recurrent models such as Mamba are not supported") from None
+
+
+@contextlib.contextmanager
+def _without_kv_cache(models: list):
+    """transformers models' ``config.use_cache`` off during export. The wrapper passes ``use_cache=False`` to a
+    transformers model it calls directly, but a plain module wrapping one calls it with its own arguments: with the
+    config's default (True) the model builds a DynamicCache and concatenates each layer's keys and values onto an
+    empty 1-D tensor, which the importer cannot type (a ShapeError naming no module)."""
+    saved = [(m.config, m.config.use_cache) for _, m in models if getattr(m.config, "use_cache", None)]
+    for cfg, _ in saved:
+        cfg.use_cache = False
+    try:
+        yield
+    finally:
+        for cfg, value in saved:
+            cfg.use_cache = value
+
+
 def export_model(model: torch.nn.Module, vocab_size: int | None = None):
     """Export ``model``; returns (ExportedProgram, ExportInfo)."""
     model = model.eval()
     check_supported(model)
-    if _is_hf(model) and getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
-        model.set_attn_implementation("sdpa")
-    vocab = vocab_size or config_value(model, "vocab_size", default=2)
-    max_pos = int(config_value(model, "max_position_embeddings", default=2048))
+    hf = _hf_models(model)
+    for path, m in hf:
+        _use_sdpa(path, m)
+    # a plain module around one transformers model: that model's config gives the vocabulary, positions, window
+    configured = hf[0][1] if len(hf) == 1 else model
+    vocab = vocab_size or config_value(configured, "vocab_size", default=2)
+    max_pos = int(config_value(configured, "max_position_embeddings", default=2048))
     with_positions = accepts_positions(model)
     g = torch.Generator().manual_seed(0)
     device = next(iter(model.parameters()), torch.empty(0)).device  # example inputs live with the weights
@@ -121,7 +165,7 @@ def export_model(model: torch.nn.Module, vocab_size: int | None = None):
         dynamic["position_ids"] = {0: batch, 1: seq}
         args = (ids, example["position_ids"])
     wrapper = _Wrapper(model, with_positions)
-    with warnings.catch_warnings(), torch.no_grad(), _sdpa_with_gqa():
+    with warnings.catch_warnings(), torch.no_grad(), _sdpa_with_gqa(), _without_kv_cache(hf):
         warnings.simplefilter("ignore")
         try:
             ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)
@@ -134,5 +178,5 @@ def export_model(model: torch.nn.Module, vocab_size: int | None = None):
                 "must not branch on values or special-case a length (a causal mask sliced from a fixed-size buffer "
                 "does; F.scaled_dot_product_attention(is_causal=True) needs no mask)") from e
         ep = ep.run_decompositions({})
-    window = config_value(model, "sliding_window", default=0) or 0
+    window = config_value(configured, "sliding_window", default=0) or 0
     return ep, ExportInfo(WRAPPER_ATTR, example, max_pos, int(window) if window < max_pos else 0)

@@ -3,6 +3,7 @@ the runtime (logits for a batch, or streamed generation)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from typing import Callable, Iterator
@@ -53,9 +54,19 @@ class CompiledModel:
         return [("// imported", self.imported)] + [(dump_header(r), r.module) for r in self.records]
 
     def dump(self, after: str = "all", file=None) -> None:
-        """Print the IR as imported and after each pass (``after="all"``) or after one named pass."""
+        """Print the IR as imported and after each pass (``after="all"``), as imported (``"none"``) or after one
+        pass that ran; any other name is an ``InputError`` listing the choices (printing nothing would look like an
+        empty stage)."""
+        ran = [r.name for r in self.records]
+        if after not in ("all", "none") and after not in ran:
+            from lowerlm.passes import PIPELINE
+
+            why = "did not run in this compile" if after in dict(PIPELINE) else "is not a pass"
+            raise InputError(f"dump(after={after!r}): '{after}' {why}; give 'all', 'none' (as imported) or one of the "
+                             f"passes that ran: {', '.join(ran) or 'none ran'}")
         for header, module in self.stages():
-            if after == "all" or header.startswith(f"// after {after} "):
+            name = header.split()[2] if header.startswith("// after ") else "none"
+            if after in ("all", name):
                 print(header, file=file or sys.stdout)
                 print(print_module(module), file=file or sys.stdout)
 
@@ -214,6 +225,49 @@ def fit_max_seq_len(table: tuple | None, max_seq_len: int | None) -> int:
     return max_seq_len
 
 
+def state_bytes(module: Module, max_batch: int, max_seq_len: int) -> int:
+    """Bytes of the state buffers ``allocate_state`` would allocate (the KV caches)."""
+    from lowerlm.ir.shapes import evaluate
+
+    env = {"B": max_batch, "T": max_seq_len}
+    total = 0
+    for spec in module.state_specs.values():
+        n = 1
+        for d in spec.type.shape:
+            n *= evaluate(d, env)
+        total += n * spec.type.dtype.itemsize
+    return total
+
+
+def memory_bytes(device_type: str) -> tuple[int, str] | None:
+    """(total memory, whose) of the device the state lives on: a CUDA GPU's, else this machine's physical memory
+    (None when neither is known)."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "the GPU's"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's"
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_state_fits(module: Module, max_batch: int, max_seq_len: int, device_type: str) -> None:
+    """Refuse a KV cache larger than the memory it would live in, before anything is allocated (torch would ask
+    for it when generation starts, and fail with an allocator error or be killed): layers·2·max_batch·kv_heads·
+    max_seq_len·head_dim·itemsize bytes."""
+    need = state_bytes(module, max_batch, max_seq_len)
+    memory = memory_bytes(device_type)
+    if memory is None or need <= memory[0]:
+        return
+    total, whose = memory
+    fixed = state_bytes(module, max_batch, 0)
+    per_token = max(state_bytes(module, max_batch, 1) - fixed, 1)
+    fits = max(int((total // 2 - fixed) // per_token), 0)
+    raise InputError(f"max_seq_len {max_seq_len} with max_batch {max_batch} needs a {need / 2**30:.1f} GiB KV cache "
+                     f"({per_token // max_batch} bytes per token of each sequence), more than {whose} "
+                     f"{total / 2**30:.1f} GiB of memory; give a smaller max_seq_len (up to {fits} fits in half of "
+                     "it) or max_batch")
+
+
 def compute_dtype(model_dtype: torch.dtype, dtype, backend: str, device) -> torch.dtype:
     """The dtype the program computes in: ``dtype`` when given (the model's own, or f32 for a bf16/f16 model),
     else the model's, except that auto on a CPU computes a bf16 model in f32 (ONNX Runtime has no bf16 kernels
@@ -234,6 +288,25 @@ def compute_dtype(model_dtype: torch.dtype, dtype, backend: str, device) -> torc
                        f"in float32; for {dtype}, convert the model first (model.to({dtype}))")
 
 
+def _state_device(backend: str, device) -> str:
+    """The device type the state buffers will live on; refuses the Triton backend without a GPU (or Triton's
+    interpreter) before any tracing."""
+    if backend == "triton":
+        from lowerlm.codegen.triton.program import TritonProgram, available
+
+        resolved = TritonProgram.resolve_device(device)
+        if not available(resolved):
+            raise CompileError("the Triton backend needs a CUDA GPU; on a CPU use backend='onnx' or 'auto', or set "
+                               "TRITON_INTERPRET=1 (before lowerlm is imported) to run its kernels in Triton's slow "
+                               "interpreter")
+        return resolved.type
+    if backend == "auto":
+        from lowerlm.codegen.auto import preferred
+
+        return "cuda" if preferred(device) == "triton" else "cpu"
+    return "cpu"
+
+
 def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, device=None,
                   max_seq_len: int | None = None, max_batch: int = 8, passes="default", arm=None, tp: int = 1,
                   weight_bits: int | None = None,
@@ -248,11 +321,15 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     unless ``dtype=torch.bfloat16`` says otherwise (ONNX Runtime has no bf16 kernels there); its logits are
     returned as bf16.
     ``max_seq_len``: the longest sequence (prompt and generated tokens) generation holds; 2048 by default, or
-    the rows of the model's learned position embedding if it has fewer.
+    the rows of the model's learned position embedding if it has fewer. With ``max_batch`` it sizes the KV cache,
+    which must fit the memory it lives in (``InputError`` otherwise, before anything is allocated).
     ``weight_bits`` (4 or 8; ONNX backend, and auto on a CPU) stores the projections' weights quantized: faster
     on a CPU, no longer the same numbers as the model (BENCHMARKS.md reports the token agreement). ``use_cache``:
     the trace cache, the ONNX backend's compile cache and the Triton backend's generated kernel sources
-    (``~/.cache/lowerlm``, ``LOWERLM_CACHE_DIR``; docs/caches.md); off, nothing is read from or written there."""
+    (``~/.cache/lowerlm``, ``LOWERLM_CACHE_DIR``; docs/caches.md); off, nothing is read from or written there.
+    ``tokenizer``: the one ``cm.generate`` encodes text with; None loads the model's, False means none (token ids
+    only). ``progress(message)`` is told when a step that can take seconds starts (export, import, the passes, the
+    tokenizer, each ONNX graph lowered); the CLI shows it on a terminal."""
     from lowerlm.codegen.reference import ReferenceProgram
     from lowerlm.frontend.trace import trace_model
     from lowerlm.runtime.text import load_tokenizer
@@ -275,16 +352,25 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
                            "model's own precision")
     if max_seq_len is not None and max_seq_len < 2 or max_batch < 1:
         raise CompileError(f"max_seq_len must be >= 2 and max_batch >= 1, got {max_seq_len} and {max_batch}")
+    state_device = _state_device(backend, device)  # before tracing: Triton without a GPU is refused here
     imported = trace_model(model, use_cache=use_cache, progress=progress, captures=captures)
     table = position_table(imported)
     max_seq_len = fit_max_seq_len(table, max_seq_len)
     records: list[PassRecord] = []
+    if progress:
+        progress("running the passes")
     run_pipeline(imported, passes=passes, on_pass=records.append, arm=arm,
                  upcast_from=DType.from_torch(model_dtype) if compute != model_dtype else None)
     final = records[-1].module if records else imported
+    check_state_fits(final, max_batch, max_seq_len, state_device)
     weights = model_weights(model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
+    if tokenizer is None:
+        if progress:
+            progress("loading the tokenizer")
+        tokenizer = load_tokenizer(model)
+    elif tokenizer is False:
+        tokenizer = None
     if backend == "triton":
         from lowerlm.codegen.triton.program import TritonProgram
 
@@ -292,11 +378,11 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     elif backend == "onnx":
         from lowerlm.codegen.onnx.program import OnnxProgram
 
-        program = OnnxProgram(final, weights, weight_bits=weight_bits, cache=use_cache)
+        program = OnnxProgram(final, weights, weight_bits=weight_bits, cache=use_cache, progress=progress)
     elif backend == "auto":
         from lowerlm.codegen.auto import AutoProgram
 
-        program = AutoProgram(final, weights, device, weight_bits=weight_bits, cache=use_cache)
+        program = AutoProgram(final, weights, device, weight_bits=weight_bits, cache=use_cache, progress=progress)
     else:
         program = ReferenceProgram(final, weights)
     return CompiledModel(imported, records, weights, program, vocab, max_seq_len, max_batch, tokenizer,

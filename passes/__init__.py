@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, TextIO
@@ -53,9 +54,17 @@ PASSES: dict[str, PassFn] = {name: fn for name, fn in PIPELINE if fn is not None
 
 _MODULES = {name: fn.__module__ for name, fn in PASSES.items()} | {"arm": "lowerlm.passes.arm",
                                                                    "upcast": "lowerlm.passes.upcast"}
-# first docstring line of each pass's module, for `lowerlm passes`
-PASS_DOCS: dict[str, str] = {name: (sys.modules[_MODULES[name]].__doc__ or "").strip().split("\n")[0]
-                             for name, _ in PIPELINE}
+
+
+def _first_sentence(doc: str | None) -> str:
+    """The first sentence of a docstring's first paragraph, on one line (it may span several lines of source)."""
+    paragraph = " ".join((doc or "").strip().split("\n\n")[0].split())
+    match = re.search(r"[.!?](?=\s+[A-Z(`])", paragraph)
+    return paragraph[:match.end()] if match else paragraph
+
+
+# first sentence of each pass's module docstring, for `lowerlm passes`
+PASS_DOCS: dict[str, str] = {name: _first_sentence(sys.modules[_MODULES[name]].__doc__) for name, _ in PIPELINE}
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,9 @@ class Generator:
     state: dict = field(default_factory=dict)
     graphed: object = None
     loop: object = None
+    # why each sequence of the last ``generate`` ended: "stop" (a stop token), "max_new_tokens", or "max_seq_len"
+    # (its cache was full first; the CLI tells the user, since fewer tokens than asked for came back)
+    finish_reasons: list = field(default_factory=list)
 
     def __post_init__(self):
         self.state = allocate_state(self.module, self.max_batch, self.max_seq_len, self.program.device)
@@ -148,6 +151,7 @@ class Generator:
         logits = prefill(self.program, self.state, ids, lengths)
         steps = self._device_steps if getattr(self.program, "device_sampling", False) else self._host_steps
         done = [False] * b
+        self.finish_reasons = reasons = ["max_new_tokens"] * b
         lengths = lengths.tolist()
         for step, tokens in enumerate(steps(logits, lengths, sampling, max_new_tokens)):
             out = []
@@ -158,8 +162,12 @@ class Generator:
                 t = tokens[i]
                 out.append(t)
                 # t goes to cache slot lengths[i] + step when decoded: past the cache, the sequence ends here
-                if t in stop or lengths[i] + step >= self.max_seq_len:
+                if t in stop:
+                    done[i], reasons[i] = True, "stop"
+                elif lengths[i] + step >= self.max_seq_len:
                     done[i] = True
+                    if step < max_new_tokens - 1:  # fewer tokens than asked for
+                        reasons[i] = "max_seq_len"
             yield out
             if all(done) or step == max_new_tokens - 1:
                 return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -25,6 +27,9 @@ def test_passes_lists_the_pipeline():
     assert [line.split()[:2] for line in lines[:3]] == [["upcast", "dtype"], ["canonicalize", "default"],
                                                         ["arm", "data"]]
     assert "upcast: a bf16 or f16 model computed in f32" in lines[0]
+    # whole first sentences, one line per pass when stdout is not a terminal
+    assert len(lines) == 10 and all(line.endswith(".") for line in lines)
+    assert lines[4].endswith("x is read once and normalised in the matmul's prologue.")
 
 
 def test_dump_ir_after_all_and_one_pass():
@@ -96,59 +101,6 @@ def test_generate_answers_the_demo_prompt():
     assert "Paris" in out.stdout and "identical tokens" in out.stdout and "tokens/s (transformers eager)" in out.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--token-ids", "--max-seq-len", "4", "1,2,3,4,5"), "longer than max_seq_len 4"),
-    (("--token-ids", "1,2,999"), "token id 999 in prompt 0 is outside the vocabulary [0, 64)"),
-    (("--token-ids", " "), "the prompt is empty"),
-    (("--max-new-tokens", "0", "hi"), "--max-new-tokens must be >= 1"),
-    (("--max-batch", "1", "--token-ids", "1", "2"), "2 prompts are more than --max-batch 1"),
-    (("hello",), "this model has no tokenizer"),
-    (("--backend", "reference", "--weight-bits", "4", "--token-ids", "1,2"),
-     "weight_bits quantizes weights for the ONNX backend"),
-])
-def test_generate_errors_are_one_line_with_exit_code_2(tiny_dir, args, message):
-    out = lowerlm("generate", "--model", tiny_dir, *args)
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.splitlines()
-    assert [line for line in lines if line.startswith("lowerlm: error: ")] == [f"lowerlm: error: {lines[-1][16:]}"]
-    assert message in lines[-1], out.stderr
-
-
-def test_errors_are_one_line_with_exit_code_2(tmp_path):
-    bad = tmp_path / "bad.ir"
-    bad.write_text("graph f(%x: f32[2]) {\n  %y = nope(%x) : f32[2]\n  return %y\n}\n")
-    invalid = tmp_path / "invalid.ir"
-    invalid.write_text("graph f(%x: f32[2]) {\n  %y = neg(%x) : f32[3]\n  return %y\n}\n")
-    example = str(ROOT / "examples" / "tiny_llama.ir")
-    garbage = tmp_path / "garbage.gguf"
-    garbage.write_bytes(b"\x00" * 64)
-    truncated = tmp_path / "truncated.gguf"
-    truncated.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x01" * 40)
-    dynamic = tmp_path / "dynamic"
-    tiny_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
-               ).save_pretrained(dynamic)
-    cases = [
-        (("dump-ir", "--model", "gpt-17"), "unknown model 'gpt-17'"),
-        (("dump-ir", "--model", str(tmp_path / "missing.gguf")), "GGUF file not found"),
-        (("dump-ir", "--model", str(garbage)), "not a GGUF file"),
-        (("dump-ir", "--model", str(truncated)), "cannot read GGUF file"),
-        (("dump-ir", "--model", str(dynamic)), "unsupported op 'dynamic NTK rotary embedding' in module "
-                                               "'model.rotary_emb'"),
-        (("dump-ir", "--ir", example, "--after", "fuse_all"), "unknown pass 'fuse_all'"),
-        (("dump-ir", "--ir", str(tmp_path / "missing.ir")), "cannot read IR file"),
-        (("dump-ir", "--ir", str(bad)), "2:8: unknown op 'nope'"),
-        (("dump-ir", "--ir", str(invalid)), "neg yields f32[2] but the node declares f32[3]"),
-    ]
-    for args, message in cases:
-        out = lowerlm(*args)
-        assert out.returncode == 2, (args, out.stderr)
-        # progress lines ("lowerlm: converting …") may come first; the error is one line, no traceback
-        lines = out.stderr.splitlines()
-        errors = [line for line in lines if line.startswith("lowerlm: error: ")]
-        assert len(errors) == 1 and message in errors[0], out.stderr
-        assert all(line.startswith("lowerlm: ") for line in lines), out.stderr
-
-
 @pytest.mark.slow
 def test_arm_hist_and_arm_eval(tmp_path):
     out = lowerlm("arm-hist", "--model", "smollm2", "--layer", "15", "--out", str(tmp_path / "h.png"))
@@ -159,14 +111,24 @@ def test_arm_hist_and_arm_eval(tmp_path):
     rows = [line.split("|")[1].strip() for line in out.stdout.splitlines()[2:]]
     assert rows == ["dense", "arm", "arm, centre only", "plain"]
     bad = lowerlm("arm-hist", "--model", "smollm2", "--layer", "99", "--out", str(tmp_path / "x.png"))
-    assert bad.returncode == 2 and "no gated MLP at layer 99" in bad.stderr
+    assert bad.returncode == 2 and "--layer 99: smollm2 has 30 layers; give --layer 0 to 29" in bad.stderr
 
 
 def test_export_onnx(tiny_dir, tmp_path):
+    """Written under a temporary name and renamed into place (nothing else is left in the parent), with the usual
+    permissions; a previous export is replaced."""
     out = lowerlm("export-onnx", "--model", tiny_dir, "--out", str(tmp_path / "x"), "--max-seq-len", "64")
     assert out.returncode == 0, out.stderr
     names = sorted(p.name for p in (tmp_path / "x").iterdir())
     assert names == ["decode.onnx", "decode.onnx.data", "lowerlm_onnx.json", "prefill.onnx", "prefill.onnx.data"]
+    assert [p.name for p in tmp_path.iterdir()] == ["x"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "x").stat().st_mode & 0o777 == 0o777 & ~umask
+    again = lowerlm("export-onnx", "--model", tiny_dir, "--out", str(tmp_path / "x"), "--max-seq-len", "32")
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "x" / "lowerlm_onnx.json").read_text())["max_seq_len"] == 32
+    assert [p.name for p in tmp_path.iterdir()] == ["x"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, auto prefers Triton")
