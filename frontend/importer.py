@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from lowerlm.frontend.fx import GETITEM, SymbolMap, is_tensor, module_path, op_name, tensor_type
 from lowerlm.ir.dtypes import DType
-from lowerlm.ir.errors import UnsupportedOpError
+from lowerlm.ir.errors import ShapeError, UnsupportedOpError
 from lowerlm.ir.graph import GraphBuilder, Module
 from lowerlm.ir.ops import Op
 from lowerlm.ir.shapes import evaluate
@@ -194,7 +194,11 @@ class Importer:
             elif node.target is GETITEM:
                 self.values[node] = self.values[node.args[0]][node.args[1]]
             else:
-                self.values[node] = convert(self, node)
+                try:
+                    self.values[node] = convert(self, node)
+                except ShapeError as e:  # an IR rule refused what torch accepted: say where in the model
+                    raise UnsupportedOpError(op_name(node), self.path(node), f"its operands do not fit the IR op "
+                                             f"({e}); capture the module or report it") from None
                 self._check_type(node)
         out_node = next(n for n in self.graph.nodes if n.op == "output")
         outputs = [self.values[a] for a in out_node.args[0]]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -112,7 +113,10 @@ def _read_gguf(gguf: Path):
                                                          dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as e:  # gguf and transformers raise many types for a damaged file
-        raise ModelFileError(f"cannot read GGUF file {gguf}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        detail = f"{type(e).__name__}: {e}".splitlines()[0]
+        detail = detail if len(detail) <= 100 else detail[:99] + "…"  # a parser's message about a bogus length
+        raise ModelFileError(f"cannot read GGUF file {gguf}: it is truncated or damaged ({detail}); download it "
+                             "again") from None
     return model, tokenizer
 
 
@@ -150,8 +154,10 @@ def _quiet_transformers():
 
     level = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
+    tqdm_disable = os.environ.get("TQDM_DISABLE")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF reader's own tqdm bar, which transformers' switch does not reach
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -160,6 +166,10 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+        if tqdm_disable is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_disable
 
 
 def weight_cache(gguf: Path, progress: Callable[[str], None] = _progress) -> Path:

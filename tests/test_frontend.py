@@ -445,6 +445,30 @@ class _MeanMixer(torch.nn.Module):
         return x + x.mean(dim=1, keepdim=True)
 
 
+class _Sigmoid(torch.nn.Module):
+    def forward(self, x):
+        return torch.sigmoid(x)
+
+
+def test_an_ir_rule_refusing_an_imported_op_names_the_op_and_module(monkeypatch):
+    """A ShapeError while converting a node (an IR rule refusing operands torch accepted) used to surface bare; it
+    is one UnsupportedOpError naming the aten op and the module it came from."""
+    import lowerlm.frontend.aten as aten_conv
+
+    real = aten_conv.convert
+
+    def refusing(imp, node):
+        if node.target is torch.ops.aten.sigmoid.default:
+            raise lowerlm.errors.ShapeError("operand dtypes differ")
+        return real(imp, node)
+
+    monkeypatch.setattr(aten_conv, "convert", refusing)
+    with pytest.raises(lowerlm.errors.UnsupportedOpError,
+                       match=r"'aten.sigmoid.default' in module 'blocks.0': its operands do not fit the IR op "
+                             r"\(operand dtypes differ\)"):
+        lowerlm.compile_model(_Plain(_Sigmoid()).eval(), backend="reference", use_cache=False)
+
+
 class _Bidirectional(torch.nn.Module):
     """Self-attention without a mask: every token sees the later ones (an encoder's attention)."""
 
