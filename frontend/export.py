@@ -100,10 +100,15 @@ def check_supported(model: torch.nn.Module) -> None:
 
 
 def _hf_models(model: torch.nn.Module) -> list:
-    """The outermost transformers models in ``model``: itself, or those a plain module wraps."""
+    """The outermost transformers models (``PreTrainedModel``s) in ``model``: itself, or those a plain module wraps.
+    A block of one (an MoE block, an attention module) carries a ``config`` too but is not a model."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return []
     found: list = []
     for path, mod in model.named_modules():
-        if _is_hf(mod) and not any(path.startswith(p + ".") or p == "" for p, _ in found):
+        if isinstance(mod, PreTrainedModel) and not any(path.startswith(p + ".") or p == "" for p, _ in found):
             found.append((path, mod))
     return found
 

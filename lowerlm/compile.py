@@ -242,7 +242,7 @@ def state_bytes(module: Module, max_batch: int, max_seq_len: int) -> int:
 def memory_bytes(device_type: str) -> tuple[int, str] | None:
     """(total memory, whose) of the device the state lives on: a CUDA GPU's, else this machine's physical memory
     (None when neither is known)."""
-    if device_type == "cuda":
+    if device_type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "the GPU's"
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's"
@@ -303,7 +303,10 @@ def _state_device(backend: str, device) -> str:
     if backend == "auto":
         from lowerlm.codegen.auto import preferred
 
-        return "cuda" if preferred(device) == "triton" else "cpu"
+        if preferred(device) == "triton":
+            from lowerlm.codegen.triton.program import TritonProgram
+
+            return TritonProgram.resolve_device(device).type  # the CPU under Triton's interpreter
     return "cpu"
 
 
