@@ -11,6 +11,7 @@ The library's own checks (``lowerlm.compile_model``, ``cm.dump``, sampling) foll
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import os
 import signal
@@ -234,7 +235,9 @@ def _version(w):
     import lowerlm as pkg
 
     line = out.stdout.strip()
-    assert line.startswith(f"lowerlm {pkg.__version__} (torch {torch.__version__}, transformers ")
+    # the installed distributions' versions (torch.__version__ may add a local label such as +cu130)
+    torch_version = importlib.metadata.version("torch")
+    assert line.startswith(f"lowerlm {pkg.__version__} (torch {torch_version}, transformers ")
     assert "onnxruntime " in line and "triton " in line
 
 
