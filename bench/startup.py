@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         rows.append(("lowerlm generate, cold cache (convert, export, lower)", [cold], answer))
         warm = [timed(generate, env) for _ in range(args.runs)]
         rows.append(("lowerlm generate, warm cache", [s for s, _ in warm], warm[-1][1].splitlines()[0]))
-        folder = next(Path(tmp, "models").iterdir())
+        folder = next(p for p in Path(tmp, "models").iterdir() if p.is_dir())  # beside it: its lock file
         peer = [timed([sys.executable, "-c", TRANSFORMERS, str(folder), PROMPT, str(args.new_tokens)], env)
                 for _ in range(args.runs)]
         rows.append(("transformers: from_pretrained + eager generate", [s for s, _ in peer],
