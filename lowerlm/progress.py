@@ -58,12 +58,18 @@ class Progress:
         ``step`` (a Ctrl-C can land anywhere): the line is open as soon as ``_msg`` is set."""
         if self._stop is not None:
             self._stop.set()
+        # bounded waits: a ticker stuck writing to a stalled terminal must not keep an error or Ctrl-C from exiting
         if self._thread is not None and self._thread.is_alive():
-            self._thread.join()
-        with self._lock:
+            self._thread.join(timeout=2)
+        if not self._lock.acquire(timeout=2):
+            self._msg, self._thread, self._stop = None, None, None
+            return
+        try:
             if self._msg is not None:
                 self._render(final=True)
             self._msg, self._thread, self._stop = None, None, None
+        finally:
+            self._lock.release()
 
     def line(self, text: str) -> None:
         """Print one line to stderr whatever the settings (a warning, a note): after the open step's line."""

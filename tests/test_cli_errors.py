@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.metadata
 import io
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -285,8 +286,13 @@ def _ctrl_c(w):
             seen += read()
         time.sleep(0.3)  # into the export
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(60)
-        while chunk := read():
+        # keep draining the pseudo-terminal while it exits: a full one blocks the child's progress writes
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.2)[0]:
+                seen += read()
+        code = proc.wait(5)
+        while select.select([master], [], [], 0.2)[0] and (chunk := read()):
             seen += chunk
     finally:
         os.close(master)
