@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Union
 
 from lowerlm.ir.errors import ShapeError
@@ -67,10 +67,10 @@ class Sym:
     the terms, those inside floor-division numerators included (bounded by ``MAX_TERMS``); it is not compared."""
 
     terms: tuple  # tuple[tuple[Monomial, int], ...]
-    size: int = field(default=0, compare=False, repr=False)
 
-    def __post_init__(self):
-        object.__setattr__(self, "size", sum(_mono_size(m) for m, _ in self.terms))
+    @functools.cached_property
+    def size(self) -> int:
+        return sum(_mono_size(m) for m, _ in self.terms)
 
     # construction ---------------------------------------------------------------------------------------
     @staticmethod
@@ -78,11 +78,11 @@ class Sym:
         items = [(m, c) for m, c in terms.items() if c != 0]
         if all(m == () for m, _ in items):
             return sum(c for _, c in items)
-        size = sum(_mono_size(m) for m, _ in items)
-        if size > MAX_TERMS:
-            raise _too_large(size)
         items.sort(key=lambda mc: (mc[0] == (), [(_atom_key(a), p) for a, p in mc[0]]))
-        return Sym(tuple(items))
+        out = Sym(tuple(items))
+        if out.size > MAX_TERMS:
+            raise _too_large(out.size)
+        return out
 
     @staticmethod
     def symbol(name: str) -> Sym:

@@ -86,11 +86,21 @@ def _quiet_onnxruntime() -> None:
     onnxruntime.set_default_logger_severity(3)
 
 
-def _load(model: str, progress):
+def _load(model: str, progress, check) -> tuple:
+    """(the loaded model, its config as a dict), with ``check(config)`` run as early as the config exists: an HF
+    folder's config.json before loading, a GGUF's (known only once it is loaded) right after, still before any
+    compile."""
     import lowerlm
 
+    cfg = _hf_config(model)
+    if cfg is not None:
+        check(cfg)
     progress(f"loading {model}")  # a GGUF's first load says it converts it
-    return lowerlm.load(model, progress=progress)
+    loaded = lowerlm.load(model, progress=progress)
+    if cfg is None:
+        cfg = _loaded_config(loaded)
+        check(cfg)
+    return loaded, cfg
 
 
 # ---- commands -----------------------------------------------------------------------------------------------------
@@ -134,10 +144,10 @@ def _stages(args, progress) -> list:
 
     if args.backend in ("onnx", "auto"):
         _quiet_onnxruntime()
-    model = _load(args.model, progress)
+    model, _ = _load(args.model, progress, lambda cfg: None)
     cm = lowerlm.compile_model(model, backend=args.backend, progress=progress, tokenizer=False)
     stages = cm.stages()
-    if hasattr(cm.program, "plan") and args.backend == "auto":
+    if args.backend == "auto":  # AutoProgram: which backend runs each partition
         lines = [f"//   {line}" for line in cm.program.describe()]
         stages.append(("// backend plan (auto)\n" + "\n".join(lines), None))
     return stages
@@ -228,21 +238,17 @@ def _cmd_generate(args, progress) -> int:
 
     _check_generate_flags(args)
     token_prompts = _token_prompts(args)
-    cfg = _hf_config(args.model)
-    if cfg is not None:  # an HF folder: its config and tokenizer files, before loading
+
+    def check(cfg):
         _check_max_seq_len(args.max_seq_len, cfg, args.model)
         if token_prompts is not None:
             _check_prompt_ids(token_prompts, cfg, args.max_seq_len)
         else:
             _need_tokenizer(args.model, ": give token ids with --token-ids instead of text")
+
     if args.backend in ("onnx", "auto"):
         _quiet_onnxruntime()
-    model = _load(args.model, progress)
-    if cfg is None:  # a GGUF: its config now, still before compiling
-        cfg = _loaded_config(model)
-        _check_max_seq_len(args.max_seq_len, cfg, args.model)
-        if token_prompts is not None:
-            _check_prompt_ids(token_prompts, cfg, args.max_seq_len)
+    model, cfg = _load(args.model, progress, check)
     from lowerlm.runtime.text import encode, load_tokenizer
 
     progress("loading the tokenizer")
@@ -329,16 +335,14 @@ def _compare_eager(model, prompts, outputs, args, progress) -> None:
 
 
 def _cmd_arm_hist(args, progress) -> int:
-    cfg = _hf_config(args.model)
-    if cfg is not None:
-        _check_layer(args.layer, cfg, args.model)
-        _need_tokenizer(args.model, ", and arm-hist measures activations over text: save the model's "
-                        "tokenizer in its folder (tokenizer.save_pretrained)")
     from lowerlm.arm_report import arm_hist
 
-    model = _load(args.model, progress)
-    if cfg is None:
-        _check_layer(args.layer, _loaded_config(model), args.model)
+    def check(cfg):
+        _check_layer(args.layer, cfg, args.model)
+        _need_tokenizer(args.model, ", and arm-hist measures activations over text: save the model's tokenizer in "
+                        "its folder (tokenizer.save_pretrained)")
+
+    model, _ = _load(args.model, progress, check)
     stats = arm_hist(model, args.layer, args.out, args.sparsity, progress=progress)
     progress.done()
     print(f"layer {args.layer}: skew of a {stats['skew_a']:.3f}, skew of a_hat {stats['skew_a_hat']:.3f}; "
@@ -347,12 +351,11 @@ def _cmd_arm_hist(args, progress) -> int:
 
 
 def _cmd_arm_eval(args, progress) -> int:
-    if _hf_config(args.model) is not None:
-        _need_tokenizer(args.model, ", and arm-eval scores held-out text: save the model's tokenizer "
-                        "in its folder (tokenizer.save_pretrained)")
+    _need_tokenizer(args.model, ", and arm-eval scores held-out text: save the model's tokenizer in its folder "
+                    "(tokenizer.save_pretrained)")
     from lowerlm.arm_report import arm_eval, format_rows
 
-    model = _load(args.model, progress)
+    model, _ = _load(args.model, progress, lambda cfg: None)
     rows = arm_eval(model, args.sparsities, args.max_tokens, progress=progress)
     progress.done()
     print(format_rows(rows))
@@ -365,14 +368,8 @@ def _cmd_export_onnx(args, progress) -> int:
 
     import lowerlm
 
-    cfg = _hf_config(args.model)
-    if cfg is not None:
-        _check_max_seq_len(args.max_seq_len, cfg, args.model)
     _quiet_onnxruntime()
-    model = _load(args.model, progress)
-    if cfg is None:
-        cfg = _loaded_config(model)
-        _check_max_seq_len(args.max_seq_len, cfg, args.model)
+    model, cfg = _load(args.model, progress, lambda cfg: _check_max_seq_len(args.max_seq_len, cfg, args.model))
     # by default the caches hold 2048 positions, or all the model has if fewer
     max_seq_len = args.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, _max_positions(cfg) or DEFAULT_MAX_SEQ_LEN)
     cm = lowerlm.compile_model(model, backend="onnx", max_seq_len=max_seq_len, progress=progress, tokenizer=False)

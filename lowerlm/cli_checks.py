@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "smollm2"  # lowerlm.models.DEFAULT_MODEL (that module imports torch: too slow to import here)
+DEFAULT_MODEL = "smollm2"  # lowerlm.models.DEFAULT_MODEL (not imported for it: the default model needs no check)
 DEFAULT_MAX_SEQ_LEN = 2048  # lowerlm.compile.DEFAULT_MAX_SEQ_LEN
 BACKENDS = ("auto", "onnx", "triton", "reference")  # lowerlm.compile.BACKENDS
 EXPORT_FILES = ("prefill.onnx", "prefill.onnx.data", "decode.onnx", "decode.onnx.data", "lowerlm_onnx.json")
@@ -112,27 +112,18 @@ def _sparsities(text: str) -> list:
 
 @_flag
 def _model(text: str) -> str:
-    """The checks of ``lowerlm.models.resolve_model`` (same messages), without importing torch; plus a GGUF's
-    magic bytes, so a wrong file is refused before anything loads."""
+    """``lowerlm.models.resolve_model``'s checks (a GGUF's magic bytes included), so a wrong model is refused
+    before anything loads; the default model is checked when it loads (its package's files)."""
     if text == DEFAULT_MODEL:
         return text
-    path = Path(text)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ValueError(f"GGUF file not found: {path}")
-        try:
-            with open(path, "rb") as f:
-                magic = f.read(4)
-        except OSError as e:
-            raise ValueError(f"cannot read GGUF file {path}: {e.strerror}") from None
-        if magic != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (bad magic); the file is corrupt or of another format")
-        return text
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{path} is not an HF model directory (no config.json)")
-        return text
-    raise ValueError(f"unknown model '{text}': give '{DEFAULT_MODEL}', a .gguf file or an HF model directory")
+    from lowerlm.errors import ModelFileError
+    from lowerlm.models import resolve_model
+
+    try:
+        resolve_model(text)
+    except ModelFileError as e:
+        raise ValueError(str(e)) from None
+    return text
 
 
 @_flag
@@ -287,13 +278,6 @@ def _loaded_config(model) -> dict:
     return _text_config(cfg.to_dict()) if hasattr(cfg, "to_dict") else {}
 
 
-def _has_tokenizer_files(model: str) -> bool | None:
-    """Whether an HF folder has a tokenizer (None: not known before loading)."""
-    if _hf_config(model) is None:
-        return None
-    return any((Path(model) / name).is_file() for name in TOKENIZER_FILES)
-
-
 def _max_positions(cfg: dict) -> int | None:
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         value = cfg.get(key)
@@ -338,7 +322,9 @@ def _check_layer(layer: int, cfg: dict, model: str) -> None:
 
 
 def _need_tokenizer(model: str, what: str) -> None:
+    """An HF folder must hold a tokenizer (a GGUF carries its own, known only once loaded)."""
     from lowerlm.errors import InputError
 
-    if _has_tokenizer_files(model) is False:
+    path = Path(model)
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise InputError(f"{model} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}){what}")

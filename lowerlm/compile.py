@@ -292,13 +292,10 @@ def _state_device(backend: str, device) -> str:
     """The device type the state buffers will live on; refuses the Triton backend without a GPU (or Triton's
     interpreter) before any tracing."""
     if backend == "triton":
-        from lowerlm.codegen.triton.program import TritonProgram, available
+        from lowerlm.codegen.triton.program import TritonProgram, check_available
 
         resolved = TritonProgram.resolve_device(device)
-        if not available(resolved):
-            raise CompileError("the Triton backend needs a CUDA GPU; on a CPU use backend='onnx' or 'auto', or set "
-                               "TRITON_INTERPRET=1 (before lowerlm is imported) to run its kernels in Triton's slow "
-                               "interpreter")
+        check_available(resolved)
         return resolved.type
     if backend == "auto":
         from lowerlm.codegen.auto import preferred

@@ -20,12 +20,13 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from lowerlm.errors import ModelFileError
 from lowerlm.ir.cache import HASH, atomic_write, cache_root, content_digest, file_digest, file_lock
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,13 +50,15 @@ def smollm2_gguf() -> Path:
 
 
 def resolve_model(name: str) -> tuple[str, Path]:
-    """('gguf' | 'hf', path) for a model name or path."""
+    """('gguf' | 'hf', path) for a model name or path; a GGUF's magic bytes checked, so a wrong file is refused
+    before anything loads. Light (no torch): the CLI checks ``--model`` with it before loading."""
     if name == DEFAULT_MODEL:
         return "gguf", smollm2_gguf()
     path = Path(name)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelFileError(f"GGUF file not found: {path}")
+        _check_gguf_header(path)
         return "gguf", path
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -105,6 +108,7 @@ def check_entry(folder: Path) -> str | None:
 
 def _read_gguf(gguf: Path):
     """transformers' f32 model and tokenizer of a GGUF file (the ~20 s dequantisation)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -195,19 +199,23 @@ def weight_cache(gguf: Path, progress: Callable[[str], None] = _progress) -> Pat
 
 
 def _check_gguf_header(path: Path) -> None:
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ModelFileError(f"{path} is not a GGUF file (bad magic); the file is corrupt or of another format")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelFileError(f"cannot read GGUF file {path}: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise ModelFileError(f"{path} is not a GGUF file (bad magic); the file is corrupt or of another format")
 
 
 def load(name: str = DEFAULT_MODEL, progress: Callable[[str], None] = _progress) -> torch.nn.Module:
     """A transformers causal LM in f32, eval mode: ``"smollm2"``, a path to a GGUF file or to an HF model
     directory. Its tokenizer is ``model.lowerlm_tokenizer_path``'s (loaded by the runtime when needed)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     kind, path = resolve_model(name)
     if kind == "gguf":
-        _check_gguf_header(path)
         path = weight_cache(path, progress)
     try:
         with _quiet_transformers():

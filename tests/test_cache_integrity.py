@@ -19,6 +19,7 @@ from lowerlm import models
 from lowerlm.ir import cache as ir_cache
 
 from .conftest import ROOT, tiny_model
+from .test_onnx import _lowerings
 
 
 def _flip_in_place(path, offset: int, mask: int = 0x10) -> None:
@@ -183,15 +184,6 @@ def test_trace_entry_changed_in_place_is_traced_again(tmp_path, monkeypatch):
     with _Warnings() as w:
         lowerlm.compile_model(model, backend="reference")
     assert w.messages == [] and len(exports) == 2
-
-
-def _lowerings(monkeypatch):
-    import lowerlm.codegen.onnx.lower as lower
-
-    calls = []
-    real = lower.lower_graph
-    monkeypatch.setattr(lower, "lower_graph", lambda *a, **k: calls.append(a[0].name) or real(*a, **k))
-    return calls
 
 
 def test_onnx_entry_changed_in_place_is_lowered_again(tmp_path, monkeypatch):

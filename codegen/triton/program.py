@@ -26,6 +26,14 @@ def available(device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def check_available(device) -> None:
+    """Refuse a device Triton kernels cannot run on here (compile_model asks before tracing, the program again)."""
+    if not available(device):
+        raise CompileError("the Triton backend needs a CUDA GPU; on a CPU use backend='onnx' or 'auto', or set "
+                           "TRITON_INTERPRET=1 (before lowerlm is imported) to run its kernels in Triton's slow "
+                           "interpreter")
+
+
 _MOE_OPS = frozenset({Op.MOE_ROUTE, Op.MOE_SORT, Op.GROUPED_GEMM, Op.MOE_COMBINE})
 
 
@@ -37,9 +45,7 @@ class TritonProgram(ReferenceProgram):
 
     def __init__(self, module, weights, device=None, cache: bool = True):
         device = self.resolve_device(device)
-        if not available(device):
-            raise CompileError("the Triton backend needs a CUDA GPU; on a CPU set TRITON_INTERPRET=1 (before lowerlm "
-                               "is imported) to run its kernels in Triton's slow interpreter")
+        check_available(device)
         self.device = device  # before the weights are evaluated: they land here
         self.cache = cache
         super().__init__(module, {n: w.to(device) for n, w in weights.items()})
