@@ -1,13 +1,14 @@
-"""Torch semantics of the core ops, on concrete tensors.
+"""Running one node on concrete tensors with its row's implementation (``ir/compute.py`` and the lambdas of
+``ir/opdefs.py``), and constant folding of the core ops (``Trait.FOLDS``).
 
-Canonicalization folds constants with it, and the reference backend runs every core op through it (the LLM ops
-live in ``codegen/reference.py``). torch is imported when a function here first runs, not when ``lowerlm.ir`` is
-imported.
+Canonicalization folds constants with it, and the reference backend runs every op through it. torch is imported
+when an implementation first runs, not when ``lowerlm.ir`` is imported.
 """
 
 from __future__ import annotations
 
 from lowerlm.ir.graph import Node
+from lowerlm.ir.opdefs import OPDEFS, AttrKind, Trait, ops_with
 from lowerlm.ir.ops import Op
 from lowerlm.ir.shapes import evaluate
 from lowerlm.ir.types import TensorType
@@ -16,20 +17,9 @@ from lowerlm.ir.types import TensorType
 FOLD_LIMIT = 4096
 
 
-def _torch():
-    import torch
-
-    return torch
-
-
 def constant_tensor(node: Node):
     """The tensor a ``constant`` node holds."""
-    torch = _torch()
-    t = node.results[0].type
-    value = node.attrs["value"]
-    if isinstance(value, tuple):
-        return torch.tensor(value, dtype=t.dtype.to_torch()).reshape(t.shape)
-    return torch.full(t.shape, value, dtype=t.dtype.to_torch())
+    return run_op(node, [])
 
 
 def constant_attrs(tensor, type_: TensorType) -> dict:
@@ -44,98 +34,31 @@ def constant_attrs(tensor, type_: TensorType) -> dict:
     return {"value": value, "dtype": type_.dtype, "shape": tuple(type_.shape)}
 
 
-def _dims(dims, env):
-    return [evaluate(d, env) for d in dims]
-
-
-def _run(node: Node, args: list, env: dict):
-    torch = _torch()
-    F = torch.nn.functional
-    op, a = node.op, node.all_attrs()
-    x = args[0] if args else None
-    if op is Op.CONSTANT:
-        return constant_tensor(node)
-    if op is Op.ADD:
-        return x + args[1]
-    if op is Op.SUB:
-        return x - args[1]
-    if op is Op.MUL:
-        return x * args[1]
-    if op is Op.DIV:
-        return x / args[1]
-    if op is Op.NEG:
-        return -x
-    if op is Op.EXP:
-        return torch.exp(x)
-    if op is Op.RSQRT:
-        return torch.rsqrt(x)
-    if op is Op.POW:
-        e = a["exponent"]
-        return x.pow(int(e) if float(e).is_integer() else e)
-    if op is Op.SILU:
-        return F.silu(x)
-    if op is Op.GELU:
-        return F.gelu(x, approximate=a["approximate"])
-    if op is Op.SIGMOID:
-        return torch.sigmoid(x)
-    if op is Op.TANH:
-        return torch.tanh(x)
-    if op is Op.COS:
-        return torch.cos(x)
-    if op is Op.SIN:
-        return torch.sin(x)
-    if op is Op.CAST:
-        return x.to(a["dtype"].to_torch())
-    if op is Op.MEAN:
-        return x.mean(dim=list(a["dims"]), keepdim=a["keepdim"])
-    if op is Op.SUM:
-        return x.sum(dim=list(a["dims"]), keepdim=a["keepdim"])
-    if op is Op.SOFTMAX:
-        return torch.softmax(x, dim=a["dim"])
-    if op is Op.ARGMAX:
-        return torch.argmax(x, dim=a["dim"], keepdim=a["keepdim"])
-    if op is Op.TOPK:
-        out = torch.topk(x, a["k"], dim=a["dim"], largest=a["largest"], sorted=True)
-        return out.values, out.indices
-    if op is Op.RESHAPE:
-        return x.reshape(_dims(a["shape"], env))
-    if op is Op.TRANSPOSE:
-        return x.permute(*a["perm"])
-    if op is Op.EXPAND:
-        return x.expand(_dims(a["shape"], env))
-    if op is Op.CONCAT:
-        return torch.cat(args, dim=a["dim"])
-    if op is Op.SPLIT:
-        return tuple(torch.split(x, _dims(a["sizes"], env), dim=a["dim"]))
-    if op is Op.SLICE:
-        start, end = evaluate(a["start"], env), evaluate(a["end"], env)
-        return x[(slice(None),) * (a["dim"] % x.dim()) + (slice(start, end, a["step"]),)]
-    if op is Op.GATHER:
-        return torch.gather(x, a["dim"], args[1])
-    if op is Op.EMBEDDING:
-        return F.embedding(args[1], x)
-    if op is Op.LINEAR:
-        out = F.linear(x, args[1], args[2])
-        if args[3] is not None:
-            out = out + args[3]
-        return out
-    if op is Op.MATMUL:
-        return torch.matmul(x, args[1])
-    raise NotImplementedError(op)
-
-
-CORE_OPS = frozenset({
-    Op.CONSTANT, Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.NEG, Op.EXP, Op.RSQRT, Op.POW, Op.SILU, Op.GELU, Op.SIGMOID,
-    Op.TANH, Op.COS, Op.SIN, Op.CAST, Op.MEAN, Op.SUM, Op.SOFTMAX, Op.ARGMAX, Op.TOPK, Op.RESHAPE, Op.TRANSPOSE,
-    Op.EXPAND, Op.CONCAT, Op.SPLIT,
-    Op.SLICE, Op.GATHER, Op.EMBEDDING, Op.LINEAR, Op.MATMUL,
-})
-
-
 def by_slot(node: Node, args: list) -> list:
     """The present inputs' values ``args`` placed in the node's input slots, None for absent optional ones."""
     it = iter(args)
     return [next(it) if v is not None else None for v in node.inputs]
+
+
+def run_op(node: Node, args: list, env: dict | None = None, inplace: bool = False):
+    """Evaluate any op but param/weight with its row's ``impl``: ``args`` holds the present inputs in input order
+    (absent optional ones skipped), ``env`` binds shape symbols (symbolic dimension attributes are evaluated
+    here), ``inplace`` lets a state-writing op update its state input. A tensor, or a tuple for multi-result ops."""
+    d = OPDEFS[node.op]
+    if d.impl is None:
+        raise NotImplementedError(f"{node.op} has no implementation: the program evaluates it from the weights")
+    attrs = node.all_attrs()
+    for name, spec in d.attrs.items():
+        if spec.kind is AttrKind.DIM:
+            attrs[name] = evaluate(attrs[name], env or {})
+        elif spec.kind is AttrKind.DIMS:
+            attrs[name] = [evaluate(x, env or {}) for x in attrs[name]]
+    if d.writes:
+        attrs["inplace"] = inplace
+    return d.impl(*by_slot(node, args), **attrs)
+
+
+CORE_OPS = ops_with(Trait.FOLDS)
 
 
 def run_core(node: Node, args: list, env: dict | None = None):
@@ -143,7 +66,7 @@ def run_core(node: Node, args: list, env: dict | None = None):
     are skipped), ``env`` binds shape symbols. Returns a tensor, or a tuple for multi-result ops."""
     if node.op not in CORE_OPS:
         raise NotImplementedError(f"{node.op} is not a core op")
-    return _run(node, by_slot(node, args), env or {})
+    return run_op(node, args, env)
 
 
 def fold(node: Node, args: list):

@@ -1,7 +1,9 @@
-"""The op table: for every ``Op`` its inputs, typed attributes, result rule and a one-line doc.
+"""The op table: for every ``Op`` one row holding all that defines it: its inputs, typed attributes, result rule,
+reference implementation (``ir/compute.py``), traits and a one-line doc.
 
-The verifier checks each node against its ``OpDef``; the parser uses the attribute kinds to read values; the
-reference backend (``codegen/reference.py``) implements every op listed here. Layout conventions shared by the
+The verifier checks each node against its row; the parser uses the attribute kinds to read values; the reference
+backend runs every row's ``impl``, and canonicalize folds constants with it where the row has ``Trait.FOLDS``;
+passes ask for traits (``ops_with``) instead of keeping op lists. Layout conventions shared by the
 LLM ops: activations are token-major ``[B, S, H*D]``; caches are head-major ``[B, Hkv, T, D]``; ``positions`` is
 ``i64[B, S]`` and ``seq_lens`` ``i32[B]`` (valid tokens per sequence, so padding never leaks into results).
 """
@@ -12,9 +14,12 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable
 
+from lowerlm.ir import body as bd
+from lowerlm.ir import compute as c
 from lowerlm.ir import rules as r
+from lowerlm.ir.abi import ACTS, SILU
+from lowerlm.ir.compute import F, torch
 from lowerlm.ir.ops import Op
-from lowerlm.ir.rules import ACTS
 
 
 class AttrKind(enum.Enum):
@@ -29,6 +34,21 @@ class AttrKind(enum.Enum):
     DIMS = "dims"
     NUMBERS = "numbers"  # a number or a list of numbers (constants)
     EXPR = "expr"  # a weight expression
+    BODY = "body"  # an element-wise expression over a node's operands (ew_chain; ir/body.py)
+
+
+class Trait(enum.Enum):
+    """What passes and backends may ask of an op without naming it."""
+
+    LEAF = "leaf"  # no inputs: a parameter, weight expression or constant
+    WEIGHT = "weight"  # computed from the weight table alone, once at load time
+    UNARY = "unary"  # element-wise over one operand
+    BINARY = "binary"  # element-wise over two operands, numpy broadcasting
+    REDUCE = "reduce"  # reduces or ranks along axes
+    VIEW = "view"  # the same elements seen in another shape (no arithmetic)
+    FOLDS = "folds"  # a core op: canonicalize folds it on constants with its impl
+    RESIDUAL_EPILOGUE = "residual_epilogue"  # an optional ``residual`` input added to the result
+    MIXES_TOKENS = "mixes_tokens"  # a token's result reads other tokens (attention)
 
 
 REQUIRED = object()
@@ -57,6 +77,9 @@ class OpDef:
     rule: Callable  # (input types, attrs with defaults) -> list of result types, or None: declared types stand
     doc: str
     writes: dict = field(default_factory=dict)  # state input index -> result index holding the new version
+    impl: Callable | None = None  # impl(*inputs by slot, **attrs) -> result(s); None: params and weights
+    traits: frozenset = frozenset()
+    state: str = ""  # the kind of state the op writes ("kv": a KV cache), "" when none
 
     @property
     def variadic(self) -> bool:
@@ -68,9 +91,34 @@ K = AttrKind
 I = InputSpec  # noqa: E741
 
 
-def _d(op, inputs, rule, doc, attrs=None, writes=None) -> OpDef:
+T = Trait
+_EW1 = frozenset({T.UNARY, T.FOLDS})
+_EW2 = frozenset({T.BINARY, T.FOLDS})
+_CORE = frozenset({T.FOLDS})
+
+
+def _d(op, inputs, rule, doc, attrs=None, writes=None, impl=None, traits=(), state="") -> OpDef:
     return OpDef(op, tuple(I(n) if isinstance(n, str) else n for n in inputs), attrs or {}, rule, doc,
-                 writes or {})
+                 writes or {}, impl, frozenset(traits), state)
+
+
+def _pow(x, exponent):
+    return x.pow(int(exponent) if float(exponent).is_integer() else exponent)
+
+
+def _constant(value, dtype, shape):
+    if isinstance(value, tuple):
+        return torch.tensor(value, dtype=dtype.to_torch()).reshape(shape)
+    return torch.full(shape, value, dtype=dtype.to_torch())
+
+
+def _slice(x, dim, start, end, step):
+    return x[(slice(None),) * (dim % x.dim()) + (slice(start, end, step),)]
+
+
+def _linear(x, w, bias, residual):
+    out = F.linear(x, w, bias)
+    return out if residual is None else out + residual
 
 
 _X = ("x",)
@@ -82,97 +130,143 @@ _ROUTE = {"router": AttrSpec(K.STR, "softmax", ("softmax", "sigmoid")), "top_k":
           "n_group": AttrSpec(K.INT, 1), "topk_group": AttrSpec(K.INT, 1), "renormalize": AttrSpec(K.BOOL, True),
           "scaling": AttrSpec(K.FLOAT, 1.0), "router_f32": AttrSpec(K.BOOL, False),
           "weights_f32": AttrSpec(K.BOOL, True)}
-_MOE = dict(_ROUTE, act=AttrSpec(K.STR, "silu", ACTS))
+_MOE = dict(_ROUTE, act=AttrSpec(K.STR, SILU, ACTS))
+
+_LLM_ROPE = {"heads": AttrSpec(K.INTS), "inv_freq": AttrSpec(K.FLOATS), "scaling": AttrSpec(K.FLOAT, 1.0),
+             "layout": AttrSpec(K.STR, "half", ("half", "interleaved"))}
+_KV = "kv"
 
 OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
-    _d(Op.PARAM, (), None, "an entry of the weight table", {"name": AttrSpec(K.STR)}),
+    _d(Op.PARAM, (), None, "an entry of the weight table", {"name": AttrSpec(K.STR)}, traits=(T.LEAF, T.WEIGHT)),
     _d(Op.WEIGHT, (), None, "a weight expression over params and data, evaluated at load time",
-       {"expr": AttrSpec(K.EXPR)}),
+       {"expr": AttrSpec(K.EXPR)}, traits=(T.LEAF, T.WEIGHT)),
     _d(Op.CONSTANT, (), r.constant, "a small constant: one value broadcast, or all values row-major",
-       {"value": AttrSpec(K.NUMBERS), "dtype": AttrSpec(K.DTYPE), "shape": AttrSpec(K.INTS, ())}),
-    _d(Op.ADD, _AB, r.binary, "a + b, broadcasting"),
-    _d(Op.SUB, _AB, r.binary, "a - b, broadcasting"),
-    _d(Op.MUL, _AB, r.binary, "a * b, broadcasting"),
-    _d(Op.DIV, _AB, r.binary, "a / b, broadcasting"),
-    _d(Op.NEG, _X, r.unary_float, "-x"),
-    _d(Op.EXP, _X, r.unary_float, "e^x"),
-    _d(Op.RSQRT, _X, r.unary_float, "1 / sqrt(x)"),
-    _d(Op.POW, _X, r.unary_float, "x ** exponent", {"exponent": AttrSpec(K.FLOAT)}),
-    _d(Op.SILU, _X, r.unary_float, "x * sigmoid(x)"),
+       {"value": AttrSpec(K.NUMBERS), "dtype": AttrSpec(K.DTYPE), "shape": AttrSpec(K.INTS, ())},
+       impl=_constant, traits=(T.LEAF, T.FOLDS)),
+    _d(Op.ADD, _AB, r.binary, "a + b, broadcasting", impl=lambda a, b: a + b, traits=_EW2),
+    _d(Op.SUB, _AB, r.binary, "a - b, broadcasting", impl=lambda a, b: a - b, traits=_EW2),
+    _d(Op.MUL, _AB, r.binary, "a * b, broadcasting", impl=lambda a, b: a * b, traits=_EW2),
+    _d(Op.DIV, _AB, r.binary, "a / b, broadcasting", impl=lambda a, b: a / b, traits=_EW2),
+    _d(Op.NEG, _X, r.unary_float, "-x", impl=lambda x: -x, traits=_EW1),
+    _d(Op.EXP, _X, r.unary_float, "e^x", impl=lambda x: torch.exp(x), traits=_EW1),
+    _d(Op.RSQRT, _X, r.unary_float, "1 / sqrt(x)", impl=lambda x: torch.rsqrt(x), traits=_EW1),
+    _d(Op.POW, _X, r.unary_float, "x ** exponent", {"exponent": AttrSpec(K.FLOAT)}, impl=_pow, traits=_EW1),
+    _d(Op.SILU, _X, r.unary_float, "x * sigmoid(x)", impl=lambda x: F.silu(x), traits=_EW1),
     _d(Op.GELU, _X, r.unary_float, "GeLU, exact (erf) or the tanh approximation",
-       {"approximate": AttrSpec(K.STR, "none", ("none", "tanh"))}),
-    _d(Op.SIGMOID, _X, r.unary_float, "1 / (1 + e^-x)"),
-    _d(Op.TANH, _X, r.unary_float, "tanh(x)"),
-    _d(Op.COS, _X, r.unary_float, "cos(x)"),
-    _d(Op.SIN, _X, r.unary_float, "sin(x)"),
+       {"approximate": AttrSpec(K.STR, "none", ("none", "tanh"))},
+       impl=lambda x, approximate: F.gelu(x, approximate=approximate), traits=_EW1),
+    _d(Op.SIGMOID, _X, r.unary_float, "1 / (1 + e^-x)", impl=lambda x: torch.sigmoid(x), traits=_EW1),
+    _d(Op.TANH, _X, r.unary_float, "tanh(x)", impl=lambda x: torch.tanh(x), traits=_EW1),
+    _d(Op.COS, _X, r.unary_float, "cos(x)", impl=lambda x: torch.cos(x), traits=_EW1),
+    _d(Op.SIN, _X, r.unary_float, "sin(x)", impl=lambda x: torch.sin(x), traits=_EW1),
     _d(Op.CAST, _X, lambda ts, a: [ts[0].with_dtype(a["dtype"])], "conversion to dtype",
-       {"dtype": AttrSpec(K.DTYPE)}),
-    _d(Op.MEAN, _X, r.reduce, "mean over dims", {"dims": AttrSpec(K.INTS), "keepdim": AttrSpec(K.BOOL, False)}),
-    _d(Op.SUM, _X, r.reduce, "sum over dims", {"dims": AttrSpec(K.INTS), "keepdim": AttrSpec(K.BOOL, False)}),
-    _d(Op.SOFTMAX, _X, r.softmax, "softmax along dim", {"dim": AttrSpec(K.INT)}),
+       {"dtype": AttrSpec(K.DTYPE)}, impl=lambda x, dtype: x.to(dtype.to_torch()), traits=_EW1),
+    _d(Op.MEAN, _X, r.reduce, "mean over dims", {"dims": AttrSpec(K.INTS), "keepdim": AttrSpec(K.BOOL, False)},
+       impl=lambda x, dims, keepdim: x.mean(dim=list(dims), keepdim=keepdim), traits=(T.REDUCE, T.FOLDS)),
+    _d(Op.SUM, _X, r.reduce, "sum over dims", {"dims": AttrSpec(K.INTS), "keepdim": AttrSpec(K.BOOL, False)},
+       impl=lambda x, dims, keepdim: x.sum(dim=list(dims), keepdim=keepdim), traits=(T.REDUCE, T.FOLDS)),
+    _d(Op.SOFTMAX, _X, r.softmax, "softmax along dim", {"dim": AttrSpec(K.INT)},
+       impl=lambda x, dim: torch.softmax(x, dim=dim), traits=(T.REDUCE, T.FOLDS)),
     _d(Op.ARGMAX, _X, r.argmax, "index of the largest value along dim (first on ties)",
-       {"dim": AttrSpec(K.INT), "keepdim": AttrSpec(K.BOOL, False)}),
+       {"dim": AttrSpec(K.INT), "keepdim": AttrSpec(K.BOOL, False)},
+       impl=lambda x, dim, keepdim: torch.argmax(x, dim=dim, keepdim=keepdim), traits=(T.REDUCE, T.FOLDS)),
     _d(Op.TOPK, _X, r.topk, "the k largest (or smallest) values along dim and their indices, sorted",
-       {"k": AttrSpec(K.INT), "dim": AttrSpec(K.INT, -1), "largest": AttrSpec(K.BOOL, True)}),
-    _d(Op.RESHAPE, _X, r.reshape, "the same elements, row-major, in another shape", {"shape": AttrSpec(K.DIMS)}),
+       {"k": AttrSpec(K.INT), "dim": AttrSpec(K.INT, -1), "largest": AttrSpec(K.BOOL, True)},
+       impl=lambda x, k, dim, largest: tuple(torch.topk(x, k, dim=dim, largest=largest, sorted=True)),
+       traits=(T.REDUCE, T.FOLDS)),
+    _d(Op.RESHAPE, _X, r.reshape, "the same elements, row-major, in another shape", {"shape": AttrSpec(K.DIMS)},
+       impl=lambda x, shape: x.reshape(shape), traits=(T.VIEW, T.FOLDS)),
     _d(Op.TRANSPOSE, _X, r.transpose, "axes permuted: result axis i is input axis perm[i]",
-       {"perm": AttrSpec(K.INTS)}),
+       {"perm": AttrSpec(K.INTS)}, impl=lambda x, perm: x.permute(*perm), traits=(T.VIEW, T.FOLDS)),
     _d(Op.EXPAND, _X, r.expand, "x broadcast to shape (numpy rules: size-1 axes stretch, new axes in front)",
-       {"shape": AttrSpec(K.DIMS)}),
-    _d(Op.CONCAT, (I("xs", variadic=True),), r.concat, "concatenation along dim", {"dim": AttrSpec(K.INT)}),
+       {"shape": AttrSpec(K.DIMS)}, impl=lambda x, shape: x.expand(shape), traits=(T.VIEW, T.FOLDS)),
+    _d(Op.CONCAT, (I("xs", variadic=True),), r.concat, "concatenation along dim", {"dim": AttrSpec(K.INT)},
+       impl=lambda *xs, dim: torch.cat(xs, dim=dim), traits=_CORE),
     _d(Op.SPLIT, _X, r.split, "consecutive pieces of the given sizes along dim",
-       {"dim": AttrSpec(K.INT), "sizes": AttrSpec(K.DIMS)}),
+       {"dim": AttrSpec(K.INT), "sizes": AttrSpec(K.DIMS)},
+       impl=lambda x, dim, sizes: tuple(torch.split(x, list(sizes), dim=dim)), traits=_CORE),
     _d(Op.SLICE, _X, r.slice, "x[start:end:step] along dim",
-       {"dim": AttrSpec(K.INT), "start": AttrSpec(K.DIM, 0), "end": AttrSpec(K.DIM), "step": AttrSpec(K.INT, 1)}),
-    _d(Op.GATHER, ("x", "index"), r.gather, "torch.gather along dim", {"dim": AttrSpec(K.INT)}),
-    _d(Op.EMBEDDING, ("weight", "ids"), r.embedding, "rows of the table: weight[ids]"),
+       {"dim": AttrSpec(K.INT), "start": AttrSpec(K.DIM, 0), "end": AttrSpec(K.DIM), "step": AttrSpec(K.INT, 1)},
+       impl=_slice, traits=(T.VIEW, T.FOLDS)),
+    _d(Op.GATHER, ("x", "index"), r.gather, "torch.gather along dim", {"dim": AttrSpec(K.INT)},
+       impl=lambda x, index, dim: torch.gather(x, dim, index), traits=_CORE),
+    _d(Op.EMBEDDING, ("weight", "ids"), r.embedding, "rows of the table: weight[ids]",
+       impl=lambda weight, ids: F.embedding(ids, weight), traits=_CORE),
     _d(Op.LINEAR, ("x", "w", I("bias", optional=True), I("residual", optional=True)), r.linear,
-       "x @ w.T (+ bias) (+ residual): the residual epilogue yields the new residual stream"),
-    _d(Op.MATMUL, _AB, r.matmul, "batched a @ b, broadcasting batch dims"),
+       "x @ w.T (+ bias) (+ residual): the residual epilogue yields the new residual stream",
+       impl=_linear, traits=(T.FOLDS, T.RESIDUAL_EPILOGUE)),
+    _d(Op.MATMUL, _AB, r.matmul, "batched a @ b, broadcasting batch dims", impl=lambda a, b: torch.matmul(a, b),
+       traits=_CORE),
     _d(Op.RMS_NORM, ("x", "weight"), r.rms_norm,
-       "x * rsqrt(mean(x^2, -1) + eps) computed in f32, cast back, times weight", {"eps": AttrSpec(K.FLOAT)}),
+       "x * rsqrt(mean(x^2, -1) + eps) computed in f32, cast back, times weight", {"eps": AttrSpec(K.FLOAT)},
+       impl=c.rms_norm),
     _d(Op.ROPE, ("q", "k", "positions"), r.rope,
        "rotary embedding of q [B,S,Hq*D] and k [B,S,Hk*D] at positions; cos/sin = trig(pos*inv_freq)*scaling",
-       {"heads": AttrSpec(K.INTS), "inv_freq": AttrSpec(K.FLOATS), "scaling": AttrSpec(K.FLOAT, 1.0),
-        "layout": AttrSpec(K.STR, "half", ("half", "interleaved"))}),
+       _LLM_ROPE, impl=c.rope),
     _d(Op.ATTENTION, ("q", "k", "v", "positions", "seq_lens"), r.attention,
        "GQA softmax attention within one call: key j is seen by query i if j < seq_lens and, when causal, "
-       "pos_j <= pos_i (and pos_i - pos_j < window); result [B,S,Hq*Dv]", _ATTN),
+       "pos_j <= pos_i (and pos_i - pos_j < window); result [B,S,Hq*Dv]", _ATTN, impl=c.attention,
+       traits=(T.MIXES_TOKENS,)),
     _d(Op.RMS_NORM_LINEAR, ("x", "norm_weight", "weight", I("bias", optional=True), I("residual", optional=True)),
        r.rms_norm_linear,
        "r = x (+ residual); split(rms_norm(r) @ weight.T (+ bias), splits) -- or act(gate) * up with a swiglu "
        "act; yields the pieces, then r when a residual is given",
-       {"eps": AttrSpec(K.FLOAT), "splits": AttrSpec(K.DIMS), "act": AttrSpec(K.STR, "none", ("none",) + ACTS)}),
-    _d(Op.SWIGLU, ("gate", "up"), r.swiglu, "act(gate) * up", {"act": AttrSpec(K.STR, "silu", ACTS)}),
+       {"eps": AttrSpec(K.FLOAT), "splits": AttrSpec(K.DIMS), "act": AttrSpec(K.STR, "none", ("none",) + ACTS)},
+       impl=c.rms_norm_linear),
+    _d(Op.SWIGLU, ("gate", "up"), r.swiglu, "act(gate) * up", {"act": AttrSpec(K.STR, SILU, ACTS)},
+       impl=c.swiglu),
     _d(Op.ARM_MLP, ("x", "norm_weight", "gate_m", "up", "down_scaled", "mu", "scale", I("residual", optional=True)),
        r.arm_mlp,
        "ARM gated MLP: h = rms_norm(x); [g; m] = h @ [W_g; M].T; a_hat = (act(g) - mu) / scale, zero where "
        "|a_hat| < tau; (a_hat * (h @ W_u.T)) @ (W_d diag(scale)).T + m (+ residual)",
-       {"eps": AttrSpec(K.FLOAT), "tau": AttrSpec(K.FLOAT), "act": AttrSpec(K.STR, "silu", ACTS)}),
+       {"eps": AttrSpec(K.FLOAT), "tau": AttrSpec(K.FLOAT), "act": AttrSpec(K.STR, SILU, ACTS)},
+       impl=c.arm_mlp, traits=(T.RESIDUAL_EPILOGUE,)),
     _d(Op.MOE, ("x", "router", I("bias", optional=True), "gate_up", "down", I("shared_gate", optional=True),
                 I("shared_up", optional=True), I("shared_down", optional=True)), r.moe,
        "mixture of experts on x [..., H]: route (moe_route), each token through its top_k experts' "
        "act(x @ gate.T) * (x @ up.T) @ down.T (gate_up [E, 2I, H] = [gate; up], down [E, H, I]) times its routing "
-       "weight, summed; plus the shared expert's SwiGLU MLP on every token", _MOE),
+       "weight, summed; plus the shared expert's SwiGLU MLP on every token", _MOE, impl=c.moe),
     _d(Op.MOE_ROUTE, ("x", "router", I("bias", optional=True)), r.moe_route,
        "expert ids [..., top_k] (i32) and routing weights: softmax(x @ router.T) in f32 then top_k, or sigmoid "
        "scores chosen by score + bias within the topk_group best groups (group score: sum of its top 2); "
-       "weights renormalised if asked, times scaling", _ROUTE),
+       "weights renormalised if asked, times scaling", _ROUTE, impl=c.moe_route),
     _d(Op.MOE_SORT, ("ids",), r.moe_sort,
        "order: the flattened (token, k) pair indices stably sorted by expert; offsets [E+1]: where each expert's "
-       "rows start", {"experts": AttrSpec(K.INT)}),
+       "rows start", {"experts": AttrSpec(K.INT)}, impl=c.moe_sort),
     _d(Op.GROUPED_GEMM, ("x", "w", "order", "offsets", I("scale", optional=True)), r.grouped_gemm,
        "rows r in offsets[e]..offsets[e+1] times expert e's w [E, N, K]: row r is x[r], or with gather = top_k "
        "the token row x_flat[order[r] // top_k]; act: act(first half) * second half; scale: times "
        "scale_flat[order[r]] (in the scale's dtype, then cast)",
-       {"gather": AttrSpec(K.INT, 0), "act": AttrSpec(K.STR, "none", ("none",) + ACTS)}),
+       {"gather": AttrSpec(K.INT, 0), "act": AttrSpec(K.STR, "none", ("none",) + ACTS)}, impl=c.grouped_gemm),
     _d(Op.MOE_COMBINE, ("y", "order", "like"), r.moe_combine,
        "out_flat[order[r] // top_k] += y[r] in row order (per token: expert order), shaped like ``like``",
-       {"top_k": AttrSpec(K.INT)}),
+       {"top_k": AttrSpec(K.INT)}, impl=c.moe_combine),
     _d(Op.KV_CACHE_WRITE, (I("cache", state=True), "values", "positions"), r.kv_cache_write,
        "new cache version with values [B,S,Hkv*D] stored at cache[b, :, positions[b,s]] (positions >= T skipped)",
-       writes={0: 0}),
+       writes={0: 0}, impl=c.kv_cache_write, state=_KV),
     _d(Op.CACHED_ATTENTION, ("q", "k_cache", "v_cache", "positions", "seq_lens"), r.cached_attention,
        "GQA attention of q [B,S,Hq*D] over cache slots t < seq_lens (causal: t <= pos_i); result [B,S,Hq*Dv]",
-       _CACHED_ATTN),
+       _CACHED_ATTN, impl=c.cached_attention, traits=(T.MIXES_TOKENS,)),
+    _d(Op.ROPE_CACHE_WRITE, ("q", "k", "v", "positions", I("k_cache", state=True), I("v_cache", state=True)),
+       r.rope_cache_write,
+       "rope(q, k) at positions, then rotated k and v written into the caches: (rotated q, new k cache, "
+       "new v cache)", _LLM_ROPE, writes={4: 1, 5: 2}, impl=c.rope_cache_write, state=_KV),
+    _d(Op.ROPE_CACHED_ATTENTION, ("q", "k", "v", "positions", "seq_lens", I("k_cache", state=True),
+                                  I("v_cache", state=True), I("q_norm", optional=True), I("k_norm", optional=True)),
+       r.rope_cached_attention,
+       "per-head rms_norm of q and k when q_norm and k_norm [D] are given (eps), rope, k and v written into the "
+       "caches, cached_attention over them: (result [B,S,Hq*Dv], new k cache, new v cache)",
+       dict(_LLM_ROPE, **_CACHED_ATTN, eps=AttrSpec(K.FLOAT, 0.0)), writes={5: 1, 6: 2},
+       impl=c.rope_cached_attention, traits=(T.MIXES_TOKENS,), state=_KV),
+    _d(Op.RMS_NORM_MOE_ROUTE, ("x", "norm_weight", "router", I("bias", optional=True)), r.rms_norm_moe_route,
+       "rms_norm(x) and moe_route of it: (normed x, expert ids, routing weights)",
+       dict(_ROUTE, eps=AttrSpec(K.FLOAT)), impl=c.rms_norm_moe_route),
+    _d(Op.EW_CHAIN, (I("xs", variadic=True),), bd.rule,
+       "an element-wise expression over the operands (body; %i is operand i), each step rounded to its type",
+       {"body": AttrSpec(K.BODY)}, impl=bd.evaluate),
 ]}
+
+
+def ops_with(trait: Trait) -> frozenset:
+    """The ops whose row has ``trait``."""
+    return frozenset(op for op, d in OPDEFS.items() if trait in d.traits)

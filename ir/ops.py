@@ -1,5 +1,6 @@
-"""The op enum, grouped by kind, and the op sets passes refer to. What each op takes and yields is in
-``ir/opdefs.py``; how it computes is in ``codegen/reference.py``."""
+"""The op enum, grouped by kind, and the op sets passes refer to (derived from the rows' traits). Everything that
+defines an op -- inputs, attributes, result rule, reference implementation, traits -- is its row in
+``ir/opdefs.py``."""
 
 from __future__ import annotations
 
@@ -64,19 +65,27 @@ class Op(enum.Enum):
     # ---- state: made by insert_kv_cache
     KV_CACHE_WRITE = "kv_cache_write"
     CACHED_ATTENTION = "cached_attention"
+    # ---- backend fusions: made by a backend's tail passes (passes/backend.py)
+    ROPE_CACHE_WRITE = "rope_cache_write"
+    ROPE_CACHED_ATTENTION = "rope_cached_attention"
+    RMS_NORM_MOE_ROUTE = "rms_norm_moe_route"
+    EW_CHAIN = "ew_chain"
 
     def __str__(self) -> str:
         return self.value
 
 
-BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV})
-UNARY = frozenset({Op.NEG, Op.EXP, Op.RSQRT, Op.POW, Op.SILU, Op.GELU, Op.SIGMOID, Op.TANH, Op.COS, Op.SIN,
-                   Op.CAST})
-ELEMENTWISE = BINARY | UNARY
-REDUCE = frozenset({Op.MEAN, Op.SUM, Op.SOFTMAX, Op.ARGMAX, Op.TOPK})
-VIEW = frozenset({Op.RESHAPE, Op.TRANSPOSE, Op.EXPAND, Op.SLICE})
-LEAF = frozenset({Op.PARAM, Op.WEIGHT, Op.CONSTANT})
-# ops with a residual epilogue: an optional ``residual`` input added to the result
-RESIDUAL_EPILOGUE = frozenset({Op.LINEAR, Op.ARM_MLP})
-# ops whose result is computed from the weight table alone, once at load time
-WEIGHT_LEAF = frozenset({Op.PARAM, Op.WEIGHT})
+# Op sets by trait, derived from the op table's rows (``ir/opdefs.py``), looked up on first use.
+_BY_TRAIT = {"BINARY": ("BINARY",), "UNARY": ("UNARY",), "ELEMENTWISE": ("BINARY", "UNARY"), "REDUCE": ("REDUCE",),
+             "VIEW": ("VIEW",), "LEAF": ("LEAF",), "RESIDUAL_EPILOGUE": ("RESIDUAL_EPILOGUE",),
+             "WEIGHT_LEAF": ("WEIGHT",)}
+
+
+def __getattr__(name: str) -> frozenset:
+    if name not in _BY_TRAIT:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from lowerlm.ir.opdefs import Trait, ops_with
+
+    value = frozenset().union(*(ops_with(Trait[t]) for t in _BY_TRAIT[name]))
+    globals()[name] = value
+    return value

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+from lowerlm.ir.body import Apply
 from lowerlm.ir.dtypes import DType
 from lowerlm.ir.errors import ParseError, ShapeError
 from lowerlm.ir.graph import Graph, Module, Node
@@ -314,6 +315,8 @@ class _Parser:
             return tuple(items)
         if kind is AttrKind.EXPR:
             return self.weight_expr()
+        if kind is AttrKind.BODY:
+            return self.body()
         if tok.kind == "string":
             return self.string()
         if tok.kind == "ident" and tok.text in ("true", "false"):
@@ -459,6 +462,43 @@ class _Parser:
             raise self.error(f"unknown weight expression '{head}'", tok)
         self.depth -= 1
         return out
+
+    def body(self):
+        """An ew_chain body (ir/body.py): ``%i`` or ``op[attr=value, ...](body, ...)``."""
+        tok = self.peek()
+        if tok.kind == "value":
+            self.take()
+            if not tok.text[1:].isdigit():
+                raise self.error(f"an ew_chain body reads operands by number (%0, %1, ...), got {tok.text}", tok)
+            return int(tok.text[1:])
+        self.nest()
+        name = self.expect_kind("ident", "an element-wise op")
+        try:
+            op = Op(name.text)
+        except ValueError:
+            raise self.error(f"unknown op '{name.text}' in an ew_chain body", name) from None
+        spec = OPDEFS[op].attrs
+        attrs: list = []
+        if self.at("["):
+            self.take()
+            while not self.at("]"):
+                if attrs:
+                    self.expect(",")
+                key = self.expect_kind("ident", "an attribute name")
+                if key.text not in spec or key.text in dict(attrs):
+                    raise self.error(f"{op} takes no attribute '{key.text}' here", key)
+                self.expect("=")
+                attrs.append((key.text, self.attr_value(spec[key.text].kind)))
+            self.take()
+        self.expect("(")
+        args: list = []
+        while not self.at(")"):
+            if args:
+                self.expect(",")
+            args.append(self.body())
+        self.expect(")")
+        self.depth -= 1
+        return Apply(op, tuple(args), tuple(attrs))
 
     def weight_args(self) -> list:
         self.expect("(")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+from lowerlm.ir.body import Apply, format_body
 from lowerlm.ir.graph import Graph, Module, Node
 from lowerlm.ir.opdefs import OPDEFS, AttrKind
 from lowerlm.ir.ops import Op
@@ -35,6 +36,8 @@ def format_attr_value(v, kind: AttrKind | None = None) -> str:
         return json.dumps(v)
     if isinstance(v, tuple):
         return "[" + ",".join(format_attr_value(x) for x in v) + "]"
+    if kind is AttrKind.BODY and isinstance(v, Apply):
+        return format_body(v)
     return str(v)  # DType, Sym
 
 

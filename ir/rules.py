@@ -325,8 +325,6 @@ def cached_attention(ts, a):
     return [q.with_shape((b, s, hq * dv))]
 
 
-ACTS = ("silu", "gelu", "gelu_tanh")
-
 
 def rms_norm_linear(ts, a):
     x, nw, w, bias, residual = ts
@@ -449,3 +447,33 @@ def moe_combine(ts, a):
     if y.rank != 2 or like.rank < 1 or y.shape[1] != like.shape[-1] or order.shape != (y.shape[0],):
         _fail(f"moe_combine of rows {y} in order {order} into {like}")
     return [like.with_dtype(y.dtype)]
+
+
+# ---- backend fusions: the composition of the ops each replaces -------------------------------------------------
+def rope_cache_write(ts, a):
+    q, k, v, pos, kc, vc = ts
+    rq, rk = rope([q, k, pos], a)
+    kv_cache_write([kc, rk, pos], a)
+    kv_cache_write([vc, v, pos], a)
+    return [rq, kc, vc]
+
+
+def rope_cached_attention(ts, a):
+    q, k, v, pos, lens, kc, vc, qn, kn = ts
+    if (qn is None) != (kn is None):
+        _fail("rope_cached_attention takes both q_norm and k_norm or neither")
+    if qn is not None:
+        d = kc.shape[-1] if kc.rank == 4 else None
+        for w, x, what in ((qn, q, "q_norm"), (kn, k, "k_norm")):
+            if w.shape != (d,):
+                _fail(f"{what} {w} must be [{d}], one weight per head dim")
+            _same_dtype(x, w)
+    rq, kc, vc = rope_cache_write([q, k, v, pos, kc, vc], a)
+    return [cached_attention([rq, kc, vc, pos, lens], a)[0], kc, vc]
+
+
+def rms_norm_moe_route(ts, a):
+    x, w, router, bias = ts
+    (normed,) = rms_norm([x, w], a)
+    return [normed, *moe_route([normed, router, bias], a)]
+

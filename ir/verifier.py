@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from lowerlm.ir.body import Apply
 from lowerlm.ir.dtypes import DType
 from lowerlm.ir.errors import ShapeError, VerifyError
 from lowerlm.ir.graph import Graph, Module, Node, infer_types
@@ -42,6 +43,7 @@ _KIND_CHECK = {
     AttrKind.DIMS: lambda v: isinstance(v, tuple) and all(map(is_dim, v)),
     AttrKind.NUMBERS: lambda v: _is_number(v) or isinstance(v, tuple) and all(map(_is_number, v)),
     AttrKind.EXPR: lambda v: isinstance(v, WeightExpr.__args__),
+    AttrKind.BODY: lambda v: isinstance(v, Apply),
 }
 
 
@@ -100,79 +102,94 @@ def check_type(t: TensorType) -> None:
             raise ShapeError(f"type {t} has a negative dimension {d}")
 
 
-def verify_graph(g: Graph, params: dict | None = None) -> Graph:
-    """Check ``g``; return it unchanged or raise VerifyError naming the graph and the node."""
-    defined: dict = {}
-    if not isinstance(g.name, str) or not _GRAPH_NAME.fullmatch(g.name):
-        raise VerifyError(f"bad graph name {g.name!r}: the text form needs [A-Za-z_][A-Za-z0-9_.]*")
+class _GraphCheck:
+    """The walk ``verify_graph`` makes: values defined so far and their types, and the state chains (each version
+    maps to the index of the state it descends from; a consumed version to the node that overwrote it)."""
 
-    def define(name: str, type_, where: str) -> None:
+    def __init__(self, g: Graph, params: dict | None):
+        self.g, self.params = g, params
+        self.defined: dict = {}
+        self.chain: dict = {}
+        self.consumed: dict = {}
+
+    def fail(self, msg: str, where: str):
+        raise VerifyError(msg, self.g.name, where)
+
+    def define(self, name: str, type_, where: str) -> None:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise VerifyError(f"bad value name '%{name}'", g.name, where)
-        if name in defined:
-            raise VerifyError(f"%{name} is defined twice", g.name, where)
-        check_declared(name, type_, where)
-        defined[name] = type_
+            self.fail(f"bad value name '%{name}'", where)
+        if name in self.defined:
+            self.fail(f"%{name} is defined twice", where)
+        self.check_declared(name, type_, where)
+        self.defined[name] = type_
 
-    def check_declared(name: str, type_, where: str) -> None:
+    def check_declared(self, name: str, type_, where: str) -> None:
         try:
             check_type(type_)
         except ShapeError as e:
-            raise ShapeError(f"%{name}: {e}", g.name, where) from None
+            raise ShapeError(f"%{name}: {e}", self.g.name, where) from None
 
-    for v in g.inputs:
-        define(v.name, v.type, "inputs")
-    # state chains: version -> index of the state it descends from; consumed versions -> consumer
-    chain: dict = {}
-    consumed: dict = {}
-    for i, s in enumerate(g.state):
-        define(s.name, s.type, "state")
-        chain[s.name] = i
-
-    for node in g.nodes:
+    def node(self, node: Node) -> None:
         where = "%" + node.name if node.results else str(node.op)
         writes = OPDEFS[node.op].writes if node.op in OPDEFS else {}
         for slot, v in enumerate(node.inputs):
             if v is None:
                 continue
-            if v not in defined:
-                raise VerifyError(f"%{v} is used before it is defined", g.name, where)
-            if v in consumed:
+            if v not in self.defined:
+                self.fail(f"%{v} is used before it is defined", where)
+            if v in self.consumed:
                 verb = "written twice: already" if slot in writes else "read after"
-                raise VerifyError(f"state version %{v} is {verb} overwritten by {consumed[v]}", g.name, where)
+                self.fail(f"state version %{v} is {verb} overwritten by {self.consumed[v]}", where)
         if not all(isinstance(p, str) for p in node.source):
-            raise VerifyError(f"source paths must be strings, got {node.source!r}", g.name, where)
+            self.fail(f"source paths must be strings, got {node.source!r}", where)
         for r in node.results:  # before the rule: a declared negative dimension is the clearer message
-            check_declared(r.name, r.type, where)
-        in_types = [defined[v] if v is not None else None for v in node.inputs]
+            self.check_declared(r.name, r.type, where)
+        in_types = [self.defined[v] if v is not None else None for v in node.inputs]
         try:
-            check_node(node, in_types, params)
+            check_node(node, in_types, self.params)
         except VerifyError as e:
-            raise type(e)(str(e), g.name, where) from None
+            raise type(e)(str(e), self.g.name, where) from None
         for slot, result in writes.items():
             old = node.inputs[slot]
-            if old not in chain:
-                raise VerifyError(f"{node.op} writes %{old}, which is not a state version", g.name, where)
-            consumed[old] = where
-            chain[node.results[result].name] = chain[old]
+            if old not in self.chain:
+                self.fail(f"{node.op} writes %{old}, which is not a state version", where)
+            self.consumed[old] = where
+            self.chain[node.results[result].name] = self.chain[old]
         for r in node.results:
-            define(r.name, r.type, where)
+            self.define(r.name, r.type, where)
 
-    for o in g.outputs:
-        if o not in defined:
-            raise VerifyError(f"output %{o} is not defined", g.name, "return")
-    if len(g.state_outputs) != len(g.state):
-        raise VerifyError(f"{len(g.state)} states declared but {len(g.state_outputs)} returned: every state must be "
-                          "returned in declaration order", g.name, "return")
-    for i, (s, o) in enumerate(zip(g.state, g.state_outputs)):
-        if o not in chain or chain[o] != i:
-            raise VerifyError(f"returned state {i} (%{o}) does not descend from state %{s.name}", g.name, "return")
-        if o in consumed:
-            raise VerifyError(f"returned state %{o} was overwritten by {consumed[o]}; return the last version",
-                              g.name, "return")
-    for o in g.outputs:
-        if o in chain:
-            raise VerifyError(f"state version %{o} returned as a plain output", g.name, "return")
+    def returns(self) -> None:
+        g, chain = self.g, self.chain
+        for o in g.outputs:
+            if o not in self.defined:
+                self.fail(f"output %{o} is not defined", "return")
+        if len(g.state_outputs) != len(g.state):
+            self.fail(f"{len(g.state)} states declared but {len(g.state_outputs)} returned: every state must be "
+                      "returned in declaration order", "return")
+        for i, (s, o) in enumerate(zip(g.state, g.state_outputs)):
+            if o not in chain or chain[o] != i:
+                self.fail(f"returned state {i} (%{o}) does not descend from state %{s.name}", "return")
+            if o in self.consumed:
+                self.fail(f"returned state %{o} was overwritten by {self.consumed[o]}; return the last version",
+                          "return")
+        for o in g.outputs:
+            if o in chain:
+                self.fail(f"state version %{o} returned as a plain output", "return")
+
+
+def verify_graph(g: Graph, params: dict | None = None) -> Graph:
+    """Check ``g``; return it unchanged or raise VerifyError naming the graph and the node."""
+    if not isinstance(g.name, str) or not _GRAPH_NAME.fullmatch(g.name):
+        raise VerifyError(f"bad graph name {g.name!r}: the text form needs [A-Za-z_][A-Za-z0-9_.]*")
+    check = _GraphCheck(g, params)
+    for v in g.inputs:
+        check.define(v.name, v.type, "inputs")
+    for i, s in enumerate(g.state):
+        check.define(s.name, s.type, "state")
+        check.chain[s.name] = i
+    for node in g.nodes:
+        check.node(node)
+    check.returns()
     return g
 
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import lowerlm.ir as ir
 from lowerlm.ir import OPDEFS, AttrKind, DType, GraphBuilder, Op, TensorType, parse_type, sym
+from lowerlm.ir.body import Apply
 from lowerlm.ir.types import StateSpec
 from lowerlm.ir.weights import Cast, Concat, Data, MatMul, Param, Scale, Transpose
 
@@ -56,7 +57,9 @@ graph decode(%input_ids: i64[B,1], %x: f32[B,1,16], %positions: i64[B,1], %seq_l
   %lc = cast(%x) {dtype=bf16} : bf16[B,1,16]
   %ln = param "ln" : bf16[16]
   %h = rms_norm(%lc, %ln) {eps=1e-06} : bf16[B,1,16]
-  return %vals, %idx, %am, %half, %yf, %sl, %c, %n, %s, %mn, %h, %r, %wt state(%kc1, %vc1)
+  %e = ew_chain(%g, %p) {body=mul(gelu[approximate=tanh](%0), add(pow[exponent=3.0](%1), %0))} : f32[B,1,32]
+  %eh = ew_chain(%lc) {body=cast[dtype=f32](sub(%0, neg(%0)))} : f32[B,1,16]
+  return %vals, %idx, %am, %half, %yf, %sl, %c, %n, %s, %mn, %h, %r, %wt, %e, %eh state(%kc1, %vc1)
 }
 """
 
@@ -321,8 +324,22 @@ VERIFIED_EXAMPLES = {
     Op.MOE_COMBINE: (("rows", "order", "x"), {"top_k": 2}),
     Op.KV_CACHE_WRITE: (("cache", "x", "pos"), {}),
     Op.CACHED_ATTENTION: (("q", "cache", "cache", "pos", "lens"), {"scale": 0.5}),
+    Op.ROPE_CACHE_WRITE: (("q", "x", "x", "pos", "cache", "cache"), {"heads": [2, 1], "inv_freq": [1.0, 0.1]}),
+    Op.ROPE_CACHED_ATTENTION: (("q", "x", "x", "pos", "lens", "cache", "cache", "v4", "v4"),
+                               {"heads": [2, 1], "inv_freq": [1.0], "scale": 0.5, "eps": 1e-6, "window": 3}),
+    Op.RMS_NORM_MOE_ROUTE: (("x", "v4", "router", "v4"), {"eps": 1e-5, "top_k": 2, "router": "sigmoid"}),
+    Op.EW_CHAIN: (("x",), {}),  # the body reads each of its operands: made per operand count
 }
-_TIED = {Op.MOE: [{"shared_gate", "shared_up", "shared_down"}]}  # the shared expert: whole or absent
+_TIED = {Op.MOE: [{"shared_gate", "shared_up", "shared_down"}],  # the shared expert: whole or absent
+         Op.ROPE_CACHED_ATTENTION: [{"q_norm", "k_norm"}]}
+
+
+def _chain_body(n: int):
+    """An ew_chain body reading operands 0..n-1: silu(%0) + %1 + ..."""
+    body = Apply(Op.SILU, (0,))
+    for i in range(1, n):
+        body = Apply(Op.ADD, (body, i))
+    return body
 
 
 def operand_patterns(op: Op, tied: bool = False) -> list:
@@ -348,6 +365,8 @@ def test_examples_cover_the_op_table():
 
 def _verified_module(op: Op, pattern: list) -> ir.Module:
     keys, attrs = VERIFIED_EXAMPLES[op]
+    if op is Op.EW_CHAIN:
+        attrs = {"body": _chain_body(len(pattern))}
     b = GraphBuilder("forward")
     inputs, state_outputs = [], []
     for j, slot in enumerate(pattern):
@@ -362,7 +381,8 @@ def _verified_module(op: Op, pattern: list) -> ir.Module:
     out = b.add(op, inputs, attrs, name=f"{op.value}.out", types=types, source=["model.layers.0", "a,b"])
     outs = list(out) if isinstance(out, tuple) else [out]
     if OPDEFS[op].writes:
-        state_outputs, outs = outs, []
+        new = set(OPDEFS[op].writes.values())
+        state_outputs, outs = [o for i, o in enumerate(outs) if i in new], [o for i, o in enumerate(outs) if i not in new]
     return ir.Module.of([b.build(outs, state_outputs)], {"w": parse_type("f32[4,4]")})
 
 
@@ -415,6 +435,19 @@ ATTR_VALUES = {
     AttrKind.NUMBERS: st.one_of(INTS_, FLOATS_, st.lists(st.one_of(INTS_, FLOATS_), max_size=4).map(tuple)),
     AttrKind.EXPR: _weight_exprs(),
 }
+_EW_OPS = sorted(ir.ELEMENTWISE, key=str)
+
+
+@st.composite
+def _body_step(draw, args):
+    op = draw(st.sampled_from(_EW_OPS))
+    spec = OPDEFS[op].attrs
+    attrs = tuple((k, draw(ATTR_VALUES[s.kind])) for k, s in spec.items() if draw(st.booleans()))
+    return Apply(op, tuple(draw(args) for _ in OPDEFS[op].inputs), attrs)
+
+
+ATTR_VALUES[AttrKind.BODY] = st.recursive(st.integers(0, 3), lambda args: _body_step(args), max_leaves=6).filter(
+    lambda b: isinstance(b, Apply))
 
 
 def test_attribute_strategies_cover_every_kind():

@@ -9,16 +9,9 @@ import pytest
 import torch
 
 import lowerlm.ir as ir
-from lowerlm.codegen.reference import (
-    IMPLEMENTED,
-    ReferenceProgram,
-    attention,
-    cached_attention,
-    kv_cache_write,
-    rms_norm,
-    rope,
-)
+from lowerlm.codegen.reference import IMPLEMENTED, ReferenceProgram
 from lowerlm.ir import Op
+from lowerlm.ir.compute import attention, cached_attention, kv_cache_write, rms_norm, rope
 from lowerlm.ir.weights import Cast, Concat, Data, MatMul, Param, Scale, Transpose, evaluate_weight, tensor_digest
 
 from .test_ir_text import KITCHEN_SINK

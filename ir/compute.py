@@ -1,0 +1,268 @@
+"""What every op computes, in plain torch: the reference implementations the op table's rows point to
+(``OpDef.impl``). Canonicalization folds constants with the core ops' implementations, the reference backend runs
+every op through them, and the other backends are tested against them, so they favour the obvious formulation over
+speed.
+
+Calling convention: ``impl(*inputs, **attrs)``, the inputs by slot (None for an absent optional one) and the
+attributes with their defaults filled in and symbolic dimensions already evaluated; ops that write state also get
+``inplace`` (update the given buffer instead of a copy). Multi-result ops return a tuple.
+
+torch is imported when an implementation first runs, not when ``lowerlm.ir`` is imported (the CLI's quick commands
+never load it).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from lowerlm.ir.abi import GELU, GELU_TANH, SILU
+
+
+class _Lazy:
+    """A module imported on first attribute access."""
+
+    def __init__(self, name: str):
+        self._name, self._module = name, None
+
+    def __getattr__(self, attr: str):
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
+
+
+torch = _Lazy("torch")
+F = _Lazy("torch.nn.functional")
+
+
+# ---- LLM ops ------------------------------------------------------------------------------------------------
+def rms_norm(x, w, eps: float):
+    # x: [..., H]; computed in f32 and cast back before the weight, as transformers' LlamaRMSNorm does
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return w * x32.to(x.dtype)
+
+
+def rope(q, k, positions, heads, inv_freq, scaling: float, layout: str):
+    # q: [B, S, Hq*D], k: [B, S, Hk*D]; the first R = 2*len(inv_freq) dims of each head rotate
+    from lowerlm.ir.rope import rope_cos_sin, rotate
+
+    cos, sin = rope_cos_sin(positions, inv_freq, scaling, layout, q.dtype)
+    rdim = cos.shape[-1]
+    out = []
+    for x, h in zip((q, k), heads):
+        b, s, width = x.shape
+        xh = x.reshape(b, s, h, width // h)
+        rot, rest = xh[..., :rdim], xh[..., rdim:]
+        rot = rot * cos + rotate(rot, layout) * sin
+        out.append(torch.cat([rot, rest], -1).reshape(b, s, width))
+    return tuple(out)
+
+
+def _heads(x, h):
+    # [B, S, H*D] -> [B, H, S, D]
+    b, s, width = x.shape
+    return x.reshape(b, s, h, width // h).transpose(1, 2)
+
+
+def _attend(q, k, v, visible, scale: float):
+    # q: [B, Hq, S, D]; k, v: [B, Hk, L, D*]; visible: [B, S, L] bool -> [B, S, Hq*Dv]
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # query head h reads kv head h // rep
+    mask = visible[:, None, :, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = torch.where(visible.any(-1)[:, None, :, None], out, torch.zeros((), dtype=out.dtype))
+    b, h, s, dv = out.shape
+    return out.transpose(1, 2).reshape(b, s, h * dv)
+
+
+def _visible(q_pos, k_pos, k_valid, causal: bool, window: int):
+    # q_pos: [B, S], k_pos: [B, L], k_valid: [B, L] -> [B, S, L]
+    vis = k_valid[:, None, :].expand(-1, q_pos.shape[1], -1)
+    diff = q_pos[:, :, None] - k_pos[:, None, :]
+    if causal:
+        vis = vis & (diff >= 0)
+    if window:
+        vis = vis & (diff < window)
+    return vis
+
+
+def attention(q, k, v, positions, seq_lens, heads, scale, causal, window):
+    hq, hk = heads
+    s = q.shape[1]
+    k_valid = torch.arange(s)[None, :] < seq_lens[:, None].long()
+    vis = _visible(positions, positions, k_valid, causal, window)
+    return _attend(_heads(q, hq), _heads(k, hk), _heads(v, hk), vis, scale)
+
+
+def kv_cache_write(cache, values, positions, inplace: bool = False):
+    # cache: [B, Hk, T, D]; values: [B, S, Hk*D]; slots with positions outside [0, T) are skipped. In place only
+    # when the caller owns the buffer (the verifier's state linearity makes that sound).
+    b, hk, t, d = cache.shape
+    out = cache if inplace else cache.clone()
+    valid = (positions >= 0) & (positions < t)
+    bi, si = valid.nonzero(as_tuple=True)
+    out[bi, :, positions[bi, si], :] = values.reshape(b, -1, hk, d)[bi, si].to(out.dtype)
+    return out
+
+
+def cached_attention(q, k_cache, v_cache, positions, seq_lens, scale, causal, window):
+    b, hk, t, d = k_cache.shape
+    # slots at or past the longest valid length are never visible: leave them out (exact, and T may be large)
+    t = max(1, min(t, int(seq_lens.max()) if seq_lens.numel() else 1))
+    k_cache, v_cache = k_cache[:, :, :t], v_cache[:, :, :t]
+    slots = torch.arange(t)[None, :].expand(b, -1)
+    vis = _visible(positions, slots, slots < seq_lens[:, None].long(), causal, window)
+    return _attend(_heads(q, q.shape[2] // d), k_cache, v_cache, vis, scale)
+
+
+def activation(x, act: str):
+    if act == SILU:
+        return F.silu(x)
+    if act == GELU:
+        return F.gelu(x)
+    if act == GELU_TANH:
+        return F.gelu(x, approximate="tanh")
+    raise ValueError(f"unknown activation '{act}'")
+
+
+def rms_norm_linear(x, norm_weight, weight, bias, residual, eps, splits, act):
+    # x: [..., H]; weight: [N, H] -> pieces [..., n] (or act(gate) * up), then the new residual stream
+    r = x if residual is None else x + residual
+    y = F.linear(rms_norm(r, norm_weight, eps), weight, bias)
+    pieces = list(torch.split(y, list(splits), dim=-1))
+    if act != "none":
+        pieces = [activation(pieces[0], act) * pieces[1]]
+    return tuple(pieces + ([r] if residual is not None else []))
+
+
+def arm_mlp(x, norm_weight, gate_m, up, down_scaled, mu, scale, residual, eps, tau, act):
+    # x: [..., H]; gate_m: [I + H, H] = [W_g; M]; up: [I, H]; down_scaled: [H, I] = W_d diag(scale)
+    h = rms_norm(x, norm_weight, eps)
+    i = up.shape[0]
+    gm = F.linear(h, gate_m)
+    g, m = gm[..., :i], gm[..., i:]
+    a_hat = (activation(g, act) - mu) / scale
+    a_hat = torch.where(a_hat.abs() >= tau, a_hat, torch.zeros((), dtype=a_hat.dtype))
+    y = F.linear(a_hat * F.linear(h, up), down_scaled) + m
+    return y if residual is None else y + residual
+
+
+# ---- MoE (docs/models.md) ---------------------------------------------------------------------------------------
+def moe_route(x, weight, bias, router, top_k, n_group, topk_group, renormalize, scaling, router_f32, weights_f32):
+    # x: [..., H] -> ids i32[..., k], weights [..., k]: transformers' routers, with their rounding points
+    lead, h = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    logits = F.linear(h.float(), weight.float()) if router_f32 else F.linear(h, weight)
+    if router == "softmax":  # Mixtral, Qwen3-MoE: softmax in f32, top-k
+        w, ids = torch.topk(torch.softmax(logits.float(), -1), top_k, -1)
+        if renormalize:
+            w = w / w.sum(-1, keepdim=True)
+    else:  # DeepSeek-V3, Kimi: sigmoid scores, chosen by score + bias within the best groups
+        scores = logits.sigmoid()
+        choice = scores if bias is None else scores + bias
+        if n_group > 1:
+            e = choice.shape[-1]
+            groups = choice.view(-1, n_group, e // n_group).topk(2, -1)[0].sum(-1)
+            keep = torch.topk(groups, topk_group, -1, sorted=False)[1]
+            allowed = torch.zeros_like(groups).scatter_(1, keep, 1).bool().repeat_interleave(e // n_group, 1)
+            choice = choice.masked_fill(~allowed, float("-inf"))
+        ids = torch.topk(choice, top_k, -1, sorted=False)[1]
+        w = scores.gather(1, ids)
+        if renormalize:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    w = w * scaling
+    w = w if weights_f32 else w.to(x.dtype)
+    return ids.to(torch.int32).reshape(*lead, top_k), w.reshape(*lead, top_k)
+
+
+def moe(x, weight, bias, gate_up, down, shared_gate, shared_up, shared_down, act, **route):
+    # the block as transformers runs it: every expert over its tokens, added into the output in expert order
+    ids, w = moe_route(x, weight, bias, **route)
+    k = ids.shape[-1]
+    h = x.reshape(-1, x.shape[-1])
+    ids, w = ids.reshape(-1, k), w.reshape(-1, k)
+    out = torch.zeros_like(h)
+    for e in range(gate_up.shape[0]):
+        tok, slot = torch.where(ids == e)
+        if tok.numel() == 0:
+            continue
+        gate, up = F.linear(h[tok], gate_up[e]).chunk(2, dim=-1)
+        y = F.linear(activation(gate, act) * up, down[e]) * w[tok, slot, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+    out = out.reshape(x.shape)
+    if shared_gate is not None:
+        out = out + F.linear(activation(F.linear(x, shared_gate), act) * F.linear(x, shared_up), shared_down)
+    return out
+
+
+def moe_sort(ids, experts: int):
+    # the (token, k) pairs stably sorted by expert, and where each expert's rows start
+    flat = ids.reshape(-1).long()
+    order = torch.sort(flat, stable=True).indices
+    offsets = torch.zeros(experts + 1, dtype=torch.long, device=ids.device)
+    offsets[1:] = torch.cumsum(torch.bincount(flat, minlength=experts), 0)
+    return order.to(torch.int32), offsets.to(torch.int32)
+
+
+def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str):
+    rows = x.reshape(-1, x.shape[-1])[order.long() // gather] if gather else x
+    n = w.shape[1] // 2 if act != "none" else w.shape[1]
+    out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
+    bounds = offsets.tolist()
+    picked = scale.reshape(-1)[order.long()] if scale is not None else None
+    for e in range(w.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi == lo:
+            continue  # an expert without tokens
+        y = F.linear(rows[lo:hi], w[e])
+        if act != "none":
+            gate, up = y.chunk(2, dim=-1)
+            y = activation(gate, act) * up
+        if picked is not None:
+            y = (y * picked[lo:hi, None]).to(x.dtype)
+        out[lo:hi] = y
+    return out
+
+
+def moe_combine(y, order, like, top_k: int):
+    out = torch.zeros(like.numel() // like.shape[-1], like.shape[-1], dtype=y.dtype, device=y.device)
+    out.index_add_(0, order.long() // top_k, y)  # rows in expert order: each token's sum in expert order
+    return out.reshape(like.shape)
+
+
+def swiglu(gate, up, act):
+    return activation(gate, act) * up
+
+
+_ROUTE_ATTRS = ("top_k", "n_group", "topk_group", "renormalize", "scaling", "router_f32", "weights_f32")
+
+
+def route_attrs(a: dict) -> dict:
+    """A route's attributes as the Triton kernel's keyword arguments."""
+    return {"router_kind": a["router"], **{k: a[k] for k in _ROUTE_ATTRS}}
+
+
+# ---- backend fusions (passes/backend.py): each is the composition of the ops it replaces -----------------------
+def head_rms_norm(x, weight, eps: float):
+    # x: [B, S, H*D], weight: [D]: RMSNorm of each head (Qwen3's q/k norms)
+    b, s, width = x.shape
+    d = weight.shape[0]
+    return rms_norm(x.reshape(b, s, width // d, d), weight, eps).reshape(b, s, width)
+
+
+def rope_cache_write(q, k, v, positions, k_cache, v_cache, heads, inv_freq, scaling, layout, inplace=False):
+    q, k = rope(q, k, positions, heads, inv_freq, scaling, layout)
+    return (q, kv_cache_write(k_cache, k, positions, inplace), kv_cache_write(v_cache, v, positions, inplace))
+
+
+def rope_cached_attention(q, k, v, positions, seq_lens, k_cache, v_cache, q_norm, k_norm, heads, inv_freq, scaling,
+                          layout, scale, causal, window, eps, inplace=False):
+    if q_norm is not None:
+        q, k = head_rms_norm(q, q_norm, eps), head_rms_norm(k, k_norm, eps)
+    q, k_cache, v_cache = rope_cache_write(q, k, v, positions, k_cache, v_cache, heads, inv_freq, scaling, layout,
+                                           inplace)
+    return cached_attention(q, k_cache, v_cache, positions, seq_lens, scale, causal, window), k_cache, v_cache
+
+
+def rms_norm_moe_route(x, norm_weight, weight, bias, eps, **route):
+    normed = rms_norm(x, norm_weight, eps)
+    return (normed, *moe_route(normed, weight, bias, **route))
