@@ -4,9 +4,9 @@ The default pipeline is the list below, in order, one line per pass. ``upcast`` 
 there because they need an argument: ``resolve(upcast_from=...)`` (a model computed in f32) and
 ``resolve(arm=...)`` (calibration data) build them, and without it they are skipped. ``PASSES`` maps the
 names of passes that need no data to their functions, for ``dump-ir --after NAME`` and
-``compile_model(passes=[...])``. The driver maps a pass
-over every graph of the module, verifies after each pass, counts rewrites, and prints the IR after a pass when
-``LOWERLM_DUMP`` names it (``all``, or names separated by commas).
+``compile_model(passes=[...])``. The driver maps a pass over every graph of the module, verifies after each pass,
+sums the rewrite counts the pass returns (``Pass.apply``), and prints the IR after a pass when ``LOWERLM_DUMP``
+names it (``all``, or names separated by commas).
 """
 
 from __future__ import annotations
@@ -23,18 +23,27 @@ from lowerlm.ir.errors import PassError, VerifyError
 from lowerlm.ir.graph import Graph, Module
 from lowerlm.ir.printer import print_module
 from lowerlm.ir.verifier import verify_module
+from lowerlm.passes.backend import (
+    fuse_decode_attention,
+    fuse_ew_chains,
+    fuse_gqa_attention,
+    fuse_rope_cache_write,
+    fuse_route_norm,
+)
 from lowerlm.passes.canonicalize import canonicalize
 from lowerlm.passes.fuse_linear_residual import fuse_linear_residual
 from lowerlm.passes.fuse_rmsnorm_linear import fuse_rmsnorm_linear
 from lowerlm.passes.fuse_swiglu import fuse_swiglu
 from lowerlm.passes.insert_kv_cache import insert_kv_cache
 from lowerlm.passes.moe_dispatch import moe_dispatch
-from lowerlm.passes.pattern import take_rewrite_count
+from lowerlm.passes.pattern import Pass
 from lowerlm.passes.select_logits import select_logits
 from lowerlm.passes.specialize import specialize
 from lowerlm.passes.upcast import upcast
 
-# A pass maps a graph to a graph, or (specialize) to a tuple of graphs that replace it in the module.
+# A pass maps a graph to a graph, or (specialize) to a tuple of graphs that replace it in the module. The passes
+# here are ``Pass`` objects (passes/pattern.py), whose ``apply`` also returns the number of rewrites; a plain
+# function works too, and counts 0.
 PassFn = Callable[[Graph], "Graph | tuple"]
 
 PIPELINE: list[tuple[str, PassFn | None]] = [
@@ -50,7 +59,23 @@ PIPELINE: list[tuple[str, PassFn | None]] = [
     ("select_logits", select_logits),  # prefill's lm_head only at the rows asked for (the prompts' last tokens)
 ]
 
-PASSES: dict[str, PassFn] = {name: fn for name, fn in PIPELINE if fn is not None}
+# Each backend's tail: the fusions its kernels take, after the shared pipeline (passes/backend.py). They make
+# real IR ops, so `dump-ir --backend NAME` shows what the backend runs.
+TAILS: dict[str, list[tuple[str, PassFn]]] = {
+    "reference": [],
+    "onnx": [
+        ("fuse_gqa_attention", fuse_gqa_attention),  # rope -> cache writes -> attention: GroupQueryAttention
+    ],
+    "triton": [
+        ("fuse_decode_attention", fuse_decode_attention),  # decode: rope, cache writes, attention: one launch
+        ("fuse_rope_cache_write", fuse_rope_cache_write),  # rope + the layer's two cache writes: one launch
+        ("fuse_route_norm", fuse_route_norm),  # an MoE layer's norm computed by its route launch
+        ("fuse_ew_chains", fuse_ew_chains),  # element-wise chains: generated kernels
+    ],
+}
+
+PASSES: dict[str, PassFn] = {name: fn for name, fn in PIPELINE if fn is not None} | {
+    name: fn for tail in TAILS.values() for name, fn in tail}
 
 _MODULES = {name: fn.__module__ for name, fn in PASSES.items()} | {"arm": "lowerlm.passes.arm",
                                                                    "upcast": "lowerlm.passes.upcast"}
@@ -63,8 +88,9 @@ def _first_sentence(doc: str | None) -> str:
     return paragraph[:match.end()] if match else paragraph
 
 
-# first sentence of each pass's module docstring, for `lowerlm passes`
-PASS_DOCS: dict[str, str] = {name: _first_sentence(sys.modules[_MODULES[name]].__doc__) for name, _ in PIPELINE}
+# first sentence of each pass's module docstring (a tail pass: its function's), for `lowerlm passes`
+PASS_DOCS: dict[str, str] = {name: _first_sentence(sys.modules[_MODULES[name]].__doc__) for name, _ in PIPELINE} | {
+    name: _first_sentence(fn.__doc__) for tail in TAILS.values() for name, fn in tail}
 
 
 @dataclass(frozen=True)
@@ -76,13 +102,19 @@ class PassRecord:
     rewrites: int
 
 
-def resolve(passes: str | Iterable[str | tuple] = "default", arm=None, upcast_from=None) -> list[tuple[str, PassFn]]:
+def resolve(passes: str | Iterable[str | tuple] = "default", arm=None, upcast_from=None,
+            backend: str | None = None) -> list[tuple[str, PassFn]]:
     """The (name, function) list for ``"default"``, ``"none"`` or a list of names (or (name, fn) pairs). ``arm``
     (an ``ArmCalibration``) turns the arm pass on. ``upcast_from`` (bf16 or f16, a DType) puts the upcast pass
-    first, whatever ``passes`` says: the program computes in f32 only if every graph does."""
+    first, whatever ``passes`` says: the program computes in f32 only if every graph does. ``backend`` (a key of
+    ``TAILS``) appends that backend's tail to ``"default"``; a list names tail passes itself if it wants them."""
     out = _resolve(passes, arm)
     if upcast_from is not None:
         out.insert(0, ("upcast", upcast(upcast_from)))
+    if passes == "default" and backend is not None:
+        if backend not in TAILS:
+            raise PassError(f"no pass tail for backend '{backend}'; known: {', '.join(TAILS)}")
+        out += TAILS[backend]
     return out
 
 
@@ -118,14 +150,15 @@ def _resolve(passes, arm) -> list[tuple[str, PassFn]]:
 
 
 def run_pass(name: str, fn: PassFn, module: Module, verify: bool = True) -> PassRecord:
-    """Run one pass over every graph of ``module``; verify the result."""
-    take_rewrite_count()
+    """Run one pass over every graph of ``module``; verify the result. The record's rewrites are the sum of what
+    ``fn.apply`` returns when ``fn`` is a ``Pass``; a plain function (a user's ``(name, fn)`` pair) counts 0."""
     graphs = []
+    count = 0
     for g in module.graphs:
-        result = fn(g)
+        result, n = fn.apply(g) if isinstance(fn, Pass) else (fn(g), 0)
+        count += n
         graphs += list(result) if isinstance(result, tuple) else [result]
     out = dataclasses.replace(module, graphs=tuple(graphs))
-    count = take_rewrite_count()
     if verify:
         try:
             verify_module(out)
@@ -144,13 +177,14 @@ def dump_header(record: PassRecord) -> str:
 
 def run_pipeline(module: Module, passes="default", verify: bool = True, dump: set | None = None,
                  out: TextIO | None = None, on_pass: Callable[[PassRecord], None] | None = None,
-                 arm=None, upcast_from=None) -> Module:
-    """Run the passes in order. ``dump`` (default: from LOWERLM_DUMP) names the passes whose result is printed to
-    ``out`` (default stderr); ``on_pass`` receives each PassRecord."""
+                 arm=None, upcast_from=None, backend: str | None = None) -> Module:
+    """Run the passes in order, and ``backend``'s tail after the default pipeline. ``dump`` (default: from
+    LOWERLM_DUMP) names the passes whose result is printed to ``out`` (default stderr); ``on_pass`` receives each
+    PassRecord."""
     dump = _dump_names() if dump is None else dump
     if verify:
         verify_module(module)
-    for name, fn in resolve(passes, arm, upcast_from):
+    for name, fn in resolve(passes, arm, upcast_from, backend):
         record = run_pass(name, fn, module, verify)
         module = record.module
         if "all" in dump or name in dump:

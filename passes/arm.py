@@ -10,21 +10,24 @@ weight expressions evaluated at load time.
 Why here: it needs gate and up apart, so it runs right after canonicalize and before the fusions; it leaves the
 residual add to fuse_linear_residual. Does not fire on an MLP the calibration has no entry for, with biases, with
 an activation other than SiLU/GeLU, without an RMSNorm in front, or when an intermediate value has another user.
+
+A rule table: ``GATED_MLP`` matches the six nodes from the down projection, with the use counts as ``where``
+conditions and the product in either order; ``find_gated_mlps`` (what ``lowerlm.calibrate`` measures) is the same
+pattern's matches.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lowerlm.ir.graph import Graph, GraphBuilder, Node
+from lowerlm.ir.abi import activation_of, short_path
+from lowerlm.ir.graph import Graph, Node
 from lowerlm.ir.ops import Op
 from lowerlm.ir.types import TensorType
 from lowerlm.ir.weights import Concat, Data, MatMul, Scale
 from lowerlm.passes.canonicalize import dce
 from lowerlm.passes.fuse_rmsnorm_linear import weight_expr
-from lowerlm.passes.pattern import merge_sources, record_rewrites
-
-ACTS = {Op.SILU: "silu"}
+from lowerlm.passes.pattern import Pass, Pat, RewriteContext, matches, merge_sources, rewrite, single_use
 
 
 @dataclass(frozen=True)
@@ -67,79 +70,68 @@ class GatedMLP:
 
     @property
     def activation(self) -> str:
-        return ACTS.get(self.act.op) or {"none": "gelu", "tanh": "gelu_tanh"}[self.act.attr("approximate")]
+        return activation_of(self.act)
+
+    def same_norm(self) -> bool:
+        """Gate and up project the same normalised value (the pattern matches each one's norm on its own)."""
+        return self.gate is not self.up and self.gate.args[0] == self.up.args[0]
 
 
-def _act(node):
-    return node is not None and (node.op in ACTS or node.op is Op.GELU)
+def _load_time(ctx, value: str) -> bool:
+    """A load-time weight: a parameter, or an expression over them (such as upcast's conversion)."""
+    return weight_expr(ctx, value) is not None
 
 
-def _plain_linear(g: Graph, node, x: str | None = None) -> bool:
-    """A linear without bias or residual whose weight is a load-time weight (a parameter, or an expression over
-    them, such as upcast's conversion), and whose input is ``x`` if given."""
-    if node is None or node.op is not Op.LINEAR or node.inputs[2] is not None or node.inputs[3] is not None:
-        return False
-    return weight_expr(g, node.inputs[1]) is not None and (x is None or node.inputs[0] == x)
+W = Pat(where=_load_time)
+NORM = Pat(Op.RMS_NORM, name="norm", where=lambda ctx, n: ctx.uses(n.name) == 2)  # read by gate and up only
+GATE = Pat(Op.LINEAR, (NORM, W), name="gate", where=single_use)  # two inputs: no bias, no residual
+UP = Pat(Op.LINEAR, (NORM, W), name="up", where=single_use)
+ACT = Pat(frozenset({Op.SILU, Op.GELU}), (GATE,), name="act", where=single_use)
+# down(act(gate(norm(x))) * up(norm(x))), the product in either order
+GATED_MLP = Pat(Op.LINEAR, (Pat(Op.MUL, (ACT, UP), commutative=True, name="mul", where=single_use), W), name="down")
 
 
 def find_gated_mlps(g: Graph) -> list:
     """Every gated MLP of the graph in the form arm rewrites."""
     out = []
-    for down in g.nodes:
-        if not _plain_linear(g, down):
-            continue
-        mul = g.producer(down.inputs[0])
-        if mul is None or mul.op is not Op.MUL or g.use_count(mul.name) != 1:
-            continue
-        for a, u in (mul.inputs, mul.inputs[::-1]):
-            act, up = g.producer(a), g.producer(u)
-            if not _act(act) or g.use_count(a) != 1 or up is None:
-                continue
-            gate = g.producer(act.inputs[0])
-            if gate is None or g.use_count(gate.name) != 1 or g.use_count(up.name) != 1:
-                continue
-            norm = g.producer(gate.inputs[0])
-            if norm is None or norm.op is not Op.RMS_NORM or g.use_count(norm.name) != 2:
-                continue
-            if _plain_linear(g, gate, norm.name) and _plain_linear(g, up, norm.name) and up is not gate:
-                out.append(GatedMLP(norm, gate, act, up, mul, down))
-                break
+    for node in g.nodes:
+        out += [m for m in (GatedMLP(**caps) for caps in matches(g, GATED_MLP, node)) if m.same_norm()][:1]
     return out
 
 
-def arm(calibration: ArmCalibration):
+def arm(calibration: ArmCalibration) -> Pass:
     """The arm pass for this calibration data."""
 
-    def arm_pass(g: Graph) -> Graph:
-        mlps = {m.down.name: m for m in find_gated_mlps(g) if calibration.layer(m.key) is not None}
-        if not mlps:
-            return g
-        b = GraphBuilder.rebuild(g)
-        for node in g.nodes:
-            if node.name not in mlps:
-                b.append(node)
-                continue
-            _emit(b, g, mlps[node.name], calibration.layer(mlps[node.name].key))
-            record_rewrites()
-        return dce(b.build(g.outputs, g.state_outputs), count=False)
+    def fire(ctx: RewriteContext, **captures):
+        m = GatedMLP(**captures)
+        layer = calibration.layer(m.key)
+        return _emit(ctx, m, layer) if layer is not None and m.same_norm() else None
+
+    rules = [(GATED_MLP, fire)]
+
+    @Pass
+    def arm_pass(g: Graph) -> tuple:
+        g, fired = rewrite(g, rules, name="arm")
+        return (dce(g)[0] if fired else g), fired
 
     return arm_pass
 
 
-def _emit(b: GraphBuilder, g: Graph, m: GatedMLP, layer: ArmLayer) -> None:
-    w_gate, w_up, w_down = (weight_expr(g, n.inputs[1]) for n in (m.gate, m.up, m.down))
+def _emit(ctx: RewriteContext, m: GatedMLP, layer: ArmLayer) -> str:
+    """The weights and the arm_mlp that replace the MLP ``m``, under the down projection's name."""
+    w_gate, w_up, w_down = (weight_expr(ctx, n.inputs[1]) for n in (m.gate, m.up, m.down))
     x, norm_w = m.norm.inputs
-    xt, up_t = g.type_of(x), g.type_of(m.up.inputs[1])
+    xt, up_t = ctx.type_of(x), ctx.type_of(m.up.inputs[1])
     hidden, inter = xt.shape[-1], up_t.shape[0]
     vec = TensorType(up_t.dtype, (inter,))
     mu = Data.of(f"arm.{m.key}.mu", vec, layer.mu)
     scale = Data.of(f"arm.{m.key}.scale", vec, layer.scale)
     source = merge_sources(m.norm, m.gate, m.act, m.up, m.mul, m.down)
-    name = m.key.replace("model.layers.", "L").replace(".mlp", "") + ".arm"
+    name = short_path(m.key, ".mlp") + ".arm"
 
     def weight(expr, shape, hint):
-        return b.add(Op.WEIGHT, [], {"expr": expr}, types=[up_t.with_shape(shape)], name=f"{name}.{hint}",
-                     source=source)
+        return ctx.add(Op.WEIGHT, [], {"expr": expr}, types=[up_t.with_shape(shape)], name=f"{name}.{hint}",
+                       source=source)
 
     m_expr = MatMul(Scale(w_down, mu, 1), w_up)
     inputs = [x, norm_w,
@@ -148,6 +140,5 @@ def _emit(b: GraphBuilder, g: Graph, m: GatedMLP, layer: ArmLayer) -> None:
               weight(Scale(w_down, scale, 1), (hidden, inter), "down"),
               weight(mu, (inter,), "mu"),
               weight(scale, (inter,), "scale")]
-    b.release([m.down.name])
-    b.add(Op.ARM_MLP, inputs, {"eps": m.norm.attr("eps"), "tau": float(layer.tau), "act": m.activation},
-          names=[m.down.name], source=source)
+    return ctx.add(Op.ARM_MLP, inputs, {"eps": m.norm.attr("eps"), "tau": float(layer.tau), "act": m.activation},
+                   name=m.down.name, source=source)

@@ -14,7 +14,7 @@ from lowerlm.ir.fold import CORE_OPS, constant_attrs, constant_tensor, fold
 from lowerlm.ir.graph import Graph
 from lowerlm.ir.opdefs import OPDEFS
 from lowerlm.ir.ops import Op
-from lowerlm.passes.pattern import Pat, record_rewrites, rewrite
+from lowerlm.passes.pattern import Pass, Pat, rewrite
 
 ANY = Pat(name="x")
 
@@ -49,24 +49,17 @@ def _single_piece(ctx, root):
     return root.args[0] if len(pieces) == 1 else None
 
 
-def _is_constant(ctx, value: str, number: float) -> bool:
-    node = ctx.producer(value)
-    if node is None or node.op is not Op.CONSTANT:
-        return False
-    v = node.attrs["value"]
-    return not isinstance(v, tuple) and v == number
+def _constant(number: float) -> Pat:
+    """A scalar ``constant`` node holding ``number``."""
+    def holds(ctx, node) -> bool:
+        v = node.attrs["value"]
+        return not isinstance(v, tuple) and v == number
+    return Pat(Op.CONSTANT, where=holds)
 
 
-def _neutral(number: float, commutes: bool):
-    def fn(ctx, root):
-        a, b = root.args
-        out_t = root.results[0].type
-        if _is_constant(ctx, b, number) and ctx.type_of(a) == out_t:
-            return a
-        if commutes and _is_constant(ctx, a, number) and ctx.type_of(b) == out_t:
-            return b
-        return None
-    return fn
+def _keep(ctx, root, x):
+    """``x`` in place of ``root`` when it has the root's type (the constant did not broadcast it)."""
+    return x if ctx.type_of(x) == root.results[0].type else None
 
 
 def _fold(ctx, root):
@@ -90,16 +83,17 @@ RULES = [
     (Pat(Op.TRANSPOSE, name="root"), _identity_transpose),
     (Pat(Op.SLICE, name="root"), _full_slice),
     (Pat(frozenset({Op.CONCAT, Op.SPLIT}), name="root"), _single_piece),
-    (Pat(Op.ADD, name="root"), _neutral(0.0, commutes=True)),
-    (Pat(Op.SUB, name="root"), _neutral(0.0, commutes=False)),
-    (Pat(Op.MUL, name="root"), _neutral(1.0, commutes=True)),
-    (Pat(Op.DIV, name="root"), _neutral(1.0, commutes=False)),
+    (Pat(Op.ADD, (ANY, _constant(0.0)), commutative=True, name="root"), _keep),
+    (Pat(Op.SUB, (ANY, _constant(0.0)), name="root"), _keep),
+    (Pat(Op.MUL, (ANY, _constant(1.0)), commutative=True, name="root"), _keep),
+    (Pat(Op.DIV, (ANY, _constant(1.0)), name="root"), _keep),
     (Pat(CORE_OPS - {Op.CONSTANT}, name="root"), _fold),
 ]
 
 
-def cse(g: Graph) -> Graph:
-    """Merge nodes with the same op, inputs, attributes and result types (state writers excepted)."""
+def cse(g: Graph) -> tuple:
+    """Merge nodes with the same op, inputs, attributes and result types (state writers excepted): (graph, nodes
+    merged)."""
     seen: dict = {}
     subst: dict = {}
     nodes = []
@@ -111,25 +105,27 @@ def cse(g: Graph) -> Graph:
             nodes.append(node)
             continue
         subst.update({r.name: k.name for r, k in zip(node.results, seen[key].results)})
-        record_rewrites()
-    return g.with_(nodes=tuple(nodes), outputs=tuple(subst.get(o, o) for o in g.outputs),
-                   state_outputs=tuple(subst.get(o, o) for o in g.state_outputs))
+    out = g.with_(nodes=tuple(nodes), outputs=tuple(subst.get(o, o) for o in g.outputs),
+                  state_outputs=tuple(subst.get(o, o) for o in g.state_outputs))
+    return out, len(g.nodes) - len(nodes)
 
 
-def dce(g: Graph, count: bool = True) -> Graph:
-    """Drop nodes none of whose results reach an output or a returned state (counted as rewrites if ``count``:
-    canonicalize counts them, fusions that leave their matched nodes dead do not)."""
+def dce(g: Graph) -> tuple:
+    """Drop nodes none of whose results reach an output or a returned state: (graph, nodes dropped). canonicalize
+    counts them as rewrites; fusions that leave their matched nodes dead do not."""
     live = set(g.outputs) | set(g.state_outputs)
     keep = []
     for node in reversed(g.nodes):
         if any(r.name in live for r in node.results):
             keep.append(node)
             live.update(node.args)
-        elif count:
-            record_rewrites()
-    return g.with_(nodes=tuple(reversed(keep)))
+    return g.with_(nodes=tuple(reversed(keep))), len(g.nodes) - len(keep)
 
 
-def canonicalize(g: Graph) -> Graph:
+@Pass
+def canonicalize(g: Graph) -> tuple:
     """Local simplifications to a fixpoint, then CSE, then DCE."""
-    return dce(cse(rewrite(g, RULES, name="canonicalize")))
+    g, simplified = rewrite(g, RULES, name="canonicalize")
+    g, merged = cse(g)
+    g, dropped = dce(g)
+    return g, simplified + merged + dropped

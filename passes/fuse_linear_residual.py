@@ -13,7 +13,7 @@ from lowerlm.ir.graph import Graph
 from lowerlm.ir.opdefs import OPDEFS
 from lowerlm.ir.ops import RESIDUAL_EPILOGUE, Op
 from lowerlm.passes.canonicalize import dce
-from lowerlm.passes.pattern import Pat, merge_sources, rewrite
+from lowerlm.passes.pattern import Pass, Pat, merge_sources, rewrite, single_use
 
 ANY = Pat(name="other")
 
@@ -22,10 +22,13 @@ def _slot(op: Op) -> int:
     return next(i for i, s in enumerate(OPDEFS[op].inputs) if s.name == "residual")
 
 
+def _fusable(ctx, proj) -> bool:
+    """The projection's result is read by the add only, and it has no residual yet."""
+    return single_use(ctx, proj) and proj.inputs[_slot(proj.op)] is None
+
+
 def _fuse(ctx, root, proj, other):
     out = root.results[0].type
-    if ctx.uses(proj.name) != 1 or proj.inputs[_slot(proj.op)] is not None:
-        return None
     if proj.results[0].type != out or ctx.type_of(other) != out:
         return None
     inputs = list(proj.inputs)
@@ -33,13 +36,12 @@ def _fuse(ctx, root, proj, other):
     return ctx.add(proj.op, inputs, proj.attrs, name=root.name, source=merge_sources(proj, root))
 
 
-PROJ = Pat(frozenset(RESIDUAL_EPILOGUE), name="proj")
-RULES = [
-    (Pat(Op.ADD, (PROJ, ANY), name="root"), _fuse),
-    (Pat(Op.ADD, (ANY, PROJ), name="root"), _fuse),
-]
+PROJ = Pat(frozenset(RESIDUAL_EPILOGUE), name="proj", where=_fusable)
+RULES = [(Pat(Op.ADD, (PROJ, ANY), commutative=True, name="root"), _fuse)]
 
 
-def fuse_linear_residual(g: Graph) -> Graph:
+@Pass
+def fuse_linear_residual(g: Graph) -> tuple:
     """Residual adds become the epilogue of the projection before them."""
-    return dce(rewrite(g, RULES, name="fuse_linear_residual"), count=False)
+    g, fused = rewrite(g, RULES, name="fuse_linear_residual")
+    return dce(g)[0], fused

@@ -15,11 +15,12 @@ from lowerlm.ir.graph import Graph, GraphBuilder, Node
 from lowerlm.ir.ops import WEIGHT_LEAF, Op
 from lowerlm.ir.weights import Concat, Param
 from lowerlm.passes.canonicalize import dce
-from lowerlm.passes.pattern import merge_sources, record_rewrites
+from lowerlm.passes.pattern import Pass, merge_sources
 
 
 def weight_expr(g: Graph, value: str):
-    """The weight expression a value holds, or None when it is computed at run time."""
+    """The weight expression a value holds, or None when it is computed at run time. ``g``: a graph, or a rule's
+    context (anything with ``producer``)."""
     node = g.producer(value)
     if node is None or node.op not in WEIGHT_LEAF:
         return None
@@ -27,7 +28,8 @@ def weight_expr(g: Graph, value: str):
 
 
 def weight_value(b: GraphBuilder, g: Graph, values: list, name: str, source) -> str:
-    """One weight value for the concatenation of ``values`` (the value itself when there is one)."""
+    """One weight value for the concatenation of ``values`` (the value itself when there is one). ``b`` adds the
+    node (a builder, or a rule's context), ``g`` knows the values (a graph, or a rule's context)."""
     if len(values) == 1:
         return values[0]
     expr = Concat(tuple(weight_expr(g, v) for v in values), 0)
@@ -64,7 +66,8 @@ def _residual_add(g: Graph, norm: Node):
     return (add, a, b) if g.type_of(a) == t and g.type_of(b) == t else None
 
 
-def fuse_rmsnorm_linear(g: Graph) -> Graph:
+@Pass
+def fuse_rmsnorm_linear(g: Graph) -> tuple:
     """Norms feeding only projections become rms_norm_linear."""
     plans = {}
     for node in g.nodes:
@@ -73,7 +76,7 @@ def fuse_rmsnorm_linear(g: Graph) -> Graph:
             if users is not None:
                 plans[node.name] = (node, users)
     if not plans:
-        return g
+        return g, 0
     dropped = {u.name for _, users in plans.values() for u in users}
     b = GraphBuilder.rebuild(g)
     subst: dict = {}
@@ -106,10 +109,9 @@ def fuse_rmsnorm_linear(g: Graph) -> Graph:
         results = (results,) if isinstance(results, str) else results
         if residual is not None:
             subst[residual[0].name] = results[-1]
-        record_rewrites()
     out = b.build([subst.get(o, o) for o in g.outputs], [subst.get(o, o) for o in g.state_outputs])
     # the fused op sits where the norm was; a weight it reads directly may be defined further down (the
     # importer emits params at their first use): reorder so definitions come first
     from lowerlm.ir.nx import topological_order  # networkx only when the pass fires
 
-    return dce(topological_order(out), count=False)
+    return dce(topological_order(out))[0], len(plans)

@@ -20,15 +20,14 @@ them never did.
 
 from __future__ import annotations
 
+from lowerlm.ir.abi import CACHE_LEN, SEQ, short_path
 from lowerlm.ir.errors import PassError
 from lowerlm.ir.graph import Graph, GraphBuilder, Node
 from lowerlm.ir.ops import Op
 from lowerlm.ir.shapes import free_symbols, sym
 from lowerlm.ir.types import TensorType
-from lowerlm.passes.pattern import record_rewrites
+from lowerlm.passes.pattern import Pass
 
-CACHE_LEN = "T"
-SEQ = "S"
 _REDUCE = {Op.MEAN: "dims", Op.SUM: "dims", Op.SOFTMAX: "dim", Op.ARGMAX: "dim", Op.TOPK: "dim"}
 _ALONG = (Op.SLICE, Op.SPLIT, Op.GATHER, Op.CONCAT)
 
@@ -63,7 +62,8 @@ def sequence_mixers(g: Graph) -> list:
     return [(n, why) for n in g.nodes if (why := _mixes(g, n)) is not None]
 
 
-def insert_kv_cache(g: Graph) -> Graph:
+@Pass
+def insert_kv_cache(g: Graph) -> tuple:
     """Give every attention a key and a value cache."""
     mixers = sequence_mixers(g)
     if mixers:
@@ -82,7 +82,7 @@ def insert_kv_cache(g: Graph) -> Graph:
                         "(F.scaled_dot_product_attention(..., is_causal=True)); compile_model(model, "
                         "passes=['canonicalize']) gives logits without generation")
     if not any(n.op is Op.ATTENTION for n in g.nodes):
-        return g
+        return g, 0
     b = GraphBuilder.rebuild(g)
     finals = []
     for node in g.nodes:
@@ -98,7 +98,7 @@ def insert_kv_cache(g: Graph) -> Graph:
         for which, t in (("k", kt), ("v", vt)):
             spec = TensorType(t.dtype, (batch, hk, sym(CACHE_LEN), t.shape[2] // hk))
             # the builder turns what a value name cannot hold into '_' (a module path may hold any character)
-            hint = f"{owner.replace('model.layers.', 'L').replace('.self_attn', '')}.{which}cache" if owner \
+            hint = f"{short_path(owner, '.self_attn')}.{which}cache" if owner \
                 else f"{which}cache"
             caches.append(b.add_state(hint, spec, owner))
         kc, vc = (b.add(Op.KV_CACHE_WRITE, [c, x, positions], name=c + "1", source=node.source)
@@ -108,5 +108,4 @@ def insert_kv_cache(g: Graph) -> Graph:
         b.add(Op.CACHED_ATTENTION, [q, kc, vc, positions, seq_lens], attrs, source=node.source,
               names=node.result_names)
         finals += [kc, vc]
-        record_rewrites()
-    return b.build(g.outputs, list(g.state_outputs) + finals)
+    return b.build(g.outputs, list(g.state_outputs) + finals), len(finals) // 2

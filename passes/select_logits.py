@@ -12,21 +12,19 @@ before.
 
 from __future__ import annotations
 
+from lowerlm.ir.abi import LOGIT_INDEX, LOGIT_ROWS, PREFILL, SEQ
 from lowerlm.ir.dtypes import DType
 from lowerlm.ir.graph import Graph, GraphBuilder
 from lowerlm.ir.opdefs import OPDEFS
 from lowerlm.ir.ops import Op
 from lowerlm.ir.shapes import free_symbols, sym
 from lowerlm.ir.types import TensorType, Value
-from lowerlm.passes.pattern import record_rewrites
-
-INDEX = "logit_index"
-SEQ = sym("S")
+from lowerlm.passes.pattern import Pass
 
 
 def _head(g: Graph):
     """The lm_head node whose input rows can be gathered, or None."""
-    if g.name != "prefill" or len(g.outputs) != 1 or any(v.name == INDEX for v in g.inputs):
+    if g.name != PREFILL or len(g.outputs) != 1 or any(v.name == LOGIT_INDEX for v in g.inputs):
         return None
     head = g.producer(g.outputs[0])
     if head is None or head.op not in (Op.LINEAR, Op.RMS_NORM_LINEAR) or len(head.results) != 1:
@@ -34,7 +32,7 @@ def _head(g: Graph):
     if head.inputs[[s.name for s in OPDEFS[head.op].inputs].index("residual")] is not None:
         return None  # a residual [B, S, ...] read by the head (rare for an lm_head): left alone
     x = g.type_of(head.inputs[0])
-    if x.rank != 3 or x.shape[1] != SEQ:
+    if x.rank != 3 or x.shape[1] != sym(SEQ):
         return None
     return head
 
@@ -43,28 +41,28 @@ def _fresh_symbol(g: Graph) -> str:
     taken = set()
     for t in g.types.values():
         taken |= free_symbols(t.shape)
-    return next(s for s in ("L", *(f"L{i}" for i in range(1, len(taken) + 2))) if s not in taken)
+    return next(s for s in (LOGIT_ROWS, *(f"{LOGIT_ROWS}{i}" for i in range(1, len(taken) + 2))) if s not in taken)
 
 
-def select_logits(g: Graph) -> Graph:
+@Pass
+def select_logits(g: Graph) -> tuple:
     """``prefill`` gathers the rows of ``%logit_index`` before its lm_head."""
     head = _head(g)
     if head is None:
-        return g
+        return g, 0
     x = head.inputs[0]
     b_dim, _, hidden = g.type_of(x).shape
     rows = sym(_fresh_symbol(g))
     b = GraphBuilder.rebuild(g)
-    index = b.input(INDEX, TensorType(DType.I64, (b_dim, rows)))
+    index = b.input(LOGIT_INDEX, TensorType(DType.I64, (b_dim, rows)))
     for n in g.nodes:
         if n is not head:
             b.append(n)
             continue
-        col = b.add(Op.RESHAPE, [index], {"shape": (b_dim, rows, 1)}, name=f"{INDEX}.col", source=n.source)
-        wide = b.add(Op.EXPAND, [col], {"shape": (b_dim, rows, hidden)}, name=f"{INDEX}.rows", source=n.source)
+        col = b.add(Op.RESHAPE, [index], {"shape": (b_dim, rows, 1)}, name=f"{LOGIT_INDEX}.col", source=n.source)
+        wide = b.add(Op.EXPAND, [col], {"shape": (b_dim, rows, hidden)}, name=f"{LOGIT_INDEX}.rows", source=n.source)
         picked = b.add(Op.GATHER, [x, wide], {"dim": 1}, name=f"{x}.picked", source=n.source)
         out = n.results[0]
         b.append(n.with_(inputs=(picked,) + n.inputs[1:],
                          results=(Value(out.name, out.type.with_shape((b_dim, rows) + out.type.shape[2:])),)))
-    record_rewrites()
-    return b.build(g.outputs, g.state_outputs)
+    return b.build(g.outputs, g.state_outputs), 1

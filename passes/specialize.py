@@ -9,13 +9,12 @@ left alone.
 
 from __future__ import annotations
 
+from lowerlm.ir.abi import DECODE, FORWARD, PREFILL, SEQ
 from lowerlm.ir.graph import Graph, Node
 from lowerlm.ir.opdefs import OPDEFS, AttrKind
 from lowerlm.ir.shapes import substitute
 from lowerlm.ir.types import StateSpec, TensorType, Value
-from lowerlm.passes.pattern import record_rewrites
-
-SEQ = "S"
+from lowerlm.passes.pattern import Pass
 
 
 def _type(t: TensorType, env: dict) -> TensorType:
@@ -42,9 +41,9 @@ def bind(g: Graph, name: str, env: dict) -> Graph:
                  tuple(_node(n, env) for n in g.nodes), g.outputs, g.state_outputs)
 
 
-def specialize(g: Graph):
-    """``forward`` → (``prefill``, ``decode``); other graphs unchanged."""
-    if g.name != "forward":
-        return g
-    record_rewrites(2)
-    return g.with_(name="prefill"), bind(g, "decode", {SEQ: 1})
+@Pass
+def specialize(g: Graph) -> tuple:
+    """``forward`` → (``prefill``, ``decode``), 2 rewrites; other graphs unchanged."""
+    if g.name != FORWARD:
+        return g, 0
+    return (g.with_(name=PREFILL), bind(g, DECODE, {SEQ: 1})), 2

@@ -17,12 +17,12 @@ from lowerlm.ir.graph import Graph, Node
 from lowerlm.ir.ops import Op
 from lowerlm.ir.types import StateSpec, TensorType, Value
 from lowerlm.ir.weights import Cast, Param
-from lowerlm.passes.pattern import record_rewrites
+from lowerlm.passes.pattern import Pass
 
 NARROW = (DType.BF16, DType.F16)
 
 
-def upcast(src: DType, dst: DType = DType.F32):
+def upcast(src: DType, dst: DType = DType.F32) -> Pass:
     """The pass computing ``src`` values (bf16 or f16) in ``dst`` (f32)."""
     if src not in NARROW or dst is not DType.F32:
         raise PassError(f"upcast goes from bf16 or f16 to f32, not from {src.value} to {dst.value}")
@@ -41,11 +41,11 @@ def upcast(src: DType, dst: DType = DType.F32):
             attrs["dtype"] = dst
         return Node.make(n.op, n.inputs, results, attrs, n.source)
 
-    def upcast_pass(g: Graph) -> Graph:
+    @Pass
+    def upcast_pass(g: Graph) -> tuple:
         nodes = tuple(node(n) for n in g.nodes)
-        record_rewrites(sum(a != b for a, b in zip(nodes, g.nodes)))
         return Graph(g.name, tuple(Value(v.name, ty(v.type)) for v in g.inputs),
                      tuple(StateSpec(s.name, ty(s.type), s.owner) for s in g.state),
-                     nodes, g.outputs, g.state_outputs)
+                     nodes, g.outputs, g.state_outputs), sum(a != b for a, b in zip(nodes, g.nodes))
 
     return upcast_pass

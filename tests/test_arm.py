@@ -9,8 +9,9 @@ import torch
 import lowerlm
 import lowerlm.ir as ir
 from lowerlm.calibrate import calibrate, layer_stats
-from lowerlm.codegen.reference import ReferenceProgram, arm_mlp, rms_norm
+from lowerlm.codegen.reference import ReferenceProgram
 from lowerlm.ir import Op
+from lowerlm.ir.compute import arm_mlp, rms_norm
 from lowerlm.passes import run_pass
 from lowerlm.passes.arm import ArmCalibration, ArmLayer, arm
 

@@ -80,7 +80,8 @@ def test_rewrite_driver_rejects_type_changing_rules_and_counts():
         x = root.args[0]
         return ctx.add(Op.MUL, [x, ctx.add(Op.SIGMOID, [x], name="sig")])
 
-    out = rewrite(g, [(Pat(Op.SILU, (Pat(Op.LINEAR),), name="root"), silu_to_sigmoid_mul)], name="expand")
+    out, count = rewrite(g, [(Pat(Op.SILU, (Pat(Op.LINEAR),), name="root"), silu_to_sigmoid_mul)], name="expand")
     ir.verify_graph(out)
+    assert count == 1
     assert [n.op for n in out.nodes].count(Op.SILU) == 0
     assert out.producer("act").op is Op.MUL  # the replacement reuses the root's name

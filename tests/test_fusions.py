@@ -85,3 +85,45 @@ def test_fused_example_matches_unfused_on_the_reference_backend():
     want = ReferenceProgram(plain, weights).run("forward", inputs)[0][0]
     got = ReferenceProgram(fused, weights).run("forward", inputs)[0][0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+SWIGLU_RESIDUAL = """\
+params {
+  "ln": f32[4]
+  "wgu": f32[12,4]
+}
+
+graph forward(%x: f32[B,S,4], %r: f32[B,S,4]) {
+  %ln = param "ln" : f32[4]
+  %wgu = param "wgu" : f32[12,4]
+  %g, %u, %s.r = rms_norm_linear(%x, %ln, %wgu, residual=%r) {eps=1e-06, splits=[6,6]} : f32[B,S,6], f32[B,S,6], \
+f32[B,S,4]  # m.norm
+  %a = silu(%g) : f32[B,S,6]  # m.act_fn
+  %e = exp(%s.r) : f32[B,S,4]
+  %y = mul(%a, %u) : f32[B,S,6]  # m
+  return %y, %e
+}
+"""
+
+
+@pytest.mark.parametrize("between", [False, True])
+def test_swiglu_epilogue_keeps_the_residual_sum_unless_it_is_read_before_the_product(between):
+    """The epilogue rule moves the rms_norm_linear down to the product (keeping %s.r); when a node between the two
+    reads %s.r it cannot, and the product becomes a standalone swiglu."""
+    text = SWIGLU_RESIDUAL if between else SWIGLU_RESIDUAL.replace(
+        "  %e = exp(%s.r) : f32[B,S,4]\n", "").replace("  return", "  %e = exp(%s.r) : f32[B,S,4]\n  return")
+    before = ir.verify_module(ir.parse_module(text))
+    record = run_pass("fuse_swiglu", PASSES["fuse_swiglu"], before)
+    lines = ir.print_module(record.module).splitlines()
+    if between:
+        assert "  %y = swiglu(%g, %u) : f32[B,S,6]  # m.act_fn, m" in lines
+    else:
+        assert ("  %y, %s.r = rms_norm_linear(%x, %ln, %wgu, residual=%r) {eps=1e-06, splits=[6,6], act=silu} : "
+                "f32[B,S,6], f32[B,S,4]  # m.norm, m.act_fn, m") in lines
+    assert record.rewrites == 1
+    weights = random_weights(before, seed=1)
+    inputs = _random_inputs(before.graphs[0])
+    want = ReferenceProgram(before, weights).run("forward", inputs)[0]
+    got = ReferenceProgram(record.module, weights).run("forward", inputs)[0]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
