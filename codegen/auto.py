@@ -15,14 +15,11 @@ from typing import Callable
 import torch
 
 from lowerlm.codegen.partition import Plan, assign, build, describe
-from lowerlm.codegen.reference import ReferenceProgram, bind_inputs
+from lowerlm.codegen.program import build_program, preferred
+from lowerlm.codegen.reference import bind_inputs
+from lowerlm.ir.abi import PREFILL
 from lowerlm.ir.errors import CompileError
 from lowerlm.ir.graph import Module
-
-
-def preferred(device=None) -> str:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return "triton" if device.type == "cuda" else "onnx"
 
 
 def _reason(backend: str, graph):
@@ -36,7 +33,10 @@ def _reason(backend: str, graph):
 
 
 class AutoProgram:
-    """Runs each graph's partitions on their programs; they share the weights and the runtime's state buffers."""
+    """Runs each graph's partitions on their programs; they share the weights and the runtime's state buffers. A
+    ``Program`` (codegen/program.py)."""
+
+    device_sampling = False  # set per instance: the preferred program's, when no partition falls back
 
     def __init__(self, module: Module, weights, device=None, exclude=None, weight_bits: int | None = None,
                  cache: bool = True, progress: Callable[[str], None] | None = None):
@@ -68,7 +68,7 @@ class AutoProgram:
         for plan in self.plans.values():
             build(plan, devices)
         main_graphs = [p.graph for plan in self.plans.values() for p in plan.parts if p.backend == self.backend]
-        self.main = self._program(self.backend, main_graphs, weights, device)
+        self.main = self._program(self.backend, main_graphs, weights)
         if self.backend == "onnx":  # a partition ONNX Runtime rejects as a whole (a shape it cannot read) falls back
             for plan in self.plans.values():
                 for p in plan.parts:
@@ -79,20 +79,14 @@ class AutoProgram:
                             p.backend = "reference"
                             p.reasons = {n.name: str(e.__cause__ or e) for n in p.nodes}
         ref_graphs = [p.graph for plan in self.plans.values() for p in plan.parts if p.backend == "reference"]
-        self.fallback = self._program("reference", ref_graphs, weights, device) if ref_graphs else None
-        self.device_sampling = getattr(self.main, "device_sampling", False) and self.fallback is None
+        self.fallback = self._program("reference", ref_graphs, weights) if ref_graphs else None
+        self.device_sampling = self.main.device_sampling and self.fallback is None
 
-    def _program(self, backend, graphs, weights, device):
-        sub = Module(tuple(graphs), self.module.params)
-        if backend == "triton":
-            from lowerlm.codegen.triton.program import TritonProgram
-
-            return TritonProgram(sub, weights, device, cache=self.cache)
-        if backend == "onnx":
-            from lowerlm.codegen.onnx.program import OnnxProgram
-
-            return OnnxProgram(sub, weights, weight_bits=self.weight_bits, cache=self.cache, progress=self.progress)
-        return ReferenceProgram(sub, {n: w.to(self.device) for n, w in weights.items()}, device=self.device)
+    def _program(self, backend: str, graphs: list, weights):
+        """``backend``'s program for ``graphs`` (partitions), on this program's device."""
+        return build_program(backend, Module(tuple(graphs), self.module.params), weights, self.device,
+                             weight_bits=self.weight_bits if backend == "onnx" else None, cache=self.cache,
+                             progress=self.progress)
 
     def plan(self) -> dict:
         """Graph name -> its ``Plan`` (partitions, their backends and devices, the copies)."""
@@ -106,11 +100,16 @@ class AutoProgram:
 
     def prefill_chunk(self, s: int) -> int | None:
         """The preferred program's prefill chunking (runtime/generate.py) when it runs the prefill whole."""
-        plan = self.plans.get("prefill")
+        plan = self.plans.get(PREFILL)
         if plan is None or not plan.whole or plan.parts[0].backend != self.backend:
             return None
-        chunk = getattr(self.main, "prefill_chunk", None)
-        return chunk(s) if chunk is not None else None
+        return self.main.prefill_chunk(s)
+
+    def prepare(self) -> None:
+        """Both programs' ``prepare`` (ONNX: every partition's session, most already opened in ``__init__``)."""
+        self.main.prepare()
+        if self.fallback is not None:
+            self.fallback.prepare()
 
     def _runner(self, backend: str):
         return self.main if backend == self.backend else self.fallback

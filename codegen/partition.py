@@ -98,11 +98,44 @@ def assign(g: Graph, backends: list, reason) -> Plan:
     return Plan(g, parts)
 
 
+def _interface(g: Graph, p: Partition, roots: dict, located: dict, copies: list) -> tuple:
+    """(state, state outputs, inputs, free nodes) of partition ``p``: a state version its writers consume (and the
+    last version they make), the values it reads from elsewhere (a copy recorded where ``located`` puts one on
+    another device), and the free leaves it recomputes rather than reads."""
+    producers = g.producers
+    owners = {s.name: s.owner for s in g.state}
+    defined = {r.name for n in p.nodes for r in n.results}
+    # version a writer in this partition consumes -> the version it makes
+    successor = {n.inputs[k]: n.results[r].name for n in p.nodes
+                 for k, r in (OPDEFS[n.op].writes.items() if n.op in OPDEFS else ())}
+    state, state_out, inputs, free = [], [], [], {}
+    seen = set(defined)
+    for n in p.nodes:
+        for v in n.args:
+            src = producers.get(v)
+            if src is not None and src.op in FREE:
+                free.setdefault(v, src)
+                continue
+            if v in seen:
+                continue
+            seen.add(v)
+            if v in successor and v in roots:
+                state.append(StateSpec(v, g.type_of(v), owners.get(roots[v], "")))
+                last = v
+                while last in successor:  # follow the chain through this partition's writers
+                    last = successor[last]
+                state_out.append(last)
+            else:
+                inputs.append(Value(v, g.type_of(v)))
+                if located.get(v, p.device) != p.device:
+                    copies.append((v, located[v], p.device, g.type_of(v)))
+    return state, state_out, inputs, free
+
+
 def build(plan: Plan, devices: dict) -> Plan:
     """Each partition's graph (named ``<graph>.p<i>``) and device; the cross-device copies."""
     g = plan.graph
     roots = _state_roots(g)
-    owners = {s.name: s.owner for s in g.state}
     producers = g.producers
     home = str(devices.get("", "cpu"))  # where the caller's inputs and state live
     located: dict = {v.name: home for v in g.inputs}
@@ -118,31 +151,7 @@ def build(plan: Plan, devices: dict) -> Plan:
         if plan.whole:
             p.graph = g
             continue
-        defined = {r.name for n in p.nodes for r in n.results}
-        # version a writer in this partition consumes -> the version it makes
-        successor = {n.inputs[k]: n.results[r].name for n in p.nodes
-                     for k, r in (OPDEFS[n.op].writes.items() if n.op in OPDEFS else ())}
-        state, state_out, inputs, free = [], [], [], {}
-        seen = set(defined)
-        for n in p.nodes:
-            for v in n.args:
-                src = producers.get(v)
-                if src is not None and src.op in FREE:
-                    free.setdefault(v, src)
-                    continue
-                if v in seen:
-                    continue
-                seen.add(v)
-                if v in successor and v in roots:
-                    state.append(StateSpec(v, g.type_of(v), owners.get(roots[v], "")))
-                    last = v
-                    while last in successor:  # follow the chain through this partition's writers
-                        last = successor[last]
-                    state_out.append(last)
-                else:
-                    inputs.append(Value(v, g.type_of(v)))
-                    if located.get(v, p.device) != p.device:
-                        plan.copies.append((v, located[v], p.device, g.type_of(v)))
+        state, state_out, inputs, free = _interface(g, p, roots, located, plan.copies)
         returned = set(state_out)
         outputs = [r.name for n in p.nodes for r in n.results
                    if r.name not in returned and (r.name in needed_later or r.name in final)]

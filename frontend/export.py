@@ -20,6 +20,7 @@ import warnings
 import torch
 
 from lowerlm.frontend.importer import ExportInfo
+from lowerlm.ir.abi import BATCH, INPUT_IDS, SEQ
 from lowerlm.ir.errors import CompileError, LowerlmError, UnsupportedOpError
 
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 5
@@ -27,7 +28,8 @@ WRAPPER_ATTR = "model"
 
 
 class _Wrapper(torch.nn.Module):
-    """``(input_ids[, position_ids]) -> logits`` around an HF causal LM or a plain module."""
+    """``(input_ids[, position_ids]) -> logits`` around an HF causal LM or a plain module. Its first argument is
+    named ``INPUT_IDS`` (ir/abi.py): the export's example and dynamic shapes, and the importer, key by that name."""
 
     def __init__(self, model: torch.nn.Module, with_positions: bool):
         super().__init__()
@@ -160,10 +162,10 @@ def export_model(model: torch.nn.Module, vocab_size: int | None = None):
     g = torch.Generator().manual_seed(0)
     device = next(iter(model.parameters()), torch.empty(0)).device  # example inputs live with the weights
     ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=g).to(device)
-    example = {"input_ids": ids}
-    batch = torch.export.Dim("B", min=1, max=1024)
-    seq = torch.export.Dim("S", min=1, max=max(max_pos, EXAMPLE_SEQ + 1))
-    dynamic = {"input_ids": {0: batch, 1: seq}}
+    example = {INPUT_IDS: ids}
+    batch = torch.export.Dim(BATCH, min=1, max=1024)
+    seq = torch.export.Dim(SEQ, min=1, max=max(max_pos, EXAMPLE_SEQ + 1))
+    dynamic = {INPUT_IDS: {0: batch, 1: seq}}
     args = (ids,)
     if with_positions:
         example["position_ids"] = torch.arange(EXAMPLE_SEQ, device=device).repeat(EXAMPLE_BATCH, 1)

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from lowerlm.frontend.fx import GETITEM, SymbolMap, is_tensor, module_path, op_name, tensor_type
+from lowerlm.ir.abi import BATCH, FORWARD, INPUT_IDS, POSITIONS, SEQ, SEQ_LENS
 from lowerlm.ir.dtypes import DType
 from lowerlm.ir.errors import ShapeError, UnsupportedOpError
 from lowerlm.ir.graph import GraphBuilder, Module
@@ -59,7 +60,7 @@ class Importer:
         self.ep, self.info = ep, info
         self.graph: fx.Graph = ep.graph_module.graph
         self.symbols = SymbolMap()
-        self.b = GraphBuilder("forward")
+        self.b = GraphBuilder(FORWARD)
         self.values: dict = {}
         self.params: dict = {}
         self.raised: dict = {}
@@ -88,8 +89,8 @@ class Importer:
 
     def example_shape(self, node: fx.Node) -> list:
         """The concrete shape of a node's value at the example inputs."""
-        ids = self.info.example["input_ids"]
-        env = {"B": int(ids.shape[0]), "S": int(ids.shape[1])}
+        ids = self.info.example[INPUT_IDS]
+        env = {BATCH: int(ids.shape[0]), SEQ: int(ids.shape[1])}
         return [evaluate(d, env) for d in tensor_type(node, self.symbols).shape]
 
     @property
@@ -143,18 +144,18 @@ class Importer:
 
     # ---- the import ---------------------------------------------------------------------------------------
     def add_inputs(self) -> None:
-        ids = self.user_inputs["input_ids"]
+        ids = self.user_inputs[INPUT_IDS]
         shape = ids.meta["val"].shape
-        self.symbols.bind(shape[0], "B")
-        self.symbols.bind(shape[1], "S")
-        self.values[ids] = self.b.input("input_ids", tensor_type(ids, self.symbols))
+        self.symbols.bind(shape[0], BATCH)
+        self.symbols.bind(shape[1], SEQ)
+        self.values[ids] = self.b.input(INPUT_IDS, tensor_type(ids, self.symbols))
         pos_t = TensorType(DType.I64, self.symbols.shape(shape))
         pos = self.positions_node
-        self.positions = self.b.input("positions", pos_t)
+        self.positions = self.b.input(POSITIONS, pos_t)
         if pos is not None:
             self.values[pos] = self.positions if pos.meta["val"].dtype == torch.int64 else \
                 self.cast(self.positions, DType.from_torch(pos.meta["val"].dtype))
-        self.seq_lens = self.b.input("seq_lens", TensorType(DType.I32, (self.symbols.dim(shape[0]),)))
+        self.seq_lens = self.b.input(SEQ_LENS, TensorType(DType.I32, (self.symbols.dim(shape[0]),)))
 
     def needed(self) -> set:
         out_node = next(n for n in self.graph.nodes if n.op == "output")

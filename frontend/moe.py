@@ -20,20 +20,21 @@ from __future__ import annotations
 import torch
 
 from lowerlm.frontend.capture import Capture
+from lowerlm.ir.abi import GELU, GELU_TANH, SILU
 from lowerlm.ir.errors import UnsupportedOpError
 from lowerlm.ir.ops import Op
 
 # Expert activations by class (transformers' ACT2CLS entries and torch's own modules), each exactly an IR activation;
 # a name-word match took torch's Tanh for tanh-GeLU and the clipped GeLU (gelu_10) for GeLU.
-_ACTS = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu", "GELUTanh": "gelu_tanh",
-         "NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh", "AccurateGELUActivation": "gelu_tanh"}
+_ACTS = {"SiLU": SILU, "SiLUActivation": SILU, "GELUActivation": GELU, "GELUTanh": GELU_TANH,
+         "NewGELUActivation": GELU_TANH, "FastGELUActivation": GELU_TANH, "AccurateGELUActivation": GELU_TANH}
 
 
 def _act(experts: torch.nn.Module) -> str:
     fn = getattr(experts, "act_fn", None)
     name = type(fn).__name__
     if isinstance(fn, torch.nn.GELU):
-        return "gelu_tanh" if fn.approximate == "tanh" else "gelu"
+        return GELU_TANH if fn.approximate == "tanh" else GELU
     if name in _ACTS:
         return _ACTS[name]
     raise UnsupportedOpError(f"MoE expert activation {name}", type(experts).__name__,

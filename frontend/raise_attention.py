@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from lowerlm.frontend.fx import ancestors, fx_eval, kwargs_of
 from lowerlm.frontend.importer import Raised
+from lowerlm.ir.abi import INPUT_IDS
 from lowerlm.ir.errors import UnsupportedOpError
 from lowerlm.ir.ops import Op
 from lowerlm.ir.rope import rope_cos_sin, rotate
@@ -70,7 +71,7 @@ class _RopeCheck:
         self.imp = imp
         self.pos_node = imp.positions_node
         self.cache: dict = {}
-        ex = imp.info.example["input_ids"]
+        ex = imp.info.example[INPUT_IDS]
         self.positions = torch.randint(0, max(imp.info.max_positions, 2), ex.shape,
                                        generator=torch.Generator().manual_seed(0)).to(ex.device)
         self.zeros = torch.zeros_like(self.positions)
@@ -128,7 +129,7 @@ class _RopeCheck:
             return False
         env = self.imp.example_env()
         probe = torch.randn(self.imp.example_shape(x), dtype=x.meta["val"].dtype).to(
-            self.imp.info.example["input_ids"].device)
+            self.imp.info.example[INPUT_IDS].device)
         env[x] = probe
         try:
             got = fx_eval(r, env)
@@ -176,14 +177,14 @@ def _analyse_mask(imp, sdpa: fx.Node, kw: dict) -> tuple:
     mask = kw["attn_mask"]
     if kw.get("is_causal"):
         raise UnsupportedOpError("aten.scaled_dot_product_attention", imp.path(sdpa), "both a mask and is_causal")
-    ex = imp.info.example["input_ids"]
+    ex = imp.info.example[INPUT_IDS]
     lengths = {int(ex.shape[1]), 48}
     if imp.info.window_hint:
         lengths.add(imp.info.window_hint + 2)
     lengths = sorted(n for n in lengths if n <= max(imp.info.max_positions, int(ex.shape[1])))
     masks = {}
     for s in lengths:
-        inputs = {"input_ids": torch.zeros(ex.shape[0], s, dtype=ex.dtype, device=ex.device)}
+        inputs = {INPUT_IDS: torch.zeros(ex.shape[0], s, dtype=ex.dtype, device=ex.device)}
         if "position_ids" in imp.info.example:
             inputs["position_ids"] = torch.arange(s, device=ex.device).repeat(ex.shape[0], 1)
         try:

@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from lowerlm.frontend.fx import kwargs_of
 from lowerlm.frontend.importer import Raised
+from lowerlm.ir.abi import INPUT_IDS
 from lowerlm.ir.ops import Op
 
 aten = torch.ops.aten
@@ -29,7 +30,7 @@ def _is_sequence_arange(imp, node) -> bool:
         return False
     kw = kwargs_of(node)
     start, end, step = kw.get("start", 0), kw["end"], kw.get("step", 1)
-    seq = imp.user_inputs["input_ids"].meta["val"].shape[1]
+    seq = imp.user_inputs[INPUT_IDS].meta["val"].shape[1]
     end_val = end.meta.get("val") if isinstance(end, fx.Node) else end
     val = node.meta["val"]
     return start == 0 and step == 1 and val.dtype == torch.int64 and str(end_val) == str(seq)
@@ -39,7 +40,7 @@ def raise_positions(imp) -> dict:
     """Position-embedding lookups by ``arange(S)``, keyed by their embedding node."""
     if imp.positions_node is not None:  # the model takes position_ids: its positions are already the input
         return {}
-    ids = imp.user_inputs["input_ids"].meta["val"].shape
+    ids = imp.user_inputs[INPUT_IDS].meta["val"].shape
     out = {}
     for node in imp.graph.nodes:
         if not (node.op == "call_function" and node.target is aten.embedding.default):

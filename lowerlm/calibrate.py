@@ -14,6 +14,7 @@ from importlib import resources
 import torch
 
 from lowerlm.errors import InputError
+from lowerlm.ir.abi import FORWARD, INPUT_IDS, POSITIONS, SEQ_LENS
 from lowerlm.passes.arm import ArmCalibration, ArmLayer, find_gated_mlps
 
 MODES = ("arm", "center", "plain")
@@ -58,9 +59,9 @@ def activations(model, token_ids: list) -> dict:
             if node.name in wanted:
                 collected[wanted[node.name]].append(outs[0][0, :valid].reshape(valid, -1).float())
 
-        inputs = {"input_ids": torch.tensor([ids]), "positions": torch.arange(valid)[None],
-                  "seq_lens": torch.tensor([valid], dtype=torch.int32)}
-        program.run("forward", inputs, observe=observe)
+        inputs = {INPUT_IDS: torch.tensor([ids]), POSITIONS: torch.arange(valid)[None],
+                  SEQ_LENS: torch.tensor([valid], dtype=torch.int32)}
+        program.run(FORWARD, inputs, observe=observe)
     return {key: torch.cat(chunks) for key, chunks in collected.items()}
 
 

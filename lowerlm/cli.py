@@ -25,8 +25,6 @@ import sys
 from pathlib import Path
 
 from lowerlm.cli_checks import (
-    BACKENDS,
-    DEFAULT_MAX_SEQ_LEN,
     DEFAULT_MODEL,
     EXIT_INTERRUPTED,
     EXIT_SIGPIPE,
@@ -53,6 +51,7 @@ from lowerlm.cli_checks import (
     _top_p,
     _Version,
 )
+from lowerlm.codegen.program import BACKENDS, DEFAULT_MAX_SEQ_LEN  # the registry; it imports no torch
 
 
 # ---- libraries: quiet -------------------------------------------------------------------------------------------
@@ -108,13 +107,15 @@ def _cmd_passes(args, progress) -> int:
     import shutil
     import textwrap
 
-    from lowerlm.passes import PASS_DOCS, PIPELINE
+    from lowerlm.passes import PASS_DOCS, PIPELINE, TAILS
 
     width = shutil.get_terminal_size((0, 0)).columns if sys.stdout.isatty() else 0
-    for name, fn in PIPELINE:
-        # upcast runs when a bf16/f16 model is computed in f32, arm when calibration data is given
-        kind = "default" if fn is not None else "dtype  " if name == "upcast" else "data   "
-        head = f"{name:24s} {kind}  "
+    # upcast runs when a bf16/f16 model is computed in f32, arm when calibration data is given; then the tail of
+    # the backend compiled for
+    rows = [(name, "default" if fn is not None else "dtype" if name == "upcast" else "data") for name, fn in PIPELINE]
+    rows += [(name, backend) for backend, tail in TAILS.items() for name, _ in tail]
+    for name, kind in rows:
+        head = f"{name:24s} {kind:7s}  "
         doc = PASS_DOCS[name]
         if width > len(head) + 30:  # a terminal: wrapped under the description's column
             print(textwrap.fill(doc, width - 1, initial_indent=head, subsequent_indent=" " * len(head)))
@@ -124,7 +125,7 @@ def _cmd_passes(args, progress) -> int:
 
 
 def _stages(args, progress) -> list:
-    """(header, module) for the import and after each pass of the default pipeline."""
+    """(header, module) for the import and after each pass of the default pipeline and the backend's tail."""
     from lowerlm.ir import parse_module
     from lowerlm.passes import dump_header, run_pipeline
 
@@ -138,7 +139,10 @@ def _stages(args, progress) -> list:
         except LowerlmError as e:  # the file named, with the line:col the parser gives
             raise InputError(f"IR file '{path}': {e}") from None
         records: list = []
-        run_pipeline(module, dump=set(), on_pass=records.append)
+        from lowerlm.codegen.program import preferred
+
+        tail = preferred(None) if args.backend == "auto" else args.backend
+        run_pipeline(module, dump=set(), on_pass=records.append, backend=tail)
         return [("// imported", module)] + [(dump_header(r), r.module) for r in records]
     import lowerlm
 
@@ -154,9 +158,17 @@ def _stages(args, progress) -> list:
 
 
 def _cmd_dump_ir(args, progress) -> int:
+    from lowerlm.codegen.program import preferred
+    from lowerlm.errors import InputError
     from lowerlm.ir import print_module
     from lowerlm.ir.nx import to_dot
+    from lowerlm.passes import TAILS
 
+    tail = TAILS[preferred(None) if args.backend == "auto" else args.backend]
+    owners = [b for b, passes in TAILS.items() if args.after in dict(passes)]
+    if owners and args.after not in dict(tail):  # before any loading: it would print nothing
+        raise InputError(f"--after {args.after}: that pass is in the {' and '.join(owners)} backend's tail, not "
+                         f"{args.backend}'s; add --backend {owners[0]}")
     stages = _stages(args, progress)
     progress.done()
 
@@ -264,9 +276,8 @@ def _cmd_generate(args, progress) -> int:
                                max_batch=args.max_batch, progress=progress,
                                tokenizer=tokenizer if tokenizer is not None else False)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    if hasattr(cm.program, "prepare"):
-        progress("preparing the backend's programs")
-        cm.program.prepare()  # sessions and kernels are built before the clock starts
+    progress("preparing the backend's programs")
+    cm.program.prepare()  # what a program builds on first use (ONNX sessions) is built before the clock starts
     progress.done()
     start = time.perf_counter()
     count = 0
@@ -300,7 +311,7 @@ def _cmd_generate(args, progress) -> int:
 
 def _note_sequence_limit(cm, prompts, outputs, args, cfg, progress) -> None:
     """A note on stderr for each sequence that ended at the cache's end before --max-new-tokens."""
-    reasons = getattr(cm.generator, "finish_reasons", None) or []
+    reasons = cm.generator.finish_reasons
     for i, reason in enumerate(reasons):
         if reason != "max_seq_len":
             continue
@@ -428,8 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--after", default="all", type=_after, help="'all', 'none' (as imported) or a pass name")
     d.add_argument("--format", choices=("text", "dot"), default="text")
     d.add_argument("--diff", action="store_true", help="show each stage as a diff against the one before")
-    d.add_argument("--backend", default="reference", choices=BACKENDS, help="with --model: the backend to compile "
-                   "for (default reference; 'auto' also prints which backend runs each graph)")
+    d.add_argument("--backend", default="reference", choices=BACKENDS, help="the backend whose pass tail runs after "
+                   "the pipeline, and with --model the one to compile for (default reference: no tail; 'auto' also "
+                   "prints which backend runs each graph)")
     g = command("generate", _cmd_generate, "generate text with a compiled model, streaming it")
     g.add_argument("prompt", nargs="+", help="the prompt (several make a batch)")
     model_flag(g)

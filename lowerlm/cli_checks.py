@@ -10,9 +10,9 @@ import os
 import sys
 from pathlib import Path
 
+from lowerlm.codegen.program import DEFAULT_MAX_SEQ_LEN  # (a module without torch)
+
 DEFAULT_MODEL = "smollm2"  # lowerlm.models.DEFAULT_MODEL (not imported for it: the default model needs no check)
-DEFAULT_MAX_SEQ_LEN = 2048  # lowerlm.compile.DEFAULT_MAX_SEQ_LEN
-BACKENDS = ("auto", "onnx", "triton", "reference")  # lowerlm.compile.BACKENDS
 EXPORT_FILES = ("prefill.onnx", "prefill.onnx.data", "decode.onnx", "decode.onnx.data", "lowerlm_onnx.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 FIGURE_SUFFIXES = (".png", ".svg", ".pdf")

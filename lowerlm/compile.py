@@ -10,7 +10,10 @@ from typing import Callable, Iterator
 
 import torch
 
+from lowerlm.codegen.program import BACKENDS as BACKENDS  # the registry's names, re-exported
+from lowerlm.codegen.program import DEFAULT_MAX_SEQ_LEN, build_program, check_backend, preferred
 from lowerlm.errors import CompileError, InputError
+from lowerlm.ir.abi import BATCH, CACHE_LEN, DECODE, FORWARD, INPUT_IDS, LOGIT_INDEX, POSITIONS, PREFILL, SEQ_LENS
 from lowerlm.ir.dtypes import DType
 from lowerlm.ir.graph import Module
 from lowerlm.ir.ops import Op
@@ -19,9 +22,6 @@ from lowerlm.passes import PassRecord, dump_header, run_pipeline
 from lowerlm.runtime.generate import Generator, allocate_state, selects_logits
 from lowerlm.runtime.sampler import Sampling
 from lowerlm.runtime.text import StreamDecoder, encode
-
-BACKENDS = ("reference", "triton", "onnx", "auto")
-DEFAULT_MAX_SEQ_LEN = 2048
 
 
 class CompiledModel:
@@ -77,31 +77,29 @@ class CompiledModel:
 
     def _logits(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         ids, positions, seq_lens = self.prepare(input_ids, attention_mask, position_ids)
-        inputs = {"input_ids": ids, "positions": positions, "seq_lens": seq_lens}
+        inputs = {INPUT_IDS: ids, POSITIONS: positions, SEQ_LENS: seq_lens}
         names = [g.name for g in self.ir.graphs]
         from_zero = torch.equal(positions, torch.arange(ids.shape[1]).expand_as(positions))
         dev = self.program.device
         on_device = {k: v.to(dev) for k, v in inputs.items()}
-        if "prefill" in names and from_zero:
+        if PREFILL in names and from_zero:
             # a prefill into a fresh cache just long enough for this call
             state = allocate_state(self.ir, ids.shape[0], ids.shape[1], dev)
             if selects_logits(self.ir):  # every row's logits
-                on_device["logit_index"] = torch.arange(ids.shape[1], device=dev).repeat(ids.shape[0], 1)
-            (logits,), _ = self.program.run("prefill", on_device, state, inplace=True)
+                on_device[LOGIT_INDEX] = torch.arange(ids.shape[1], device=dev).repeat(ids.shape[0], 1)
+            (logits,), _ = self.program.run(PREFILL, on_device, state, inplace=True)
             return logits
-        if "forward" in names and not self.ir.graph("forward").state:
-            return self.program.run("forward", on_device)[0][0]
+        if FORWARD in names and not self.ir.graph(FORWARD).state:
+            return self.program.run(FORWARD, on_device)[0][0]
         # positions that do not start at 0 are cache slots in the compiled graphs: run the last graph that
         # still attends within the call (before insert_kv_cache) on the reference backend
-        return self._stateless_program().run("forward", inputs)[0][0]
+        return self._stateless_program().run(FORWARD, inputs)[0][0]
 
     def _stateless_program(self):
-        from lowerlm.codegen.reference import ReferenceProgram
-
         if self._stateless is None:
             module = next(m for _, m in reversed(self.stages())
-                          if [g.name for g in m.graphs] == ["forward"] and not m.graphs[0].state)
-            self._stateless = ReferenceProgram(module, self.weights)
+                          if [g.name for g in m.graphs] == [FORWARD] and not m.graphs[0].state)
+            self._stateless = build_program("reference", module, self.weights)
         return self._stateless
 
     def prepare(self, input_ids, attention_mask=None, position_ids=None):
@@ -143,7 +141,7 @@ class CompiledModel:
     @property
     def generator(self) -> Generator:
         if self._generator is None:
-            if "decode" not in [g.name for g in self.ir.graphs]:
+            if DECODE not in [g.name for g in self.ir.graphs]:
                 raise CompileError("generation needs the insert_kv_cache and specialize passes")
             self._generator = Generator(self.program, self.ir, self.max_seq_len, self.max_batch, self.vocab_size)
         return self._generator
@@ -207,7 +205,7 @@ def position_table(module: Module) -> tuple[str, int] | None:
     """The learned position embedding (parameter, rows) the positions input is looked up in, if any: positions
     past its last row do not exist."""
     for node in module.graphs[0].nodes:
-        if node.op is Op.EMBEDDING and node.inputs[1] == "positions":
+        if node.op is Op.EMBEDDING and node.inputs[1] == POSITIONS:
             table = module.graphs[0].producer(node.inputs[0])
             name = table.attrs["name"] if table is not None and table.op is Op.PARAM else node.inputs[0]
             return name, int(module.graphs[0].type_of(node.inputs[0]).shape[0])
@@ -229,7 +227,7 @@ def state_bytes(module: Module, max_batch: int, max_seq_len: int) -> int:
     """Bytes of the state buffers ``allocate_state`` would allocate (the KV caches)."""
     from lowerlm.ir.shapes import evaluate
 
-    env = {"B": max_batch, "T": max_seq_len}
+    env = {BATCH: max_batch, CACHE_LEN: max_seq_len}
     total = 0
     for spec in module.state_specs.values():
         n = 1
@@ -274,8 +272,6 @@ def compute_dtype(model_dtype: torch.dtype, dtype, backend: str, device) -> torc
     there; bf16 would run on the reference backend, slower than eager), and says so."""
     if dtype is None:
         if backend == "auto" and model_dtype == torch.bfloat16:
-            from lowerlm.codegen.auto import preferred
-
             if preferred(device) == "onnx":
                 warnings.warn("lowerlm: ONNX Runtime has no bf16 kernels on a CPU, so this bf16 model is computed "
                               "in float32 (logits returned as bf16); dtype=torch.bfloat16 keeps bf16, on the "
@@ -298,8 +294,6 @@ def _state_device(backend: str, device) -> str:
         check_available(resolved)
         return resolved.type
     if backend == "auto":
-        from lowerlm.codegen.auto import preferred
-
         if preferred(device) == "triton":
             from lowerlm.codegen.triton.program import TritonProgram
 
@@ -330,12 +324,10 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     ``tokenizer``: the one ``cm.generate`` encodes text with; None loads the model's, False means none (token ids
     only). ``progress(message)`` is told when a step that can take seconds starts (export, import, the passes, the
     tokenizer, each ONNX graph lowered); the CLI shows it on a terminal."""
-    from lowerlm.codegen.reference import ReferenceProgram
     from lowerlm.frontend.trace import trace_model
     from lowerlm.runtime.text import load_tokenizer
 
-    if backend not in BACKENDS:
-        raise CompileError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
+    check_backend(backend, weight_bits=weight_bits)
     if tp != 1:
         raise CompileError("tensor parallelism is not available yet (tp=1)")
     if not isinstance(model, torch.nn.Module):
@@ -347,9 +339,6 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     compute = compute_dtype(model_dtype, dtype, backend, device)
     if backend == "reference" and device not in (None, "cpu"):
         raise CompileError("the reference backend runs on the CPU (device=None)")
-    if weight_bits is not None and backend not in ("onnx", "auto"):
-        raise CompileError(f"weight_bits quantizes weights for the ONNX backend; backend '{backend}' runs the "
-                           "model's own precision")
     if max_seq_len is not None and max_seq_len < 2 or max_batch < 1:
         raise CompileError(f"max_seq_len must be >= 2 and max_batch >= 1, got {max_seq_len} and {max_batch}")
     state_device = _state_device(backend, device)  # before tracing: Triton without a GPU is refused here
@@ -359,7 +348,8 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     records: list[PassRecord] = []
     if progress:
         progress("running the passes")
-    run_pipeline(imported, passes=passes, on_pass=records.append, arm=arm,
+    tail = preferred(device) if backend == "auto" else backend  # the fusions of the backend that runs it
+    run_pipeline(imported, passes=passes, on_pass=records.append, arm=arm, backend=tail,
                  upcast_from=DType.from_torch(model_dtype) if compute != model_dtype else None)
     final = records[-1].module if records else imported
     check_state_fits(final, max_batch, max_seq_len, state_device)
@@ -371,20 +361,8 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
         tokenizer = load_tokenizer(model)
     elif tokenizer is False:
         tokenizer = None
-    if backend == "triton":
-        from lowerlm.codegen.triton.program import TritonProgram
-
-        program = TritonProgram(final, weights, device, cache=use_cache)
-    elif backend == "onnx":
-        from lowerlm.codegen.onnx.program import OnnxProgram
-
-        program = OnnxProgram(final, weights, weight_bits=weight_bits, cache=use_cache, progress=progress)
-    elif backend == "auto":
-        from lowerlm.codegen.auto import AutoProgram
-
-        program = AutoProgram(final, weights, device, weight_bits=weight_bits, cache=use_cache, progress=progress)
-    else:
-        program = ReferenceProgram(final, weights)
+    program = build_program(backend, final, weights, device, weight_bits=weight_bits, cache=use_cache,
+                            progress=progress)
     return CompiledModel(imported, records, weights, program, vocab, max_seq_len, max_batch, tokenizer,
                          stop_token_ids(model, tokenizer), logits_dtype=model_dtype if dtype is None else compute,
                          position_table=table)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from lowerlm.ir.abi import DECODE, INPUT_IDS, POSITIONS, SEQ_LENS
+
 
 def buckets(max_batch: int) -> list:
     out, b = [], 1
@@ -33,19 +35,19 @@ class GraphedDecode:
 
     def _capture(self, b: int, warmup: int) -> None:
         dev = self.program.device
-        inputs = {"input_ids": torch.zeros(b, 1, dtype=torch.long, device=dev),
-                  "positions": torch.zeros(b, 1, dtype=torch.long, device=dev),
-                  "seq_lens": torch.ones(b, dtype=torch.int32, device=dev)}
+        inputs = {INPUT_IDS: torch.zeros(b, 1, dtype=torch.long, device=dev),
+                  POSITIONS: torch.zeros(b, 1, dtype=torch.long, device=dev),
+                  SEQ_LENS: torch.ones(b, dtype=torch.int32, device=dev)}
         state = {name: buf[:b] for name, buf in self.state.items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # compile and autotune every kernel outside the capture
             for _ in range(warmup):
-                self.program.run("decode", inputs, state, inplace=True)
+                self.program.run(DECODE, inputs, state, inplace=True)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            (logits,), _ = self.program.run("decode", inputs, state, inplace=True)
+            (logits,), _ = self.program.run(DECODE, inputs, state, inplace=True)
         self.pool = graph.pool()
         self.graphs[b] = (graph, inputs, logits)
 
@@ -63,8 +65,8 @@ class GraphedDecode:
         b = tokens.shape[0]
         bucket = min(k for k in self.graphs if k >= b)
         graph, inputs, logits = self.graphs[bucket]
-        inputs["input_ids"][:b, 0].copy_(tokens, non_blocking=True)
-        inputs["positions"][:b, 0].copy_(positions, non_blocking=True)
-        inputs["seq_lens"][:b].copy_(positions + 1, non_blocking=True)
+        inputs[INPUT_IDS][:b, 0].copy_(tokens, non_blocking=True)
+        inputs[POSITIONS][:b, 0].copy_(positions, non_blocking=True)
+        inputs[SEQ_LENS][:b].copy_(positions + 1, non_blocking=True)
         graph.replay()
         return logits[:b, 0]

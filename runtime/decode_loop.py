@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from lowerlm.ir.abi import DECODE, INPUT_IDS, POSITIONS, SEQ_LENS
 from lowerlm.runtime.sampler import Sampling
 
 
@@ -40,9 +41,9 @@ class DecodeLoop:
             _, self.inputs, self.logits = self.graphed.graphs[bucket]
             return bucket
         dev = self.program.device
-        self.inputs = {"input_ids": torch.zeros(b, 1, dtype=torch.long, device=dev),
-                       "positions": torch.zeros(b, 1, dtype=torch.long, device=dev),
-                       "seq_lens": torch.ones(b, dtype=torch.int32, device=dev)}
+        self.inputs = {INPUT_IDS: torch.zeros(b, 1, dtype=torch.long, device=dev),
+                       POSITIONS: torch.zeros(b, 1, dtype=torch.long, device=dev),
+                       SEQ_LENS: torch.ones(b, dtype=torch.int32, device=dev)}
         self.logits = None
         return b
 
@@ -50,8 +51,8 @@ class DecodeLoop:
         from lowerlm.codegen.triton.sampling import sample
 
         s = self.sampling
-        sample(logits, s.temperature, s.top_k, s.top_p, self.seed, self.inputs["positions"][:rows, 0],
-               out=self.inputs["input_ids"][:rows, 0], seq_lens=self.inputs["seq_lens"][:rows], limit=self.limit)
+        sample(logits, s.temperature, s.top_k, s.top_p, self.seed, self.inputs[POSITIONS][:rows, 0],
+               out=self.inputs[INPUT_IDS][:rows, 0], seq_lens=self.inputs[SEQ_LENS][:rows], limit=self.limit)
 
     def begin(self, logits: torch.Tensor, positions: torch.Tensor, sampling: Sampling) -> None:
         """Draw each sequence's first token from the prefill's ``logits`` [b, V], which follow the prompts' last
@@ -66,8 +67,8 @@ class DecodeLoop:
             self.sampler = self.samplers[key]
         for buf in self.inputs.values():  # rows past the batch decode from slot 0 of their own cache rows
             buf.zero_()
-        self.inputs["seq_lens"].fill_(1)
-        self.inputs["positions"][:self.b, 0].copy_(positions)
+        self.inputs[SEQ_LENS].fill_(1)
+        self.inputs[POSITIONS][:self.b, 0].copy_(positions)
         self.seed.fill_(sampling.seed)
         self._sample(logits.contiguous(), self.b)
 
@@ -78,12 +79,12 @@ class DecodeLoop:
             self.sampler.replay()
             return
         state = {name: buf[:self.b] for name, buf in self.state.items()}
-        (logits,), _ = self.program.run("decode", self.inputs, state, inplace=True)
+        (logits,), _ = self.program.run(DECODE, self.inputs, state, inplace=True)
         self._sample(logits[:, 0], self.b)
 
     def fetch(self) -> None:
         """Queue reading the current tokens back (before the next ``advance`` overwrites them)."""
-        self.host[:self.b].copy_(self.inputs["input_ids"][:self.b, 0], non_blocking=True)
+        self.host[:self.b].copy_(self.inputs[INPUT_IDS][:self.b, 0], non_blocking=True)
         if self.event is not None:
             self.event.record()
 

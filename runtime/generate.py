@@ -13,6 +13,8 @@ from typing import Iterator
 
 import torch
 
+from lowerlm.codegen.program import Program
+from lowerlm.ir.abi import BATCH, CACHE_LEN, DECODE, INPUT_IDS, LOGIT_INDEX, POSITIONS, PREFILL, SEQ_LENS
 from lowerlm.ir.errors import InputError
 from lowerlm.ir.graph import Module
 from lowerlm.ir.shapes import evaluate
@@ -21,7 +23,7 @@ from lowerlm.runtime.sampler import Sampling, sample
 
 def allocate_state(module: Module, max_batch: int, max_seq_len: int, device="cpu") -> dict:
     """Zeroed buffers for every declared state: ``B`` bound to max_batch, ``T`` to max_seq_len."""
-    env = {"B": max_batch, "T": max_seq_len}
+    env = {BATCH: max_batch, CACHE_LEN: max_seq_len}
     return {name: torch.zeros([evaluate(d, env) for d in spec.type.shape], dtype=spec.type.dtype.to_torch(),
                               device=device)
             for name, spec in module.state_specs.items()}
@@ -33,19 +35,18 @@ def _batch_view(state: dict, batch: int) -> dict:
 
 def selects_logits(module: Module) -> bool:
     """Whether the module's prefill takes ``logit_index`` (the select_logits pass ran)."""
-    return any(v.name == "logit_index" for v in module.graph("prefill").inputs)
+    return any(v.name == LOGIT_INDEX for v in module.graph(PREFILL).inputs)
 
 
-def prefill(program, state: dict, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def prefill(program: Program, state: dict, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Run the prompts (right-padded ``ids`` [B, S], valid ``lengths`` [B]) into the cache; logits of each
     sequence's last prompt token [B, V].
 
-    A program with ``prefill_chunk(S)`` (the ONNX backend) takes long prompts one sequence at a time, each in
-    chunks that continue its cache (ONNX Runtime continues a cache with more than one token only at batch 1), and
-    without the padding."""
-    chunk_of = getattr(program, "prefill_chunk", lambda n: None)
+    When ``program.prefill_chunk`` gives a chunk size for any row (the ONNX backend's long prompts), the batch runs
+    one sequence at a time, each in chunks that continue its cache (ONNX Runtime continues a cache with more than
+    one token only at batch 1), and without the padding."""
     rows = lengths.tolist()
-    chunks = [chunk_of(n) for n in rows]
+    chunks = [program.prefill_chunk(n) for n in rows]
     if all(c is None for c in chunks):
         return prefill_once(program, _batch_view(state, ids.shape[0]), ids, 0, lengths)
     out = []
@@ -59,30 +60,30 @@ def prefill(program, state: dict, ids: torch.Tensor, lengths: torch.Tensor) -> t
     return torch.cat(out)
 
 
-def prefill_once(program, state: dict, ids: torch.Tensor, start: int,
+def prefill_once(program: Program, state: dict, ids: torch.Tensor, start: int,
                  lengths: torch.Tensor) -> torch.Tensor:
     """One prefill of ``ids`` [B, L] at positions start..start+L-1, the sequences ``lengths`` long after it: each
     one's logits at its last token [B, V]."""
     b, s = ids.shape
     dev = program.device
     last = lengths.to(dev).long() - (1 + start)
-    inputs = {"input_ids": ids.to(dev), "positions": torch.arange(start, start + s, device=dev).repeat(b, 1),
-              "seq_lens": lengths.to(device=dev, dtype=torch.int32)}
+    inputs = {INPUT_IDS: ids.to(dev), POSITIONS: torch.arange(start, start + s, device=dev).repeat(b, 1),
+              SEQ_LENS: lengths.to(device=dev, dtype=torch.int32)}
     picked = selects_logits(program.module)
     if picked:  # the lm_head runs on the last rows only
-        inputs["logit_index"] = last[:, None]
-    (logits,), _ = program.run("prefill", inputs, state, inplace=True)
+        inputs[LOGIT_INDEX] = last[:, None]
+    (logits,), _ = program.run(PREFILL, inputs, state, inplace=True)
     return logits[:, 0] if picked else logits[torch.arange(b, device=dev), last]  # [B, 1, V] or [B, S, V]
 
 
-def decode_one(program, state: dict, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def decode_one(program: Program, state: dict, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """One token per sequence (``tokens`` [B] at ``positions`` [B]) through the cache; logits [B, V]."""
     b = tokens.shape[0]
     dev = program.device
     tokens, positions = tokens.to(dev), positions.to(dev)
-    inputs = {"input_ids": tokens[:, None], "positions": positions[:, None],
-              "seq_lens": (positions + 1).to(torch.int32)}
-    (logits,), _ = program.run("decode", inputs, _batch_view(state, b), inplace=True)
+    inputs = {INPUT_IDS: tokens[:, None], POSITIONS: positions[:, None],
+              SEQ_LENS: (positions + 1).to(torch.int32)}
+    (logits,), _ = program.run(DECODE, inputs, _batch_view(state, b), inplace=True)
     return logits[:, 0]
 
 
@@ -90,7 +91,7 @@ def decode_one(program, state: dict, tokens: torch.Tensor, positions: torch.Tens
 class Generator:
     """Owns the state buffers of one compiled model and runs generation over them."""
 
-    program: object
+    program: Program
     module: Module
     max_seq_len: int
     max_batch: int
@@ -149,7 +150,7 @@ class Generator:
             ids[i, :len(p)] = torch.tensor(p)
         stop = set(stop_ids)
         logits = prefill(self.program, self.state, ids, lengths)
-        steps = self._device_steps if getattr(self.program, "device_sampling", False) else self._host_steps
+        steps = self._device_steps if self.program.device_sampling else self._host_steps
         done = [False] * b
         self.finish_reasons = reasons = ["max_new_tokens"] * b
         lengths = lengths.tolist()

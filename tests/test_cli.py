@@ -28,8 +28,12 @@ def test_passes_lists_the_pipeline():
                                                         ["arm", "data"]]
     assert "upcast: a bf16 or f16 model computed in f32" in lines[0]
     # whole first sentences, one line per pass when stdout is not a terminal
-    assert len(lines) == 10 and all(line.endswith(".") for line in lines)
+    assert len(lines) == 15 and all(line.endswith(".") for line in lines)
     assert lines[4].endswith("x is read once and normalised in the matmul's prologue.")
+    # then each backend's tail, on the same screen
+    assert [line.split()[:2] for line in lines[10:]] == [
+        ["fuse_gqa_attention", "onnx"], ["fuse_decode_attention", "triton"], ["fuse_rope_cache_write", "triton"],
+        ["fuse_route_norm", "triton"], ["fuse_ew_chains", "triton"]]
 
 
 def test_dump_ir_after_all_and_one_pass():
@@ -41,6 +45,18 @@ def test_dump_ir_after_all_and_one_pass():
     assert "%q4" in out.stdout.split("// after")[0] and "%q4" not in out.stdout.split("// after")[1]
     one = lowerlm("dump-ir", "--ir", example, "--after", "canonicalize", "--format", "dot")
     assert one.returncode == 0 and one.stdout.startswith("// after canonicalize") and "digraph" in one.stdout
+
+
+def test_dump_ir_shows_a_backend_tail():
+    example = str(ROOT / "examples" / "tiny_llama.ir")
+    out = lowerlm("dump-ir", "--ir", example, "--backend", "triton", "--after", "fuse_decode_attention")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("// after fuse_decode_attention (1 rewrites)")
+    assert " = rope_cached_attention(" in out.stdout and " = cached_attention(" in out.stdout  # decode; prefill
+    wrong = lowerlm("dump-ir", "--ir", example, "--after", "fuse_ew_chains")
+    assert wrong.returncode == 2 and wrong.stdout == ""
+    assert wrong.stderr.strip() == ("lowerlm: error: --after fuse_ew_chains: that pass is in the triton backend's "
+                                    "tail, not reference's; add --backend triton")
 
 
 def test_dump_ir_diff_shows_what_a_pass_changed():

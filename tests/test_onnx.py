@@ -98,7 +98,7 @@ def test_long_prompts_prefill_in_chunks():
     cm = lowerlm.compile_model(model, backend="onnx", max_batch=3, max_seq_len=400)
     ref = lowerlm.compile_model(model, backend="reference", max_batch=3, max_seq_len=400)
     assert cm.program.prefill_chunk(255) is None and cm.program.prefill_chunk(300) == 128
-    assert cm.program.prefill_chunk(1000) == 250 and getattr(ref.program, "prefill_chunk", None) is None
+    assert cm.program.prefill_chunk(1000) == 250 and ref.program.prefill_chunk(1000) is None
     if not torch.cuda.is_available():  # auto on a CPU runs this prefill whole on ONNX, so it chunks the same way
         assert lowerlm.compile_model(model, backend="auto", max_seq_len=400).program.prefill_chunk(300) == 128
     calls = []
@@ -547,3 +547,210 @@ def test_compile_cache_that_cannot_be_written(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="disk full"):
         assert torch.equal(cm(ids), want)
     assert list((tmp_path / "onnx").glob("*.bin")) and not list((tmp_path / "onnx").glob("*.onnx"))
+
+
+# ---- the lowering table: every op lowered or declared not lowered; the backend fusions against ir/compute.py -------
+def test_every_op_has_a_lowering_or_is_declared_not_lowered():
+    from lowerlm.codegen.onnx.lower import LOWERINGS, NOT_LOWERED, ONNX_OPS, REFUSALS
+    from lowerlm.ir import Op
+
+    assert set(LOWERINGS) | NOT_LOWERED == set(Op) and not set(LOWERINGS) & NOT_LOWERED
+    assert set(ONNX_OPS) <= set(LOWERINGS) and set(REFUSALS) <= set(LOWERINGS)
+
+
+def _lower_and_run(text: str, feeds: dict, contrib: bool = True):
+    """The one-node graph of ``text`` lowered to ONNX and run by ONNX Runtime, and its node run by the op's
+    reference implementation (ir/compute.py): (the model's op types, ORT's results, the reference's), results in the
+    node's order (a state result: its new version)."""
+    import onnxruntime as ort
+
+    import lowerlm.ir as ir
+    from lowerlm.codegen.onnx.lower import lower_graph
+    from lowerlm.ir.opdefs import OPDEFS
+
+    g = ir.verify_module(ir.parse_module(text)).graphs[0]
+    (node,) = g.nodes
+    model = lower_graph(g, constants=None, contrib=contrib)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {k: v.numpy() for k, v in feeds.items()})))
+    state_of = {o: s.name + ".out" for s, o in zip(g.state, g.state_outputs)}
+    got = [torch.from_numpy(got[state_of.get(r.name, r.name)]) for r in node.results]
+    want = OPDEFS[node.op].impl(*[feeds[v].clone() if v is not None else None for v in node.inputs],
+                                **node.all_attrs())
+    want = list(want) if isinstance(want, tuple) else [want]
+    return [n.op_type for n in model.graph.node], got, want
+
+
+def _attention_text(op: str, s: str, norms: bool = False, window: int = 0, layout: str = "half",
+                    freqs: int = 8) -> str:
+    """One layer's attention as one fused op: 2 query heads and 1 kv head of 16, caches [B, 1, T, 16]."""
+    norm_inputs = ", %qn: f32[16], %kn: f32[16]" if norms else ""
+    inv_freq = ",".join(repr(10.0 ** -i) for i in range(freqs))
+    rope = f"heads=[2,1], inv_freq=[{inv_freq}], scaling=1.5, layout={layout}"
+    if op == "rope_cache_write":
+        call, attrs, first, result = "rope_cache_write(%q, %k, %v, %positions, %kc, %vc)", rope, "f32[B,S,32]", "%qr"
+    else:
+        extra = ", q_norm=%qn, k_norm=%kn" if norms else ""
+        call = f"rope_cached_attention(%q, %k, %v, %positions, %seq_lens, %kc, %vc{extra})"
+        attrs, first, result = f"{rope}, scale=0.25, window={window}, eps=1e-06", f"f32[B,{s},32]", "%qr"
+    return (f"graph g(%q: f32[B,{s},32], %k: f32[B,{s},16], %v: f32[B,{s},16], %positions: i64[B,{s}], "
+            f"%seq_lens: i32[B]{norm_inputs})\n    state(%kc: f32[B,1,T,16] @layer0, %vc: f32[B,1,T,16] @layer0) {{\n"
+            f"  {result}, %kc1, %vc1 = {call} {{{attrs}}} : {first}, f32[B,1,T,16], f32[B,1,T,16]\n"
+            f"  return {result} state(%kc1, %vc1)\n}}\n")
+
+
+def _attention_feeds(s: int, starts: list, lens: list, norms: bool = False, t: int = 8) -> dict:
+    gen = torch.Generator().manual_seed(s + sum(lens))
+    b = len(lens)
+    feeds = {"q": torch.randn(b, s, 32, generator=gen), "k": torch.randn(b, s, 16, generator=gen),
+             "v": torch.randn(b, s, 16, generator=gen),
+             "positions": torch.arange(s)[None, :] + torch.tensor(starts)[:, None],
+             "seq_lens": torch.tensor(lens, dtype=torch.int32),
+             "kc": torch.randn(b, 1, t, 16, generator=gen), "vc": torch.randn(b, 1, t, 16, generator=gen)}
+    if norms:
+        feeds |= {"qn": torch.rand(16, generator=gen) + 0.5, "kn": torch.rand(16, generator=gen) + 0.5}
+    return feeds
+
+
+def _assert_valid_close(got: list, want: list, feeds: dict) -> None:
+    """Results at the valid queries (position < seq_len) and cache slots (slot < seq_len) of each row."""
+    lens = feeds["seq_lens"].tolist()
+    for row, n in enumerate(lens):
+        queries = feeds["positions"][row] < n
+        torch.testing.assert_close(got[0][row, queries], want[0][row, queries], rtol=1e-5, atol=1e-5)
+        for cache in (1, 2):
+            torch.testing.assert_close(got[cache][row, :, :n], want[cache][row, :, :n], rtol=1e-5, atol=1e-6)
+
+
+# (S, each row's first position, seq_lens): decode at other lengths per row, a first prompt with rows shorter than
+# S, a chunk continuing the cache (ORT's GroupQueryAttention takes those at batch 1)
+_ATTENTION_CASES = [(1, [3, 6], [4, 7]), (4, [0, 0], [4, 2]), (3, [2], [5])]
+
+
+@pytest.mark.parametrize("s,starts,lens", _ATTENTION_CASES)
+def test_rope_cached_attention_lowers_to_group_query_attention(s, starts, lens):
+    """Without norms, causal, no window, head size 16: one com.microsoft GroupQueryAttention, the reference's
+    results at every valid query and cache slot."""
+    feeds = _attention_feeds(s, starts, lens)
+    ops, got, want = _lower_and_run(_attention_text("rope_cached_attention", "1" if s == 1 else "S"), feeds)
+    assert ops.count("GroupQueryAttention") == 1 and "TensorScatter" not in ops
+    _assert_valid_close(got, want, feeds)
+
+
+@pytest.mark.parametrize("s,starts,lens", _ATTENTION_CASES)
+@pytest.mark.parametrize("contrib,norms,window", [(False, False, 0), (False, True, 0), (True, True, 0),
+                                                  (True, False, 2)])
+def test_rope_cached_attention_lowers_as_its_composition(s, starts, lens, contrib, norms, window):
+    """Standalone (no com.microsoft ops), with q/k norms, or with a window: head norms, rope, two TensorScatter
+    cache writes and attention (opset-24 Attention standalone, else the masked softmax), the reference's results."""
+    feeds = _attention_feeds(s, starts, lens, norms=norms)
+    text = _attention_text("rope_cached_attention", "1" if s == 1 else "S", norms=norms, window=window)
+    ops, got, want = _lower_and_run(text, feeds, contrib=contrib)
+    assert "GroupQueryAttention" not in ops and ops.count("TensorScatter") == 2
+    assert ops.count("Attention") == (0 if contrib else 1)
+    assert ops.count("RMSNormalization") == (2 if norms else 0)
+    _assert_valid_close(got, want, feeds)
+
+
+def test_rope_cache_write_lowers_as_its_composition():
+    """rope (partial: 6 of 16 dims rotate) and both cache writes: the reference's rotated q and whole caches."""
+    feeds = _attention_feeds(3, [0, 2], [3, 5])
+    ops, got, want = _lower_and_run(_attention_text("rope_cache_write", "S", freqs=3), feeds)
+    assert ops.count("TensorScatter") == 2
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_interleaved_rope_is_refused_by_declaration():
+    """The fused ops that rotate refuse the interleaved layout as rope does: ``unsupported`` says so from the
+    table, and the lowering raises the same message."""
+    import lowerlm.ir as ir
+    from lowerlm.codegen.onnx.lower import lower_graph, unsupported
+    from lowerlm.ir.errors import CompileError
+
+    for op in ("rope_cache_write", "rope_cached_attention"):
+        g = ir.verify_module(ir.parse_module(_attention_text(op, "S", layout="interleaved"))).graphs[0]
+        assert unsupported(g)(g.nodes[0]) == "the ONNX backend lowers the half-split RoPE layout only"
+        with pytest.raises(CompileError, match="half-split RoPE layout only"):
+            lower_graph(g, constants=None)
+
+
+ROUTE_NORM = """\
+graph g(%x: f32[B,S,8], %w: f32[8], %r: f32[{e},8]{bias_input}) {{
+  %n, %ids, %wts = rms_norm_moe_route(%x, %w, %r{bias}) {{{attrs}, eps=1e-05}} : f32[B,S,8], i32[B,S,2], f32[B,S,2]
+  return %n, %ids, %wts
+}}
+"""
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_rms_norm_moe_route_lowers_as_its_composition(router):
+    """The norm, then the route of the normed rows (softmax top-k; sigmoid with a bias, groups and scaling): the
+    reference's normed x, and per token the same experts with the same weights (ids compared as sets: the
+    reference's sigmoid top-k is unsorted)."""
+    gen = torch.Generator().manual_seed(7)
+    e = 4 if router == "softmax" else 8
+    feeds = {"x": torch.randn(2, 3, 8, generator=gen), "w": torch.rand(8, generator=gen) + 0.5,
+             "r": torch.randn(e, 8, generator=gen)}
+    if router == "softmax":
+        text = ROUTE_NORM.format(e=e, bias_input="", bias="", attrs="top_k=2")
+    else:
+        feeds["bias"] = torch.randn(e, generator=gen) * 0.1
+        text = ROUTE_NORM.format(e=e, bias_input=", %bias: f32[8]", bias=", %bias",
+                                 attrs="router=sigmoid, top_k=2, n_group=2, topk_group=1, scaling=2.5")
+    _, got, want = _lower_and_run(text, feeds)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    (got_ids, got_w), (want_ids, want_w) = (_by_expert(*got[1:]), _by_expert(*want[1:]))
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+
+
+def _by_expert(ids, weights):
+    order = ids.argsort(-1)
+    return ids.gather(-1, order), weights.gather(-1, order)
+
+
+def test_ew_chain_lowers_each_step():
+    """Every element-wise op in one body, an operand broadcast and one read twice, an f16 rounding point: each step
+    through its own lowering gives the reference's result."""
+    body = ("add(mul(silu(%0), rsqrt(%1)), sub(div(exp(neg(%0)), %1), mul(tanh(sigmoid(cos(sin(%2)))), "
+            "cast[dtype=f32](cast[dtype=f16](gelu[approximate=tanh](pow[exponent=2.0](%0)))))))")
+    text = (f"graph g(%x: f32[B,S,8], %y: f32[B,S,8], %z: f32[8]) {{\n"
+            f"  %c = ew_chain(%x, %y, %z) {{body={body}}} : f32[B,S,8]\n  return %c\n}}\n")
+    gen = torch.Generator().manual_seed(3)
+    feeds = {"x": torch.randn(2, 3, 8, generator=gen), "y": torch.rand(2, 3, 8, generator=gen) + 0.5,
+             "z": torch.randn(8, generator=gen)}
+    ops, got, want = _lower_and_run(text, feeds)
+    assert {"Cast", "Gelu", "Pow", "Reciprocal", "Sqrt", "Sigmoid", "Tanh", "Cos", "Sin", "Exp", "Neg"} <= set(ops)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_answers_from_the_table():
+    """``unsupported`` on the test models, as the probe lowering answered before: a Llama's graphs lower whole; with
+    the interleaved RoPE only the ropes are refused; in bf16 every node but params and weights; the unfused moe
+    block has no lowering."""
+    import dataclasses
+
+    from lowerlm.codegen.onnx.lower import BF16_REFUSED, unsupported
+    from lowerlm.ir import Op
+
+    def reasons(module):
+        out = {}
+        for g in module.graphs:
+            reason = unsupported(g)
+            out |= {n.op: reason(n) for n in g.nodes if reason(n) is not None}
+        return out
+
+    llama = lowerlm.compile_model(tiny_model("llama"), backend="reference", max_seq_len=64).ir
+    assert reasons(llama) == {}
+    interleaved = dataclasses.replace(llama, graphs=tuple(
+        g.with_(nodes=tuple(n.with_(attrs=type(n.attrs)(dict(n.attrs, layout="interleaved"))) if n.op is Op.ROPE
+                            else n for n in g.nodes)) for g in llama.graphs))
+    assert reasons(interleaved) == {Op.ROPE: "the ONNX backend lowers the half-split RoPE layout only"}
+    bf16 = lowerlm.compile_model(tiny_model("llama").to(torch.bfloat16), backend="reference", dtype=torch.bfloat16,
+                                 max_seq_len=64).ir
+    assert set(reasons(bf16).values()) == {BF16_REFUSED}
+    assert {n.op for g in bf16.graphs for n in g.nodes} - set(reasons(bf16)) == {Op.PARAM, Op.WEIGHT}
+    moe = lowerlm.compile_model(tiny_model("mixtral"), backend="reference", passes=["canonicalize"]).ir
+    assert reasons(moe) == {Op.MOE: "the ONNX backend has no lowering for moe"}

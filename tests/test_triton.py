@@ -15,12 +15,22 @@ import pytest
 import torch
 
 import lowerlm
-from lowerlm.codegen import reference as ref
 from lowerlm.codegen.triton import arm_mlp, attention, decode_attention, embedding, gemv, rms_norm, rope, swiglu
+from lowerlm.ir import compute as ref  # each op's reference implementation
+from lowerlm.ir.ops import Op
 
 from .conftest import calibration_ids, tiny_model
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def triton_tail(m):
+    """``m`` after the Triton tail (passes/backend.py), as ``compile_model(backend="triton")`` leaves its graphs."""
+    from lowerlm.passes import TAILS, run_pass
+
+    for name, fn in TAILS["triton"]:
+        m = run_pass(name, fn, m).module
+    return m
 
 
 def rand(*shape, seed=0):
@@ -284,16 +294,25 @@ def test_seeded_sampling_through_the_triton_backend():
     assert first != [s[0] for s in cm.generate_ids([[5, 7, 9]], 6, seed=4, stop_ids=[], **kw)]
 
 
+def _ops(graph) -> Counter:
+    return Counter(n.op.value for n in graph.nodes)
+
+
 def test_rope_cache_writes_and_decode_attention_fuse():
+    """The Triton tail, in the IR: in prefill rope + both cache writes are one rope_cache_write per layer; in decode
+    all of it and the cached attention are one rope_cached_attention (Qwen3's per-head q/k norms folded in)."""
     cm = lowerlm.compile_model(tiny_model("llama"), backend="triton")
-    kinds = {name: Counter(v if isinstance(v, str) else v[0] for v in cm.program.plan(cm.ir.graph(name)).values())
-             for name in ("prefill", "decode")}
-    # prefill: rope + both cache writes in one launch per layer; decode: all of it inside the attention launch
-    assert kinds["prefill"] == {"fused": 4, "rope_cache_write": 2}
-    assert kinds["decode"] == {"fused": 4, "rope_attend": 2, "attend": 2}
+    prefill, decode = (_ops(cm.ir.graph(name)) for name in ("prefill", "decode"))
+    assert prefill["rope_cache_write"] == 2 and prefill["cached_attention"] == 2
+    assert decode["rope_cached_attention"] == 2
+    for ops in (prefill, decode):
+        assert ops["rope"] == ops["kv_cache_write"] == 0
+    assert decode["cached_attention"] == decode["rope_cache_write"] == 0
     qwen3 = lowerlm.compile_model(tiny_model("qwen3_moe"), backend="triton")  # q/k norms go in as well
-    kinds = Counter(v if isinstance(v, str) else v[0] for v in qwen3.program.plan(qwen3.ir.graph("decode")).values())
-    assert kinds["in-attend"] == 12 and kinds["attend"] == 2
+    decode = qwen3.ir.graph("decode")
+    fused = [n for n in decode.nodes if n.op is Op.ROPE_CACHED_ATTENTION]
+    assert len(fused) == 2 and all(n.inputs[7] and n.inputs[8] for n in fused)
+    assert _ops(decode)["rms_norm"] == 0 and _ops(qwen3.ir.graph("prefill"))["rms_norm"] == 4  # heads: q, k
 
 
 @pytest.mark.parametrize("graph", ["prefill", "decode"])
@@ -517,18 +536,18 @@ def test_generated_elementwise_chains_and_the_compile_cache(tmp_path, monkeypatc
     weights = {"w": torch.randn(6)}
     inputs = {"x": torch.randn(2, 3, 6), "y": torch.randn(2, 1, 6)}
     want = ReferenceProgram(m, weights).run("forward", inputs)[0]
+    m = triton_tail(m)
+    chains = {n.name: list(n.inputs) for n in m.graphs[0].nodes if n.op is Op.EW_CHAIN}
+    # w1·a·b·c·d is one kernel reading w, the constant, x and y once; d's two users start their own chains
+    assert chains == {"d": ["w", "one", "x", "y"], "e": ["d"], "f": ["d", "e"], "h": ["e"]}
     program = TritonProgram(m, weights, DEV)
     got = program.run("forward", {k: v.to(DEV) for k, v in inputs.items()})[0]
     for a, b in zip(got, want):
         close(a.cpu(), b, tol=1e-2 if b.dtype == torch.bfloat16 else 1e-5)
-    plan = program.plan(m.graphs[0])
-    chains = {k: v[1] for k, v in plan.items() if isinstance(v, tuple)}
-    # w1·a·b·c·d is one kernel reading w, the constant, x and y once; d's two users start their own chains
-    assert chains == {"d": ["w", "one", "x", "y"], "e": ["d"], "f": ["d", "e"], "h": ["e"]}
     files = sorted((tmp_path / "triton").glob("chain_*.py"))
     assert len(files) == 4
     stamps = [f.stat().st_mtime_ns for f in files]
-    TritonProgram(m, weights, DEV).plan(m.graphs[0])  # a warm compile reuses the cached sources
+    TritonProgram(m, weights, DEV).prepare()  # a warm compile reuses the cached sources
     assert [f.stat().st_mtime_ns for f in files] == stamps
     # no compile cache (use_cache=False) or one that cannot be written (a file where its folder should be): the
     # kernels from memory, nothing written anywhere (no folder left in the temp directory), the same results
@@ -595,7 +614,8 @@ def test_moe_router_kernel(attrs, gpu_split, monkeypatch):
         assert rec.launches[0].grid == [10, 3 if gpu_split else 1]
     else:
         got_ids, got_w = moe.moe_route(x, w, bias, **attrs)
-    want_ids, want_w = ref.moe_route(x.cpu(), w.cpu(), bias.cpu() if bias is not None else None, **attrs)
+    ref_attrs = {"router" if k == "router_kind" else k: v for k, v in attrs.items()}  # the row's attribute names
+    want_ids, want_w = ref.moe_route(x.cpu(), w.cpu(), bias.cpu() if bias is not None else None, **ref_attrs)
     assert got_ids.dtype == torch.int32 and got_w.dtype == want_w.dtype
     # the same experts with the same weights; the order within a token's top k may differ
     gi, gp = got_ids.cpu().long().sort(-1)
@@ -607,7 +627,7 @@ def test_moe_router_kernel(attrs, gpu_split, monkeypatch):
     normed, ids, weights = moe.moe_route(x * 3, w, bias, **attrs, norm=(nw, 1e-6))
     want_x = ref.rms_norm(x.cpu() * 3, nw.cpu(), 1e-6)
     close(normed.cpu(), want_x, tol=1e-6)
-    want_ids, want_w = ref.moe_route(want_x, w.cpu(), bias.cpu() if bias is not None else None, **attrs)
+    want_ids, want_w = ref.moe_route(want_x, w.cpu(), bias.cpu() if bias is not None else None, **ref_attrs)
     gi, gp = ids.cpu().long().sort(-1)
     wi, wp = want_ids.long().sort(-1)
     assert torch.equal(gi, wi)
@@ -633,8 +653,8 @@ graph forward(%x: f32[B,S,40]) {
 
 @pytest.mark.parametrize("first_user", ["route", "other"])
 def test_the_route_launch_computes_the_norm_it_routes(first_user):
-    """Golden plan: the route launch takes the norm when it is the norm's first user (later users read what it
-    stored); not when another node reads the norm first."""
+    """The Triton tail folds the norm into the route (rms_norm_moe_route) when the route is the norm's first user
+    (later users read the normed value it yields); not when another node reads the norm first."""
     from lowerlm.codegen.reference import ReferenceProgram
     from lowerlm.codegen.triton.program import TritonProgram
 
@@ -644,13 +664,13 @@ def test_the_route_launch_computes_the_norm_it_routes(first_user):
     weights = {"nw": torch.rand(40) + 0.5, "router": torch.randn(6, 40)}
     x = torch.randn(2, 3, 40)
     want = ReferenceProgram(m, weights).run("forward", {"x": x})[0]
-    program = TritonProgram(m, weights, DEV)
-    got = program.run("forward", {"x": x.to(DEV)})[0]
-    plan = {k: (v[0] if isinstance(v, tuple) else v) for k, v in program.plan(m.graphs[0]).items()}
+    m = triton_tail(m)
+    ops = _ops(m.graphs[0])
     if first_user == "route":
-        assert plan == {"n": "in-route", "ids": "route_norm", "after": "chain"}
+        assert ops == {"param": 2, "rms_norm_moe_route": 1, "ew_chain": 1}
     else:
-        assert "n" not in plan and "ids" not in plan
+        assert ops == {"param": 2, "rms_norm": 1, "moe_route": 1, "ew_chain": 2}
+    got = TritonProgram(m, weights, DEV).run("forward", {"x": x.to(DEV)})[0]
     gi, gp = got[0].cpu().long().sort(-1)  # the same experts and weights (the order within a top k may differ)
     wi, wp = want[0].long().sort(-1)
     assert torch.equal(gi, wi)
@@ -716,3 +736,160 @@ def test_tiny_moe_models_through_the_triton_backend(family):
     with torch.no_grad():
         hf = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
     assert [s[0] for s in cm.generate_ids([prompt], 32)] == hf
+
+
+# ---- the launcher table: every op with a kernel against its reference implementation -------------------------------
+def test_every_elementwise_op_has_a_chain_expression():
+    from lowerlm.codegen.triton.elementwise import EXPRS
+
+    assert set(EXPRS) == lowerlm.ir.ops.ELEMENTWISE
+
+
+def _differential(text: str, symbols: dict, inplace: bool, inputs: dict | None = None, tol: float = 1e-5):
+    """``text``'s one graph on Triton and on the reference backend (ir/compute.py) with random weights, inputs
+    and state: the same outputs and new state; in place the given buffers hold the new state, else they are
+    untouched. Returns the Triton outputs and the reference's."""
+    from lowerlm.codegen.reference import ReferenceProgram
+    from lowerlm.codegen.triton.program import TritonProgram
+
+    m = lowerlm.ir.verify_module(lowerlm.ir.parse_module(text))
+    g = m.graphs[0]
+    gen = torch.Generator().manual_seed(0)
+
+    def tensor(t):
+        shape = [lowerlm.ir.evaluate(d, symbols) for d in t.shape]
+        return torch.randn(shape, generator=gen).to(t.dtype.to_torch())
+
+    weights = {name: tensor(t).abs() + 0.5 for name, t in m.params}
+    inputs = {v.name: (inputs or {}).get(v.name, None) for v in g.inputs}
+    inputs = {k: v if v is not None else tensor(g.type_of(k)) for k, v in inputs.items()}
+    state = {s.name: tensor(s.type) for s in g.state}
+    want, want_state = ReferenceProgram(m, weights).run(g.name, inputs, state)
+    given = {k: v.clone().to(DEV) for k, v in state.items()}
+    got, got_state = TritonProgram(m, weights, DEV).run(g.name, {k: v.to(DEV) for k, v in inputs.items()}, given,
+                                                        inplace=inplace)
+    for name, new in got_state.items():
+        close(new.cpu(), want_state[name], tol)
+        if inplace:
+            assert new is given[name] or g.state_outputs[[s.name for s in g.state].index(name)] == name
+        else:
+            assert torch.equal(given[name].cpu(), state[name])  # the given buffers are untouched
+    return [t.cpu() for t in got], want
+
+
+def _attention_op(op: str, s: int, norms: bool, layout: str = "half", window: int = 0) -> str:
+    """One layer's fused cache op: 4 query heads, 2 kv heads of 8, a cache of 12 slots, S = s."""
+    params = 'params {\n  "qn": f32[8]\n  "kn": f32[8]\n}\n\n' if norms else ""
+    weights = '  %qn = param "qn" : f32[8]\n  %kn = param "kn" : f32[8]\n' if norms else ""
+    rope = f"heads=[4,2], inv_freq=[1.0,0.1,0.01], scaling=0.9, layout={layout}"
+    if op == "rope_cache_write":
+        line = (f"%o, %kc1, %vc1 = rope_cache_write(%q, %k, %v, %positions, %kc, %vc) {{{rope}}} : "
+                f"f32[B,{s},32], f32[B,2,12,8], f32[B,2,12,8]")
+    else:
+        norm_inputs = ", q_norm=%qn, k_norm=%kn" if norms else ""
+        line = (f"%o, %kc1, %vc1 = rope_cached_attention(%q, %k, %v, %positions, %seq_lens, %kc, %vc{norm_inputs}) "
+                f"{{{rope}, scale=0.3, window={window}, eps=1e-06}} : f32[B,{s},32], f32[B,2,12,8], f32[B,2,12,8]")
+    return (f"{params}graph g(%q: f32[B,{s},32], %k: f32[B,{s},16], %v: f32[B,{s},16], %positions: i64[B,{s}], "
+            f"%seq_lens: i32[B])\n    state(%kc: f32[B,2,12,8] @layers.0.attn, %vc: f32[B,2,12,8] @layers.0.attn) {{\n"
+            f"{weights}  {line}\n  return %o state(%kc1, %vc1)\n}}\n")
+
+
+def _positions(s: int) -> dict:
+    """Two sequences: decode at slots 5 and 11 (the cache's last), or a chunk of s continuing at 4 and starting
+    at 0."""
+    if s == 1:
+        pos = torch.tensor([[5], [11]])
+        return {"positions": pos, "seq_lens": (pos[:, 0] + 1).to(torch.int32)}
+    pos = torch.stack([torch.arange(4, 4 + s), torch.arange(s)])
+    return {"positions": pos, "seq_lens": torch.tensor([4 + s, s], dtype=torch.int32)}
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("s", [1, 3])
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_rope_cache_write_launcher(layout, s, inplace):
+    got, want = _differential(_attention_op("rope_cache_write", s, False, layout), {"B": 2}, inplace, _positions(s))
+    close(got[0], want[0])
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("norms", [False, True])
+@pytest.mark.parametrize("s, window", [(1, 0), (1, 4), (3, 0)])  # decode: one launch; S > 1: three or five
+def test_rope_cached_attention_launcher(s, window, norms, inplace):
+    from lowerlm.codegen.triton.aot import Recorder
+
+    text = _attention_op("rope_cached_attention", s, norms, window=window)
+    with Recorder() as rec:
+        got, want = _differential(text, {"B": 2}, inplace, _positions(s))
+    close(got[0], want[0])
+    launches = [launch.name for launch in rec.launches]
+    if s == 1:
+        assert launches == ["decode_attention_kernel"]
+    else:
+        assert launches == ["rms_norm_kernel"] * (2 * norms) + ["rope_cache_write_kernel", "attention_kernel"]
+
+
+ROUTE = """params {
+  "nw": f32[40]
+  "router": f32[8,40]
+  "bias": f32[8]
+}
+
+graph g(%x: f32[B,S,40]) {
+  %nw = param "nw" : f32[40]
+  %router = param "router" : f32[8,40]
+  %bias = param "bias" : f32[8]
+  %n, %ids, %wts = rms_norm_moe_route(%x, %nw, %router, bias=%bias) {ATTRS} : f32[B,S,40], i32[B,S,K], f32[B,S,K]
+  return %n, %ids, %wts
+}
+"""
+
+
+@pytest.mark.parametrize("attrs", ["eps=1e-06, top_k=2", "eps=1e-05, router=sigmoid, top_k=3, n_group=4, "
+                                   "topk_group=2, scaling=2.5, router_f32=true"])
+def test_rms_norm_moe_route_launcher(attrs):
+    from lowerlm.codegen.triton.aot import Recorder
+
+    k = attrs.split("top_k=")[1].split(",")[0]
+    text = ROUTE.replace("{ATTRS}", "{" + attrs + "}").replace(",K]", f",{k}]")
+    if "sigmoid" not in attrs:  # softmax routers take no bias
+        text = text.replace(", bias=%bias", "")
+    with Recorder() as rec:
+        got, want = _differential(text, {"B": 2, "S": 3}, True)
+    assert [launch.name for launch in rec.launches] == ["route_kernel"]  # the norm inside the route launch
+    close(got[0], want[0])
+    gi, gp = got[1].long().sort(-1)  # the same experts and weights (the order within a top k may differ)
+    wi, wp = want[1].long().sort(-1)
+    assert torch.equal(gi, wi)
+    close(got[2].gather(-1, gp), want[2].gather(-1, wp))
+
+
+def _chain_line(op, dtype: str) -> str:
+    """An ew_chain over %x [B, 5] and %y [5] around one application of ``op``."""
+    other = "f32" if dtype == "bf16" else "bf16"
+    if op in lowerlm.ir.ops.BINARY:
+        return f"  %{op.value} = ew_chain(%x, %y) {{body={op.value}(%0, %1)}} : {dtype}[B,5]"
+    if op is Op.CAST:  # to the other float type, after a step rounded to this one
+        return f"  %cast = ew_chain(%x, %y) {{body=cast[dtype={other}](add(%0, %1))}} : {other}[B,5]"
+    step = {Op.POW: "pow[exponent=1.5](%0)", Op.GELU: "gelu[approximate=tanh](%0)"}.get(op, f"{op.value}(%0)")
+    return f"  %{op.value} = ew_chain(%x, %y) {{body=mul({step}, %1)}} : {dtype}[B,5]"
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computes masked lanes too: 0 / 0, log(0)
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_ew_chain_launcher_computes_every_elementwise_op(dtype):
+    """Each element-wise op in a chain (operands positive: rsqrt, pow), every step rounded to its dtype, a row
+    broadcast; gelu both exact and approximated; a body reading an operand twice."""
+    from lowerlm.codegen.triton.elementwise import EXPRS
+
+    ops = sorted(EXPRS, key=str)
+    lines = [_chain_line(op, dtype) for op in ops]
+    lines.append(f"  %twice = ew_chain(%x) {{body=mul(gelu(%0), sub(%0, pow[exponent=2.0](%0)))}} : {dtype}[B,5]")
+    outs = ", ".join(f"%{op.value}" for op in ops) + ", %twice"
+    text = f"graph g(%x: {dtype}[B,5], %y: {dtype}[5]) {{\n" + "\n".join(lines) + f"\n  return {outs}\n}}\n"
+    torch_dtype = torch.float32 if dtype == "f32" else torch.bfloat16
+    x, y = (torch.rand(3, 5) + 0.5).to(torch_dtype), (torch.rand(5) + 0.5).to(torch_dtype)
+    got, want = _differential(text, {"B": 3}, True, {"x": x, "y": y})
+    for a, b in zip(got, want):  # bf16: up to 2^-7 per rounding step (the interpreter truncates), 4 steps at most
+        assert a.dtype == b.dtype
+        close(a, b, 1e-5 if b.dtype == torch.float32 and dtype == "f32" else 4 * 2 ** -7)

@@ -68,7 +68,7 @@ def _record_workload(rec_models) -> list:
                 sample(torch.randn(2, 3000), temperature, 0, 1.0, seed, positions[:, 0], out=ids[:, 0],
                        seq_lens=lens, limit=63)
         launches += rec.launches
-    with Recorder(execute=False) as rec:  # the launchers' unfused forms, which the tiny models plan away
+    with Recorder(execute=False) as rec:  # the launchers' unfused forms, which the Triton tail fuses away
         for dtype in (torch.float32, torch.bfloat16):
             q, k, v = (torch.randn(2, 1, w).to(dtype) for w in (64, 32, 32))
             kc, vc = torch.zeros(2, 2, 40, 16, dtype=dtype), torch.zeros(2, 2, 40, 16, dtype=dtype)
@@ -139,10 +139,10 @@ def test_generated_kernels_kept_in_memory_compile_for_sm90(monkeypatch):
     from lowerlm.codegen.triton import elementwise
     from lowerlm.codegen.triton.program import TritonProgram
 
-    from .test_triton import CHAIN
+    from .test_triton import CHAIN, triton_tail
 
     monkeypatch.setattr(elementwise, "_LOADED", {})
-    m = lowerlm.ir.verify_module(lowerlm.ir.parse_module(CHAIN))
+    m = triton_tail(lowerlm.ir.verify_module(lowerlm.ir.parse_module(CHAIN)))
     program = TritonProgram(m, {"w": torch.randn(6)}, "cpu", cache=False)
     with Recorder(execute=False) as rec:
         program.run("forward", {"x": torch.randn(2, 3, 6), "y": torch.randn(2, 1, 6)})

@@ -1,26 +1,41 @@
 """IR graph → ONNX model (opset 24), op by op, with the weights as initializers.
 
+``LOWERINGS`` holds each op's lowering, ``lowering(lw, call)`` with ``call`` a ``Call`` (the op's ONNX input names,
+attributes, IR types); ``ONNX_OPS`` the ops that are one ONNX op of the same inputs (a new element-wise op is one line
+there); ``NOT_LOWERED`` the ops without a lowering; ``REFUSALS`` the attribute values a lowering refuses.
+``refusal(op, attrs)`` reads those declarations, and both ``unsupported(g)`` (what ``auto`` asks) and
+``Lowering.emit`` go by it.
+
 Symbolic dimensions are computed at run time from the inputs' shapes (``B`` and ``S`` from ``input_ids``, ``T``
 from a cache), so one model serves every batch and length. The fused ops expand into standard ops with the
 reference backend's rounding points: RMSNorm in f32 then cast, RoPE from positions × inv_freq, cache writes
 with TensorScatter (opset 24: contiguous writes from each sequence's first position), attention as masked
 softmax over the visible keys (a query that sees none gets zeros) of the cache's first max(seq_lens) slots, so a
-decode step costs by the valid length. Values every layer would compute alike (cos/sin, masks) are built once.
-Without ``contrib`` (standalone exports) attention is one opset-24 ``Attention``; with it, attention over the cache
-is com.microsoft GroupQueryAttention where ONNX Runtime's kernel takes the head size: in decode (one token at
-``seq_lens - 1``) and in a prefill, which runs positions p0..p0+S-1 (a first prompt, or a chunk continuing the
-cache with every row full; ``OnnxProgram`` checks).
+decode step costs by the valid length. The backend fusions (``rope_cache_write``, ``rms_norm_moe_route``,
+``ew_chain``) lower as the compositions they replace, each part through its own lowering. Values every layer would
+compute alike (cos/sin, masks) are built once. Without ``contrib`` (standalone exports) attention is one opset-24
+``Attention``; with it, a ``rope_cached_attention`` without q/k norms (passes/backend.py, ``fuse_gqa_attention``)
+is com.microsoft GroupQueryAttention where ONNX Runtime's kernel takes it (causal, no window, half layout, head size
+a multiple of 16): in decode (one token at ``seq_lens - 1``) and in a prefill, which runs positions p0..p0+S-1 (a
+first prompt, or a chunk continuing the cache with every row full; ``OnnxProgram._check_chunk`` checks). Otherwise
+``rope_cached_attention`` lowers as its composition too.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from lowerlm.ir.abi import GELU_TANH, SEQ, SILU
+from lowerlm.ir.body import steps, types
 from lowerlm.ir.dtypes import DType
 from lowerlm.ir.errors import CompileError
 from lowerlm.ir.graph import Graph, Node
+from lowerlm.ir.opdefs import OPDEFS
 from lowerlm.ir.ops import Op
 from lowerlm.ir.shapes import Sym
 
@@ -34,6 +49,20 @@ _ONNX_DTYPE = {DType.F32: TensorProto.FLOAT, DType.F16: TensorProto.FLOAT16, DTy
 def _vi(name: str, t) -> onnx.ValueInfoProto:
     dims = [d if isinstance(d, int) else str(d) for d in t.shape]
     return helper.make_tensor_value_info(name, _ONNX_DTYPE[t.dtype], dims)
+
+
+@dataclass
+class Call:
+    """One op to lower: the ONNX names of its inputs by slot (None for an absent optional one), its attributes with
+    defaults filled in, the IR types of its inputs (None where absent) and results, and the IR node it comes from
+    (params and weights read their tensor by it; None for the parts of a composition, which are calls of their own)."""
+
+    op: Op
+    x: list
+    a: dict
+    ins: list
+    outs: list
+    node: Node | None = None
 
 
 class Lowering:
@@ -116,12 +145,7 @@ class Lowering:
     def run(self) -> onnx.ModelProto:
         g = self.g
         self.names = {v.name: v.name for v in list(g.inputs) + list(g.state)}  # IR value -> ONNX value
-        fused = self._plan_gqa() if self.contrib else {}
         for node in g.nodes:
-            if node.name in fused:
-                if fused[node.name] is not None:
-                    self._gqa(*fused[node.name])
-                continue
             outs = self.lower(node)
             outs = outs if isinstance(outs, (list, tuple)) else [outs]
             for r, o in zip(node.results, outs):
@@ -148,72 +172,6 @@ class Lowering:
             return quantize_weights(model, self.weight_bits)
         return model
 
-    def _plan_gqa(self) -> dict:
-        """rope → two cache writes → cached_attention becomes one com.microsoft GroupQueryAttention: it rotates q
-        and k, appends k and v into the caches (the state buffers, bound in and out) and attends over the valid
-        length. ONNX Runtime derives the positions from the lengths: in decode the token sits at ``seq_lens - 1``
-        (the runtime's contract); a prefill (S free) runs positions p0..p0+S-1 in every row: a first prompt
-        (p0 = 0, rows of any length) or a chunk continuing the cache (every row's length p0 + S), which
-        ``OnnxProgram`` checks before it runs one. A sliding window or a head size ORT's kernel does not take (a
-        multiple of 16) keeps the plain lowering. Keyed by node name: the attention maps to the pieces, the nodes it
-        absorbs to None."""
-        g = self.g
-        plan: dict = {}
-        for att in (n for n in g.nodes if n.op is Op.CACHED_ATTENTION):
-            cache_type = g.type_of(att.inputs[1])
-            if att.attr("window") or not att.attr("causal") or cache_type.shape[3] % 16:
-                continue
-            kw, vw = g.producer(att.inputs[1]), g.producer(att.inputs[2])
-            rope = g.producer(att.inputs[0])
-            if not (kw and vw and rope and kw.op is vw.op is Op.KV_CACHE_WRITE and rope.op is Op.ROPE):
-                continue
-            if kw.inputs[1] != rope.results[1].name or rope.attr("layout") != "half" or \
-                    any(g.use_count(v) != 1 for v in (rope.results[0].name, rope.results[1].name)) or \
-                    g.use_count(kw.name) != 2 or g.use_count(vw.name) != 2:
-                continue  # the new cache versions: read by the attention and returned, nothing else
-            plan[att.name] = (att, rope, kw, vw)
-            plan[rope.name] = plan[kw.name] = plan[vw.name] = None
-        return plan
-
-    def _gqa(self, att: Node, rope: Node, kw: Node, vw: Node) -> None:
-        q, k, positions = (self.names[v] for v in rope.inputs)
-        v = self.names[vw.inputs[1]]
-        kc, vc = self.names[kw.inputs[0]], self.names[vw.inputs[0]]
-        seq_lens = self.names[att.inputs[4]]
-        hq, hk = rope.attr("heads")
-        key = ("gqa-rope", tuple(rope.attr("inv_freq")), rope.attr("scaling"))  # T read off the first layer's cache
-        if key not in self._memo:  # cos/sin tables [T, R/2] for every cache slot, shared by the layers
-            inv = self.const(np.array(rope.attr("inv_freq"), dtype=np.float32), dtype=np.float32)
-            slots = self.op("Range", [self.const(0), self.op("Squeeze", [self.op("Shape", [kc], start=2, end=3)]),
-                                      self.const(1)])
-            angle = self.op("Mul", [self.op("Unsqueeze", [self.cast(slots, DType.F32), self.const([1])]), inv])
-            scale = self.scalar(rope.attr("scaling"), DType.F32)
-            dtype = self.type(rope, 0).dtype
-            self._memo[key] = tuple(self.cast(self.op("Mul", [self.op(f, [angle]), scale]), dtype)
-                                    for f in ("Cos", "Sin"))
-            # the total length: the longest sequence in decode; in a prefill (S free) the last position + 1: S for
-            # a first prompt (ORT recognises one by total == S, however short the sequences are), p0 + S for a
-            # chunk that continues the cache from position p0 (every row then full to p0 + S: OnnxProgram checks)
-            one_token = self.type(rope, 0).shape[1] == 1
-            if one_token:
-                total = self.op("ReduceMax", [seq_lens], keepdims=1)
-            else:
-                last = self.op("Slice", [positions, self.const([-1]), self.const([2**62]), self.const([1])])
-                total = self.cast(self.op("Add", [self.op("ReduceMax", [self.op("Reshape", [last, self.const([-1])])],
-                                                          keepdims=1), self.const([1])]), DType.I32)
-            self._memo[("gqa-lens", seq_lens)] = (
-                self.op("Sub", [seq_lens, self.const(np.array([1], np.int32), dtype=np.int32)]), total)
-        cos, sin = self._memo[key]
-        past_lens, total = self._memo[("gqa-lens", seq_lens)]
-        out, k_new, v_new = self.op("GroupQueryAttention", [q, k, v, kc, vc, past_lens, total, cos, sin], 3,
-                                    domain="com.microsoft", num_heads=hq, kv_num_heads=hk,
-                                    scale=float(att.attr("scale")), do_rotary=1, rotary_interleaved=0)
-        self.names[att.name], self.names[kw.name], self.names[vw.name] = out, k_new, v_new
-
-    def type(self, node: Node, slot: int):
-        """The IR type of a node's input (lowerings hold ONNX names, types live with the IR names)."""
-        return self.g.type_of(node.inputs[slot])
-
     def _rename(self, old: str, new: str) -> None:
         for n in self.nodes:
             for i, v in enumerate(n.output):
@@ -224,94 +182,40 @@ class Lowering:
                     n.input[i] = new
 
     def lower(self, node: Node):
-        op, a = node.op, node.all_attrs()
+        """The ONNX names of the node's results (a name, or a list; None for a result not made)."""
         x = [self.names[v] if v is not None else None for v in node.inputs]
-        t = node.results[0].type
-        if op in (Op.PARAM, Op.WEIGHT):
-            tensor = self.constants(node)
-            name = self.fresh("w")
-            array = _to_numpy(tensor)
-            self.inits.append(numpy_helper.from_array(array, name))
-            if self.packer is not None or self.weight_bits:
-                self._arrays[name] = array
-            return name
-        if op is Op.CONSTANT:
-            value = a["value"]
-            arr = np.full([int(d) for d in t.shape], value) if not isinstance(value, tuple) else \
-                np.array(value).reshape([int(d) for d in t.shape])
-            return self.const(arr, dtype=_np_dtype(t.dtype))
-        simple = {Op.ADD: "Add", Op.SUB: "Sub", Op.MUL: "Mul", Op.DIV: "Div", Op.NEG: "Neg", Op.EXP: "Exp",
-                  Op.SIGMOID: "Sigmoid", Op.TANH: "Tanh", Op.COS: "Cos", Op.SIN: "Sin", Op.MATMUL: "MatMul"}
-        if op in simple:
-            return self.op(simple[op], [v for v in x if v is not None])
-        if op is Op.RSQRT:
-            return self.op("Reciprocal", [self.op("Sqrt", x)])
-        if op is Op.POW:
-            return self.op("Pow", [x[0], self.scalar(a["exponent"], t.dtype)])
-        if op is Op.SILU:
-            return self.op("Mul", [x[0], self.op("Sigmoid", x)])
-        if op is Op.GELU:
-            return self.op("Gelu", x, approximate=a["approximate"])
-        if op is Op.CAST:
-            return self.cast(x[0], a["dtype"])
-        if op in (Op.MEAN, Op.SUM):
-            return self.op("ReduceMean" if op is Op.MEAN else "ReduceSum", [x[0], self.const(list(a["dims"]))],
-                           keepdims=int(a["keepdim"]))
-        if op is Op.SOFTMAX:
-            return self.op("Softmax", x, axis=a["dim"])
-        if op is Op.ARGMAX:
-            return self.op("ArgMax", x, axis=a["dim"], keepdims=int(a["keepdim"]))
-        if op is Op.TOPK:
-            return self.op("TopK", [x[0], self.const([a["k"]])], 2, axis=a["dim"], largest=int(a["largest"]))
-        if op is Op.RESHAPE:
-            return self.op("Reshape", [x[0], self.shape(a["shape"])])
-        if op is Op.TRANSPOSE:
-            return self.op("Transpose", x, perm=list(a["perm"]))
-        if op is Op.EXPAND:
-            return self.op("Expand", [x[0], self.shape(a["shape"])])
-        if op is Op.CONCAT:
-            return self.op("Concat", x, axis=a["dim"])
-        if op is Op.SPLIT:
-            return self.op("Split", [x[0], self.shape(a["sizes"])], len(a["sizes"]), axis=a["dim"])
-        if op is Op.SLICE:
-            return self.op("Slice", [x[0], self.dim(a["start"]), self.dim(a["end"]), self.const([a["dim"]]),
-                                     self.const([a["step"]])])
-        if op is Op.GATHER:
-            return self.op("GatherElements", x, axis=a["dim"])
-        if op is Op.EMBEDDING:
-            return self.op("Gather", x, axis=0)
-        if op is Op.LINEAR:
-            return self.linear(x[0], x[1], x[2], x[3])
-        if op is Op.RMS_NORM:
-            return self.rms_norm(x[0], x[1], a["eps"], t.dtype)
-        if op is Op.RMS_NORM_LINEAR:
-            r = x[0] if x[4] is None else self.op("Add", [x[0], x[4]])
-            y = self.linear(self.rms_norm(r, x[1], a["eps"], t.dtype), x[2], x[3])
-            splits = list(a["splits"])
-            pieces = self.op("Split", [y, self.const(splits)], len(splits), axis=-1)
-            pieces = [pieces] if isinstance(pieces, str) else list(pieces)
-            if a["act"] != "none":
-                pieces = [self.op("Mul", [self.activation(pieces[0], a["act"]), pieces[1]])]
-            return pieces + ([r] if x[4] is not None else [])
-        if op is Op.SWIGLU:
-            return self.op("Mul", [self.activation(x[0], a["act"]), x[1]])
-        if op is Op.MOE_ROUTE:
-            return self.moe_route(node, x, a)
-        if op is Op.MOE_SORT:
-            return self.moe_sort(x[0], a["experts"])
-        if op is Op.GROUPED_GEMM:
-            return self.grouped_gemm(node, x, a)
-        if op is Op.MOE_COMBINE:
-            return self.moe_combine(node, x, a)
-        if op is Op.ARM_MLP:
-            return self.arm_mlp(node, x, a, t.dtype)
-        if op is Op.ROPE:
-            return self.rope(node, x, a)
-        if op is Op.KV_CACHE_WRITE:
-            return self.cache_write(node, x)
-        if op in (Op.ATTENTION, Op.CACHED_ATTENTION):
-            return self.attention(node, x, a)
-        raise CompileError(f"the ONNX backend has no lowering for {op}")
+        ins = [self.g.type_of(v) if v is not None else None for v in node.inputs]
+        return self.emit(Call(node.op, x, node.all_attrs(), ins, [r.type for r in node.results], node))
+
+    def emit(self, c: Call):
+        """``c`` lowered by its ``LOWERINGS`` entry, or the ``CompileError`` that ``refusal`` gives."""
+        reason = refusal(c.op, c.a)
+        if reason is not None:
+            raise CompileError(reason)
+        return LOWERINGS[c.op](self, c)
+
+    # ---- leaves and core ops ------------------------------------------------------------------------------
+    def weight(self, c: Call) -> str:
+        array = _to_numpy(self.constants(c.node))
+        name = self.fresh("w")
+        self.inits.append(numpy_helper.from_array(array, name))
+        if self.packer is not None or self.weight_bits:
+            self._arrays[name] = array
+        return name
+
+    def constant(self, c: Call) -> str:
+        value, t = c.a["value"], c.outs[0]
+        arr = np.full([int(d) for d in t.shape], value) if not isinstance(value, tuple) else \
+            np.array(value).reshape([int(d) for d in t.shape])
+        return self.const(arr, dtype=_np_dtype(t.dtype))
+
+    def reduce(self, op_type: str, c: Call) -> str:
+        return self.op(op_type, [c.x[0], self.const(list(c.a["dims"]))], keepdims=int(c.a["keepdim"]))
+
+    def slice(self, c: Call) -> str:
+        a = c.a
+        return self.op("Slice", [c.x[0], self.dim(a["start"]), self.dim(a["end"]), self.const([a["dim"]]),
+                                 self.const([a["step"]])])
 
     # ---- fused ops ----------------------------------------------------------------------------------------
     def linear(self, x, w, bias=None, residual=None):
@@ -363,14 +267,27 @@ class Lowering:
         return self.op("Mul", [w, self.cast(self.op("Mul", [x32, inv]), dtype)])
 
     def activation(self, x, act):
-        if act == "silu":
+        if act == SILU:
             return self.op("Mul", [x, self.op("Sigmoid", [x])])
-        return self.op("Gelu", [x], approximate="tanh" if act == "gelu_tanh" else "none")
+        return self.op("Gelu", [x], approximate="tanh" if act == GELU_TANH else "none")
 
-    def arm_mlp(self, node, x, a, dtype):
-        inp, nw, gate_m, up, down, mu, scale, residual = x
-        inter = self.type(node, 3).shape[0]
-        hidden = self.type(node, 0).shape[-1]
+
+    def rms_norm_linear(self, c: Call) -> list:
+        x, nw, w, bias, residual = c.x
+        r = x if residual is None else self.op("Add", [x, residual])
+        y = self.linear(self.rms_norm(r, nw, c.a["eps"], c.outs[0].dtype), w, bias)
+        splits = list(c.a["splits"])
+        pieces = self.op("Split", [y, self.const(splits)], len(splits), axis=-1)
+        pieces = [pieces] if isinstance(pieces, str) else list(pieces)
+        if c.a["act"] != "none":
+            pieces = [self.op("Mul", [self.activation(pieces[0], c.a["act"]), pieces[1]])]
+        return pieces + ([r] if residual is not None else [])
+
+    def arm_mlp(self, c: Call) -> str:
+        inp, nw, gate_m, up, down, mu, scale, residual = c.x
+        a, dtype = c.a, c.outs[0].dtype
+        inter = c.ins[3].shape[0]
+        hidden = c.ins[0].shape[-1]
         h = self.rms_norm(inp, nw, a["eps"], dtype)
         g, m = self.op("Split", [self.linear(h, gate_m), self.const([inter, hidden])], 2, axis=-1)
         a_hat = self.op("Div", [self.op("Sub", [self.activation(g, a["act"]), mu]), scale])
@@ -379,10 +296,10 @@ class Lowering:
         y = self.op("Add", [self.linear(self.op("Mul", [a_hat, self.linear(h, up)]), down), m])
         return self.op("Add", [y, residual]) if residual is not None else y
 
-    # ---- MoE dispatch (the reference backend's formulas, codegen/reference.py) --------------------------------
-    def moe_route(self, node, x, a):
-        inp, router, bias = x
-        xt = self.type(node, 0)
+    # ---- MoE dispatch (the reference implementations' formulas, ir/compute.py) --------------------------------
+    def moe_route(self, c: Call) -> list:
+        inp, router, bias = c.x
+        a, xt = c.a, c.ins[0]
         h = self.op("Reshape", [inp, self.const([-1, xt.shape[-1]])])
         w = self.op("Transpose", [router], perm=[1, 0])
         if a["router_f32"]:
@@ -395,28 +312,7 @@ class Lowering:
             if a["renormalize"]:
                 weights = self.op("Div", [weights, self.op("ReduceSum", [weights, self.const([-1])], keepdims=1)])
         else:
-            scores = self.op("Sigmoid", [logits])
-            choice = scores if bias is None else self.op("Add", [scores, bias])
-            groups = a["n_group"]
-            if groups > 1:
-                e = self.type(node, 1).shape[0]
-                grouped = self.op("Reshape", [choice, self.const([-1, groups, e // groups])])
-                best2 = self.op("TopK", [grouped, self.const([2])], 2, axis=-1)[0]
-                group_score = self.op("ReduceSum", [best2, self.const([-1])], keepdims=0)  # [N, G]
-                keep = self.op("TopK", [group_score, self.const([a["topk_group"]])], 2, axis=-1)[1]
-                zeros = self.op("Mul", [group_score, self.scalar(0.0, DType.F32)])
-                ones = self.op("Add", [self.op("Mul", [self.cast(keep, DType.F32), self.scalar(0.0, DType.F32)]),
-                                       self.scalar(1.0, DType.F32)])
-                allowed = self.op("ScatterElements", [zeros, keep, ones], axis=1)  # [N, G] of 0/1
-                allowed = self.op("Expand", [self.op("Unsqueeze", [allowed, self.const([2])]),
-                                             self.const([1, groups, e // groups])])
-                allowed = self.cast(self.op("Reshape", [allowed, self.const([-1, e])]), DType.BOOL)
-                choice = self.op("Where", [allowed, choice, self.scalar(float("-inf"), DType.F32)])
-            ids = self.op("TopK", [choice, k], 2, axis=-1)[1]
-            weights = self.op("GatherElements", [scores, ids], axis=1)
-            if a["renormalize"]:
-                total = self.op("ReduceSum", [weights, self.const([-1])], keepdims=1)
-                weights = self.op("Div", [weights, self.op("Add", [total, self.scalar(1e-20, DType.F32)])])
+            weights, ids = self._sigmoid_route(c, logits, bias, k)
         if a["scaling"] != 1.0:
             weights = self.op("Mul", [weights, self.scalar(a["scaling"], DType.F32)])
         if not a["weights_f32"]:
@@ -424,6 +320,33 @@ class Lowering:
         lead = self.op("Shape", [inp], start=0, end=-1)
         shape = self.op("Concat", [lead, k], axis=0)
         return [self.op("Reshape", [self.cast(ids, DType.I32), shape]), self.op("Reshape", [weights, shape])]
+
+    def _sigmoid_route(self, c: Call, logits: str, bias, k: str) -> tuple:
+        """(weights, ids): sigmoid scores, chosen by score + bias within the topk_group best groups."""
+        a = c.a
+        scores = self.op("Sigmoid", [logits])
+        choice = scores if bias is None else self.op("Add", [scores, bias])
+        groups = a["n_group"]
+        if groups > 1:
+            e = c.ins[1].shape[0]
+            grouped = self.op("Reshape", [choice, self.const([-1, groups, e // groups])])
+            best2 = self.op("TopK", [grouped, self.const([2])], 2, axis=-1)[0]
+            group_score = self.op("ReduceSum", [best2, self.const([-1])], keepdims=0)  # [N, G]
+            keep = self.op("TopK", [group_score, self.const([a["topk_group"]])], 2, axis=-1)[1]
+            zeros = self.op("Mul", [group_score, self.scalar(0.0, DType.F32)])
+            ones = self.op("Add", [self.op("Mul", [self.cast(keep, DType.F32), self.scalar(0.0, DType.F32)]),
+                                   self.scalar(1.0, DType.F32)])
+            allowed = self.op("ScatterElements", [zeros, keep, ones], axis=1)  # [N, G] of 0/1
+            allowed = self.op("Expand", [self.op("Unsqueeze", [allowed, self.const([2])]),
+                                         self.const([1, groups, e // groups])])
+            allowed = self.cast(self.op("Reshape", [allowed, self.const([-1, e])]), DType.BOOL)
+            choice = self.op("Where", [allowed, choice, self.scalar(float("-inf"), DType.F32)])
+        ids = self.op("TopK", [choice, k], 2, axis=-1)[1]
+        weights = self.op("GatherElements", [scores, ids], axis=1)
+        if a["renormalize"]:
+            total = self.op("ReduceSum", [weights, self.const([-1])], keepdims=1)
+            weights = self.op("Div", [weights, self.op("Add", [total, self.scalar(1e-20, DType.F32)])])
+        return weights, ids
 
     def moe_sort(self, ids, experts: int):
         flat = self.cast(self.op("Reshape", [ids, self.const([-1])]), DType.I64)
@@ -439,19 +362,19 @@ class Lowering:
         offsets = self.op("Concat", [self.const([0]), self.op("CumSum", [counts, self.const(0)])], axis=0)
         return [self.cast(order, DType.I32), self.cast(offsets, DType.I32)]
 
-    def grouped_gemm(self, node, x, a):
+    def grouped_gemm(self, c: Call) -> str:
         """Two forms, chosen by the graph: with one token per sequence (decode) each row's expert weights are
         gathered and applied as a batched matrix-vector product, so a step reads exactly the selected experts;
         with S tokens (prefill) each expert's contiguous segment of the sorted rows is sliced out and multiplied
         by that expert's weights (constant-folded per expert), and the segments are concatenated back in order."""
-        inp, w, order, offsets, scale = x
-        xt, wt = self.type(node, 0), self.type(node, 1)
+        inp, w, order, offsets, scale = c.x
+        a, (xt, wt) = c.a, c.ins[:2]
         order64 = self.cast(order, DType.I64)
         rows = inp
         if a["gather"]:
             flat = self.op("Reshape", [inp, self.const([-1, xt.shape[-1]])])
             rows = self.op("Gather", [flat, self.op("Div", [order64, self.const(a["gather"])])], axis=0)
-        if "S" in self.type(node, 2).symbols:
+        if SEQ in c.ins[2].symbols:  # prefill: segments per expert
             offsets64 = self.cast(offsets, DType.I64)
             pieces = []
             for e in range(wt.shape[0]):
@@ -477,33 +400,32 @@ class Lowering:
             gate, up = self.op("Split", [y], 2, axis=-1, num_outputs=2)
             y = self.op("Mul", [self.activation(gate, a["act"]), up])
         if scale is not None:
-            st = self.type(node, 4)
+            st = c.ins[4]
             picked = self.op("Gather", [self.op("Reshape", [scale, self.const([-1])]), order64], axis=0)
             y = self.op("Mul", [self.cast(y, st.dtype), self.op("Unsqueeze", [picked, self.const([1])])])
             y = self.cast(y, xt.dtype)
         return y
 
-    def moe_combine(self, node, x, a):
-        y, order, like = x
-        lt = self.type(node, 2)
+    def moe_combine(self, c: Call) -> str:
+        y, order, like = c.x
+        lt = c.ins[2]
         hidden = lt.shape[-1]
-        tokens = self.op("Div", [self.cast(order, DType.I64), self.const(a["top_k"])])
+        tokens = self.op("Div", [self.cast(order, DType.I64), self.const(c.a["top_k"])])
         flat_shape = self.op("Shape", [self.op("Reshape", [like, self.const([-1, hidden])])])
         zeros = self.op("ConstantOfShape", [flat_shape],
-                        value=numpy_helper.from_array(np.zeros([1], _np_dtype(self.type(node, 0).dtype))))
+                        value=numpy_helper.from_array(np.zeros([1], _np_dtype(c.ins[0].dtype))))
         out = self.op("ScatterND", [zeros, self.op("Unsqueeze", [tokens, self.const([1])]), y], reduction="add")
         return self.op("Reshape", [out, self.op("Shape", [like])])
 
-    def rope(self, node, x, a):
-        q, k, positions = x
-        if a["layout"] != "half":
-            raise CompileError("the ONNX backend lowers the half-split RoPE layout only")
-        dtype = self.type(node, 0).dtype
+    def rope(self, c: Call) -> list:
+        """Half-split layout only (``REFUSALS``)."""
+        (q, k, positions), a = c.x, c.a
+        dtype = c.ins[0].dtype
         cos, sin = self._cos_sin(positions, tuple(a["inv_freq"]), a["scaling"], dtype)
         rdim = 2 * len(a["inv_freq"])
         outs = []
         for slot, value, heads in ((0, q, a["heads"][0]), (1, k, a["heads"][1])):
-            t = self.type(node, slot)
+            t = c.ins[slot]
             b, s, width = t.shape
             d = width // heads
             xh = self.op("Reshape", [value, self.shape([b, s, heads, d])])
@@ -529,27 +451,27 @@ class Lowering:
                 for f in ("Cos", "Sin"))
         return self._memo[key]
 
-    def cache_write(self, node, x):
-        cache, values, positions = x
-        ct = self.type(node, 0)
-        b, hk, _, d = ct.shape
-        s = self.type(node, 1).shape[1]
+    def cache_write(self, c: Call) -> str:
+        cache, values, positions = c.x
+        b, hk, _, d = c.ins[0].shape
+        s = c.ins[1].shape[1]
         update = self.op("Transpose", [self.op("Reshape", [values, self.shape([b, s, hk, d])])], perm=[0, 2, 1, 3])
         first = self.op("Squeeze", [self.op("Slice", [positions, self.const([0]), self.const([1]), self.const([1])]),
                                     self.const([1])])
         return self.op("TensorScatter", [cache, update, first], axis=-2)
 
-    def attention(self, node, x, a):
+    def attention(self, c: Call) -> str:
         if not self.contrib:  # standalone exports: one opset-24 Attention
-            return self.standard_attention(node, x, a)
+            return self.standard_attention(c)
+        x, a = c.x, c.a
         q = x[0]
-        qt = self.type(node, 0)
+        qt = c.ins[0]
         b, s, width = qt.shape
-        if node.op is Op.CACHED_ATTENTION:
+        if c.op is Op.CACHED_ATTENTION:
             _, kc, vc, positions, seq_lens = x
-            kt = self.type(node, 1)
+            kt = c.ins[1]
             hk, length, d = kt.shape[1], kt.shape[2], kt.shape[3]
-            dv = self.type(node, 2).shape[3]
+            dv = c.ins[2].shape[3]
             hq = width // d
             # only slots below the longest valid length can be visible: attend over [:L], so a decode step
             # costs by the valid length, not by the cache's capacity T
@@ -565,7 +487,7 @@ class Lowering:
             _, k, v, positions, seq_lens = x
             hq, hk = a["heads"]
             d = width // hq
-            dv = self.type(node, 2).shape[2] // hk
+            dv = c.ins[2].shape[2] // hk
             length = s
             k4 = self.op("Transpose", [self.op("Reshape", [k, self.shape([b, s, hk, d])])], perm=[0, 2, 1, 3])
             v4 = self.op("Transpose", [self.op("Reshape", [v, self.shape([b, s, hk, dv])])], perm=[0, 2, 1, 3])
@@ -578,7 +500,7 @@ class Lowering:
         dtype = qt.dtype
         scores = self.op("Mul", [self.op("MatMul", [q5, self.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])]),
                                  self.scalar(a["scale"], dtype)])  # [B, Hk, G, S, L]
-        vis = self._visible(node, positions, seq_lens, kpos, length, a)
+        vis = self._visible(c, positions, seq_lens, kpos, length)
         hidden = max(-1e30, float(np.finfo(_np_dtype(dtype)).min))  # finite in f16 too (-1e30 would cast to -inf)
         masked = self.op("Where", [vis, scores, self.scalar(hidden, dtype)])
         probs = self.op("Mul", [self.op("Softmax", [masked], axis=-1), self.cast(vis, dtype)])
@@ -586,16 +508,16 @@ class Lowering:
         out = self.op("Transpose", [out], perm=[0, 3, 1, 2, 4])
         return self.op("Reshape", [out, self.shape([b, s, hq * dv])])
 
-    def standard_attention(self, node, x, a):
+    def standard_attention(self, c: Call) -> str:
         """opset-24 ``Attention`` over 4-D [B, H, L, D] keys and values: for a cache, the whole buffer with
         ``nonpad_kv_seqlen`` = seq_lens (the cache is written by TensorScatter outside the op); the causal and
         window mask is a boolean ``attn_mask`` [B, 1, S, T] built from the positions (ONNX allows a shorter one,
         ONNX Runtime 1.30 does not), so is_causal's alignment rules never come into play."""
-        q, k, v, positions, seq_lens = x
-        qt = self.type(node, 0)
+        (q, k, v, positions, seq_lens), a = c.x, c.a
+        qt = c.ins[0]
         b, s, width = qt.shape
-        if node.op is Op.CACHED_ATTENTION:
-            kt, vt = self.type(node, 1), self.type(node, 2)
+        if c.op is Op.CACHED_ATTENTION:
+            kt, vt = c.ins[1], c.ins[2]
             d, dv = kt.shape[3], vt.shape[3]
             hq = width // d
             k4, v4 = k, v
@@ -607,19 +529,20 @@ class Lowering:
         else:
             hq, hk = a["heads"]
             d = width // hq
-            dv = self.type(node, 2).shape[2] // hk
+            dv = c.ins[2].shape[2] // hk
             length, kpos = s, positions
             k4 = self.op("Transpose", [self.op("Reshape", [k, self.shape([b, s, hk, d])])], perm=[0, 2, 1, 3])
             v4 = self.op("Transpose", [self.op("Reshape", [v, self.shape([b, s, hk, dv])])], perm=[0, 2, 1, 3])
         q4 = self.op("Transpose", [self.op("Reshape", [q, self.shape([b, s, hq, d])])], perm=[0, 2, 1, 3])
-        mask = self.op("Squeeze", [self._visible(node, positions, seq_lens, kpos, length, a), self.const([1])])
+        mask = self.op("Squeeze", [self._visible(c, positions, seq_lens, kpos, length), self.const([1])])
         out = self.op("Attention", [q4, k4, v4, mask, "", "", self.cast(seq_lens, DType.I64)],
                       scale=float(a["scale"]))  # [B, Hq, S, Dv]
         return self.op("Reshape", [self.op("Transpose", [out], perm=[0, 2, 1, 3]), self.shape([b, s, hq * dv])])
 
-    def _visible(self, node, positions, seq_lens, kpos, length, a):
+    def _visible(self, c: Call, positions, seq_lens, kpos, length):
         """The [B, 1, 1, S, L] visibility mask; layers with the same inputs and flags share one."""
-        key = ("mask", node.op, positions, seq_lens, kpos, str(length), a["causal"], a["window"])
+        a = c.a
+        key = ("mask", c.op, positions, seq_lens, kpos, str(length), a["causal"], a["window"])
         if key in self._memo:
             return self._memo[key]
         n_keys = length if isinstance(length, str) else self.dim(length)
@@ -637,10 +560,195 @@ class Lowering:
         return self._memo[key]
 
 
+    # ---- backend fusions (passes/backend.py): GroupQueryAttention, else the compositions they replace ------------
+    def rope_cache_write(self, c: Call) -> list:
+        q, k, v, positions, kc, vc = c.x
+        qt, kt, vt, pt, kct, vct = c.ins
+        q, k = self.emit(Call(Op.ROPE, [q, k, positions], _pick(c.a, Op.ROPE), [qt, kt, pt], [qt, kt]))
+        kc = self.emit(Call(Op.KV_CACHE_WRITE, [kc, k, positions], {}, [kct, kt, pt], [kct]))
+        vc = self.emit(Call(Op.KV_CACHE_WRITE, [vc, v, positions], {}, [vct, vt, pt], [vct]))
+        return [q, kc, vc]
+
+    def rope_cached_attention(self, c: Call) -> list:
+        """com.microsoft GroupQueryAttention where ``gqa_applies``; otherwise the head norms (when given), rope,
+        the two cache writes and ``cached_attention``."""
+        if gqa_applies(c, self.contrib):
+            return self.gqa(c)
+        q, k, v, positions, seq_lens, kc, vc, q_norm, k_norm = c.x
+        qt, kt, vt, pt, lt, kct, vct = c.ins[:7]
+        if q_norm is not None:
+            q = self.head_rms_norm(q, q_norm, c.a["eps"], c.ins[7].shape[0], qt.dtype)
+            k = self.head_rms_norm(k, k_norm, c.a["eps"], c.ins[8].shape[0], kt.dtype)
+        q, kc, vc = self.rope_cache_write(Call(Op.ROPE_CACHE_WRITE, [q, k, v, positions, kc, vc],
+                                               _pick(c.a, Op.ROPE_CACHE_WRITE), [qt, kt, vt, pt, kct, vct],
+                                               [qt, kct, vct]))
+        out = self.emit(Call(Op.CACHED_ATTENTION, [q, kc, vc, positions, seq_lens], _pick(c.a, Op.CACHED_ATTENTION),
+                             [qt, kct, vct, pt, lt], c.outs[:1]))
+        return [out, kc, vc]
+
+    def head_rms_norm(self, x: str, w: str, eps: float, d: int, dtype: DType) -> str:
+        """RMSNorm of each head of x [B, S, H*D] with weight [D] (Qwen3's q/k norms)."""
+        heads = self.op("Reshape", [x, self.const([0, 0, -1, d])])
+        return self.op("Reshape", [self.rms_norm(heads, w, eps, dtype), self.const([0, 0, -1])])
+
+    def gqa(self, c: Call) -> list:
+        """One com.microsoft GroupQueryAttention: it rotates q and k, appends k and v into the caches (the state
+        buffers, bound in and out) and attends over the valid length. ONNX Runtime derives the positions from the
+        lengths: in decode the token sits at ``seq_lens - 1`` (the runtime's contract); a prefill (S free) runs
+        positions p0..p0+S-1 in every row: a first prompt (p0 = 0, rows of any length) or a chunk continuing the
+        cache (every row's length p0 + S), which ``OnnxProgram._check_chunk`` checks before it runs one."""
+        q, k, v, positions, seq_lens, kc, vc = c.x[:7]
+        hq, hk = c.a["heads"]
+        cos, sin, past_lens, total = self._gqa_tables(c)
+        out, k_new, v_new = self.op("GroupQueryAttention", [q, k, v, kc, vc, past_lens, total, cos, sin], 3,
+                                    domain="com.microsoft", num_heads=hq, kv_num_heads=hk,
+                                    scale=float(c.a["scale"]), do_rotary=1, rotary_interleaved=0)
+        return [out, k_new, v_new]
+
+    def _gqa_tables(self, c: Call) -> tuple:
+        """(cos, sin, past lengths, total length) for GroupQueryAttention, made once per graph: cos/sin [T, R/2]
+        for every cache slot (T read off the first layer's cache)."""
+        q, _, _, positions, seq_lens, kc = c.x[:6]
+        a, qt = c.a, c.ins[0]
+        key = ("gqa-rope", tuple(a["inv_freq"]), a["scaling"])
+        if key not in self._memo:
+            inv = self.const(np.array(a["inv_freq"], dtype=np.float32), dtype=np.float32)
+            slots = self.op("Range", [self.const(0), self.op("Squeeze", [self.op("Shape", [kc], start=2, end=3)]),
+                                      self.const(1)])
+            angle = self.op("Mul", [self.op("Unsqueeze", [self.cast(slots, DType.F32), self.const([1])]), inv])
+            scale = self.scalar(a["scaling"], DType.F32)
+            self._memo[key] = tuple(self.cast(self.op("Mul", [self.op(f, [angle]), scale]), qt.dtype)
+                                    for f in ("Cos", "Sin"))
+            # the total length: the longest sequence in decode; in a prefill (S free) the last position + 1: S for
+            # a first prompt (ORT recognises one by total == S, however short the sequences are), p0 + S for a
+            # chunk that continues the cache from position p0 (every row then full to p0 + S: OnnxProgram checks)
+            if qt.shape[1] == 1:
+                total = self.op("ReduceMax", [seq_lens], keepdims=1)
+            else:
+                last = self.op("Slice", [positions, self.const([-1]), self.const([2**62]), self.const([1])])
+                total = self.cast(self.op("Add", [self.op("ReduceMax", [self.op("Reshape", [last, self.const([-1])])],
+                                                          keepdims=1), self.const([1])]), DType.I32)
+            self._memo[("gqa-lens", seq_lens)] = (
+                self.op("Sub", [seq_lens, self.const(np.array([1], np.int32), dtype=np.int32)]), total)
+        return (*self._memo[key], *self._memo[("gqa-lens", seq_lens)])
+
+    def rms_norm_moe_route(self, c: Call) -> list:
+        x, nw, router, bias = c.x
+        nt = c.outs[0]
+        normed = self.rms_norm(x, nw, c.a["eps"], nt.dtype)
+        ids, weights = self.moe_route(Call(Op.MOE_ROUTE, [normed, router, bias], _pick(c.a, Op.MOE_ROUTE),
+                                           [nt, *c.ins[2:]], c.outs[1:]))
+        return [normed, ids, weights]
+
+    def ew_chain(self, c: Call) -> str:
+        """Each step of the body through its op's lowering, typed as the IR types it (rounded to its dtype)."""
+        body = c.a["body"]
+        typed = types(body, c.ins)
+        values: dict = {}
+        for s in steps(body):
+            x = [c.x[i] if isinstance(i, int) else values[id(i)] for i in s.args]
+            ins = [c.ins[i] if isinstance(i, int) else typed[id(i)] for i in s.args]
+            values[id(s)] = self.emit(Call(s.op, x, s.all_attrs(), ins, [typed[id(s)]]))
+        return values[id(body)]
+
+
+
 def _np_dtype(dtype: DType):
     return {DType.F32: np.float32, DType.F16: np.float16, DType.F64: np.float64, DType.I64: np.int64,
             DType.I32: np.int32, DType.I16: np.int16, DType.I8: np.int8, DType.U8: np.uint8,
             DType.BOOL: np.bool_}[dtype]
+
+
+def _pick(attrs: dict, op: Op) -> dict:
+    """The attributes of ``op`` among ``attrs`` (a fused op's, for one of the ops it is made of)."""
+    return {k: attrs[k] for k in OPDEFS[op].attrs if k in attrs}
+
+
+# ---- the table ------------------------------------------------------------------------------------------------
+ONNX_OPS = {Op.ADD: "Add", Op.SUB: "Sub", Op.MUL: "Mul", Op.DIV: "Div", Op.NEG: "Neg", Op.EXP: "Exp",
+            Op.SIGMOID: "Sigmoid", Op.TANH: "Tanh", Op.COS: "Cos", Op.SIN: "Sin", Op.MATMUL: "MatMul"}
+"""Ops that are one ONNX op over the same inputs, without attributes."""
+
+
+def _one(op_type: str) -> Callable:
+    return lambda lw, c: lw.op(op_type, [v for v in c.x if v is not None])
+
+
+L = Lowering
+LOWERINGS: dict[Op, Callable] = {
+    **{op: _one(op_type) for op, op_type in ONNX_OPS.items()},
+    Op.PARAM: L.weight,
+    Op.WEIGHT: L.weight,
+    Op.CONSTANT: L.constant,
+    Op.RSQRT: lambda lw, c: lw.op("Reciprocal", [lw.op("Sqrt", c.x)]),
+    Op.POW: lambda lw, c: lw.op("Pow", [c.x[0], lw.scalar(c.a["exponent"], c.outs[0].dtype)]),
+    Op.SILU: lambda lw, c: lw.activation(c.x[0], SILU),
+    Op.GELU: lambda lw, c: lw.op("Gelu", c.x, approximate=c.a["approximate"]),
+    Op.CAST: lambda lw, c: lw.cast(c.x[0], c.a["dtype"]),
+    Op.MEAN: lambda lw, c: lw.reduce("ReduceMean", c),
+    Op.SUM: lambda lw, c: lw.reduce("ReduceSum", c),
+    Op.SOFTMAX: lambda lw, c: lw.op("Softmax", c.x, axis=c.a["dim"]),
+    Op.ARGMAX: lambda lw, c: lw.op("ArgMax", c.x, axis=c.a["dim"], keepdims=int(c.a["keepdim"])),
+    Op.TOPK: lambda lw, c: lw.op("TopK", [c.x[0], lw.const([c.a["k"]])], 2, axis=c.a["dim"],
+                                 largest=int(c.a["largest"])),
+    Op.RESHAPE: lambda lw, c: lw.op("Reshape", [c.x[0], lw.shape(c.a["shape"])]),
+    Op.TRANSPOSE: lambda lw, c: lw.op("Transpose", c.x, perm=list(c.a["perm"])),
+    Op.EXPAND: lambda lw, c: lw.op("Expand", [c.x[0], lw.shape(c.a["shape"])]),
+    Op.CONCAT: lambda lw, c: lw.op("Concat", c.x, axis=c.a["dim"]),
+    Op.SPLIT: lambda lw, c: lw.op("Split", [c.x[0], lw.shape(c.a["sizes"])], len(c.a["sizes"]), axis=c.a["dim"]),
+    Op.SLICE: L.slice,
+    Op.GATHER: lambda lw, c: lw.op("GatherElements", c.x, axis=c.a["dim"]),
+    Op.EMBEDDING: lambda lw, c: lw.op("Gather", c.x, axis=0),
+    Op.LINEAR: lambda lw, c: lw.linear(*c.x),
+    Op.RMS_NORM: lambda lw, c: lw.rms_norm(c.x[0], c.x[1], c.a["eps"], c.outs[0].dtype),
+    Op.RMS_NORM_LINEAR: L.rms_norm_linear,
+    Op.SWIGLU: lambda lw, c: lw.op("Mul", [lw.activation(c.x[0], c.a["act"]), c.x[1]]),
+    Op.ARM_MLP: L.arm_mlp,
+    Op.MOE_ROUTE: L.moe_route,
+    Op.MOE_SORT: lambda lw, c: lw.moe_sort(c.x[0], c.a["experts"]),
+    Op.GROUPED_GEMM: L.grouped_gemm,
+    Op.MOE_COMBINE: L.moe_combine,
+    Op.ROPE: L.rope,
+    Op.KV_CACHE_WRITE: L.cache_write,
+    Op.ATTENTION: L.attention,
+    Op.CACHED_ATTENTION: L.attention,
+    Op.ROPE_CACHE_WRITE: L.rope_cache_write,
+    Op.ROPE_CACHED_ATTENTION: L.rope_cached_attention,
+    Op.RMS_NORM_MOE_ROUTE: L.rms_norm_moe_route,
+    Op.EW_CHAIN: L.ew_chain,
+}
+"""Op -> ``lowering(lw, call)``: the ONNX name of the result, or a list of them."""
+
+NOT_LOWERED = frozenset({Op.MOE})  # the MoE block whole: moe_dispatch splits it into ops that have lowerings
+
+
+def _half_layout(a: dict) -> str | None:
+    return None if a["layout"] == "half" else "the ONNX backend lowers the half-split RoPE layout only"
+
+
+def _chain(a: dict) -> str | None:
+    return next((r for s in steps(a["body"]) if (r := refusal(s.op, s.all_attrs())) is not None), None)
+
+
+REFUSALS: dict[Op, Callable] = {Op.ROPE: _half_layout, Op.ROPE_CACHE_WRITE: _half_layout,
+                                Op.ROPE_CACHED_ATTENTION: _half_layout, Op.EW_CHAIN: _chain}
+"""Op -> ``check(attrs)``: why its lowering refuses these attribute values, or None."""
+
+
+def refusal(op: Op, attrs: dict) -> str | None:
+    """Why the ONNX backend does not lower ``op`` with ``attrs`` (defaults filled in), or None when it does."""
+    if op not in LOWERINGS:
+        return f"the ONNX backend has no lowering for {op}"
+    check = REFUSALS.get(op)
+    return check(attrs) if check is not None else None
+
+
+def gqa_applies(c: Call, contrib: bool) -> bool:
+    """A ``rope_cached_attention`` that lowers to GroupQueryAttention: com.microsoft ops allowed, no q/k norms,
+    half layout, causal, no window, a head size ONNX Runtime's kernel takes (a multiple of 16)."""
+    a = c.a
+    return contrib and c.x[7] is None and a["layout"] == "half" and a["causal"] and not a["window"] and \
+        c.ins[5].shape[3] % 16 == 0
 
 
 BF16_REFUSED = ("the ONNX backend runs f32 or f16 models (ONNX Runtime has no bf16 kernels on a CPU); "
@@ -662,28 +770,16 @@ def lower_graph(g: Graph, constants, contrib: bool = True, weight_bits: int | No
 
 
 def unsupported(g: Graph):
-    """``reason(node)``: why the ONNX backend cannot lower ``node`` of ``g``, or None when it can. A graph with bf16
-    values runs nowhere on ONNX Runtime (bf16 has no numpy type, ORT's CPU kernels no bf16): every node gets that
-    reason, so auto does not hand ONNX the index arithmetic between them. Otherwise each node is lowered alone by
-    one probe lowering (a Lowering per node took 0.42 s over SmolLM2's two graphs, one probe 0.07 s, one-off), made
-    afresh after a node fails (it may have left half its work behind)."""
+    """``reason(node)``: why the ONNX backend cannot lower ``node`` of ``g``, or None when it can (``refusal``). A
+    graph with bf16 values runs nowhere on ONNX Runtime (bf16 has no numpy type, ORT's CPU kernels no bf16): every
+    node but params and weights gets that reason, so auto does not hand ONNX the index arithmetic between them."""
     bf16 = any(t.dtype == DType.BF16 for t in g.types.values())
-    probe = None
 
     def reason(node: Node) -> str | None:
-        nonlocal probe
         if node.op in (Op.PARAM, Op.WEIGHT):
             return None
         if bf16:
             return BF16_REFUSED
-        if probe is None:
-            probe = Lowering(g, constants=None)
-            probe.names = {name: name for name in g.types}
-        try:
-            probe.lower(node)
-        except CompileError as e:
-            probe = None
-            return str(e)
-        return None
+        return refusal(node.op, node.all_attrs())
 
     return reason

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lowerlm.codegen.reference import ReferenceProgram, bind_symbols
+from lowerlm.ir.abi import POSITIONS, PREFILL, SEQ_LENS
 from lowerlm.ir.errors import CompileError, InputError
 from lowerlm.ir.graph import Node
 
@@ -62,10 +63,10 @@ class OnnxProgram(ReferenceProgram):
         so the runtime prefills such prompts one at a time) computes about (1 + C/S)/2 of that. Four chunks of at
         least 128 tokens were the fastest on a 2-core CPU with SmolLM2 (one-off, 512 to 2048 tokens, against 2, 3
         and 8; BENCHMARKS.md); shorter prompts run whole."""
-        if "prefill" not in [g.name for g in self.module.graphs]:
+        if PREFILL not in [g.name for g in self.module.graphs]:
             return None
-        self.session("prefill")
-        if not self._chunks["prefill"] or s < 2 * MIN_PREFILL_CHUNK:
+        self.session(PREFILL)
+        if not self._chunks[PREFILL] or s < 2 * MIN_PREFILL_CHUNK:
             return None
         return max(MIN_PREFILL_CHUNK, -(-s // PREFILL_CHUNKS))
 
@@ -92,7 +93,7 @@ class OnnxProgram(ReferenceProgram):
                 model, source, _ = self._model(g)  # lowered and written again
                 session = self._open(source)
             self._sessions[name] = session
-            positions = next((v for v in g.inputs if v.name == "positions"), None)
+            positions = next((v for v in g.inputs if v.name == POSITIONS), None)
             # GroupQueryAttention over more than one token takes runs of positions (lower.py, _check_chunk)
             self._chunks[name] = positions is not None and positions.type.shape[-1] != 1 and \
                 any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
@@ -159,7 +160,7 @@ class OnnxProgram(ReferenceProgram):
         env = dict(symbols or {})
         session = self.session(g.name)
         if self._chunks[g.name]:
-            self._check_chunk(g.name, torch.as_tensor(inputs["positions"]), torch.as_tensor(inputs["seq_lens"]))
+            self._check_chunk(g.name, torch.as_tensor(inputs[POSITIONS]), torch.as_tensor(inputs[SEQ_LENS]))
         # the state buffers are the runtime's, allocated once: their binding is made once and reused, so a decode
         # step only rebinds its three small inputs
         key = (inplace, tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in sorted(state.items())))

@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lowerlm.ir.abi import DECODE, INPUT_IDS, POSITIONS, SEQ_LENS
+
 DEFAULT_TARGET = "cuda:90:32"  # H100: backend, compute capability, warp size
 OPTIONS = ("num_warps", "num_stages")  # launch keywords that are compile options, not kernel arguments
 
@@ -167,13 +169,13 @@ def decode_step_launches(cm, batch: int, position: int) -> tuple:
     capture: one-time allocations happen there)."""
     dev = cm.program.device
     positions = torch.full((batch, 1), position, dtype=torch.long, device=dev)
-    inputs = {"input_ids": torch.zeros(batch, 1, dtype=torch.long, device=dev), "positions": positions,
-              "seq_lens": (positions[:, 0] + 1).to(torch.int32)}
+    inputs = {INPUT_IDS: torch.zeros(batch, 1, dtype=torch.long, device=dev), POSITIONS: positions,
+              SEQ_LENS: (positions[:, 0] + 1).to(torch.int32)}
     state = {name: buf[:batch] for name, buf in cm.generator.state.items()}
     with Recorder(execute=False):
-        cm.program.run("decode", inputs, state, inplace=True)
+        cm.program.run(DECODE, inputs, state, inplace=True)
     with Recorder(execute=False) as rec, TorchOps() as ops:
-        cm.program.run("decode", inputs, state, inplace=True)
+        cm.program.run(DECODE, inputs, state, inplace=True)
     return rec.launches, ops.launches
 
 

@@ -75,7 +75,7 @@ def arm_down_kernel(
 
 def arm_mlp(x, norm_weight, gate_m, up, down_scaled, mu, scale, residual=None, eps=1e-6, tau=0.0, act="silu"):
     """The ``arm_mlp`` op: x [..., H] -> [..., H]."""
-    from lowerlm.codegen.reference import arm_mlp as reference_arm_mlp
+    from lowerlm.ir.compute import arm_mlp as reference_arm_mlp
 
     lead, hidden = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, hidden).contiguous()

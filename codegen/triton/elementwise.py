@@ -1,12 +1,13 @@
-"""Generated Triton for the element-wise chains the fusions leave (Gemma's ``1 + w``, a model's own activation):
-a chain of single-use element-wise nodes becomes one kernel that reads each outside input once (broadcast
-through strides, 0 on broadcast axes) and writes only the chain's last result.
+"""Generated Triton for ``ew_chain`` nodes (the Triton tail's ``fuse_ew_chains`` makes one of every single-use
+chain of float element-wise nodes, a lone node included): the chain's body becomes one kernel that reads each
+operand once (broadcast through strides, 0 on broadcast axes) and writes only the body's result.
 
-Each node's result is rounded to its IR dtype, as torch rounds op by op, so bf16 chains match eager. The source
-is generated from the chain's structure, written to the compile cache (``<cache>/triton/chain_<digest>.py``,
-atomically) and imported from there, so a warm compile only imports it. Without a compile cache
-(``use_cache=False``, or a cache that cannot be written) the module is made from the source in memory, with a
-loader that hands the source to ``inspect`` (Triton reads a kernel's source through it): nothing is written.
+``EXPRS`` holds each element-wise op's Triton expression, one line per op. Each step of the body is rounded to its
+IR dtype, as torch rounds op by op, so bf16 chains match eager. The source is generated from the body and the
+operands' dtypes, written to the compile cache (``<cache>/triton/chain_<digest>.py``, atomically) and imported from
+there, so a warm compile only imports it. Without a compile cache (``use_cache=False``, or a cache that cannot be
+written) the module is made from the source in memory, with a loader that hands the source to ``inspect`` (Triton
+reads a kernel's source through it): nothing is written.
 """
 
 from __future__ import annotations
@@ -16,20 +17,20 @@ import importlib.abc
 import importlib.util
 import sys
 import warnings
+from typing import Callable
 
 import torch
 import triton
 
+from lowerlm.ir.body import Apply, steps, types
 from lowerlm.ir.cache import atomic_write, cache_root
 from lowerlm.ir.dtypes import DType
-from lowerlm.ir.graph import Node
 from lowerlm.ir.ops import Op
+from lowerlm.ir.types import TensorType
 
 _TL_DTYPE = {DType.F32: "tl.float32", DType.F16: "tl.float16", DType.BF16: "tl.bfloat16", DType.F64: "tl.float64",
              DType.I64: "tl.int64", DType.I32: "tl.int32", DType.I16: "tl.int16", DType.I8: "tl.int8",
              DType.U8: "tl.uint8", DType.BOOL: "tl.int1"}
-SUPPORTED = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.NEG, Op.EXP, Op.RSQRT, Op.POW, Op.SILU, Op.GELU,
-                       Op.SIGMOID, Op.TANH, Op.COS, Op.SIN, Op.CAST})
 
 
 def _pow(x: str, e: float) -> str:
@@ -42,37 +43,43 @@ def _pow(x: str, e: float) -> str:
     return f"tl.exp({e!r} * tl.log({x}))"
 
 
-def _expr(node: Node, a: list) -> str:
-    op = node.op
-    if op in (Op.ADD, Op.SUB, Op.MUL, Op.DIV):
-        return f"({a[0]} {dict([(Op.ADD, '+'), (Op.SUB, '-'), (Op.MUL, '*'), (Op.DIV, '/')])[op]} {a[1]})"
-    x = a[0]
-    return {
-        Op.NEG: lambda: f"(-{x})",
-        Op.EXP: lambda: f"tl.exp({x})",
-        Op.RSQRT: lambda: f"(1.0 / tl.sqrt({x}))",
-        Op.POW: lambda: _pow(x, node.attr("exponent")),
-        Op.SILU: lambda: f"({x} * tl.sigmoid({x}))",
-        Op.GELU: lambda: (f"(0.5 * {x} * (1.0 + tl.erf({x} * 0.7071067811865476)))"
-                          if node.attr("approximate") == "none" else
-                          f"(0.5 * {x} * (2.0 * tl.sigmoid(1.5957691216057308 * ({x} + 0.044715 * {x} * {x} * {x}))))"),
-        Op.SIGMOID: lambda: f"tl.sigmoid({x})",
-        Op.TANH: lambda: f"(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)",
-        Op.COS: lambda: f"tl.cos({x})",
-        Op.SIN: lambda: f"tl.sin({x})",
-        Op.CAST: lambda: x,
-    }[op]()
+def _gelu(x: str, approximate: str) -> str:
+    if approximate == "none":
+        return f"(0.5 * {x} * (1.0 + tl.erf({x} * 0.7071067811865476)))"
+    return f"(0.5 * {x} * (2.0 * tl.sigmoid(1.5957691216057308 * ({x} + 0.044715 * {x} * {x} * {x}))))"
 
 
-def chain_source(nodes: list, inputs: list, rank: int) -> str:
-    """Kernel source for ``nodes`` (topological order; the last is the result) over outside ``inputs``
-    (value names, in argument order) broadcast to an output of ``rank`` axes."""
+# op -> expression(argument expressions, attributes with defaults), computed in f32; the step's rounding to its
+# dtype is added around it (a cast is that rounding alone)
+EXPRS: dict[Op, Callable[[list, dict], str]] = {
+    Op.ADD: lambda a, at: f"({a[0]} + {a[1]})",
+    Op.SUB: lambda a, at: f"({a[0]} - {a[1]})",
+    Op.MUL: lambda a, at: f"({a[0]} * {a[1]})",
+    Op.DIV: lambda a, at: f"({a[0]} / {a[1]})",
+    Op.NEG: lambda a, at: f"(-{a[0]})",
+    Op.EXP: lambda a, at: f"tl.exp({a[0]})",
+    Op.RSQRT: lambda a, at: f"(1.0 / tl.sqrt({a[0]}))",
+    Op.POW: lambda a, at: _pow(a[0], at["exponent"]),
+    Op.SILU: lambda a, at: f"({a[0]} * tl.sigmoid({a[0]}))",
+    Op.GELU: lambda a, at: _gelu(a[0], at["approximate"]),
+    Op.SIGMOID: lambda a, at: f"tl.sigmoid({a[0]})",
+    Op.TANH: lambda a, at: f"(2.0 * tl.sigmoid(2.0 * {a[0]}) - 1.0)",
+    Op.COS: lambda a, at: f"tl.cos({a[0]})",
+    Op.SIN: lambda a, at: f"tl.sin({a[0]})",
+    Op.CAST: lambda a, at: a[0],
+}
+
+
+def chain_source(body: Apply, dtypes: list, rank: int) -> str:
+    """Kernel source for an ``ew_chain`` body over operands of ``dtypes`` (IR dtypes, operand order) broadcast to
+    an output of ``rank`` axes."""
+    n = len(dtypes)
     dims = [f"d{i}" for i in range(rank)]
-    strides = [f"s{j}_{i}" for j in range(len(inputs)) for i in range(rank)]
+    strides = [f"s{j}_{i}" for j in range(n) for i in range(rank)]
     lines = [
         "import triton", "import triton.language as tl", "", "",
         "@triton.jit",
-        f"def chain_kernel({', '.join([f'in{j}' for j in range(len(inputs))] + ['out', 'numel'] + dims + strides)}, "
+        f"def chain_kernel({', '.join([f'in{j}' for j in range(n)] + ['out', 'numel'] + dims + strides)}, "
         "BLOCK: tl.constexpr):",
         "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
         "    mask = offs < numel",
@@ -82,17 +89,17 @@ def chain_source(nodes: list, inputs: list, rank: int) -> str:
         lines.append(f"    i{i} = rem % d{i}" if i else f"    i{i} = rem")
         if i:
             lines.append(f"    rem = rem // d{i}")
-    names = {}
-    for j, v in enumerate(inputs):
+    for j in range(n):
         index = " + ".join(f"i{i} * s{j}_{i}" for i in range(rank)) or "0"
         lines.append(f"    x{j} = tl.load(in{j} + {index}, mask=mask).to(tl.float32)")
-        names[v] = f"x{j}"
-    for k, node in enumerate(nodes):
-        expr = _expr(node, [names[i] for i in node.args])
-        dtype = _TL_DTYPE[node.results[0].type.dtype]
-        lines.append(f"    v{k} = ({expr}).to({dtype}).to(tl.float32)  # {node.op.value}")
-        names[node.name] = f"v{k}"
-    lines.append(f"    tl.store(out + offs, v{len(nodes) - 1}.to(out.dtype.element_ty), mask=mask)")
+    typed = types(body, [TensorType(d, ()) for d in dtypes])  # each step's dtype (shapes do not matter here)
+    names: dict = {}
+    for k, step in enumerate(steps(body)):
+        expr = EXPRS[step.op]([names[id(a)] if isinstance(a, Apply) else f"x{a}" for a in step.args],
+                              step.all_attrs())
+        lines.append(f"    v{k} = ({expr}).to({_TL_DTYPE[typed[id(step)].dtype]}).to(tl.float32)  # {step.op.value}")
+        names[id(step)] = f"v{k}"
+    lines.append(f"    tl.store(out + offs, {names[id(body)]}.to(out.dtype.element_ty), mask=mask)")
     return "\n".join(lines) + "\n"
 
 

@@ -22,9 +22,10 @@ import triton.language as tl
 
 from lowerlm.codegen.triton import as_rows, interpreted, tile_for_sms
 from lowerlm.codegen.triton.rms_norm import rms_norm, rms_scale
+from lowerlm.ir.abi import GELU, GELU_TANH, SILU
 
 DOT_MAX_ROWS = 64  # rows_gemm_kernel takes up to this many rows; more go to torch's matmul
-ACTS = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
+ACTS = {"none": 0, SILU: 1, GELU: 2, GELU_TANH: 3}  # the kernels' ACT flag per activation
 
 
 @triton.jit

@@ -1,21 +1,31 @@
 """``TritonProgram``: runs a module's graphs with the Triton kernels.
 
-Each fused op goes to its kernel's launcher; ``rope`` whose k result only feeds a cache write, together with the
-matching v write, becomes one launch (``rope_cache_write``). Weights are evaluated once (weight expressions
-included) and kept on the program's device; state is updated in place (the runtime owns the buffers). Views,
-constants and the remaining core ops run as torch ops on the same device.
+``LAUNCHERS`` maps each op that has a kernel to its launcher, one entry per op; every other op (views, constants,
+core ops without a kernel, the unfused ``moe``) runs with its row's reference implementation on the program's
+device (``lowerlm.ir.fold.run_op``). The fusions the kernels take are IR ops the Triton tail makes
+(passes/backend.py: ``rope_cache_write``, ``rope_cached_attention``, ``rms_norm_moe_route``, ``ew_chain``), so
+what runs is what ``lowerlm dump-ir`` shows. Weights are evaluated once (weight expressions included) and kept on
+the program's device. With ``inplace`` state writes land in the given buffers (the runtime owns them); without it
+a launcher writes copies, as the reference backend does.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from lowerlm.codegen.reference import ReferenceProgram
+from lowerlm.codegen.triton import arm_mlp, attention, decode_attention, embedding, gemv, moe, rms_norm, rope, swiglu
+from lowerlm.codegen.triton.elementwise import chain_source, load_kernel, run_chain
+from lowerlm.ir.compute import route_attrs
 from lowerlm.ir.errors import CompileError
-from lowerlm.ir.graph import Graph, Node
+from lowerlm.ir.fold import by_slot
+from lowerlm.ir.graph import Node
 from lowerlm.ir.ops import Op
+from lowerlm.ir.shapes import evaluate
 
 
 def available(device) -> bool:
@@ -34,7 +44,108 @@ def check_available(device) -> None:
                            "interpreter")
 
 
-_MOE_OPS = frozenset({Op.MOE_ROUTE, Op.MOE_SORT, Op.GROUPED_GEMM, Op.MOE_COMBINE})
+@dataclass(slots=True)
+class Call:
+    """What a launcher reads: one node and its inputs' values."""
+
+    program: TritonProgram
+    node: Node
+    x: list  # the inputs by slot, None for an absent optional one
+    a: dict  # the attributes, defaults filled in
+    env: dict  # shape symbol bindings
+    inplace: bool  # state inputs are the runtime's buffers, to be written in place
+    # this run's side results by the name of the value they go with: a launcher leaves one for a later launcher
+    # (moe_sort each pair's row, under its order's name, for moe_combine); a fresh dict per run
+    scratch: dict
+
+    def state(self, slot: int) -> torch.Tensor:
+        """The state input in ``slot`` to write: the buffer itself in place, else a copy (functional state)."""
+        t = self.x[slot]
+        return t if self.inplace else t.clone()
+
+    def inv_freq(self) -> torch.Tensor:
+        return self.program.inv_freq(self.a["inv_freq"])
+
+
+# ---- launchers: Call -> the node's result(s) -------------------------------------------------------------------
+def _cached_attention(c: Call):
+    q, kc, vc, pos, lens = c.x
+    if q.shape[1] == 1:  # decode: split-K over the cache, GQA groups together
+        return decode_attention.decode_attention(q, kc, vc, pos, lens, c.a["scale"], c.a["causal"], c.a["window"])
+    return attention.cached_attention(q, kc, vc, pos, lens, c.a["scale"], c.a["causal"], c.a["window"])
+
+
+def _rope_cache_write(c: Call):
+    """One launch: q rotated (returned), k rotated into its cache, v copied into its own."""
+    q, k, v, pos, _, _ = c.x
+    kc, vc = c.state(4), c.state(5)
+    a = c.a
+    return rope.rope_cache_write(q, k, v, pos, a["heads"], c.inv_freq(), kc, vc, a["scaling"], a["layout"]), kc, vc
+
+
+def _head_norm(x, weight, eps):
+    """[B, S, H*D] normalised per head of D = len(weight) (Qwen3's q/k norms): one rms_norm launch."""
+    b, s, width = x.shape
+    return rms_norm.rms_norm(x.reshape(b, s, width // weight.shape[0], weight.shape[0]), weight, eps).reshape(x.shape)
+
+
+def _rope_cached_attention(c: Call):
+    """Decode (S = 1): one launch (the attention rotates q, normalises q and k first when the norms are given,
+    writes k and v and attends to the step's own key from registers). More queries: the head norms, one
+    ``rope_cache_write`` launch, the cached attention."""
+    q, k, v, pos, lens, _, _, q_norm, k_norm = c.x
+    kc, vc = c.state(5), c.state(6)
+    a = c.a
+    if q.shape[1] == 1:
+        norms = (q_norm, k_norm, a["eps"]) if q_norm is not None else None
+        out = decode_attention.decode_attention(q, kc, vc, pos, lens, a["scale"], a["causal"], a["window"],
+                                                new_k=k, new_v=v, inv_freq=c.inv_freq(), scaling=a["scaling"],
+                                                layout=a["layout"], qk_norm=norms)
+        return out, kc, vc
+    if q_norm is not None:
+        q, k = _head_norm(q, q_norm, a["eps"]), _head_norm(k, k_norm, a["eps"])
+    q = rope.rope_cache_write(q, k, v, pos, a["heads"], c.inv_freq(), kc, vc, a["scaling"], a["layout"])
+    return attention.cached_attention(q, kc, vc, pos, lens, a["scale"], a["causal"], a["window"]), kc, vc
+
+
+def _moe_sort(c: Call):
+    order, offsets, inverse = moe.moe_sort(c.x[0], c.a["experts"])
+    c.scratch[c.node.results[0].name] = inverse  # each pair's row: the combine reading this order needs it
+    return order, offsets
+
+
+def _moe_combine(c: Call):
+    y, order, like = c.x  # the sort's inverse when it ran in this run, else recomputed from the order
+    return moe.moe_combine(y, order, like, c.a["top_k"], inverse=c.scratch.get(c.node.inputs[1]))
+
+
+def _ew_chain(c: Call):
+    t = c.node.results[0].type
+    shape = [evaluate(d, c.env) for d in t.shape]
+    kernel = c.program.chain_kernel(c.a["body"], tuple(x.dtype for x in c.x), len(shape))
+    return run_chain(kernel, c.x, shape, t.dtype.to_torch(), c.program.device)
+
+
+LAUNCHERS: dict[Op, Callable[[Call], object]] = {
+    Op.EMBEDDING: lambda c: embedding.embedding(*c.x),
+    Op.RMS_NORM: lambda c: rms_norm.rms_norm(*c.x, c.a["eps"]),
+    Op.LINEAR: lambda c: gemv.linear(*c.x),
+    Op.RMS_NORM_LINEAR: lambda c: gemv.rms_norm_linear(*c.x, c.a["eps"], c.a["splits"], c.a["act"]),
+    Op.SWIGLU: lambda c: swiglu.swiglu(*c.x, c.a["act"]),
+    Op.ARM_MLP: lambda c: arm_mlp.arm_mlp(*c.x, c.a["eps"], c.a["tau"], c.a["act"]),
+    Op.ROPE: lambda c: rope.rope(*c.x, c.a["heads"], c.inv_freq(), c.a["scaling"], c.a["layout"]),
+    Op.KV_CACHE_WRITE: lambda c: rope.kv_cache_write(c.state(0), *c.x[1:]),
+    Op.ATTENTION: lambda c: attention.attention(*c.x, c.a["heads"], c.a["scale"], c.a["causal"], c.a["window"]),
+    Op.CACHED_ATTENTION: _cached_attention,
+    Op.ROPE_CACHE_WRITE: _rope_cache_write,
+    Op.ROPE_CACHED_ATTENTION: _rope_cached_attention,
+    Op.MOE_ROUTE: lambda c: moe.moe_route(*c.x, **route_attrs(c.a)),
+    Op.RMS_NORM_MOE_ROUTE: lambda c: moe.moe_route(c.x[0], *c.x[2:], **route_attrs(c.a), norm=(c.x[1], c.a["eps"])),
+    Op.MOE_SORT: _moe_sort,
+    Op.GROUPED_GEMM: lambda c: moe.grouped_gemm(*c.x, c.a["gather"], c.a["act"]),
+    Op.MOE_COMBINE: _moe_combine,
+    Op.EW_CHAIN: _ew_chain,
+}
 
 
 class TritonProgram(ReferenceProgram):
@@ -48,8 +159,10 @@ class TritonProgram(ReferenceProgram):
         check_available(device)
         self.device = device  # before the weights are evaluated: they land here
         self.cache = cache
+        self._chains: dict = {}  # (body, operand dtypes, rank) -> loaded chain kernel
+        self._scratch: dict = {}  # the running graph's Call.scratch
+        self._inv_freqs: dict = {}  # RoPE frequencies by attribute value, on the device
         super().__init__(module, {n: w.to(device) for n, w in weights.items()})
-        self._plans: dict = {}
 
     @staticmethod
     def resolve_device(device=None) -> torch.device:
@@ -60,222 +173,40 @@ class TritonProgram(ReferenceProgram):
             device = torch.device("cuda", torch.cuda.current_device())
         return device
 
-    def plan(self, g: Graph) -> dict:
-        """Launch fusions by node name: a ``rope`` whose k result only feeds a cache write, with the matching v
-        write, is one ``rope_cache_write`` launch; in decode, when its q result only feeds the cached attention
-        over those two caches, the attention takes all of it (``attend``). Element-wise chains are generated
-        kernels. Fused entries apply to in-place runs (the writes land in the state buffers)."""
-        if g.name in self._plans:
-            return self._plans[g.name]
-        plan: dict = {}
-        index = {n.name: i for i, n in enumerate(g.nodes)}
-        writes = [n for n in g.nodes if n.op is Op.KV_CACHE_WRITE]
-        owners = {s.name: s.owner for s in g.state}
-        for rope in (n for n in g.nodes if n.op is Op.ROPE):
-            k_out = rope.results[1].name
-            users = g.users.get(k_out, [])
-            if len(users) != 1 or users[0].op is not Op.KV_CACHE_WRITE or users[0].inputs[1] != k_out \
-                    or g.use_count(k_out) != 1:
-                continue
-            kwrite = users[0]
-            owner = owners.get(kwrite.inputs[0])
-            vwrites = [w for w in writes if w is not kwrite and owners.get(w.inputs[0]) == owner and owner
-                       and w.inputs[2] == kwrite.inputs[2] and index.get(w.inputs[1], -1) < index[rope.name]]
-            if len(vwrites) != 1:
-                continue
-            vwrite = vwrites[0]
-            plan[kwrite.name] = plan[vwrite.name] = "fused"
-            attn = self._attends(g, rope, kwrite, vwrite)
-            if attn is not None:
-                plan[rope.name] = ("rope_attend",)
-                head_dim = g.type_of(kwrite.inputs[0]).shape[-1]
-                q_src, q_norm = self._head_norm(g, rope.inputs[0], head_dim)
-                k_src, k_norm = self._head_norm(g, rope.inputs[1], head_dim)
-                norms = None
-                if q_norm and k_norm and q_norm[1] == k_norm[1]:  # both heads normed alike: into the kernel
-                    norms = (q_norm[0], k_norm[0], q_norm[1])
-                    plan.update({name: "in-attend" for name in q_norm[2] + k_norm[2]})
-                else:
-                    q_src, k_src = rope.inputs[0], rope.inputs[1]
-                plan[attn.name] = ("attend", rope, q_src, k_src, vwrite, norms)
-            else:
-                plan[rope.name] = ("rope_cache_write", kwrite, vwrite)
-        plan.update(self._plan_route_norms(g))
-        plan.update(self._plan_chains(g))
-        self._plans[g.name] = plan
-        return plan
+    def run(self, graph, inputs, state=None, symbols=None, inplace=False, observe=None):
+        """``ReferenceProgram.run`` with a fresh scratch for this run's launchers (``Call.scratch``): a program
+        runs one graph at a time."""
+        self._scratch = {}
+        try:
+            return super().run(graph, inputs, state, symbols, inplace, observe)
+        finally:
+            self._scratch = {}
 
-    @staticmethod
-    def _head_norm(g: Graph, name: str, head_dim):
-        """For ``name`` = reshape(rms_norm(reshape(x) to heads of head_dim, w)) back to rows, each step used once,
-        w in the activations' dtype (Qwen3's q/k norms): (x, (w, eps, [the three nodes])); else (name, None)."""
-        back = g.producer(name)
-        norm = g.producer(back.inputs[0]) if back is not None and back.op is Op.RESHAPE else None
-        split = g.producer(norm.inputs[0]) if norm is not None and norm.op is Op.RMS_NORM else None
-        if split is None or split.op is not Op.RESHAPE or len(norm.inputs) != 2 \
-                or any(g.use_count(n.results[0].name) != 1 for n in (split, norm, back)):
-            return name, None
-        heads = norm.results[0].type
-        if heads.rank != 4 or heads.shape[-1] != head_dim or g.type_of(norm.inputs[1]).dtype != heads.dtype:
-            return name, None
-        return split.inputs[0], (norm.inputs[1], norm.attr("eps"), [split.name, norm.name, back.name])
+    def prepare(self) -> None:
+        """Generate (or load from the compile cache) the kernel of every ``ew_chain`` now, not at its first run."""
+        for g in self.module.graphs:
+            for n in (n for n in g.nodes if n.op is Op.EW_CHAIN):
+                self.chain_kernel(n.attr("body"), tuple(g.type_of(v).dtype.to_torch() for v in n.inputs),
+                                  n.results[0].type.rank)
 
-    @staticmethod
-    def _attends(g: Graph, rope: Node, kwrite: Node, vwrite: Node):
-        """The decode cached attention that alone reads rope's q and the two written caches, else None."""
-        q_out = rope.results[0].name
-        users = g.users.get(q_out, [])
-        if len(users) != 1 or g.use_count(q_out) != 1 or rope.results[0].type.shape[1] != 1:
-            return None
-        attn = users[0]
-        new_caches = [kwrite.results[0].name, vwrite.results[0].name]
-        if attn.op is not Op.CACHED_ATTENTION or list(attn.inputs[:3]) != [q_out, *new_caches] \
-                or not attn.inputs[3] == rope.inputs[2] == kwrite.inputs[2]:
-            return None
-        if any(u is not attn for c in new_caches for u in g.users.get(c, [])):
-            return None
-        return attn
+    def execute(self, node: Node, args: list, env: dict, inplace: bool, values: dict):
+        launcher = LAUNCHERS.get(node.op)
+        if launcher is None:  # no kernel: the row's implementation, on this device
+            return super().execute(node, args, env, inplace, values)
+        return launcher(Call(self, node, by_slot(node, args), node.all_attrs(), env, inplace, self._scratch))
 
-    @staticmethod
-    def _plan_route_norms(g: Graph) -> dict:
-        """An ``rms_norm`` whose first user is a ``moe_route`` routing its result (an MoE layer's
-        post-attention norm) is computed by the route launch, which stores it for the later users (the experts'
-        GEMM reads it): one launch fewer per MoE layer."""
-        plan: dict = {}
-        for norm in (n for n in g.nodes if n.op is Op.RMS_NORM and len(n.inputs) == 2):
-            out = norm.results[0].name
-            users = g.users.get(out, [])
-            first = min(users, key=g.nodes.index) if users else None
-            if first is None or first.op is not Op.MOE_ROUTE or first.inputs[0] != out \
-                    or out in g.outputs or out in g.state_outputs \
-                    or g.type_of(norm.inputs[1]).dtype != norm.results[0].type.dtype:
-                continue
-            plan[norm.name] = "in-route"
-            plan[first.name] = ("route_norm", norm.inputs[0], norm.inputs[1], norm.attr("eps"), out)
-        return plan
+    def chain_kernel(self, body, dtypes: tuple, rank: int):
+        """The generated kernel of an ``ew_chain`` body over operands of torch ``dtypes``, for ``rank`` axes."""
+        from lowerlm.ir.dtypes import DType
 
-    def _plan_chains(self, g: Graph) -> dict:
-        """Single-use chains of element-wise nodes, each one generated kernel, keyed by the chain's last node."""
-        from lowerlm.codegen.triton.elementwise import SUPPORTED, chain_source, load_kernel
+        key = (body, dtypes, rank)
+        if key not in self._chains:
+            source = chain_source(body, [DType.from_torch(d) for d in dtypes], rank)
+            self._chains[key] = load_kernel(source, cache=self.cache)
+        return self._chains[key]
 
-        ew = {n.name: n for n in g.nodes if n.op in SUPPORTED and n.results[0].type.dtype.is_float}
-        returned = set(g.outputs) | set(g.state_outputs)
-        inner = {name for name, n in ew.items() if name not in returned and g.use_count(name) == 1
-                 and g.users[name][0].name in ew}
-        plan: dict = {}
-        for root in (n for name, n in ew.items() if name not in inner):
-            members, stack = [], [root]
-            while stack:
-                n = stack.pop()
-                members.append(n)
-                stack += [ew[v] for v in n.args if v in inner]
-            members.sort(key=lambda n: g.nodes.index(n))
-            names = {m.name for m in members}
-            inputs = list(dict.fromkeys(v for m in members for v in m.args if v not in names))
-            source = chain_source(members, inputs, root.results[0].type.rank)
-            plan[root.name] = ("chain", inputs, load_kernel(source, cache=self.cache))
-            plan.update({m.name: "in-chain" for m in members if m is not root})
-        return plan
-
-    def execute(self, node: Node, args: list, env: dict, inplace: bool, values: dict, plan: dict):
-        from lowerlm.codegen.triton import arm_mlp, attention, decode_attention, embedding, gemv, rms_norm, rope, swiglu
-        from lowerlm.codegen.triton.elementwise import run_chain
-        from lowerlm.ir.shapes import evaluate
-
-        op, a = node.op, node.all_attrs()
-        step = plan.get(node.name)
-        if isinstance(step, tuple) and step[0] == "chain":
-            _, inputs, kernel = step
-            t = node.results[0].type
-            return run_chain(kernel, [values[v] for v in inputs], [evaluate(d, env) for d in t.shape],
-                             t.dtype.to_torch(), self.device)
-        if step == "in-chain":
-            return None  # computed inside the generated kernel of the chain it belongs to
-        if step == "in-attend" and inplace:
-            return None  # a per-head norm the attention launch applies itself
-        if step == "in-route":
-            return None  # the route launch computes the norm (and stores it before any other user runs)
-        if isinstance(step, tuple) and step[0] == "route_norm":
-            from lowerlm.codegen.reference import route_attrs
-            from lowerlm.codegen.triton import moe
-
-            _, x, weight, eps, normed = step
-            values[normed], ids, weights = moe.moe_route(values[x], *self._slots(node, args)[1:], **route_attrs(a),
-                                                         norm=(values[weight], eps))
-            return ids, weights
-        if step is not None and inplace:
-            return self._run_fused(step, a, node, args, values)
-        if op is Op.EMBEDDING:
-            return embedding.embedding(*args)
-        if op is Op.RMS_NORM:
-            return rms_norm.rms_norm(*args, a["eps"])
-        if op is Op.LINEAR:
-            x, w, bias, residual = self._slots(node, args)
-            return gemv.linear(x, w, bias, residual)
-        if op is Op.RMS_NORM_LINEAR:
-            x, nw, w, bias, residual = self._slots(node, args)
-            return gemv.rms_norm_linear(x, nw, w, bias, residual, a["eps"], a["splits"], a["act"])
-        if op is Op.SWIGLU:
-            return swiglu.swiglu(*args, a["act"])
-        if op is Op.ARM_MLP:
-            return arm_mlp.arm_mlp(*self._slots(node, args), a["eps"], a["tau"], a["act"])
-        if op is Op.ROPE:
-            return rope.rope(*args, a["heads"], self._inv_freq(a["inv_freq"]), a["scaling"], a["layout"])
-        if op is Op.KV_CACHE_WRITE:
-            cache = args[0] if inplace else args[0].clone()
-            return rope.kv_cache_write(cache, args[1], args[2])
-        if op is Op.ATTENTION:
-            return attention.attention(*args, a["heads"], a["scale"], a["causal"], a["window"])
-        if op in _MOE_OPS:
-            from lowerlm.codegen.reference import route_attrs
-            from lowerlm.codegen.triton import moe
-
-            if op is Op.MOE_ROUTE:
-                return moe.moe_route(*self._slots(node, args), **route_attrs(a))
-            if op is Op.MOE_SORT:  # each pair's row rides along in the run's values, for the combine
-                order, offsets, values[f"{node.results[0].name}#inverse"] = moe.moe_sort(args[0], a["experts"])
-                return order, offsets
-            if op is Op.GROUPED_GEMM:
-                return moe.grouped_gemm(*self._slots(node, args), a["gather"], a["act"])
-            return moe.moe_combine(*args, a["top_k"], inverse=values.get(f"{node.inputs[1]}#inverse"))
-        if op is Op.CACHED_ATTENTION:
-            if args[0].shape[1] == 1:  # decode: split-K over the cache, GQA groups together
-                return decode_attention.decode_attention(*args, a["scale"], a["causal"], a["window"])
-            return attention.cached_attention(*args, a["scale"], a["causal"], a["window"])
-        return super().execute(node, args, env, inplace, values, plan)
-
-    def _run_fused(self, step, a: dict, node: Node, args: list, values: dict):
-        """A node of a planned fusion (in-place runs): the launch happens at ``rope_cache_write`` or ``attend``."""
-        from lowerlm.codegen.triton import decode_attention, rope
-
-        if step == "fused":
-            return values[node.inputs[0]]  # the cache buffer, written in place by the fused launch
-        kind = step[0]
-        if kind == "rope_attend":
-            return None, None  # the attention launch rotates q and k itself
-        if kind == "rope_cache_write":
-            kwrite, vwrite = step[1:]
-            q, k, positions = args
-            q_out = rope.rope_cache_write(q, k, values[vwrite.inputs[1]], positions, a["heads"],
-                                          self._inv_freq(a["inv_freq"]), values[kwrite.inputs[0]],
-                                          values[vwrite.inputs[0]], a["scaling"], a["layout"])
-            return q_out, None
-        rope_node, q_src, k_src, vwrite, norms = step[1:]  # attend
-        r = rope_node.all_attrs()
-        qk_norm = (values[norms[0]], values[norms[1]], norms[2]) if norms else None
-        return decode_attention.decode_attention(
-            values[q_src], args[1], args[2], args[3], args[4], a["scale"], a["causal"], a["window"],
-            new_k=values[k_src], new_v=values[vwrite.inputs[1]], inv_freq=self._inv_freq(r["inv_freq"]),
-            scaling=r["scaling"], layout=r["layout"], qk_norm=qk_norm)
-
-    @staticmethod
-    def _slots(node: Node, args: list) -> list:
-        from lowerlm.ir.fold import by_slot
-
-        return by_slot(node, args)
-
-    def _inv_freq(self, values) -> torch.Tensor:
-        key = ("inv_freq", values)
-        if key not in self._constants:
-            self._constants[key] = torch.tensor(values, dtype=torch.float32, device=self.device)
-        return self._constants[key]
+    def inv_freq(self, values) -> torch.Tensor:
+        """RoPE's frequencies as a tensor on the device, made once per attribute value."""
+        if values not in self._inv_freqs:
+            self._inv_freqs[values] = torch.tensor(values, dtype=torch.float32, device=self.device)
+        return self._inv_freqs[values]
