@@ -665,8 +665,19 @@ def _pick(attrs: dict, op: Op) -> dict:
 
 
 # ---- the table ------------------------------------------------------------------------------------------------
-ONNX_OPS = {Op.ADD: "Add", Op.SUB: "Sub", Op.MUL: "Mul", Op.DIV: "Div", Op.NEG: "Neg", Op.EXP: "Exp",
-            Op.SIGMOID: "Sigmoid", Op.TANH: "Tanh", Op.COS: "Cos", Op.SIN: "Sin", Op.MATMUL: "MatMul"}
+ONNX_OPS = {
+    Op.ADD: "Add",
+    Op.SUB: "Sub",
+    Op.MUL: "Mul",
+    Op.DIV: "Div",
+    Op.NEG: "Neg",
+    Op.EXP: "Exp",
+    Op.SIGMOID: "Sigmoid",
+    Op.TANH: "Tanh",
+    Op.COS: "Cos",
+    Op.SIN: "Sin",
+    Op.MATMUL: "MatMul",
+}
 """Ops that are one ONNX op over the same inputs, without attributes."""
 
 
