@@ -271,6 +271,7 @@ ATEN = {
     "topk": _topk, "argmax": _argmax, "mm": _matmul, "bmm": _matmul, "matmul": _matmul,
     "linear": _linear, "embedding": _embedding, "gather": _gather,
     "scalar_tensor": _scalar_tensor, "full": _full,
+    "relu": _unary(Op.RELU),
 }
 
 

@@ -159,6 +159,7 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
     _d(Op.TANH, _X, r.unary_float, "tanh(x)", impl=lambda x: torch.tanh(x), traits=_EW1),
     _d(Op.COS, _X, r.unary_float, "cos(x)", impl=lambda x: torch.cos(x), traits=_EW1),
     _d(Op.SIN, _X, r.unary_float, "sin(x)", impl=lambda x: torch.sin(x), traits=_EW1),
+    _d(Op.RELU, _X, r.unary_float, "max(x, 0)", impl=lambda x: torch.relu(x), traits=_EW1),
     _d(Op.CAST, _X, lambda ts, a: [ts[0].with_dtype(a["dtype"])], "conversion to dtype",
        {"dtype": AttrSpec(K.DTYPE)}, impl=lambda x, dtype: x.to(dtype.to_torch()), traits=_EW1),
     _d(Op.MEAN, _X, r.reduce, "mean over dims", {"dims": AttrSpec(K.INTS), "keepdim": AttrSpec(K.BOOL, False)},

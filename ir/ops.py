@@ -28,6 +28,7 @@ class Op(enum.Enum):
     TANH = "tanh"
     COS = "cos"
     SIN = "sin"
+    RELU = "relu"
     CAST = "cast"
     # ---- reductions
     MEAN = "mean"

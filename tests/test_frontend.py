@@ -168,9 +168,9 @@ def test_plain_module_compiles():
 
 
 class _GptBlock(torch.nn.Module):
-    def __init__(self, d: int, heads: int):
+    def __init__(self, d: int, heads: int, act=torch.nn.functional.gelu):
         super().__init__()
-        self.heads = heads
+        self.heads, self.act = heads, act
         self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
         self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
         self.fc, self.out = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
@@ -181,17 +181,17 @@ class _GptBlock(torch.nn.Module):
                    for y in self.qkv(self.ln1(x)).split(d, dim=2))
         y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).contiguous().view(b, t, d))
-        return x + self.out(torch.nn.functional.gelu(self.fc(self.ln2(x))))
+        return x + self.out(self.act(self.fc(self.ln2(x))))
 
 
 class _NanoGpt(torch.nn.Module):
     """A plain GPT the way nanoGPT writes one: learned positions numbered by ``arange`` (no ``position_ids``),
     LayerNorm, biased projections, q/k/v split from one projection, causal sdpa, GeLU, a tied head."""
 
-    def __init__(self, vocab=64, d=32, heads=4, layers=2, max_len=64, ids_scale=None):
+    def __init__(self, vocab=64, d=32, heads=4, layers=2, max_len=64, ids_scale=None, act=torch.nn.functional.gelu):
         super().__init__()
         self.wte, self.wpe = torch.nn.Embedding(vocab, d), torch.nn.Embedding(max_len, d)
-        self.blocks = torch.nn.ModuleList([_GptBlock(d, heads) for _ in range(layers)])
+        self.blocks = torch.nn.ModuleList([_GptBlock(d, heads, act) for _ in range(layers)])
         self.ln_f = torch.nn.LayerNorm(d)
         self.head = torch.nn.Linear(d, vocab, bias=False)
         self.head.weight = self.wte.weight
@@ -243,6 +243,24 @@ def test_a_plain_nanogpt_compiles(backend):
     assert (cm(ids).cpu() - want).abs().max() <= 1e-4 * want.abs().max()
     prompt = [5, 7, 9, 11, 3]
     assert [s[0] for s in cm.generate_ids([prompt], 16, stop_ids=[])] == _eager_greedy(model, prompt, 16)
+
+
+@pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
+def test_a_relu_mlp_compiles(backend):
+    """ReLU (the op added as issue 20's proof that a new element-wise op is its row plus one line per backend):
+    logits and greedy tokens as eager's, on each backend; on Triton it runs inside the generated chain kernels."""
+    model = _nano_gpt(act=torch.relu)
+    cm = lowerlm.compile_model(model, backend=backend, max_seq_len=64, use_cache=False)
+    assert sum(n.op is Op.RELU for n in cm.imported.graphs[0].nodes) == 2
+    if backend == "triton":
+        bodies = [str(n.attr("body")) for g in cm.ir.graphs for n in g.nodes if n.op is Op.EW_CHAIN]
+        assert any("RELU" in b for b in bodies)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids)
+    assert (cm(ids).cpu() - want).abs().max() <= 1e-4 * want.abs().max()
+    prompt = [5, 7, 9, 11, 3]
+    assert [s[0] for s in cm.generate_ids([prompt], 8, stop_ids=[])] == _eager_greedy(model, prompt, 8)
 
 
 def test_layer_norm_of_a_bf16_model_is_computed_in_f32():

@@ -676,6 +676,7 @@ ONNX_OPS = {
     Op.TANH: "Tanh",
     Op.COS: "Cos",
     Op.SIN: "Sin",
+    Op.RELU: "Relu",
     Op.MATMUL: "MatMul",
 }
 """Ops that are one ONNX op over the same inputs, without attributes."""

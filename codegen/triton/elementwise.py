@@ -66,6 +66,7 @@ EXPRS: dict[Op, Callable[[list, dict], str]] = {
     Op.TANH: lambda a, at: f"(2.0 * tl.sigmoid(2.0 * {a[0]}) - 1.0)",
     Op.COS: lambda a, at: f"tl.cos({a[0]})",
     Op.SIN: lambda a, at: f"tl.sin({a[0]})",
+    Op.RELU: lambda a, at: f"tl.where({a[0]} < 0.0, 0.0, {a[0]})",
     Op.CAST: lambda a, at: a[0],
 }
 
