@@ -59,9 +59,10 @@ class CompiledModel:
         empty stage)."""
         ran = [r.name for r in self.records]
         if after not in ("all", "none") and after not in ran:
-            from lowerlm.passes import PIPELINE
+            from lowerlm.passes import PASSES, PIPELINE
 
-            why = "did not run in this compile" if after in dict(PIPELINE) else "is not a pass"
+            known = after in dict(PIPELINE) or after in PASSES  # a tail pass runs only for its backend
+            why = "did not run in this compile" if known else "is not a pass"
             raise InputError(f"dump(after={after!r}): '{after}' {why}; give 'all', 'none' (as imported) or one of the "
                              f"passes that ran: {', '.join(ran) or 'none ran'}")
         for header, module in self.stages():

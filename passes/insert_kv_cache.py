@@ -23,6 +23,7 @@ from __future__ import annotations
 from lowerlm.ir.abi import CACHE_LEN, SEQ, short_path
 from lowerlm.ir.errors import PassError
 from lowerlm.ir.graph import Graph, GraphBuilder, Node
+from lowerlm.ir.opdefs import OPDEFS, Trait
 from lowerlm.ir.ops import Op
 from lowerlm.ir.shapes import free_symbols, sym
 from lowerlm.ir.types import TensorType
@@ -43,7 +44,7 @@ def _axes(node: Node, attr: str, rank: int) -> list:
 
 def _mixes(g: Graph, node: Node) -> str | None:
     """Why ``node`` combines values of different tokens, or None."""
-    if node.op in (Op.ATTENTION, Op.CACHED_ATTENTION) or not node.args:
+    if Trait.MIXES_TOKENS in OPDEFS[node.op].traits or not node.args:  # attention: mixing is what it declares
         return None
     x = g.type_of(node.args[0])
     if sum(_seq(d) for d in node.results[0].type.shape) > 1:

@@ -342,6 +342,8 @@ def test_dump_names_the_choices(compiled):
         compiled.dump(after="bogus")
     with pytest.raises(InputError, match="'arm' did not run in this compile"):
         compiled.dump(after="arm")
+    with pytest.raises(InputError, match="'fuse_ew_chains' did not run in this compile"):  # the Triton tail's
+        compiled.dump(after="fuse_ew_chains")
     out = io.StringIO()
     compiled.dump(after="none", file=out)
     assert out.getvalue().startswith("// imported\n") and "// after" not in out.getvalue()
