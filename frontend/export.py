@@ -82,6 +82,22 @@ def accepts_positions(model: torch.nn.Module) -> bool:
         return False
 
 
+def check_position_numbering(wrapper: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> None:
+    """Refuse a model whose logits without ``position_ids`` differ from those with ``positions`` (0..S-1, what
+    lowerlm feeds): it numbers positions itself in a way the IR does not model (RoBERTa-style models count from
+    ``padding_idx + 1`` and skip padding tokens), and compiling it would give other logits with no error."""
+    own, given = wrapper(ids), wrapper(ids, positions)
+    scale = max(float(own.abs().max()), 1e-30)
+    if own.shape == given.shape and float((own - given).abs().max()) <= 1e-5 * scale:
+        return
+    model = getattr(wrapper, WRAPPER_ATTR)
+    raise UnsupportedOpError(
+        f"{type(model).__name__}'s own position numbering", "",
+        "without position_ids its logits differ from those at positions 0..S-1, the positions lowerlm feeds "
+        "(RoBERTa-style models count from padding_idx + 1 and skip padding tokens); lowerlm does not model that "
+        "numbering yet. If 0..S-1 is what you want, wrap the model in a module that passes position_ids")
+
+
 def config_value(model, *names, default=None):
     cfg = getattr(model, "config", None)
     for n in names:
@@ -174,6 +190,8 @@ def export_model(model: torch.nn.Module, vocab_size: int | None = None):
     wrapper = _Wrapper(model, with_positions)
     with warnings.catch_warnings(), torch.no_grad(), _sdpa_with_gqa(), _without_kv_cache(hf):
         warnings.simplefilter("ignore")
+        if with_positions:  # the positions input must mean what the model's own numbering means
+            check_position_numbering(wrapper, ids, example["position_ids"])
         try:
             ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)
         except LowerlmError:  # a capture's own error, already one line for the user

@@ -520,3 +520,24 @@ def test_a_model_that_mixes_tokens_outside_attention_is_refused_not_decoded_wron
     cm = lowerlm.compile_model(model, backend="reference", passes=["canonicalize"], use_cache=False)
     ids = torch.randint(0, 32, (2, 5))
     torch.testing.assert_close(cm(ids), model(ids))
+
+
+_OWN_POSITIONS = ["Roberta", "Camembert", "XLMRoberta", "XLMRobertaXL", "RobertaPreLayerNorm", "Data2VecText"]
+
+
+@pytest.mark.parametrize("family", _OWN_POSITIONS)
+def test_a_model_numbering_its_own_positions_is_refused_at_compile_time(family):
+    """These number positions from input_ids (padding_idx + 1 onward, padding tokens skipped): fed 0..S-1 they
+    compiled and gave other logits with no error (issue 21). Now compile_model refuses them, naming the model."""
+    import transformers
+
+    cfg = getattr(transformers, family + "Config")(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=64,
+                                                   max_position_embeddings=80, is_decoder=True)
+    torch.manual_seed(0)
+    model = getattr(transformers, family + "ForCausalLM")(cfg).eval()
+    with pytest.raises(lowerlm.errors.UnsupportedOpError) as e:
+        lowerlm.compile_model(model, backend="reference", use_cache=False, tokenizer=False)
+    msg = str(e.value)
+    assert f"{family}ForCausalLM's own position numbering" in msg and "\n" not in msg
+    assert "wrap the model in a module that passes position_ids" in msg
