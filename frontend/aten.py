@@ -120,6 +120,11 @@ def _to_copy(imp, node, kw):
     return x if dtype is None else imp.cast(x, DType.from_torch(dtype), source=(imp.path(node),))
 
 
+def _type_as(imp, node, kw):
+    """``self.type_as(other)``: self cast to other's dtype (Gemma's norms cast back to the input's)."""
+    return imp.cast(imp.value(kw["self"]), imp.b.types[imp.value(kw["other"])].dtype, source=(imp.path(node),))
+
+
 def _identity(imp, node, kw):
     return imp.value(kw["self"])
 
@@ -226,6 +231,27 @@ def _matmul(imp, node, kw):
     return imp.emit(node, Op.MATMUL, [a, b])
 
 
+def _addmm(imp, node, kw):
+    """``self + mat1 @ mat2`` with ``self`` a bias row (GPT-2's Conv1D, its weight stored [in, out]): a ``linear``
+    over the weight's transpose, a load-time weight expression when it is a parameter, so the projection reaches
+    the linear kernels and fusions. Other forms (beta or alpha not 1, a 2-D ``self``) are refused."""
+    bias, x, w = imp.value(kw["self"]), imp.value(kw["mat1"]), imp.value(kw["mat2"])
+    wt, bt = imp.b.types[w], imp.b.types[bias]
+    if kw.get("beta", 1) != 1 or kw.get("alpha", 1) != 1 or bt.rank != 1 or bt.shape[0] != wt.shape[1]:
+        raise UnsupportedOpError(op_name(node), imp.path(node), "only bias + mat1 @ mat2 with a bias row (beta and "
+                                 "alpha 1) imports, as a linear")
+    producer = next((n for n in reversed(imp.b.nodes) if w in n.result_names), None)
+    if producer is not None and producer.op is Op.PARAM:
+        from lowerlm.ir.types import TensorType
+        from lowerlm.ir.weights import Param, Transpose
+
+        w = imp.b.add(Op.WEIGHT, [], {"expr": Transpose(Param(producer.attrs["name"]))}, name=w + "_t",
+                      types=[TensorType(wt.dtype, (wt.shape[1], wt.shape[0]))], source=(imp.path(node),))
+    else:
+        w = imp.b.add(Op.TRANSPOSE, [w], {"perm": [1, 0]}, name=w + "_t", source=(imp.path(node),))
+    return imp.emit(node, Op.LINEAR, [x, w, bias])
+
+
 def _linear(imp, node, kw):
     bias = kw.get("bias")
     inputs = [imp.value(kw["input"]), imp.value(kw["weight"])] + ([imp.value(bias)] if bias is not None else [])
@@ -272,6 +298,7 @@ ATEN = {
     "linear": _linear, "embedding": _embedding, "gather": _gather,
     "scalar_tensor": _scalar_tensor, "full": _full,
     "relu": _unary(Op.RELU),
+    "type_as": _type_as, "addmm": _addmm,
 }
 
 

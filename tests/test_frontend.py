@@ -541,3 +541,40 @@ def test_a_model_numbering_its_own_positions_is_refused_at_compile_time(family):
     msg = str(e.value)
     assert f"{family}ForCausalLM's own position numbering" in msg and "\n" not in msg
     assert "wrap the model in a module that passes position_ids" in msg
+
+
+def _tiny_hf(model_type: str, **kw):
+    """A tiny transformers causal LM of ``model_type`` with random norm weights and biases (so a dropped term
+    cannot match by accident)."""
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                            max_position_embeddings=128, head_dim=8, **kw)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5) if "norm" in name or "ln" in name else p.uniform_(-0.2, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
+@pytest.mark.parametrize("model_type", ["gemma", "gpt2", "cohere"])
+def test_families_unlocked_for_issue_21(model_type, backend):
+    """``type_as`` (Gemma's norms cast back to the input's dtype) imports as a cast, ``addmm`` (GPT-2's Conv1D,
+    weight stored [in, out]) as a linear over a load-time transpose of the weight, and Cohere's interleaved RoPE
+    lowers on ONNX too: logits and greedy tokens as eager's on every backend."""
+    model = _tiny_hf(model_type)
+    cm = lowerlm.compile_model(model, backend=backend, max_seq_len=64, use_cache=False, tokenizer=False)
+    if model_type == "gpt2":
+        weights = [n for n in cm.imported.graphs[0].nodes if n.op is Op.WEIGHT]
+        assert weights and all(type(n.attrs["expr"]).__name__ == "Transpose" for n in weights)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    assert (cm(ids).cpu() - want).abs().max() <= 1e-4 * want.abs().max()
+    prompt = [5, 7, 9, 11, 3]
+    assert [s[0] for s in cm.generate_ids([prompt], 8, stop_ids=[])] == _eager_greedy(
+        lambda x: model(x).logits, prompt, 8)

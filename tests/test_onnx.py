@@ -662,18 +662,16 @@ def test_rope_cache_write_lowers_as_its_composition():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_interleaved_rope_is_refused_by_declaration():
-    """The fused ops that rotate refuse the interleaved layout as rope does: ``unsupported`` says so from the
-    table, and the lowering raises the same message."""
-    import lowerlm.ir as ir
-    from lowerlm.codegen.onnx.lower import lower_graph, unsupported
-    from lowerlm.ir.errors import CompileError
-
-    for op in ("rope_cache_write", "rope_cached_attention"):
-        g = ir.verify_module(ir.parse_module(_attention_text(op, "S", layout="interleaved"))).graphs[0]
-        assert unsupported(g)(g.nodes[0]) == "the ONNX backend lowers the half-split RoPE layout only"
-        with pytest.raises(CompileError, match="half-split RoPE layout only"):
-            lower_graph(g, constants=None)
+@pytest.mark.parametrize("freqs", [8, 3])  # every dim rotates; 6 of 16
+@pytest.mark.parametrize("op", ["rope_cache_write", "rope_cached_attention"])
+def test_interleaved_rope_lowers(op, freqs):
+    """The interleaved layout (even dims rotate against odd ones: GPT-J, Cohere) lowers too, through the fused
+    ops' compositions (GroupQueryAttention takes the half layout only): the reference's results."""
+    feeds = _attention_feeds(3, [0, 2], [3, 5])
+    ops, got, want = _lower_and_run(_attention_text(op, "S", layout="interleaved", freqs=freqs), feeds)
+    assert "GroupQueryAttention" not in ops
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 ROUTE_NORM = """\
@@ -727,9 +725,8 @@ def test_ew_chain_lowers_each_step():
 
 
 def test_unsupported_answers_from_the_table():
-    """``unsupported`` on the test models, as the probe lowering answered before: a Llama's graphs lower whole; with
-    the interleaved RoPE only the ropes are refused; in bf16 every node but params and weights; the unfused moe
-    block has no lowering."""
+    """``unsupported`` on the test models: a Llama's graphs lower whole, with either RoPE layout; in bf16 every node
+    but params and weights is refused; the unfused moe block has no lowering."""
     import dataclasses
 
     from lowerlm.codegen.onnx.lower import BF16_REFUSED, unsupported
@@ -747,7 +744,7 @@ def test_unsupported_answers_from_the_table():
     interleaved = dataclasses.replace(llama, graphs=tuple(
         g.with_(nodes=tuple(n.with_(attrs=type(n.attrs)(dict(n.attrs, layout="interleaved"))) if n.op is Op.ROPE
                             else n for n in g.nodes)) for g in llama.graphs))
-    assert reasons(interleaved) == {Op.ROPE: "the ONNX backend lowers the half-split RoPE layout only"}
+    assert reasons(interleaved) == {}
     bf16 = lowerlm.compile_model(tiny_model("llama").to(torch.bfloat16), backend="reference", dtype=torch.bfloat16,
                                  max_seq_len=64).ir
     assert set(reasons(bf16).values()) == {BF16_REFUSED}

@@ -5,8 +5,6 @@ devices are counted."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -23,29 +21,27 @@ from .conftest import tiny_model
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, auto prefers Triton, which runs all")
 
 
-def _interleaved(module):
-    """The module with every RoPE switched to the interleaved layout, which the ONNX backend does not lower."""
-    def graph(g):
-        return g.with_(nodes=tuple(n.with_(attrs=type(n.attrs)(dict(n.attrs, layout="interleaved")))
-                                   if n.op is Op.ROPE else n for n in g.nodes))
-    return dataclasses.replace(module, graphs=tuple(graph(g) for g in module.graphs))
+def rope_off(node):
+    """Keeps every RoPE off the preferred backend (``AutoProgram``'s ``exclude``): a node it could run, placed on
+    the reference backend as one it lacks would be."""
+    return "kept off ONNX for the test" if node.op is Op.ROPE else None
 
 
 @pytest.fixture(scope="module")
 def interleaved():
     cm = lowerlm.compile_model(tiny_model("llama"), backend="reference", max_batch=3, max_seq_len=64)
-    return cm, _interleaved(cm.ir)
+    return cm, cm.ir
 
 
 def test_unsupported_ops_fall_back_one_partition_each(interleaved):
     cm, module = interleaved
-    program = AutoProgram(module, cm.weights)
+    program = AutoProgram(module, cm.weights, exclude=rope_off)
     lines = program.describe()
     assert lines[0] == "preferred backend: onnx on cpu"
     decode = lines[lines.index("decode: 5 partitions, 0 cross-device copies per run"):]
     assert decode[1].startswith("  decode.p0: onnx on cpu, 3 nodes (%embed_tokens .. %L0.vcache1); in 3, out 3")
     assert decode[2] == ("  decode.p1: reference on cpu, 1 node (%L0.self_attn.q_rope); in 3, out 2; fallback for "
-                         "rope: the ONNX backend lowers the half-split RoPE layout only")
+                         "rope: kept off ONNX for the test")
     assert [p.backend for p in program.plan()["decode"].parts] == ["onnx", "reference"] * 2 + ["onnx"]
     rope_part = program.plan()["decode"].parts[1].graph
     assert [v.name for v in rope_part.inputs] == ["L0.q_proj", "L0.k_proj", "positions"]
@@ -64,8 +60,8 @@ def test_partitioned_program_equals_the_reference_backend(interleaved):
     mask[1, 6:] = 0
     prompts = [[5, 7, 9, 11, 3], [8, 1, 4], [2, 9, 9, 9, 9, 9, 30]]
     results = {}
-    for name, program in (("auto", AutoProgram(module, cm.weights)), ("reference", ReferenceProgram(module,
-                                                                                                     cm.weights))):
+    for name, program in (("auto", AutoProgram(module, cm.weights, exclude=rope_off)),
+                          ("reference", ReferenceProgram(module, cm.weights))):
         cm.program, cm._generator = program, None  # the same compiled model, run by each program
         with torch.no_grad():
             results[name] = (cm(ids), cm(ids, attention_mask=mask),
@@ -114,12 +110,12 @@ def test_a_state_write_waits_for_every_reader_of_the_version_it_overwrites():
 
 
 def test_cross_device_copies_are_counted():
-    module = _interleaved(lowerlm.compile_model(tiny_model("llama"), backend="reference").ir)
+    module = lowerlm.compile_model(tiny_model("llama"), backend="reference").ir
     from lowerlm.codegen.onnx.lower import unsupported
 
     g = module.graph("decode")
     reason = unsupported(g)
-    plan = build(assign(g, ["onnx", "reference"], lambda b, node: reason(node)),
+    plan = build(assign(g, ["onnx", "reference"], lambda b, node: rope_off(node) or reason(node)),
                  {"": "cpu", "onnx": "cpu", "reference": "meta"})
     # per layer: q, k and positions to the rope's device, the rotated q and k back
     assert len(plan.copies) == 10
@@ -133,9 +129,12 @@ def test_cross_device_copies_are_counted():
         build(assign(g, ["onnx", "reference"], everything), {"": "cpu", "onnx": "cpu", "reference": "meta"})
 
 
-def test_the_onnx_backend_alone_names_what_it_lacks_and_points_to_auto(interleaved):
+def test_the_onnx_backend_alone_names_what_it_lacks_and_points_to_auto():
+    """When the program is built (compile_model), not at a graph's first run."""
     from lowerlm.codegen.onnx.program import OnnxProgram
 
-    cm, module = interleaved
-    with pytest.raises(CompileError, match=r"half-split RoPE layout only \(graph 'prefill'\); backend='auto'"):
-        OnnxProgram(module, cm.weights).prepare()
+    cm = lowerlm.compile_model(tiny_model("mixtral"), backend="reference", passes=["canonicalize"])
+    with pytest.raises(CompileError, match=r"no lowering for moe \(graph 'forward'\); backend='auto'"):
+        OnnxProgram(cm.ir, cm.weights)
+    with pytest.raises(CompileError, match=r"no lowering for moe \(graph 'forward'\); backend='auto'"):
+        lowerlm.compile_model(tiny_model("mixtral"), backend="onnx", passes=["canonicalize"])

@@ -418,10 +418,11 @@ class Lowering:
         return self.op("Reshape", [out, self.op("Shape", [like])])
 
     def rope(self, c: Call) -> list:
-        """Half-split layout only (``REFUSALS``)."""
+        """Both layouts: ``half`` rotates the first half of the rotary dims against the second, ``interleaved``
+        even dims against odd ones (pairs viewed as a trailing axis of 2)."""
         (q, k, positions), a = c.x, c.a
-        dtype = c.ins[0].dtype
-        cos, sin = self._cos_sin(positions, tuple(a["inv_freq"]), a["scaling"], dtype)
+        dtype, layout = c.ins[0].dtype, a["layout"]
+        cos, sin = self._cos_sin(positions, tuple(a["inv_freq"]), a["scaling"], dtype, layout)
         rdim = 2 * len(a["inv_freq"])
         outs = []
         for slot, value, heads in ((0, q, a["heads"][0]), (1, k, a["heads"][1])):
@@ -430,21 +431,34 @@ class Lowering:
             d = width // heads
             xh = self.op("Reshape", [value, self.shape([b, s, heads, d])])
             rot, rest = (xh, None) if rdim == d else self.op("Split", [xh, self.const([rdim, d - rdim])], 2, axis=-1)
-            x1, x2 = self.op("Split", [rot, self.const([rdim // 2, rdim // 2])], 2, axis=-1)
-            rotated = self.op("Concat", [self.op("Neg", [x2]), x1], axis=-1)
-            y = self.op("Add", [self.op("Mul", [rot, cos]), self.op("Mul", [rotated, sin])])
+            y = self.op("Add", [self.op("Mul", [rot, cos]), self.op("Mul", [self._rotated(rot, rdim, layout), sin])])
             if rest is not None:
                 y = self.op("Concat", [y, rest], axis=-1)
             outs.append(self.op("Reshape", [y, self.shape([b, s, width])]))
         return outs
 
-    def _cos_sin(self, positions, inv_freq, scaling, dtype):
-        """cos/sin [B, S, 1, R] for the positions: computed once per graph, shared by every layer."""
-        key = ("rope", positions, inv_freq, scaling, dtype)
+    def _rotated(self, rot: str, rdim: int, layout: str) -> str:
+        """rot's rotated partner (``ir/rope.py``'s ``rotate``) over its last axis of ``rdim``."""
+        if layout == "half":
+            x1, x2 = self.op("Split", [rot, self.const([rdim // 2, rdim // 2])], 2, axis=-1)
+            return self.op("Concat", [self.op("Neg", [x2]), x1], axis=-1)
+        pairs = self.op("Reshape", [rot, self.const([0, 0, 0, rdim // 2, 2])])  # [B, S, H, R/2, (even, odd)]
+        x1, x2 = self.op("Split", [pairs, self.const([1, 1])], 2, axis=-1)
+        return self.op("Reshape", [self.op("Concat", [self.op("Neg", [x2]), x1], axis=-1),
+                                   self.const([0, 0, 0, rdim])])
+
+    def _cos_sin(self, positions, inv_freq, scaling, dtype, layout: str = "half"):
+        """cos/sin [B, S, 1, R] for the positions: computed once per graph, shared by every layer. Each angle is
+        repeated as the layout pairs dims: the halves (half) or neighbours (interleaved)."""
+        key = ("rope", positions, inv_freq, scaling, dtype, layout)
         if key not in self._memo:
             inv = self.const(np.array(inv_freq, dtype=np.float32), dtype=np.float32)
             angle = self.op("Mul", [self.op("Unsqueeze", [self.cast(positions, DType.F32), self.const([-1])]), inv])
-            emb = self.op("Concat", [angle, angle], axis=-1)  # [B, S, R]
+            if layout == "half":
+                emb = self.op("Concat", [angle, angle], axis=-1)  # [B, S, R]
+            else:
+                pair = self.op("Unsqueeze", [angle, self.const([-1])])  # [B, S, R/2, 1]
+                emb = self.op("Reshape", [self.op("Concat", [pair, pair], axis=-1), self.const([0, 0, -1])])
             scale = self.scalar(scaling, DType.F32)
             self._memo[key] = tuple(
                 self.op("Unsqueeze", [self.cast(self.op("Mul", [self.op(f, [emb]), scale]), dtype), self.const([2])])
@@ -734,16 +748,11 @@ LOWERINGS: dict[Op, Callable] = {
 NOT_LOWERED = frozenset({Op.MOE})  # the MoE block whole: moe_dispatch splits it into ops that have lowerings
 
 
-def _half_layout(a: dict) -> str | None:
-    return None if a["layout"] == "half" else "the ONNX backend lowers the half-split RoPE layout only"
-
-
 def _chain(a: dict) -> str | None:
     return next((r for s in steps(a["body"]) if (r := refusal(s.op, s.all_attrs())) is not None), None)
 
 
-REFUSALS: dict[Op, Callable] = {Op.ROPE: _half_layout, Op.ROPE_CACHE_WRITE: _half_layout,
-                                Op.ROPE_CACHED_ATTENTION: _half_layout, Op.EW_CHAIN: _chain}
+REFUSALS: dict[Op, Callable] = {Op.EW_CHAIN: _chain}
 """Op -> ``check(attrs)``: why its lowering refuses these attribute values, or None."""
 
 

@@ -51,6 +51,7 @@ class OnnxProgram(ReferenceProgram):
         self.progress = progress
         # weights already on a 4-bit grid (a Q4 GGUF's) run as exact 4-bit MatMulNBits; weight_bits=4 puts all there
         self.packer = Packer(exact=weight_bits != 4)
+        self._check_lowerable()
         self._sessions: dict = {}
         self._bindings: dict = {}  # graph -> (state buffers' key, (IOBinding, state, OrtValues))
         self._chunks: dict = {}  # graph -> its attention takes runs of positions p0..p0+S-1 (_check_chunk)
@@ -98,6 +99,18 @@ class OnnxProgram(ReferenceProgram):
             self._chunks[name] = positions is not None and positions.type.shape[-1] != 1 and \
                 any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
         return self._sessions[name]
+
+    def _check_lowerable(self) -> None:
+        """Refuse now, when the program is built, a node the lowering table does not take (not at its graph's
+        first run): the table's answer is a lookup (``lower.unsupported``)."""
+        from lowerlm.codegen.onnx.lower import unsupported
+
+        for g in self.module.graphs:
+            reason = unsupported(g)
+            why = next((why for n in g.nodes if (why := reason(n)) is not None), None)
+            if why is not None:
+                raise CompileError(f"{why} (graph '{g.name}'); backend='auto' runs such ops on the reference "
+                                   "backend and the rest on ONNX")
 
     def _lower(self, g):
         from lowerlm.codegen.onnx.lower import lower_graph
