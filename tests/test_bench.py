@@ -38,3 +38,16 @@ def test_kernel_report_on_tiny_shapes():
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "_kernel" in line]
     assert {row.split(" | ")[0][2:] for row in rows} >= {"gemv_kernel", "decode_attention_kernel", "embedding_kernel"}
     assert all(row.endswith("| yes |") for row in rows), rows
+
+
+def test_arch_coverage_smoke():
+    """bench/arch_coverage.py builds architectures tiny, compiles them and compares with eager (the fast subset CI
+    runs; the full table is COVERAGE.md)."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "arch_coverage.py"), "--smoke"], capture_output=True,
+                         text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "| llama | match |" in out.stdout and "| gpt2 | match |" in out.stdout
+    assert "silent mismatches: 0." in out.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "arch_coverage.py"), "--only", "nonesuch"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "not in transformers' causal-LM registry: nonesuch" in bad.stderr
