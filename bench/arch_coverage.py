@@ -161,7 +161,8 @@ def main(argv=None) -> int:
         types, backends = ["llama", "gpt2"], ["reference"]
     unknown = [t for t in types if t not in names]
     if unknown:
-        print(f"arch_coverage.py: error: not in transformers' causal-LM registry: {', '.join(unknown)}", file=sys.stderr)
+        print(f"arch_coverage.py: error: not in transformers' causal-LM registry: {', '.join(unknown)}",
+              file=sys.stderr)
         return 2
     start = time.perf_counter()
     results = run(types, backends)
