@@ -31,6 +31,8 @@ TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_he
             n_head=4, n_positions=128, d_model=32, ffn_dim=64, moe_intermediate_size=32, num_experts=4,
             num_local_experts=4, num_experts_per_tok=2, n_routed_experts=4, first_k_dense_replace=1)
 SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
+MAX_PARAMS = 20_000_000  # a tiny build larger than this kept a size the config names differently
+TIMEOUT_S = 120  # per architecture and backend
 
 
 def registry() -> dict:
@@ -41,7 +43,8 @@ def registry() -> dict:
 
 
 def tiny(model_type: str):
-    """The architecture built tiny with random weights, in eval mode."""
+    """The architecture built tiny with random weights, in eval mode; raises when transformers cannot build it so
+    or its own forward fails on a 2x9 batch (then it is not counted as buildable)."""
     import transformers
 
     cfg = transformers.AutoConfig.for_model(model_type)
@@ -56,12 +59,17 @@ def tiny(model_type: str):
         v = getattr(text, k, None)
         if isinstance(v, int) and v >= TINY["vocab_size"]:
             setattr(text, k, 1)
+    with torch.device("meta"):  # sized first: a config that ignores the tiny sizes could fill the memory
+        size = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(cfg).parameters())
+    if size > MAX_PARAMS:
+        raise ValueError(f"{size / 1e6:.0f}M parameters after shrinking the config (over {MAX_PARAMS / 1e6:.0f}M)")
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5) if "norm" in name or "ln" in name else p.uniform_(-0.2, 0.2)
+        model(torch.randint(0, TINY["vocab_size"], (2, 9)))  # eager itself must run the tiny config
     return model
 
 
@@ -100,6 +108,27 @@ def check(model, backend: str) -> str:
     return "match"
 
 
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    """TimeoutError in the main thread after ``seconds`` (SIGALRM; where there is none, no limit)."""
+    import signal
+
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(*_):
+        raise TimeoutError
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def run(types: list, backends: list, out=sys.stdout) -> dict:
     results: dict = {}
     for i, model_type in enumerate(types):
@@ -115,9 +144,12 @@ def run(types: list, backends: list, out=sys.stdout) -> dict:
             continue
         row = {}
         for backend in backends:
-            with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), _deadline(TIMEOUT_S):
                 warnings.simplefilter("ignore")
-                row[backend] = check(model, backend)
+                try:
+                    row[backend] = check(model, backend)
+                except TimeoutError:
+                    row[backend] = f"error: over {TIMEOUT_S} s"
         results[model_type] = row
         print(f"[{i + 1}/{len(types)}] {model_type} ({time.perf_counter() - start:.1f} s): "
               + "; ".join(f"{b}: {r[:90]}" for b, r in row.items()), file=out, flush=True)
