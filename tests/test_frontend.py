@@ -578,3 +578,14 @@ def test_families_unlocked_for_issue_21(model_type, backend):
     prompt = [5, 7, 9, 11, 3]
     assert [s[0] for s in cm.generate_ids([prompt], 8, stop_ids=[])] == _eager_greedy(
         lambda x: model(x).logits, prompt, 8)
+
+
+def test_a_per_head_attention_mask_is_refused_naming_the_module():
+    """Doge builds one mask per head ([B, H, S, S]): a one-line refusal naming the attention module, not the raw
+    RuntimeError the mask check raised before (issue 21)."""
+    model = _tiny_hf("doge")
+    with pytest.raises(lowerlm.errors.UnsupportedOpError) as e:
+        lowerlm.compile_model(model, backend="reference", use_cache=False, tokenizer=False)
+    msg = str(e.value)
+    assert "attention mask" in msg and "model.layers.0.self_attn" in msg and "one per head" in msg
+    assert "\n" not in msg
