@@ -589,3 +589,26 @@ def test_a_per_head_attention_mask_is_refused_naming_the_module():
     msg = str(e.value)
     assert "attention mask" in msg and "model.layers.0.self_attn" in msg and "one per head" in msg
     assert "\n" not in msg
+
+
+class _NeedsPositions(torch.nn.Module):
+    """A plain module whose forward requires position_ids (no default numbering of its own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.pos = torch.nn.Embedding(32, 8), torch.nn.Embedding(64, 8)
+        self.head = torch.nn.Linear(8, 32)
+
+    def forward(self, input_ids, position_ids=None):
+        return self.head(self.embed(input_ids) + self.pos(position_ids))
+
+
+def test_a_module_that_needs_position_ids_still_compiles():
+    """The position-numbering check compares with the model's own numbering only where it has one."""
+    torch.manual_seed(0)
+    model = _NeedsPositions().eval()
+    cm = lowerlm.compile_model(model, backend="reference", use_cache=False, tokenizer=False, max_seq_len=64)
+    ids = torch.randint(0, 32, (2, 5))
+    with torch.no_grad():
+        want = model(ids, torch.arange(5).repeat(2, 1))
+    torch.testing.assert_close(cm(ids), want)
