@@ -65,6 +65,11 @@ def preferred(device=None) -> str:
     return "triton" if device.type == "cuda" else "onnx"
 
 
+def fusing_backend(backend: str, device=None) -> str:
+    """The backend whose pass tail a compile for ``backend`` runs: itself, or for ``auto`` the one it prefers."""
+    return preferred(device) if backend == "auto" else backend
+
+
 def build_program(backend: str, module: Module, weights: Mapping, device=None, *, weight_bits: int | None = None,
                   cache: bool = True, progress: Callable[[str], None] | None = None) -> Program:
     """The program of ``backend`` for ``module`` and ``weights`` (param name -> tensor).

@@ -240,12 +240,12 @@ def _addmm(imp, node, kw):
     if kw.get("beta", 1) != 1 or kw.get("alpha", 1) != 1 or bt.rank != 1 or bt.shape[0] != wt.shape[1]:
         raise UnsupportedOpError(op_name(node), imp.path(node), "only bias + mat1 @ mat2 with a bias row (beta and "
                                  "alpha 1) imports, as a linear")
-    producer = next((n for n in reversed(imp.b.nodes) if w in n.result_names), None)
-    if producer is not None and producer.op is Op.PARAM:
+    mat2 = kw["mat2"]
+    if isinstance(mat2, fx.Node) and imp.placeholders.get(mat2, ("",))[0] == "PARAMETER":
         from lowerlm.ir.types import TensorType
         from lowerlm.ir.weights import Param, Transpose
 
-        w = imp.b.add(Op.WEIGHT, [], {"expr": Transpose(Param(producer.attrs["name"]))}, name=w + "_t",
+        w = imp.b.add(Op.WEIGHT, [], {"expr": Transpose(Param(imp.param_name(mat2)))}, name=w + "_t",
                       types=[TensorType(wt.dtype, (wt.shape[1], wt.shape[0]))], source=(imp.path(node),))
     else:
         w = imp.b.add(Op.TRANSPOSE, [w], {"perm": [1, 0]}, name=w + "_t", source=(imp.path(node),))

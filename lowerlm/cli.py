@@ -126,6 +126,7 @@ def _cmd_passes(args, progress) -> int:
 
 def _stages(args, progress) -> list:
     """(header, module) for the import and after each pass of the default pipeline and the backend's tail."""
+    from lowerlm.codegen.program import fusing_backend
     from lowerlm.ir import parse_module
     from lowerlm.passes import dump_header, run_pipeline
 
@@ -139,10 +140,7 @@ def _stages(args, progress) -> list:
         except LowerlmError as e:  # the file named, with the line:col the parser gives
             raise InputError(f"IR file '{path}': {e}") from None
         records: list = []
-        from lowerlm.codegen.program import preferred
-
-        tail = preferred(None) if args.backend == "auto" else args.backend
-        run_pipeline(module, dump=set(), on_pass=records.append, backend=tail)
+        run_pipeline(module, dump=set(), on_pass=records.append, backend=fusing_backend(args.backend))
         return [("// imported", module)] + [(dump_header(r), r.module) for r in records]
     import lowerlm
 
@@ -158,13 +156,13 @@ def _stages(args, progress) -> list:
 
 
 def _cmd_dump_ir(args, progress) -> int:
-    from lowerlm.codegen.program import preferred
+    from lowerlm.codegen.program import fusing_backend
     from lowerlm.errors import InputError
     from lowerlm.ir import print_module
     from lowerlm.ir.nx import to_dot
     from lowerlm.passes import TAILS
 
-    tail = TAILS[preferred(None) if args.backend == "auto" else args.backend]
+    tail = TAILS[fusing_backend(args.backend)]
     owners = [b for b, passes in TAILS.items() if args.after in dict(passes)]
     if owners and args.after not in dict(tail):  # before any loading: it would print nothing
         raise InputError(f"--after {args.after}: that pass is in the {' and '.join(owners)} backend's tail, not "

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import torch
 
 from lowerlm.codegen.program import BACKENDS as BACKENDS  # the registry's names, re-exported
-from lowerlm.codegen.program import DEFAULT_MAX_SEQ_LEN, build_program, check_backend, preferred
+from lowerlm.codegen.program import DEFAULT_MAX_SEQ_LEN, build_program, check_backend, fusing_backend, preferred
 from lowerlm.errors import CompileError, InputError
 from lowerlm.ir.abi import BATCH, CACHE_LEN, DECODE, FORWARD, INPUT_IDS, LOGIT_INDEX, POSITIONS, PREFILL, SEQ_LENS
 from lowerlm.ir.dtypes import DType
@@ -349,8 +349,7 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     records: list[PassRecord] = []
     if progress:
         progress("running the passes")
-    tail = preferred(device) if backend == "auto" else backend  # the fusions of the backend that runs it
-    run_pipeline(imported, passes=passes, on_pass=records.append, arm=arm, backend=tail,
+    run_pipeline(imported, passes=passes, on_pass=records.append, arm=arm, backend=fusing_backend(backend, device),
                  upcast_from=DType.from_torch(model_dtype) if compute != model_dtype else None)
     final = records[-1].module if records else imported
     check_state_fits(final, max_batch, max_seq_len, state_device)

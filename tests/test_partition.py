@@ -28,13 +28,13 @@ def rope_off(node):
 
 
 @pytest.fixture(scope="module")
-def interleaved():
+def llama():
     cm = lowerlm.compile_model(tiny_model("llama"), backend="reference", max_batch=3, max_seq_len=64)
     return cm, cm.ir
 
 
-def test_unsupported_ops_fall_back_one_partition_each(interleaved):
-    cm, module = interleaved
+def test_unsupported_ops_fall_back_one_partition_each(llama):
+    cm, module = llama
     program = AutoProgram(module, cm.weights, exclude=rope_off)
     lines = program.describe()
     assert lines[0] == "preferred backend: onnx on cpu"
@@ -53,8 +53,8 @@ def test_unsupported_ops_fall_back_one_partition_each(interleaved):
         ir.verify_graph(part.graph, dict(module.params))
 
 
-def test_partitioned_program_equals_the_reference_backend(interleaved):
-    cm, module = interleaved
+def test_partitioned_program_equals_the_reference_backend(llama):
+    cm, module = llama
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, 6:] = 0

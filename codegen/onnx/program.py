@@ -30,6 +30,9 @@ def providers() -> list:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+AUTO_HINT = "; backend='auto' runs such ops on the reference backend and the rest on ONNX"
+
+
 class OnnxProgram(ReferenceProgram):
     """A module ready to run with ONNX Runtime: ``run(graph, inputs, state, inplace=True)``; sessions are built
     on a graph's first run."""
@@ -109,8 +112,7 @@ class OnnxProgram(ReferenceProgram):
             reason = unsupported(g)
             why = next((why for n in g.nodes if (why := reason(n)) is not None), None)
             if why is not None:
-                raise CompileError(f"{why} (graph '{g.name}'); backend='auto' runs such ops on the reference "
-                                   "backend and the rest on ONNX")
+                raise CompileError(f"{why} (graph '{g.name}'){AUTO_HINT}")
 
     def _lower(self, g):
         from lowerlm.codegen.onnx.lower import lower_graph
@@ -118,8 +120,7 @@ class OnnxProgram(ReferenceProgram):
         try:
             return lower_graph(g, self._constant, weight_bits=self.weight_bits, packer=self.packer)
         except CompileError as e:
-            raise CompileError(f"{e} (graph '{g.name}'); backend='auto' runs such ops on the reference backend "
-                               "and the rest on ONNX") from e
+            raise CompileError(f"{e} (graph '{g.name}'){AUTO_HINT}") from e
 
     def _model(self, g):
         """(the graph's ONNX model, what ONNX Runtime opens: its file in the compile cache or its bytes, whether it
