@@ -16,7 +16,9 @@ import torch.fx as fx
 from lowerlm.frontend.fx import kwargs_of, op_name, tensor_type
 from lowerlm.ir.dtypes import DType
 from lowerlm.ir.errors import UnsupportedOpError
+from lowerlm.ir.opdefs import COMPARISONS
 from lowerlm.ir.ops import Op
+from lowerlm.ir.shapes import numel
 
 INT64_MAX = 2**63 - 1
 
@@ -64,6 +66,63 @@ def _pow(imp, node, kw):
     if not isinstance(e, (int, float)) or isinstance(e, bool):
         raise UnsupportedOpError(op_name(node), imp.path(node), "only a constant exponent is supported")
     return imp.emit(node, Op.POW, [imp.value(kw["self"])], {"exponent": float(e)})
+
+
+def _square(imp, node, kw):
+    return imp.emit(node, Op.POW, [imp.cast(imp.value(kw["self"]), _out(imp, node).dtype)], {"exponent": 2.0})
+
+
+def _softplus(imp, node, kw):
+    x = imp.cast(imp.value(kw["self"]), _out(imp, node).dtype)
+    return imp.emit(node, Op.SOFTPLUS, [x], {"beta": float(kw.get("beta", 1)),
+                                             "threshold": float(kw.get("threshold", 20))})
+
+
+def _promoted(a, b) -> DType:
+    """The dtype torch computes ``a op b`` in (a comparison's operands, before the bool result)."""
+    val = [x.meta["val"] if isinstance(x, fx.Node) else x for x in (a, b)]
+    return DType.from_torch(torch.result_type(*val))
+
+
+def _compare(pred: str):
+    def conv(imp, node, kw):
+        a, b = kw["self"], kw["other"]
+        dtype = _promoted(a, b)
+        return imp.emit(node, Op.COMPARE, [_operand(imp, a, dtype), _operand(imp, b, dtype)], {"pred": pred})
+    return conv
+
+
+def _where(imp, node, kw):
+    out = _out(imp, node)
+    cond = imp.cast(imp.value(kw["condition"]), DType.BOOL)
+    return imp.emit(node, Op.WHERE, [cond, _operand(imp, kw["self"], out.dtype), _operand(imp, kw["other"],
+                                                                                           out.dtype)])
+
+
+def _masked_fill(imp, node, kw):
+    """``self`` with ``value`` where ``mask`` is true."""
+    out = _out(imp, node)
+    mask = imp.cast(imp.value(kw["mask"]), DType.BOOL)
+    return imp.emit(node, Op.WHERE, [mask, _operand(imp, kw["value"], out.dtype), imp.cast(imp.value(kw["self"]),
+                                                                                             out.dtype)])
+
+
+def _elementwise_or_reduction(op: Op, what: str):
+    """``min``/``max``: the two-operand overload is element-wise; the reductions have no IR op yet."""
+    def conv(imp, node, kw):
+        if node.target._overloadname != "other":
+            raise UnsupportedOpError(op_name(node), imp.path(node), f"{what} as a reduction has no IR op")
+        return _binary(op)(imp, node, kw)
+    return conv
+
+
+def _clamp(imp, node, kw):
+    out = _out(imp, node)
+    y = imp.cast(imp.value(kw["self"]), out.dtype)
+    for bound, op in (("min", Op.MAXIMUM), ("max", Op.MINIMUM)):
+        if kw.get(bound) is not None:
+            y = imp.emit(node, op, [y, _operand(imp, kw[bound], out.dtype)])
+    return y
 
 
 def _sqrt(imp, node, kw):
@@ -135,6 +194,46 @@ def _reshape(imp, node, kw):
 
 def _expand(imp, node, kw):
     return imp.emit(node, Op.EXPAND, [imp.value(kw["self"])], {"shape": _out(imp, node).shape})
+
+
+def _repeat(imp, node, kw):
+    """``x.repeat(r0, r1, …)`` (tiling): x seen as [1, s0, 1, s1, …], expanded to [r0, s0, r1, s1, …], merged."""
+    x = imp.value(kw["self"])
+    reps = list(kw["repeats"])
+    shape = [1] * (len(reps) - imp.b.types[x].rank) + list(imp.b.types[x].shape)
+    spread = [d for s in shape for d in (1, s)]
+    tiled = [d for r, s in zip(reps, shape) for d in (r, s)]
+    x = imp.emit(node, Op.RESHAPE, [x], {"shape": spread})
+    x = imp.emit(node, Op.EXPAND, [x], {"shape": tiled})
+    return imp.emit(node, Op.RESHAPE, [x], {"shape": _out(imp, node).shape})
+
+
+def _repeat_interleave(imp, node, kw):
+    """``x.repeat_interleave(r, dim)`` with an int ``r``: each element along dim r times in a row -- a new axis of
+    size r after dim, expanded, merged."""
+    x = imp.value(kw["self"])
+    dim = kw.get("dim")
+    if not isinstance(kw["repeats"], int):
+        raise UnsupportedOpError(op_name(node), imp.path(node), "repeats per element (a tensor) have no IR op")
+    if dim is None:
+        x = imp.emit(node, Op.RESHAPE, [x], {"shape": [imp.b.types[x].numel]})
+        dim = 0
+    shape = list(imp.b.types[x].shape)
+    dim %= len(shape)
+    x = imp.emit(node, Op.RESHAPE, [x], {"shape": shape[:dim + 1] + [1] + shape[dim + 1:]})
+    x = imp.emit(node, Op.EXPAND, [x], {"shape": shape[:dim + 1] + [kw["repeats"]] + shape[dim + 1:]})
+    return imp.emit(node, Op.RESHAPE, [x], {"shape": _out(imp, node).shape})
+
+
+def _stack(imp, node, kw):
+    out = _out(imp, node)
+    dim = kw.get("dim", 0) % out.rank
+    pieces = []
+    for t in kw["tensors"]:
+        x = imp.cast(imp.value(t), out.dtype)
+        shape = list(imp.b.types[x].shape)
+        pieces.append(imp.emit(node, Op.RESHAPE, [x], {"shape": shape[:dim] + [1] + shape[dim:]}))
+    return imp.emit(node, Op.CONCAT, pieces, {"dim": dim})
 
 
 def _transpose(imp, node, kw):
@@ -262,6 +361,86 @@ def _embedding(imp, node, kw):
     return imp.emit(node, Op.EMBEDDING, [imp.value(kw["weight"]), imp.value(kw["indices"])])
 
 
+def _index(imp, node, kw):
+    """``table[idx]``: integer indices into the first axis (CTRL's sinusoid table at the positions), an embedding
+    lookup over the table seen as rows; other advanced indexing has no IR op yet."""
+    indices = list(kw["indices"])
+    table = imp.value(kw["self"])
+    t = imp.b.types[table]
+    if (len(indices) != 1 or not isinstance(indices[0], fx.Node)
+            or not DType.from_torch(indices[0].meta["val"].dtype).is_int):
+        raise UnsupportedOpError(op_name(node), imp.path(node), "only integer indices into the first axis import "
+                                 "(an embedding lookup)")
+    rows = imp.emit(node, Op.RESHAPE, [table], {"shape": [t.shape[0], t.numel // t.shape[0]]}) \
+        if t.rank != 2 else table
+    found = imp.emit(node, Op.EMBEDDING, [rows, imp.value(indices[0])])
+    return imp.emit(node, Op.RESHAPE, [found], {"shape": _out(imp, node).shape})
+
+
+def _rms_norm(imp, node, kw):
+    """torch's own rms_norm (``nn.RMSNorm``): computed in f32, cast back, times the weight -- the IR op."""
+    out = _out(imp, node)
+    x = imp.cast(imp.value(kw["input"]), out.dtype)
+    if len(kw["normalized_shape"]) != 1:
+        raise UnsupportedOpError(op_name(node), imp.path(node), "rms_norm over more than the last dim")
+    eps = kw.get("eps")
+    eps = torch.finfo(out.dtype.to_torch()).eps if eps is None else eps
+    if kw.get("weight") is None:
+        w = imp.b.add(Op.CONSTANT, [], {"value": 1.0, "dtype": out.dtype, "shape": [out.shape[-1]]}, name="c")
+    else:
+        w = imp.cast(imp.value(kw["weight"]), out.dtype)
+    return imp.emit(node, Op.RMS_NORM, [x, w], {"eps": float(eps)})
+
+
+def _arange(imp, node, kw):
+    """``arange(start, end, step)`` with integer bounds and step. A bound that depends on the call's shape (the
+    sequence length) is refused: such an arange numbers the call's tokens from 0, which is right for a prefill
+    from position 0 and wrong for every decode step -- unless frontend/raise_positions.py raised it into the
+    positions input (a learned position table's lookup)."""
+    start, end, step = kw.get("start", 0), kw["end"], kw.get("step", 1)
+    if not all(isinstance(v, (int, fx.Node, torch.SymInt)) for v in (start, end)) or not isinstance(step, int):
+        raise UnsupportedOpError(op_name(node), imp.path(node), "only integer bounds and step import")
+    start, end = _dim_value(imp, start), _dim_value(imp, end)
+    if not isinstance(start, int) or not isinstance(end, int):
+        raise UnsupportedOpError(op_name(node), imp.path(node),
+                                 f"arange({start}, {end}) numbers this call's tokens from 0, not the positions a "
+                                 "decode step sits at; take position_ids as an input and use them instead")
+    return imp.emit(node, Op.ARANGE, [], {"start": start, "end": end, "step": step, "dtype": _out(imp, node).dtype})
+
+
+def _index_select(imp, node, kw):
+    """``x.index_select(dim, idx)``: the dim moved first, an embedding lookup over rows, moved back."""
+    x = imp.value(kw["self"])
+    t = imp.b.types[x]
+    dim = kw["dim"] % t.rank
+    perm = [dim] + [d for d in range(t.rank) if d != dim]
+    if dim:
+        x = imp.emit(node, Op.TRANSPOSE, [x], {"perm": perm})
+    moved = imp.b.types[x].shape
+    rows = imp.emit(node, Op.RESHAPE, [x], {"shape": [moved[0], numel(moved[1:])]})
+    found = imp.emit(node, Op.EMBEDDING, [rows, imp.value(kw["index"])])
+    found = imp.emit(node, Op.RESHAPE, [found], {"shape": [imp.b.types[found].shape[0], *moved[1:]]})
+    if dim:
+        found = imp.emit(node, Op.TRANSPOSE, [found], {"perm": [perm.index(d) for d in range(t.rank)]})
+    return found
+
+
+def _logical(kind: str):
+    """``&``, ``|`` and ``~`` of bool tensors (masks): ``where`` over the operands, ``compare`` for not."""
+    def conv(imp, node, kw):
+        if _out(imp, node).dtype is not DType.BOOL:
+            raise UnsupportedOpError(op_name(node), imp.path(node), "bitwise operations on integers have no IR op")
+        if kind == "not":  # x == 0, of x's own dtype
+            a = imp.value(kw["self"])
+            return imp.emit(node, Op.COMPARE, [a, imp.constant(0, imp.b.types[a].dtype)], {"pred": "eq"})
+        a, false = _operand(imp, kw["self"], DType.BOOL), imp.constant(0, DType.BOOL)
+        b = _operand(imp, kw["other"], DType.BOOL)
+        if kind == "and":
+            return imp.emit(node, Op.WHERE, [a, b, false])
+        return imp.emit(node, Op.WHERE, [a, imp.constant(1, DType.BOOL), b])
+    return conv
+
+
 def _gather(imp, node, kw):
     return imp.emit(node, Op.GATHER, [imp.value(kw["self"]), imp.value(kw["index"])], {"dim": kw["dim"]})
 
@@ -271,15 +450,22 @@ def _scalar_tensor(imp, node, kw):
     return imp.constant(kw["s"], out.dtype)
 
 
-def _full(imp, node, kw):
-    out = _out(imp, node)
-    if not all(isinstance(d, int) for d in out.shape):
-        raise UnsupportedOpError(op_name(node), imp.path(node), "a constant of symbolic shape")
-    value = kw["fill_value"]
-    if isinstance(value, float) and math.isnan(value):
-        value = float("nan")
-    return imp.b.add(Op.CONSTANT, [], {"value": float(value) if out.dtype.is_float else int(value),
-                                       "dtype": out.dtype, "shape": list(out.shape)}, name="c")
+def _filled(value=None):
+    """``full``, ``ones``, ``zeros`` and their ``_like`` / ``new_`` forms: one value of the result's dtype, a
+    constant of the result's shape, or broadcast to it (``expand``) when the shape is symbolic."""
+    def conv(imp, node, kw):
+        out = _out(imp, node)
+        v = kw["fill_value"] if value is None else value
+        if isinstance(v, fx.Node) or isinstance(v, bool) and out.dtype is not DType.BOOL:
+            raise UnsupportedOpError(op_name(node), imp.path(node), "a fill value that is not a number")
+        v = float(v) if out.dtype.is_float else int(v)
+        if isinstance(v, float) and math.isnan(v):
+            v = float("nan")
+        if all(isinstance(d, int) for d in out.shape):
+            return imp.b.add(Op.CONSTANT, [], {"value": v, "dtype": out.dtype, "shape": list(out.shape)}, name="c")
+        one = imp.b.add(Op.CONSTANT, [], {"value": v, "dtype": out.dtype, "shape": []}, name="c")
+        return imp.emit(node, Op.EXPAND, [one], {"shape": out.shape})
+    return conv
 
 
 ATEN = {
@@ -296,9 +482,22 @@ ATEN = {
     "slice": _slice, "select": _select, "cat": _cat, "split_with_sizes": _split, "split": _split,
     "topk": _topk, "argmax": _argmax, "mm": _matmul, "bmm": _matmul, "matmul": _matmul,
     "linear": _linear, "embedding": _embedding, "gather": _gather,
-    "scalar_tensor": _scalar_tensor, "full": _full,
+    "scalar_tensor": _scalar_tensor, "full": _filled(), "full_like": _filled(), "new_full": _filled(),
+    "ones": _filled(1), "ones_like": _filled(1), "new_ones": _filled(1),
+    "zeros": _filled(0), "zeros_like": _filled(0), "new_zeros": _filled(0),
     "relu": _unary(Op.RELU),
     "type_as": _type_as, "addmm": _addmm,
+    "square": _square, "softplus": _softplus, "expm1": _unary(Op.EXPM1), "log": _unary(Op.LOG),
+    "floor": _unary(Op.FLOOR), "minimum": _binary(Op.MINIMUM), "maximum": _binary(Op.MAXIMUM),
+    "min": _elementwise_or_reduction(Op.MINIMUM, "min"), "max": _elementwise_or_reduction(Op.MAXIMUM, "max"),
+    "clamp": _clamp, "clamp_min": _clamp, "clamp_max": _clamp,
+    **{pred: _compare(pred) for pred in COMPARISONS},
+    "where": _where, "masked_fill": _masked_fill,
+    "repeat": _repeat, "repeat_interleave": _repeat_interleave, "stack": _stack,
+    "index": _index, "rms_norm": _rms_norm, "arange": _arange, "index_select": _index_select,
+    "__and__": _logical("and"), "bitwise_and": _logical("and"), "logical_and": _logical("and"),
+    "__or__": _logical("or"), "bitwise_or": _logical("or"), "logical_or": _logical("or"),
+    "bitwise_not": _logical("not"), "logical_not": _logical("not"),
 }
 
 

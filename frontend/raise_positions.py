@@ -1,12 +1,13 @@
-"""Raise a plain module's learned position embedding: ``embedding(W, arange(S))`` → ``embedding(W, positions)``.
+"""Raise a plain module's learned position embedding: ``embedding(W, arange(S))`` (or ``W[arange(S)]``,
+``W.index_select(0, arange(S))``) → ``embedding(W, positions)``.
 
 A plain ``nn.Module`` that takes no ``position_ids`` numbers its tokens itself, ``torch.arange(seq_len)``. That is
 right for a call that holds the whole sequence and wrong for a decode step, whose one token sits at its cache
 position: so the row lookup reads the graph's ``positions`` input instead (equal to the arange in a prefill from
 position 0, the only call the model's own code describes). The lookup then yields ``[B, S, D]`` rather than
 ``[S, D]``, so it is raised only where every user is an element-wise op with a ``[B, S, D]`` result (the add to
-the token embeddings), which broadcasting gives the same value. Any other ``arange`` stays an unsupported op: the
-error names it and its module.
+the token embeddings), which broadcasting gives the same value. Any other ``arange`` over the sequence length is
+refused by the importer (frontend/aten.py): the error names it and its module.
 """
 
 from __future__ import annotations
@@ -43,18 +44,33 @@ def raise_positions(imp) -> dict:
     ids = imp.user_inputs[INPUT_IDS].meta["val"].shape
     out = {}
     for node in imp.graph.nodes:
-        if not (node.op == "call_function" and node.target is aten.embedding.default):
-            continue
-        kw = kwargs_of(node)
-        if not _is_sequence_arange(imp, kw["indices"]) or not node.users:
+        table, index = _lookup(node)
+        if table is None or not _is_sequence_arange(imp, index) or not node.users:
             continue
         wide = tuple(str(d) for d in ids) + (str(node.meta["val"].shape[-1]),)
         if not all(u.op == "call_function" and u.target in _ELEMENTWISE
                    and tuple(str(d) for d in u.meta["val"].shape) == wide for u in node.users):
             continue
 
-        def build(imp, node=node, w=kw["weight"]):
+        def build(imp, node=node, w=table):
             return imp.emit(node, Op.EMBEDDING, [imp.value(w), imp.positions])
 
-        out[node] = Raised([kw["weight"]], build, "position_embedding")
+        out[node] = Raised([table], build, "position_embedding")
     return out
+
+
+def _lookup(node) -> tuple:
+    """(table, row indices) of a row lookup -- ``embedding(W, i)``, ``W[i]`` or ``W.index_select(0, i)`` of a 2-D
+    ``W`` -- else (None, None)."""
+    if node.op != "call_function" or node.target not in (aten.embedding.default, aten.index.Tensor,
+                                                         aten.index_select.default):
+        return None, None
+    kw = kwargs_of(node)
+    if node.target is aten.embedding.default:
+        return kw["weight"], kw["indices"]
+    table = kw["self"]
+    if not isinstance(table, fx.Node) or table.meta["val"].dim() != 2:
+        return None, None
+    if node.target is aten.index.Tensor:
+        return (table, kw["indices"][0]) if len(kw["indices"]) == 1 else (None, None)
+    return (table, kw["index"]) if kw["dim"] == 0 else (None, None)

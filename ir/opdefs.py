@@ -122,6 +122,7 @@ def _linear(x, w, bias, residual):
 
 
 _X = ("x",)
+COMPARISONS = ("eq", "ne", "lt", "le", "gt", "ge")  # torch's names
 _AB = ("a", "b")
 _ATTN = {"heads": AttrSpec(K.INTS), "scale": AttrSpec(K.FLOAT), "causal": AttrSpec(K.BOOL, True),
          "window": AttrSpec(K.INT, 0)}
@@ -143,10 +144,17 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
     _d(Op.CONSTANT, (), r.constant, "a small constant: one value broadcast, or all values row-major",
        {"value": AttrSpec(K.NUMBERS), "dtype": AttrSpec(K.DTYPE), "shape": AttrSpec(K.INTS, ())},
        impl=_constant, traits=(T.LEAF, T.FOLDS)),
+    _d(Op.ARANGE, (), r.arange, "start, start + step, … below end, as dtype",
+       {"start": AttrSpec(K.DIM, 0), "end": AttrSpec(K.DIM), "step": AttrSpec(K.INT, 1), "dtype": AttrSpec(K.DTYPE)},
+       impl=lambda start, end, step, dtype: torch.arange(start, end, step, dtype=dtype.to_torch()), traits=_CORE),
     _d(Op.ADD, _AB, r.binary, "a + b, broadcasting", impl=lambda a, b: a + b, traits=_EW2),
     _d(Op.SUB, _AB, r.binary, "a - b, broadcasting", impl=lambda a, b: a - b, traits=_EW2),
     _d(Op.MUL, _AB, r.binary, "a * b, broadcasting", impl=lambda a, b: a * b, traits=_EW2),
     _d(Op.DIV, _AB, r.binary, "a / b, broadcasting", impl=lambda a, b: a / b, traits=_EW2),
+    _d(Op.MINIMUM, _AB, r.binary, "the smaller of a and b (NaN if either is), broadcasting",
+       impl=lambda a, b: torch.minimum(a, b), traits=_EW2),
+    _d(Op.MAXIMUM, _AB, r.binary, "the larger of a and b (NaN if either is), broadcasting",
+       impl=lambda a, b: torch.maximum(a, b), traits=_EW2),
     _d(Op.NEG, _X, r.unary_float, "-x", impl=lambda x: -x, traits=_EW1),
     _d(Op.EXP, _X, r.unary_float, "e^x", impl=lambda x: torch.exp(x), traits=_EW1),
     _d(Op.RSQRT, _X, r.unary_float, "1 / sqrt(x)", impl=lambda x: torch.rsqrt(x), traits=_EW1),
@@ -160,6 +168,17 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
     _d(Op.COS, _X, r.unary_float, "cos(x)", impl=lambda x: torch.cos(x), traits=_EW1),
     _d(Op.SIN, _X, r.unary_float, "sin(x)", impl=lambda x: torch.sin(x), traits=_EW1),
     _d(Op.RELU, _X, r.unary_float, "max(x, 0)", impl=lambda x: torch.relu(x), traits=_EW1),
+    _d(Op.SOFTPLUS, _X, r.unary_float, "log(1 + e^(beta x)) / beta, or x where beta x > threshold",
+       {"beta": AttrSpec(K.FLOAT, 1.0), "threshold": AttrSpec(K.FLOAT, 20.0)},
+       impl=lambda x, beta, threshold: F.softplus(x, beta, threshold), traits=_EW1),
+    _d(Op.EXPM1, _X, r.unary_float, "e^x - 1", impl=lambda x: torch.expm1(x), traits=_EW1),
+    _d(Op.LOG, _X, r.unary_float, "natural logarithm", impl=lambda x: torch.log(x), traits=_EW1),
+    _d(Op.FLOOR, _X, r.unary_float, "the largest integer <= x", impl=lambda x: torch.floor(x), traits=_EW1),
+    _d(Op.COMPARE, _AB, r.compare, "a pred b as a bool tensor, broadcasting",
+       {"pred": AttrSpec(K.STR, choices=COMPARISONS)}, impl=lambda a, b, pred: getattr(torch, pred)(a, b),
+       traits=_CORE),
+    _d(Op.WHERE, ("cond", "a", "b"), r.where, "a where cond is true, else b, broadcasting",
+       impl=lambda cond, a, b: torch.where(cond, a, b), traits=_CORE),
     _d(Op.CAST, _X, lambda ts, a: [ts[0].with_dtype(a["dtype"])], "conversion to dtype",
        {"dtype": AttrSpec(K.DTYPE)}, impl=lambda x, dtype: x.to(dtype.to_torch()), traits=_EW1),
     _d(Op.MEAN, _X, r.reduce, "mean over dims", {"dims": AttrSpec(K.INTS), "keepdim": AttrSpec(K.BOOL, False)},

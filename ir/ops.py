@@ -12,11 +12,14 @@ class Op(enum.Enum):
     PARAM = "param"
     WEIGHT = "weight"
     CONSTANT = "constant"
+    ARANGE = "arange"
     # ---- element-wise, binary (numpy broadcasting, equal dtypes)
     ADD = "add"
     SUB = "sub"
     MUL = "mul"
     DIV = "div"
+    MINIMUM = "minimum"
+    MAXIMUM = "maximum"
     # ---- element-wise, unary
     NEG = "neg"
     EXP = "exp"
@@ -29,7 +32,14 @@ class Op(enum.Enum):
     COS = "cos"
     SIN = "sin"
     RELU = "relu"
+    SOFTPLUS = "softplus"
+    EXPM1 = "expm1"
+    LOG = "log"
+    FLOOR = "floor"
     CAST = "cast"
+    # ---- element-wise with a boolean operand or result
+    COMPARE = "compare"
+    WHERE = "where"
     # ---- reductions
     MEAN = "mean"
     SUM = "sum"

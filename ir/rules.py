@@ -81,6 +81,19 @@ def binary(ts, a):
     return [TensorType(ts[0].dtype, broadcast_shapes(ts[0].shape, ts[1].shape))]
 
 
+def compare(ts, a):
+    _same_dtype(ts[0], ts[1])
+    return [TensorType(DType.BOOL, broadcast_shapes(ts[0].shape, ts[1].shape))]
+
+
+def where(ts, a):
+    cond, x, y = ts
+    if cond.dtype is not DType.BOOL:
+        _fail(f"where's condition must be a bool tensor, got {cond}")
+    _same_dtype(x, y)
+    return [TensorType(x.dtype, broadcast_shapes(cond.shape, broadcast_shapes(x.shape, y.shape)))]
+
+
 def unary_float(ts, a):
     _float(ts[0], "operand")
     return [ts[0]]
@@ -94,6 +107,16 @@ def constant(ts, a):
     if any(d < 0 for d in a["shape"]):
         _fail("constant shape has a negative dimension")
     return [TensorType(a["dtype"], tuple(a["shape"]))]
+
+
+def arange(ts, a):
+    start, end, step = a["start"], a["end"], a["step"]
+    if step <= 0:
+        _fail(f"arange step must be positive, got {step}")
+    n = end - start if step == 1 else (end - start + step - 1) // step
+    if isinstance(n, int) and n < 0:
+        _fail(f"arange from {start} to {end} is empty backwards")
+    return [TensorType(a["dtype"], (n,))]
 
 
 def reduce(ts, a):

@@ -188,18 +188,21 @@ class _NanoGpt(torch.nn.Module):
     """A plain GPT the way nanoGPT writes one: learned positions numbered by ``arange`` (no ``position_ids``),
     LayerNorm, biased projections, q/k/v split from one projection, causal sdpa, GeLU, a tied head."""
 
-    def __init__(self, vocab=64, d=32, heads=4, layers=2, max_len=64, ids_scale=None, act=torch.nn.functional.gelu):
+    def __init__(self, vocab=64, d=32, heads=4, layers=2, max_len=64, ids_scale=None, act=torch.nn.functional.gelu,
+                 lookup="embedding"):
         super().__init__()
         self.wte, self.wpe = torch.nn.Embedding(vocab, d), torch.nn.Embedding(max_len, d)
         self.blocks = torch.nn.ModuleList([_GptBlock(d, heads, act) for _ in range(layers)])
         self.ln_f = torch.nn.LayerNorm(d)
         self.head = torch.nn.Linear(d, vocab, bias=False)
         self.head.weight = self.wte.weight
-        self.ids_scale = ids_scale
+        self.ids_scale, self.lookup = ids_scale, lookup
 
     def forward(self, input_ids):
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.wte(input_ids) + self.wpe(pos)
+        table = self.wpe.weight
+        x = self.wte(input_ids) + {"embedding": lambda: self.wpe(pos), "index": lambda: table[pos],
+                                   "index_select": lambda: table.index_select(0, pos)}[self.lookup]()
         if self.ids_scale:  # an arange used as numbers, not as a row lookup
             x = x * pos[:, None].to(x.dtype)
         for block in self.blocks:
@@ -243,6 +246,41 @@ def test_a_plain_nanogpt_compiles(backend):
     assert (cm(ids).cpu() - want).abs().max() <= 1e-4 * want.abs().max()
     prompt = [5, 7, 9, 11, 3]
     assert [s[0] for s in cm.generate_ids([prompt], 16, stop_ids=[])] == _eager_greedy(model, prompt, 16)
+
+
+def _many_ops_act(a):
+    """An activation made of every aten op issue 21 imports that works token by token (its width, 128, kept)."""
+    F = torch.nn.functional
+    y = torch.where(a > 0, a.square(), torch.expm1(torch.clamp(a, min=-3.0, max=0.1)))
+    y = y + F.softplus(a, beta=2.0, threshold=1.0) - torch.log(F.softplus(a) + 1.0) + torch.floor(a * 2.0) * 0.1
+    y = torch.maximum(torch.minimum(y, torch.ones_like(y) * 2.5), torch.full_like(y, -2.0))
+    y = y.masked_fill((a < -0.5) & ~(a < -1.0) | (a == 0.25), 0.25) + (a >= 1.0) * 0.5 - (a != a).float()
+    y = F.rms_norm(y, (y.shape[-1],), eps=1e-5) * 0.5
+    half = y[..., ::2]
+    return (torch.stack([half, -half], -1).flatten(-2) + half.repeat_interleave(2, dim=-1)
+            + half.repeat(1, 1, 2) * torch.zeros_like(half).new_ones(1) + torch.min(a, y) + torch.max(a, y))
+
+
+@pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
+def test_issue_21_aten_ops_compile(backend):
+    """The aten ops issue 21 imports, in a nanoGPT's MLP activation and its position lookup (``table[pos]``,
+    ``index_select``): eager's logits and greedy tokens on each backend; on Triton the float element-wise ones run
+    inside the generated chain kernels."""
+    for lookup in ("index", "index_select"):
+        model = _nano_gpt(act=_many_ops_act, lookup=lookup)
+        cm = lowerlm.compile_model(model, backend=backend, max_seq_len=64, use_cache=False)
+        ops = {n.op for n in cm.imported.graphs[0].nodes}
+        assert {Op.SOFTPLUS, Op.EXPM1, Op.LOG, Op.FLOOR, Op.MINIMUM, Op.MAXIMUM, Op.COMPARE, Op.WHERE,
+                Op.RMS_NORM} <= ops
+        if backend == "triton":
+            bodies = " ".join(str(n.attr("body")) for g in cm.ir.graphs for n in g.nodes if n.op is Op.EW_CHAIN)
+            assert all(name in bodies for name in ("SOFTPLUS", "EXPM1", "LOG", "FLOOR", "MINIMUM"))
+        ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            want = model(ids)
+        assert (cm(ids).cpu() - want).abs().max() <= 1e-4 * want.abs().max()
+        prompt = [5, 7, 9, 11, 3]
+        assert [s[0] for s in cm.generate_ids([prompt], 8, stop_ids=[])] == _eager_greedy(model, prompt, 8)
 
 
 @pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])

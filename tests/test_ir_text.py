@@ -284,16 +284,20 @@ _T = {
     "idx": "i64[B,S,4]", "table": "f32[64,4]", "xt": "f32[B,4,S]", "router": "f32[4,4]", "gate_up": "f32[4,6,4]",
     "down": "f32[4,4,3]", "sg": "f32[5,4]", "sd": "f32[4,5]", "eids": "i32[B,S,2]", "rows": "f32[2*B*S,4]",
     "order": "i32[2*B*S]", "offsets": "i32[5]", "ew": "f32[4,6,4]", "rw": "f32[B,S,2]", "wgm": "f32[10,4]",
-    "up": "f32[6,4]", "wd": "f32[4,6]", "v6": "f32[6]",
+    "up": "f32[6,4]", "wd": "f32[4,6]", "v6": "f32[6]", "mask": "bool[B,S,1]",
 }
 # per op: the example type of each input (by _T key) and attributes that make the result rule accept them
 VERIFIED_EXAMPLES = {
     Op.PARAM: ((), {"name": "w"}),
     Op.WEIGHT: ((), {"expr": Concat((Param("w"), Param("w")), 0)}),
     Op.CONSTANT: ((), {"value": [1.0, 2.0], "dtype": DType.F32, "shape": [2]}),
-    **{op: (("x", "x"), {}) for op in (Op.ADD, Op.SUB, Op.MUL, Op.DIV)},
+    Op.ARANGE: ((), {"start": 1, "end": parse_type("f32[S+1]").shape[0], "dtype": DType.I64}),
+    **{op: (("x", "x"), {}) for op in (Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MINIMUM, Op.MAXIMUM)},
     **{op: (("x",), {}) for op in (Op.NEG, Op.EXP, Op.RSQRT, Op.SILU, Op.SIGMOID, Op.TANH, Op.COS, Op.SIN,
-                                        Op.RELU)},
+                                        Op.RELU, Op.EXPM1, Op.LOG, Op.FLOOR)},
+    Op.SOFTPLUS: (("x",), {"beta": 2.0, "threshold": 10.0}),
+    Op.COMPARE: (("x", "v4"), {"pred": "le"}),
+    Op.WHERE: (("mask", "x", "v4"), {}),
     Op.POW: (("x",), {"exponent": 2.0}),
     Op.GELU: (("x",), {"approximate": "tanh"}),
     Op.CAST: (("x",), {"dtype": DType.BF16}),

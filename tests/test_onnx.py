@@ -9,6 +9,7 @@ import torch
 import lowerlm
 from lowerlm.calibrate import calibrate
 from lowerlm.errors import InputError
+from lowerlm.ir.opdefs import COMPARISONS
 
 from .conftest import calibration_ids, tiny_model
 
@@ -566,7 +567,7 @@ def _lower_and_run(text: str, feeds: dict, contrib: bool = True):
 
     import lowerlm.ir as ir
     from lowerlm.codegen.onnx.lower import lower_graph
-    from lowerlm.ir.opdefs import OPDEFS
+    from lowerlm.ir.fold import run_op
 
     g = ir.verify_module(ir.parse_module(text)).graphs[0]
     (node,) = g.nodes
@@ -576,8 +577,8 @@ def _lower_and_run(text: str, feeds: dict, contrib: bool = True):
                    session.run(None, {k: v.numpy() for k, v in feeds.items()})))
     state_of = {o: s.name + ".out" for s, o in zip(g.state, g.state_outputs)}
     got = [torch.from_numpy(got[state_of.get(r.name, r.name)]) for r in node.results]
-    want = OPDEFS[node.op].impl(*[feeds[v].clone() if v is not None else None for v in node.inputs],
-                                **node.all_attrs())
+    env = {str(d): n for v in g.inputs for d, n in zip(v.type.shape, feeds[v.name].shape) if not isinstance(d, int)}
+    want = run_op(node, [feeds[v].clone() for v in node.inputs if v is not None], env)
     want = list(want) if isinstance(want, tuple) else [want]
     return [n.op_type for n in model.graph.node], got, want
 
@@ -751,3 +752,33 @@ def test_unsupported_answers_from_the_table():
     assert {n.op for g in bf16.graphs for n in g.nodes} - set(reasons(bf16)) == {Op.PARAM, Op.WEIGHT}
     moe = lowerlm.compile_model(tiny_model("mixtral"), backend="reference", passes=["canonicalize"]).ir
     assert reasons(moe) == {Op.MOE: "the ONNX backend has no lowering for moe"}
+
+
+_ISSUE_21_NODES = [
+    "softplus(%x) {beta=2.0, threshold=1.0} : f32[B,S,8]", "softplus(%x) : f32[B,S,8]", "expm1(%x) : f32[B,S,8]",
+    "log(%p) : f32[B,S,8]", "floor(%x) : f32[B,S,8]", "minimum(%x, %y) : f32[B,S,8]",
+    "maximum(%x, %y) : f32[B,S,8]", *(f"compare(%x, %y) {{pred={p}}} : bool[B,S,8]" for p in COMPARISONS),
+    "where(%m, %x, %y) : f32[B,S,8]", "where(%m, %m, %n) : bool[B,S,8]",
+    "arange() {start=1, end=S+1, dtype=f32} : f32[S]", "arange() {end=7, step=3, dtype=i64} : i64[3]",
+]
+
+
+_ISSUE_21_TYPES = {"x": "f32[B,S,8]", "y": "f32[8]", "p": "f32[B,S,8]", "m": "bool[B,S,8]", "n": "bool[8]"}
+
+
+@pytest.mark.parametrize("line", _ISSUE_21_NODES)
+def test_issue_21_ops_lower_as_their_reference(line):
+    """Each op issue 21 added, lowered alone, gives its reference implementation's result: softplus on both sides
+    of its threshold, expm1 near 0 (a Taylor series there) and far from it, each comparison on ties, where on
+    floats and on bools (ONNX Runtime's Where has no bool kernel), arange with a symbolic end."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 8, generator=gen) * 3
+    x[0, 0] = torch.tensor([1e-5, -1e-4, 3e-3, -0.009, 0.011, 25.0, 0.5, -0.0])  # expm1's branch, softplus's
+    feeds = {"x": x, "y": x[1, 2].clone(), "p": x.abs() + 1e-3,  # y: ties with x's last row
+             "m": torch.rand(2, 3, 8, generator=gen) > 0.5, "n": torch.rand(8, generator=gen) > 0.5}
+    reads = [v for v in feeds if f"%{v}" in line] or ["x"]  # an arange reads nothing: S comes from x
+    text = ("graph g(" + ", ".join(f"%{v}: {_ISSUE_21_TYPES[v]}" for v in reads) + f") {{\n  %r = {line}\n"
+            "  return %r\n}\n")
+    _, got, want = _lower_and_run(text, {v: feeds[v] for v in reads})
+    assert got[0].dtype == want[0].dtype
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7, equal_nan=True)

@@ -893,3 +893,19 @@ def test_ew_chain_launcher_computes_every_elementwise_op(dtype):
     for a, b in zip(got, want):  # bf16: up to 2^-7 per rounding step (the interpreter truncates), 4 steps at most
         assert a.dtype == b.dtype
         close(a, b, 1e-5 if b.dtype == torch.float32 and dtype == "f32" else 4 * 2 ** -7)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_ew_chain_branches_of_issue_21_ops():
+    """The chain expressions with a branch: expm1 near 0 (its Taylor series) and far from it, softplus on both
+    sides of its threshold, minimum and maximum propagating NaN as torch does, floor of negatives."""
+    text = ("graph g(%x: f32[B,8], %y: f32[8]) {\n"
+            "  %a = ew_chain(%x) {body=add(expm1(%0), softplus[beta=2.0, threshold=1.0](%0))} : f32[B,8]\n"
+            "  %b = ew_chain(%x, %y) {body=add(minimum(%0, %1), maximum(%1, %0))} : f32[B,8]\n"
+            "  %c = ew_chain(%x) {body=floor(%0)} : f32[B,8]\n"
+            "  return %a, %b, %c\n}\n")
+    x = torch.tensor([[1e-5, -1e-4, 3e-3, -0.009, 0.011, 25.0, 0.6, -2.5]] * 2)
+    y = torch.tensor([0.0, float("nan"), 1.0, -1.0, 0.011, 3.0, float("nan"), -3.0])
+    got, want = _differential(text, {"B": 2}, True, {"x": x, "y": y})
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, equal_nan=True)

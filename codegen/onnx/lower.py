@@ -272,6 +272,41 @@ class Lowering:
         return self.op("Gelu", [x], approximate="tanh" if act == GELU_TANH else "none")
 
 
+    def arange(self, c: Call) -> str:
+        scalar = [self.op("Squeeze", [self.dim(c.a[k])]) for k in ("start", "end")]
+        return self.cast(self.op("Range", scalar + [self.const(c.a["step"])]), c.outs[0].dtype)
+
+    def softplus(self, c: Call) -> str:
+        """torch's softplus: x where beta x > threshold (ONNX's Softplus has neither attribute)."""
+        x, dtype, beta = c.x[0], c.outs[0].dtype, c.a["beta"]
+        bx = x if beta == 1.0 else self.op("Mul", [x, self.scalar(beta, dtype)])
+        soft = self.op("Softplus", [bx])
+        soft = soft if beta == 1.0 else self.op("Div", [soft, self.scalar(beta, dtype)])
+        return self.op("Where", [self.op("Greater", [bx, self.scalar(c.a["threshold"], dtype)]), x, soft])
+
+    def expm1(self, c: Call) -> str:
+        """e^x - 1 without exp's cancellation near 0: its Taylor series to x^4 there (ONNX has no Expm1)."""
+        x, dtype = c.x[0], c.outs[0].dtype
+        series = self.scalar(1.0 / 24, dtype)
+        for k in (6, 2, 1):
+            series = self.op("Add", [self.scalar(1.0 / k, dtype), self.op("Mul", [x, series])])
+        small = self.op("Less", [self.op("Abs", [x]), self.scalar(0.01, dtype)])
+        exp = self.op("Sub", [self.op("Exp", [x]), self.scalar(1.0, dtype)])
+        return self.op("Where", [small, self.op("Mul", [x, series]), exp])
+
+    def where(self, c: Call) -> str:
+        """Where, or for bool values (ONNX Runtime's Where has no bool kernel) (cond and a) or (not cond and b)."""
+        cond, a, b = c.x
+        if c.outs[0].dtype is not DType.BOOL:
+            return self.op("Where", c.x)
+        return self.op("Or", [self.op("And", [cond, a]), self.op("And", [self.op("Not", [cond]), b])])
+
+    def compare(self, c: Call) -> str:
+        pred = c.a["pred"]
+        if pred == "ne":
+            return self.op("Not", [self.op("Equal", c.x)])
+        return self.op(_COMPARISONS[pred], c.x)
+
     def rms_norm_linear(self, c: Call) -> list:
         x, nw, w, bias, residual = c.x
         r = x if residual is None else self.op("Add", [x, residual])
@@ -673,6 +708,9 @@ def _np_dtype(dtype: DType):
             DType.BOOL: np.bool_}[dtype]
 
 
+_COMPARISONS = {"eq": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual"}
+
+
 def _pick(attrs: dict, op: Op) -> dict:
     """The attributes of ``op`` among ``attrs`` (a fused op's, for one of the ops it is made of)."""
     return {k: attrs[k] for k in OPDEFS[op].attrs if k in attrs}
@@ -691,6 +729,10 @@ ONNX_OPS = {
     Op.COS: "Cos",
     Op.SIN: "Sin",
     Op.RELU: "Relu",
+    Op.LOG: "Log",
+    Op.FLOOR: "Floor",
+    Op.MINIMUM: "Min",
+    Op.MAXIMUM: "Max",
     Op.MATMUL: "MatMul",
 }
 """Ops that are one ONNX op over the same inputs, without attributes."""
@@ -706,9 +748,14 @@ LOWERINGS: dict[Op, Callable] = {
     Op.PARAM: L.weight,
     Op.WEIGHT: L.weight,
     Op.CONSTANT: L.constant,
+    Op.ARANGE: L.arange,
     Op.RSQRT: lambda lw, c: lw.op("Reciprocal", [lw.op("Sqrt", c.x)]),
     Op.POW: lambda lw, c: lw.op("Pow", [c.x[0], lw.scalar(c.a["exponent"], c.outs[0].dtype)]),
     Op.SILU: lambda lw, c: lw.activation(c.x[0], SILU),
+    Op.SOFTPLUS: L.softplus,
+    Op.EXPM1: L.expm1,
+    Op.COMPARE: L.compare,
+    Op.WHERE: L.where,
     Op.GELU: lambda lw, c: lw.op("Gelu", c.x, approximate=c.a["approximate"]),
     Op.CAST: lambda lw, c: lw.cast(c.x[0], c.a["dtype"]),
     Op.MEAN: lambda lw, c: lw.reduce("ReduceMean", c),

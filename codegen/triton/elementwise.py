@@ -49,6 +49,17 @@ def _gelu(x: str, approximate: str) -> str:
     return f"(0.5 * {x} * (2.0 * tl.sigmoid(1.5957691216057308 * ({x} + 0.044715 * {x} * {x} * {x}))))"
 
 
+def _expm1(x: str) -> str:
+    """e^x - 1 without exp's cancellation near 0: its Taylor series to x^4 there (error below x^5 / 120)."""
+    small = f"({x} * (1.0 + {x} * (0.5 + {x} * (0.16666666666666666 + {x} * 0.041666666666666664))))"
+    return f"tl.where(tl.abs({x}) < 0.01, {small}, tl.exp({x}) - 1.0)"
+
+
+def _softplus(x: str, beta: float, threshold: float) -> str:
+    bx = f"({beta!r} * {x})"
+    return f"tl.where({bx} > {threshold!r}, {x}, tl.log(1.0 + tl.exp({bx})) / {beta!r})"
+
+
 # op -> expression(argument expressions, attributes with defaults), computed in f32; the step's rounding to its
 # dtype is added around it (a cast is that rounding alone)
 EXPRS: dict[Op, Callable[[list, dict], str]] = {
@@ -67,6 +78,12 @@ EXPRS: dict[Op, Callable[[list, dict], str]] = {
     Op.COS: lambda a, at: f"tl.cos({a[0]})",
     Op.SIN: lambda a, at: f"tl.sin({a[0]})",
     Op.RELU: lambda a, at: f"tl.where({a[0]} < 0.0, 0.0, {a[0]})",
+    Op.MINIMUM: lambda a, at: f"tl.where(({a[0]} < {a[1]}) | ({a[0]} != {a[0]}), {a[0]}, {a[1]})",
+    Op.MAXIMUM: lambda a, at: f"tl.where(({a[0]} > {a[1]}) | ({a[0]} != {a[0]}), {a[0]}, {a[1]})",
+    Op.SOFTPLUS: lambda a, at: _softplus(a[0], at["beta"], at["threshold"]),
+    Op.EXPM1: lambda a, at: _expm1(a[0]),
+    Op.LOG: lambda a, at: f"tl.log({a[0]})",
+    Op.FLOOR: lambda a, at: f"tl.floor({a[0]})",
     Op.CAST: lambda a, at: a[0],
 }
 
