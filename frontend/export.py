@@ -135,20 +135,34 @@ def _hf_models(model: torch.nn.Module) -> list:
     return found
 
 
-def _use_sdpa(path: str, model) -> None:
-    """Switch a transformers model to sdpa attention, the form the frontend raises; a model without attention
-    (Mamba, RWKV, other state-space or recurrent LMs) cannot be switched, and lowerlm cannot compile it."""
-    if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
-        return
+def _use_sdpa(path: str, model) -> str | None:
+    """Switch a transformers model to sdpa attention, the form the frontend raises. A model whose attention
+    transformers runs only eagerly (soft-capped logits, attention sinks) is switched to lowerlm's own
+    implementation of that eager attention (frontend/eager_attention.py) instead, and its previous
+    implementation returned, to be restored after the export so the user's model keeps computing as before. A
+    model without attention (Mamba, RWKV, other state-space or recurrent LMs) cannot be switched, and lowerlm
+    cannot compile it."""
+    before = getattr(model.config, "_attn_implementation", "sdpa")
+    if before == "sdpa":
+        return None
     try:
         model.set_attn_implementation("sdpa")
+        return None
     except Exception as e:  # transformers raises ValueError (and others, by version) for a model it cannot switch
-        where = f" (module '{path}')" if path else ""
-        raise CompileError(
-            f"{type(model).__name__}{where} cannot run scaled-dot-product attention ({type(e).__name__} from "
-            "transformers' set_attn_implementation('sdpa')): lowerlm compiles attention-based decoder-only LMs "
-            "(Llama, Qwen2/3, Mistral, Mixtral, … or a plain module built from their blocks); state-space and other "
-            "recurrent models such as Mamba are not supported") from None
+        reason = e
+    from lowerlm.frontend import eager_attention
+
+    try:
+        model.set_attn_implementation(eager_attention.register())
+        return before
+    except Exception:  # noqa: BLE001 -- no attention interface at all: the sdpa refusal says why
+        pass
+    where = f" (module '{path}')" if path else ""
+    raise CompileError(
+        f"{type(model).__name__}{where} cannot run scaled-dot-product attention ({type(reason).__name__} from "
+        "transformers' set_attn_implementation('sdpa')): lowerlm compiles attention-based decoder-only LMs "
+        "(Llama, Qwen2/3, Mistral, Mixtral, … or a plain module built from their blocks); state-space and other "
+        "recurrent models such as Mamba are not supported") from None
 
 
 @contextlib.contextmanager
@@ -172,8 +186,15 @@ def export_model(model: torch.nn.Module, vocab_size: int | None = None):
     model = model.eval()
     check_supported(model)
     hf = _hf_models(model)
-    for path, m in hf:
-        _use_sdpa(path, m)
+    switched = [(m, before) for path, m in hf if (before := _use_sdpa(path, m)) is not None]
+    try:
+        return _export(model, hf, vocab_size)
+    finally:  # the user's model computes as before (its eager attention) once the export is done
+        for m, before in switched:
+            m.set_attn_implementation(before)
+
+
+def _export(model: torch.nn.Module, hf: list, vocab_size: int | None):
     # a plain module around one transformers model: that model's config gives the vocabulary, positions, window
     configured = hf[0][1] if len(hf) == 1 else model
     vocab = vocab_size or config_value(configured, "vocab_size", default=2)

@@ -1,5 +1,6 @@
-"""Raise attention: ``scaled_dot_product_attention`` with its GQA expansion, RoPE on q and k, and the mask the
-model built, into ``rope`` + ``attention`` over token-major ``[B, S, H*D]`` values.
+"""Raise attention: ``scaled_dot_product_attention`` (or lowerlm's traceable eager attention with soft-capping
+and sinks, frontend/eager_attention.py) with its GQA expansion, RoPE on q and k, and the mask the model built, into
+``rope`` + ``attention`` over token-major ``[B, S, H*D]`` values.
 
 - GQA: k and v reach sdpa either through ``unsqueeze, expand, clone, _unsafe_view`` (transformers' repeat_kv) or
   directly with ``enable_gqa=True``.
@@ -208,17 +209,15 @@ def _analyse_mask(imp, sdpa: fx.Node, kw: dict) -> tuple:
 
 
 def raise_attention(imp) -> dict:
-    """Attention blocks of the graph, keyed by their sdpa node."""
+    """Attention blocks of the graph, keyed by the node standing for their result (``_sites``)."""
     check = _RopeCheck(imp)
     masks: dict = {}
     out = {}
-    for node in imp.graph.nodes:
-        if not _is(node, aten.scaled_dot_product_attention.default):
-            continue
-        kw = kwargs_of(node)
+    for node, kw in _sites(imp):
         if kw.get("dropout_p", 0.0) != 0.0:
             raise UnsupportedOpError("aten.scaled_dot_product_attention", imp.path(node), "dropout_p != 0")
         q, k, v = kw["query"], kw["key"], kw["value"]
+        softcap, sinks = float(kw.get("softcap") or 0.0), kw.get("sinks")
         if not kw.get("enable_gqa"):
             k, v = unwrap_repeat_kv(k), unwrap_repeat_kv(v)
         qv, kv, vv = q.meta["val"], k.meta["val"], v.meta["val"]
@@ -235,21 +234,71 @@ def raise_attention(imp) -> dict:
             q, k = rq[0], rk[0]
 
         def build(imp, node=node, q=q, k=k, v=v, rope=rope, hq=hq, hk=hk, scale=scale, causal=causal,
-                  window=window):
+                  window=window, softcap=softcap, sinks=sinks):
             qf, kf, vf = (to_tokens(imp, node, imp.value(x), h) for x, h in ((q, hq), (k, hk), (v, hk)))
             if rope is not None:
                 inv_freq, scaling, layout = rope
                 qf, kf = imp.emit(node, Op.ROPE, [qf, kf, imp.positions],
                                   {"heads": [hq, hk], "inv_freq": list(inv_freq), "scaling": scaling,
                                    "layout": layout}, names=[short(imp, node, "q_rope"), short(imp, node, "k_rope")])
-            o = imp.emit(node, Op.ATTENTION, [qf, kf, vf, imp.positions, imp.seq_lens],
-                         {"heads": [hq, hk], "scale": scale, "causal": causal, "window": window},
+            extra = [imp.value(sinks)] if sinks is not None else []
+            o = imp.emit(node, Op.ATTENTION, [qf, kf, vf, imp.positions, imp.seq_lens, *extra],
+                         {"heads": [hq, hk], "scale": scale, "causal": causal, "window": window, "softcap": softcap},
                          name=short(imp, node, "attention"))
             return to_heads(imp, node, o, hq)
 
-        deps = [q, k, v]
+        deps = [q, k, v] + ([sinks] if sinks is not None else [])
         out[node] = Raised(deps, build, "attention")
     return out
+
+
+def _sites(imp):
+    """(node standing for the attention result [B, H, S, Dv], its arguments by sdpa's names) for every attention of
+    the graph: sdpa calls, lowerlm's traceable eager attention (``enable_gqa``: it groups heads itself) and the
+    matmul-softmax-matmul a model writes out itself (BERT-style self-attention)."""
+    eager = _eager_attention_op()
+    for node in imp.graph.nodes:
+        if _is(node, aten.scaled_dot_product_attention.default):
+            yield node, kwargs_of(node)
+        elif _is(node, *eager):
+            yield node, dict(kwargs_of(node), enable_gqa=True)
+        elif _is(node, aten.matmul.default):
+            kw = _written_out(node)
+            if kw is not None:
+                yield node, kw
+
+
+def _written_out(out: fx.Node) -> dict | None:
+    """sdpa's arguments when ``out`` is ``softmax(matmul(q, k^T) [/ or * a number] [+ mask], -1) @ v`` over 4-D
+    heads, else None."""
+    probs, v = out.args[:2]
+    while _is(probs, aten.clone.default, aten.alias.default, aten.dropout.default):  # dropout: identity in eval
+        probs = probs.args[0]
+    if not _is(probs, aten.softmax.int, aten._softmax.default) or probs.args[1] not in (-1, 3):
+        return None
+    scores, mask = probs.args[0], None
+    if _is(scores, aten.add.Tensor) and kwargs_of(scores).get("alpha", 1) == 1:
+        a, b = scores.args
+        scores, mask = (a, b) if _is(a, aten.div.Tensor, aten.mul.Tensor, aten.matmul.default) else (b, a)
+    scale = 1.0
+    if _is(scores, aten.div.Tensor, aten.mul.Tensor) and isinstance(scores.args[1], (int, float)):
+        scale = 1.0 / scores.args[1] if scores.target is aten.div.Tensor else float(scores.args[1])
+        scores = scores.args[0]
+    if not _is(scores, aten.matmul.default):
+        return None
+    q, kt = scores.args
+    if not _is(kt, aten.transpose.int) or {d % 4 for d in kt.args[1:]} != {2, 3}:
+        return None
+    k = kt.args[0]
+    if not all(isinstance(x, fx.Node) and x.meta["val"].dim() == 4 for x in (q, k, v, mask or q)):
+        return None
+    return {"query": q, "key": k, "value": v, "attn_mask": mask, "scale": scale}
+
+
+def _eager_attention_op() -> tuple:
+    """lowerlm's traceable eager attention (frontend/eager_attention.py), when registered with torch."""
+    op = getattr(getattr(torch.ops, "lowerlm", None), "attention", None)
+    return (op.default,) if op is not None and hasattr(op, "default") else ()
 
 
 def short(imp, node, what: str) -> str:

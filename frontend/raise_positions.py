@@ -1,5 +1,6 @@
 """Raise a plain module's learned position embedding: ``embedding(W, arange(S))`` (or ``W[arange(S)]``,
-``W.index_select(0, arange(S))``) → ``embedding(W, positions)``.
+``W.index_select(0, arange(S))``; the arange maybe expanded over the batch and offset by an integer) →
+``embedding(W, positions [+ offset])``.
 
 A plain ``nn.Module`` that takes no ``position_ids`` numbers its tokens itself, ``torch.arange(seq_len)``. That is
 right for a call that holds the whole sequence and wrong for a decode step, whose one token sits at its cache
@@ -37,6 +38,21 @@ def _is_sequence_arange(imp, node) -> bool:
     return start == 0 and step == 1 and val.dtype == torch.int64 and str(end_val) == str(seq)
 
 
+def _sequence_offset(imp, node) -> int | None:
+    """c when ``node`` is ``arange(S)`` -- expanded over the batch, plus an integer c (TrOCR counts from
+    padding_idx + 1) -- else None."""
+    offset = 0
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is aten.add.Tensor \
+            and isinstance(node.args[1], int) and not isinstance(node.args[1], bool) \
+            and kwargs_of(node).get("alpha", 1) == 1:
+        node, offset = node.args[0], node.args[1]
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is aten.expand.default \
+            and node.args[0].meta["val"].dim() == 1 and node.meta["val"].dim() == 2 \
+            and str(node.meta["val"].shape[0]) == str(imp.user_inputs[INPUT_IDS].meta["val"].shape[0]):
+        node = node.args[0]
+    return offset if _is_sequence_arange(imp, node) else None
+
+
 def raise_positions(imp) -> dict:
     """Position-embedding lookups by ``arange(S)``, keyed by their embedding node."""
     if imp.positions_node is not None:  # the model takes position_ids: its positions are already the input
@@ -45,15 +61,19 @@ def raise_positions(imp) -> dict:
     out = {}
     for node in imp.graph.nodes:
         table, index = _lookup(node)
-        if table is None or not _is_sequence_arange(imp, index) or not node.users:
+        offset = _sequence_offset(imp, index) if table is not None else None
+        if offset is None or not node.users:
             continue
         wide = tuple(str(d) for d in ids) + (str(node.meta["val"].shape[-1]),)
+        users = [u for u in node.users if not str(u.target).startswith("aten._assert")]  # checks compute nothing
         if not all(u.op == "call_function" and u.target in _ELEMENTWISE
-                   and tuple(str(d) for d in u.meta["val"].shape) == wide for u in node.users):
+                   and tuple(str(d) for d in u.meta["val"].shape) == wide for u in users):
             continue
 
-        def build(imp, node=node, w=table):
-            return imp.emit(node, Op.EMBEDDING, [imp.value(w), imp.positions])
+        def build(imp, node=node, w=table, offset=offset):
+            rows = imp.positions if not offset else imp.emit(
+                node, Op.ADD, [imp.positions, imp.constant(offset, imp.b.types[imp.positions].dtype)])
+            return imp.emit(node, Op.EMBEDDING, [imp.value(w), rows])
 
         out[node] = Raised([table], build, "position_embedding")
     return out

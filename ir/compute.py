@@ -64,12 +64,24 @@ def _heads(x, h):
     return x.reshape(b, s, h, width // h).transpose(1, 2)
 
 
-def _attend(q, k, v, visible, scale: float):
+def _attend(q, k, v, visible, scale: float, softcap: float = 0.0, sinks=None):
     # q: [B, Hq, S, D]; k, v: [B, Hk, L, D*]; visible: [B, S, L] bool -> [B, S, Hq*Dv]
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # query head h reads kv head h // rep
     mask = visible[:, None, :, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if not softcap and sinks is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    else:  # as transformers' eager attention computes it: scores in the model's dtype, the softmax in f32
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.float().masked_fill(~mask, float("-inf"))
+        if sinks is not None:
+            sink = sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+            probs = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, -1)
+        out = torch.matmul(probs.to(v.dtype), v)
     out = torch.where(visible.any(-1)[:, None, :, None], out, torch.zeros((), dtype=out.dtype))
     b, h, s, dv = out.shape
     return out.transpose(1, 2).reshape(b, s, h * dv)
@@ -86,12 +98,12 @@ def _visible(q_pos, k_pos, k_valid, causal: bool, window: int):
     return vis
 
 
-def attention(q, k, v, positions, seq_lens, heads, scale, causal, window):
+def attention(q, k, v, positions, seq_lens, sinks, heads, scale, causal, window, softcap=0.0):
     hq, hk = heads
     s = q.shape[1]
     k_valid = torch.arange(s)[None, :] < seq_lens[:, None].long()
     vis = _visible(positions, positions, k_valid, causal, window)
-    return _attend(_heads(q, hq), _heads(k, hk), _heads(v, hk), vis, scale)
+    return _attend(_heads(q, hq), _heads(k, hk), _heads(v, hk), vis, scale, softcap, sinks)
 
 
 def kv_cache_write(cache, values, positions, inplace: bool = False):
@@ -105,14 +117,14 @@ def kv_cache_write(cache, values, positions, inplace: bool = False):
     return out
 
 
-def cached_attention(q, k_cache, v_cache, positions, seq_lens, scale, causal, window):
+def cached_attention(q, k_cache, v_cache, positions, seq_lens, sinks, scale, causal, window, softcap=0.0):
     b, hk, t, d = k_cache.shape
     # slots at or past the longest valid length are never visible: leave them out (exact, and T may be large)
     t = max(1, min(t, int(seq_lens.max()) if seq_lens.numel() else 1))
     k_cache, v_cache = k_cache[:, :, :t], v_cache[:, :, :t]
     slots = torch.arange(t)[None, :].expand(b, -1)
     vis = _visible(positions, slots, slots < seq_lens[:, None].long(), causal, window)
-    return _attend(_heads(q, q.shape[2] // d), k_cache, v_cache, vis, scale)
+    return _attend(_heads(q, q.shape[2] // d), k_cache, v_cache, vis, scale, softcap, sinks)
 
 
 def activation(x, act: str):
@@ -254,13 +266,14 @@ def rope_cache_write(q, k, v, positions, k_cache, v_cache, heads, inv_freq, scal
     return (q, kv_cache_write(k_cache, k, positions, inplace), kv_cache_write(v_cache, v, positions, inplace))
 
 
-def rope_cached_attention(q, k, v, positions, seq_lens, k_cache, v_cache, q_norm, k_norm, heads, inv_freq, scaling,
-                          layout, scale, causal, window, eps, inplace=False):
+def rope_cached_attention(q, k, v, positions, seq_lens, k_cache, v_cache, q_norm, k_norm, sinks, heads, inv_freq,
+                          scaling, layout, scale, causal, window, softcap, eps, inplace=False):
     if q_norm is not None:
         q, k = head_rms_norm(q, q_norm, eps), head_rms_norm(k, k_norm, eps)
     q, k_cache, v_cache = rope_cache_write(q, k, v, positions, k_cache, v_cache, heads, inv_freq, scaling, layout,
                                            inplace)
-    return cached_attention(q, k_cache, v_cache, positions, seq_lens, scale, causal, window), k_cache, v_cache
+    return (cached_attention(q, k_cache, v_cache, positions, seq_lens, sinks, scale, causal, window, softcap),
+            k_cache, v_cache)
 
 
 def rms_norm_moe_route(x, norm_weight, weight, bias, eps, **route):

@@ -125,7 +125,8 @@ _X = ("x",)
 COMPARISONS = ("eq", "ne", "lt", "le", "gt", "ge")  # torch's names
 _AB = ("a", "b")
 _ATTN = {"heads": AttrSpec(K.INTS), "scale": AttrSpec(K.FLOAT), "causal": AttrSpec(K.BOOL, True),
-         "window": AttrSpec(K.INT, 0)}
+         "window": AttrSpec(K.INT, 0), "softcap": AttrSpec(K.FLOAT, 0.0)}
+_SINKS = I("sinks", optional=True)
 _CACHED_ATTN = {k: v for k, v in _ATTN.items() if k != "heads"}
 _ROUTE = {"router": AttrSpec(K.STR, "softmax", ("softmax", "sigmoid")), "top_k": AttrSpec(K.INT),
           "n_group": AttrSpec(K.INT, 1), "topk_group": AttrSpec(K.INT, 1), "renormalize": AttrSpec(K.BOOL, True),
@@ -223,9 +224,11 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
     _d(Op.ROPE, ("q", "k", "positions"), r.rope,
        "rotary embedding of q [B,S,Hq*D] and k [B,S,Hk*D] at positions; cos/sin = trig(pos*inv_freq)*scaling",
        _LLM_ROPE, impl=c.rope),
-    _d(Op.ATTENTION, ("q", "k", "v", "positions", "seq_lens"), r.attention,
+    _d(Op.ATTENTION, ("q", "k", "v", "positions", "seq_lens", _SINKS), r.attention,
        "GQA softmax attention within one call: key j is seen by query i if j < seq_lens and, when causal, "
-       "pos_j <= pos_i (and pos_i - pos_j < window); result [B,S,Hq*Dv]", _ATTN, impl=c.attention,
+       "pos_j <= pos_i (and pos_i - pos_j < window); scores q.k * scale, softcap * tanh(score / softcap) when "
+       "softcap > 0; sinks [Hq]: one more logit per head in each softmax that takes weight but adds no value; "
+       "result [B,S,Hq*Dv] (zeros for a query that sees no key)", _ATTN, impl=c.attention,
        traits=(T.MIXES_TOKENS,)),
     _d(Op.RMS_NORM_LINEAR, ("x", "norm_weight", "weight", I("bias", optional=True), I("residual", optional=True)),
        r.rms_norm_linear,
@@ -264,15 +267,17 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
     _d(Op.KV_CACHE_WRITE, (I("cache", state=True), "values", "positions"), r.kv_cache_write,
        "new cache version with values [B,S,Hkv*D] stored at cache[b, :, positions[b,s]] (positions >= T skipped)",
        writes={0: 0}, impl=c.kv_cache_write, state=_KV),
-    _d(Op.CACHED_ATTENTION, ("q", "k_cache", "v_cache", "positions", "seq_lens"), r.cached_attention,
-       "GQA attention of q [B,S,Hq*D] over cache slots t < seq_lens (causal: t <= pos_i); result [B,S,Hq*Dv]",
+    _d(Op.CACHED_ATTENTION, ("q", "k_cache", "v_cache", "positions", "seq_lens", _SINKS), r.cached_attention,
+       "GQA attention of q [B,S,Hq*D] over cache slots t < seq_lens (causal: t <= pos_i), softcap and sinks as "
+       "in attention; result [B,S,Hq*Dv]",
        _CACHED_ATTN, impl=c.cached_attention, traits=(T.MIXES_TOKENS,)),
     _d(Op.ROPE_CACHE_WRITE, ("q", "k", "v", "positions", I("k_cache", state=True), I("v_cache", state=True)),
        r.rope_cache_write,
        "rope(q, k) at positions, then rotated k and v written into the caches: (rotated q, new k cache, "
        "new v cache)", _LLM_ROPE, writes={4: 1, 5: 2}, impl=c.rope_cache_write, state=_KV),
     _d(Op.ROPE_CACHED_ATTENTION, ("q", "k", "v", "positions", "seq_lens", I("k_cache", state=True),
-                                  I("v_cache", state=True), I("q_norm", optional=True), I("k_norm", optional=True)),
+                                  I("v_cache", state=True), I("q_norm", optional=True), I("k_norm", optional=True),
+                                  _SINKS),
        r.rope_cached_attention,
        "per-head rms_norm of q and k when q_norm and k_norm [D] are given (eps), rope, k and v written into the "
        "caches, cached_attention over them: (result [B,S,Hq*Dv], new k cache, new v cache)",

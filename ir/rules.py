@@ -291,7 +291,7 @@ def _two_heads(a):
 
 
 def attention(ts, a):
-    q, k, v, pos, lens = ts
+    q, k, v, pos, lens, sinks = ts
     hq, hk = _two_heads(a)
     b, s, _ = _tokens(q, "attention q")
     for t, what in ((k, "k"), (v, "v")):
@@ -304,12 +304,20 @@ def attention(ts, a):
     _positions(pos, b, s)
     _seq_lens(lens, b)
     _window(a)
+    _sinks(sinks, hq)
     return [q.with_shape((b, s, hq * dv))]
 
 
 def _window(a):
     if a["window"] < 0:
         _fail(f"window must be >= 0 (0: none), got {a['window']}")
+    if a["softcap"] < 0:
+        _fail(f"softcap must be >= 0 (0: none), got {a['softcap']}")
+
+
+def _sinks(sinks, hq) -> None:
+    if sinks is not None and (sinks.shape != (hq,) or not sinks.dtype.is_float):
+        _fail(f"sinks {sinks} must be float [{hq}], one logit per query head")
 
 
 def _cache(t: TensorType, what: str):
@@ -330,7 +338,7 @@ def kv_cache_write(ts, a):
 
 
 def cached_attention(ts, a):
-    q, kc, vc, pos, lens = ts
+    q, kc, vc, pos, lens, sinks = ts
     b, hk, t, d = _cache(kc, "key cache")
     vb, vh, vt, dv = _cache(vc, "value cache")
     if (vb, vh, vt) != (b, hk, t):
@@ -345,8 +353,8 @@ def cached_attention(ts, a):
     _positions(pos, b, s)
     _seq_lens(lens, b)
     _window(a)
+    _sinks(sinks, hq)
     return [q.with_shape((b, s, hq * dv))]
-
 
 
 def rms_norm_linear(ts, a):
@@ -482,7 +490,7 @@ def rope_cache_write(ts, a):
 
 
 def rope_cached_attention(ts, a):
-    q, k, v, pos, lens, kc, vc, qn, kn = ts
+    q, k, v, pos, lens, kc, vc, qn, kn, sinks = ts
     if (qn is None) != (kn is None):
         _fail("rope_cached_attention takes both q_norm and k_norm or neither")
     if qn is not None:
@@ -492,7 +500,7 @@ def rope_cached_attention(ts, a):
                 _fail(f"{what} {w} must be [{d}], one weight per head dim")
             _same_dtype(x, w)
     rq, kc, vc = rope_cache_write([q, k, v, pos, kc, vc], a)
-    return [cached_attention([rq, kc, vc, pos, lens], a)[0], kc, vc]
+    return [cached_attention([rq, kc, vc, pos, lens, sinks], a)[0], kc, vc]
 
 
 def rms_norm_moe_route(ts, a):

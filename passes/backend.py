@@ -9,7 +9,8 @@ ready and before its first user (the anchor named below). ``TAILS`` in ``passes/
   ``cached_attention`` becomes one ``rope_cached_attention``; Qwen3's per-head q/k norms
   (``reshape → rms_norm → reshape`` on both q and k, one eps, weights in the activations' dtype) fold in.
 - ``fuse_gqa_attention`` (ONNX): the same chain, prefill and decode, where ONNX Runtime's GroupQueryAttention
-  takes it: causal, no window, half-split RoPE, head size a multiple of 16; norms never fold.
+  takes it: causal, no window, half-split RoPE, head size a multiple of 16, sinks (gpt-oss) in the activations'
+  dtype (its ``head_sink`` input; ``softcap`` its attribute); norms never fold.
 - ``fuse_rope_cache_write`` (Triton): a ``rope`` whose k result feeds only its layer's k cache write, with the v
   write of the same layer and positions, becomes one ``rope_cache_write``.
 - ``fuse_route_norm`` (Triton): an ``rms_norm`` whose first user routes it (``moe_route``) becomes one
@@ -112,7 +113,8 @@ def _attention_fusion(g: Graph, att: Node, rope: Node, kw: Node, vw: Node, norms
         inputs_norm, extra = (qw, kn), qnodes + knodes
         drop |= {n.name for n in extra}
         attrs["eps"] = eps
-    inputs = (q, k, vw.inputs[1], att.inputs[3], att.inputs[4], kw.inputs[0], vw.inputs[0]) + inputs_norm
+    inputs = (q, k, vw.inputs[1], att.inputs[3], att.inputs[4], kw.inputs[0], vw.inputs[0]) + inputs_norm + \
+        (att.inputs[5],)
     names = (att.results[0].name, kw.results[0].name, vw.results[0].name)
     return Fusion(att.name, frozenset(drop), Op.ROPE_CACHED_ATTENTION, inputs, attrs, names,
                   merge_sources(*extra, rope, kw, vw, att))
@@ -142,8 +144,10 @@ def fuse_gqa_attention(g: Graph) -> tuple:
     fusions = []
     for att in (n for n in g.nodes if n.op is Op.CACHED_ATTENTION):
         chain = _attention_chain(g, att)
+        sinks = att.inputs[5]
         if chain is None or att.attr("window") or not att.attr("causal") or \
-                g.type_of(att.inputs[1]).shape[3] % 16 or chain[0].attr("layout") != "half":
+                g.type_of(att.inputs[1]).shape[3] % 16 or chain[0].attr("layout") != "half" or \
+                (sinks is not None and g.type_of(sinks).dtype != g.type_of(att.inputs[0]).dtype):
             continue
         fusions.append(_attention_fusion(g, att, *chain, None))
     return apply_fusions(g, fusions), len(fusions)

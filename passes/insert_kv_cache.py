@@ -90,7 +90,7 @@ def insert_kv_cache(g: Graph) -> tuple:
         if node.op is not Op.ATTENTION:
             b.append(node)
             continue
-        q, k, v, positions, seq_lens = node.inputs
+        q, k, v, positions, seq_lens, sinks = node.inputs
         hq, hk = node.attr("heads")
         kt, vt = b.types[k], b.types[v]
         batch = kt.shape[0]
@@ -104,9 +104,9 @@ def insert_kv_cache(g: Graph) -> tuple:
             caches.append(b.add_state(hint, spec, owner))
         kc, vc = (b.add(Op.KV_CACHE_WRITE, [c, x, positions], name=c + "1", source=node.source)
                   for c, x in zip(caches, (k, v)))
-        attrs = {a: node.attrs[a] for a in ("scale", "causal", "window") if a in node.attrs}
+        attrs = {a: node.attrs[a] for a in ("scale", "causal", "window", "softcap") if a in node.attrs}
         b.release(node.result_names)  # the cached attention takes the attention's name
-        b.add(Op.CACHED_ATTENTION, [q, kc, vc, positions, seq_lens], attrs, source=node.source,
+        b.add(Op.CACHED_ATTENTION, [q, kc, vc, positions, seq_lens, sinks], attrs, source=node.source,
               names=node.result_names)
         finals += [kc, vc]
     return b.build(g.outputs, list(g.state_outputs) + finals), len(finals) // 2

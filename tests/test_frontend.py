@@ -618,6 +618,76 @@ def test_families_unlocked_for_issue_21(model_type, backend):
         lambda x: model(x).logits, prompt, 8)
 
 
+def _eager_only(model_type: str):
+    """Gemma-2 with a soft-cap small enough to change the result (its default, 50, barely touches tiny scores),
+    sliding and full layers, window 4; GraniteSWA with its sinks drawn large (they start at 0). Projections drawn
+    with std 0.3 (transformers' 0.02 makes every score nearly 0, where neither soft-cap nor sinks show)."""
+    if model_type == "gemma2":
+        model = _tiny_hf("gemma2", attn_logit_softcapping=2.0, final_logit_softcapping=3.0, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"])
+    else:
+        model = _tiny_hf("granite_swa", sliding_window=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks"):
+                p.uniform_(-1.0, 3.0)
+            elif p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
+@pytest.mark.parametrize("model_type", ["gemma2", "granite_swa"])
+def test_attention_transformers_runs_only_eagerly(model_type, backend):
+    """Soft-capped logits (Gemma-2) and attention sinks (GraniteSWA) reach the ``attention`` op through lowerlm's
+    traceable eager attention: eager's logits and greedy tokens (prefill, then cached decode steps) on every
+    backend, and the user's model keeps its eager attention after the compile."""
+    model = _eager_only(model_type)
+    before = model.config._attn_implementation
+    cm = lowerlm.compile_model(model, backend=backend, max_seq_len=64, use_cache=False, tokenizer=False)
+    assert model.config._attn_implementation == before == "eager"
+    att = [n for n in cm.imported.graphs[0].nodes if n.op is Op.ATTENTION]
+    assert len(att) == 2
+    if model_type == "gemma2":
+        assert [n.attr("softcap") for n in att] == [2.0, 2.0] and [n.attr("window") for n in att] == [4, 0]
+    else:
+        assert all(n.inputs[5] is not None for n in att)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    assert (cm(ids).cpu() - want).abs().max() <= 1e-4 * want.abs().max()
+    prompt = [5, 7, 9, 11, 3]
+    assert [s[0] for s in cm.generate_ids([prompt], 8, stop_ids=[])] == _eager_greedy(
+        lambda x: model(x).logits, prompt, 8)
+
+
+def test_a_dropped_softcap_or_sink_would_be_seen():
+    """The models above are sensitive to what the attention op adds: without its soft-cap or its sinks the
+    reference backend's logits leave the tolerance (so the match above is evidence, not an accident)."""
+    import dataclasses
+
+    for model_type, attr, off in (("gemma2", "softcap", 0.0), ("granite_swa", None, None)):
+        model = _eager_only(model_type)
+        cm = lowerlm.compile_model(model, backend="reference", max_seq_len=64, use_cache=False, tokenizer=False)
+        ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            want = model(ids).logits
+        g = cm.imported.graphs[0]
+        nodes = []
+        for n in g.nodes:
+            if n.op is Op.ATTENTION:
+                n = dataclasses.replace(n, attrs={**n.attrs, attr: off}) if attr else \
+                    dataclasses.replace(n, inputs=n.inputs[:5] + (None,))
+            nodes.append(n)
+        from lowerlm.codegen.reference import ReferenceProgram
+
+        crippled = dataclasses.replace(cm.imported, graphs=(dataclasses.replace(g, nodes=tuple(nodes)),))
+        ids_in = {"input_ids": ids, "positions": torch.arange(9).repeat(2, 1),
+                  "seq_lens": torch.tensor([9, 9], dtype=torch.int32)}
+        got = ReferenceProgram(crippled, cm.weights).run("forward", [ids_in[v.name] for v in g.inputs])[0][0]
+        assert (got - want).abs().max() > 1e-3 * want.abs().max()
+
+
 def test_a_per_head_attention_mask_is_refused_naming_the_module():
     """Doge builds one mask per head ([B, H, S, S]): a one-line refusal naming the attention module, not the raw
     RuntimeError the mask check raised before (issue 21)."""

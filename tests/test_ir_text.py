@@ -284,7 +284,7 @@ _T = {
     "idx": "i64[B,S,4]", "table": "f32[64,4]", "xt": "f32[B,4,S]", "router": "f32[4,4]", "gate_up": "f32[4,6,4]",
     "down": "f32[4,4,3]", "sg": "f32[5,4]", "sd": "f32[4,5]", "eids": "i32[B,S,2]", "rows": "f32[2*B*S,4]",
     "order": "i32[2*B*S]", "offsets": "i32[5]", "ew": "f32[4,6,4]", "rw": "f32[B,S,2]", "wgm": "f32[10,4]",
-    "up": "f32[6,4]", "wd": "f32[4,6]", "v6": "f32[6]", "mask": "bool[B,S,1]",
+    "up": "f32[6,4]", "wd": "f32[4,6]", "v6": "f32[6]", "mask": "bool[B,S,1]", "v2": "f32[2]",
 }
 # per op: the example type of each input (by _T key) and attributes that make the result rule accept them
 VERIFIED_EXAMPLES = {
@@ -318,7 +318,8 @@ VERIFIED_EXAMPLES = {
     Op.MATMUL: (("x", "xt"), {}),
     Op.RMS_NORM: (("x", "v4"), {"eps": 1e-5}),
     Op.ROPE: (("q", "x", "pos"), {"heads": [2, 1], "inv_freq": [1.0, 0.1], "layout": "interleaved"}),
-    Op.ATTENTION: (("q", "x", "x", "pos", "lens"), {"heads": [2, 1], "scale": 0.5, "window": 2}),
+    Op.ATTENTION: (("q", "x", "x", "pos", "lens", "v2"), {"heads": [2, 1], "scale": 0.5, "window": 2,
+                                                        "softcap": 30.0}),
     Op.RMS_NORM_LINEAR: (("x", "v4", "w", "b8", "x"), {"eps": 1e-5, "splits": [6, 2]}),
     Op.SWIGLU: (("x", "x"), {"act": "gelu"}),
     Op.ARM_MLP: (("x", "v4", "wgm", "up", "wd", "v6", "v6", "x"), {"eps": 1e-5, "tau": 0.1}),
@@ -328,10 +329,11 @@ VERIFIED_EXAMPLES = {
     Op.GROUPED_GEMM: (("rows", "ew", "order", "offsets", "rw"), {"act": "silu"}),
     Op.MOE_COMBINE: (("rows", "order", "x"), {"top_k": 2}),
     Op.KV_CACHE_WRITE: (("cache", "x", "pos"), {}),
-    Op.CACHED_ATTENTION: (("q", "cache", "cache", "pos", "lens"), {"scale": 0.5}),
+    Op.CACHED_ATTENTION: (("q", "cache", "cache", "pos", "lens", "v2"), {"scale": 0.5}),
     Op.ROPE_CACHE_WRITE: (("q", "x", "x", "pos", "cache", "cache"), {"heads": [2, 1], "inv_freq": [1.0, 0.1]}),
-    Op.ROPE_CACHED_ATTENTION: (("q", "x", "x", "pos", "lens", "cache", "cache", "v4", "v4"),
-                               {"heads": [2, 1], "inv_freq": [1.0], "scale": 0.5, "eps": 1e-6, "window": 3}),
+    Op.ROPE_CACHED_ATTENTION: (("q", "x", "x", "pos", "lens", "cache", "cache", "v4", "v4", "v2"),
+                               {"heads": [2, 1], "inv_freq": [1.0], "scale": 0.5, "eps": 1e-6, "window": 3,
+                                "softcap": 50.0}),
     Op.RMS_NORM_MOE_ROUTE: (("x", "v4", "router", "v4"), {"eps": 1e-5, "top_k": 2, "router": "sigmoid"}),
     Op.EW_CHAIN: (("x",), {}),  # the body reads each of its operands: made per operand count
 }

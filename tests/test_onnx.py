@@ -584,24 +584,28 @@ def _lower_and_run(text: str, feeds: dict, contrib: bool = True):
 
 
 def _attention_text(op: str, s: str, norms: bool = False, window: int = 0, layout: str = "half",
-                    freqs: int = 8) -> str:
-    """One layer's attention as one fused op: 2 query heads and 1 kv head of 16, caches [B, 1, T, 16]."""
+                    freqs: int = 8, softcap: float = 0.0, sinks: bool = False) -> str:
+    """One layer's attention as one fused op: 2 query heads and 1 kv head of 16, caches [B, 1, T, 16]; with
+    ``sinks`` an input %sinks: f32[2]."""
     norm_inputs = ", %qn: f32[16], %kn: f32[16]" if norms else ""
+    sink_input = ", %sinks: f32[2]" if sinks else ""
     inv_freq = ",".join(repr(10.0 ** -i) for i in range(freqs))
     rope = f"heads=[2,1], inv_freq=[{inv_freq}], scaling=1.5, layout={layout}"
     if op == "rope_cache_write":
         call, attrs, first, result = "rope_cache_write(%q, %k, %v, %positions, %kc, %vc)", rope, "f32[B,S,32]", "%qr"
     else:
-        extra = ", q_norm=%qn, k_norm=%kn" if norms else ""
+        extra = (", q_norm=%qn, k_norm=%kn" if norms else "") + (", sinks=%sinks" if sinks else "")
         call = f"rope_cached_attention(%q, %k, %v, %positions, %seq_lens, %kc, %vc{extra})"
-        attrs, first, result = f"{rope}, scale=0.25, window={window}, eps=1e-06", f"f32[B,{s},32]", "%qr"
+        attrs = f"{rope}, scale=0.25, window={window}, softcap={softcap}, eps=1e-06"
+        first, result = f"f32[B,{s},32]", "%qr"
     return (f"graph g(%q: f32[B,{s},32], %k: f32[B,{s},16], %v: f32[B,{s},16], %positions: i64[B,{s}], "
-            f"%seq_lens: i32[B]{norm_inputs})\n    state(%kc: f32[B,1,T,16] @layer0, %vc: f32[B,1,T,16] @layer0) {{\n"
+            f"%seq_lens: i32[B]{norm_inputs}{sink_input})\n"
+            f"    state(%kc: f32[B,1,T,16] @layer0, %vc: f32[B,1,T,16] @layer0) {{\n"
             f"  {result}, %kc1, %vc1 = {call} {{{attrs}}} : {first}, f32[B,1,T,16], f32[B,1,T,16]\n"
             f"  return {result} state(%kc1, %vc1)\n}}\n")
 
 
-def _attention_feeds(s: int, starts: list, lens: list, norms: bool = False, t: int = 8) -> dict:
+def _attention_feeds(s: int, starts: list, lens: list, norms: bool = False, t: int = 8, sinks: bool = False) -> dict:
     gen = torch.Generator().manual_seed(s + sum(lens))
     b = len(lens)
     feeds = {"q": torch.randn(b, s, 32, generator=gen), "k": torch.randn(b, s, 16, generator=gen),
@@ -611,6 +615,8 @@ def _attention_feeds(s: int, starts: list, lens: list, norms: bool = False, t: i
              "kc": torch.randn(b, 1, t, 16, generator=gen), "vc": torch.randn(b, 1, t, 16, generator=gen)}
     if norms:
         feeds |= {"qn": torch.rand(16, generator=gen) + 0.5, "kn": torch.rand(16, generator=gen) + 0.5}
+    if sinks:  # logits of the scores' size (|q.k| * 0.25 ~ 1): each takes a real share of its softmax
+        feeds["sinks"] = torch.tensor([0.8, -0.3])
     return feeds
 
 
@@ -627,31 +633,123 @@ def _assert_valid_close(got: list, want: list, feeds: dict) -> None:
 # (S, each row's first position, seq_lens): decode at other lengths per row, a first prompt with rows shorter than
 # S, a chunk continuing the cache (ORT's GroupQueryAttention takes those at batch 1)
 _ATTENTION_CASES = [(1, [3, 6], [4, 7]), (4, [0, 0], [4, 2]), (3, [2], [5])]
+# (softcap, sinks): Gemma-2's logit soft-capping (1.5: most scores bend), gpt-oss's sinks, both
+_CAPS = [(1.5, False), (0.0, True), (1.5, True)]
+_CAP_IDS = ["softcap", "sinks", "softcap+sinks"]
 
 
+@pytest.mark.parametrize("softcap,sinks", [(0.0, False), *_CAPS], ids=["plain", *_CAP_IDS])
 @pytest.mark.parametrize("s,starts,lens", _ATTENTION_CASES)
-def test_rope_cached_attention_lowers_to_group_query_attention(s, starts, lens):
+def test_rope_cached_attention_lowers_to_group_query_attention(s, starts, lens, softcap, sinks):
     """Without norms, causal, no window, head size 16: one com.microsoft GroupQueryAttention, the reference's
-    results at every valid query and cache slot."""
-    feeds = _attention_feeds(s, starts, lens)
-    ops, got, want = _lower_and_run(_attention_text("rope_cached_attention", "1" if s == 1 else "S"), feeds)
+    results at every valid query and cache slot; softcap is the kernel's attribute, the sinks its head_sink input."""
+    feeds = _attention_feeds(s, starts, lens, sinks=sinks)
+    text = _attention_text("rope_cached_attention", "1" if s == 1 else "S", softcap=softcap, sinks=sinks)
+    ops, got, want = _lower_and_run(text, feeds)
     assert ops.count("GroupQueryAttention") == 1 and "TensorScatter" not in ops
     _assert_valid_close(got, want, feeds)
 
 
 @pytest.mark.parametrize("s,starts,lens", _ATTENTION_CASES)
-@pytest.mark.parametrize("contrib,norms,window", [(False, False, 0), (False, True, 0), (True, True, 0),
-                                                  (True, False, 2)])
-def test_rope_cached_attention_lowers_as_its_composition(s, starts, lens, contrib, norms, window):
+@pytest.mark.parametrize("contrib,norms,window,softcap,sinks", [
+    (False, False, 0, 0.0, False), (False, True, 0, 0.0, False), (True, True, 0, 0.0, False),
+    (True, False, 2, 0.0, False), *((False, False, 0) + cap for cap in _CAPS),
+    *((True, False, 2) + cap for cap in _CAPS), (True, True, 0, 1.5, True)])
+def test_rope_cached_attention_lowers_as_its_composition(s, starts, lens, contrib, norms, window, softcap, sinks):
     """Standalone (no com.microsoft ops), with q/k norms, or with a window: head norms, rope, two TensorScatter
-    cache writes and attention (opset-24 Attention standalone, else the masked softmax), the reference's results."""
-    feeds = _attention_feeds(s, starts, lens, norms=norms)
-    text = _attention_text("rope_cached_attention", "1" if s == 1 else "S", norms=norms, window=window)
+    cache writes and attention (opset-24 Attention standalone unless there are sinks, else the masked softmax), the
+    reference's results, softcap and sinks included."""
+    feeds = _attention_feeds(s, starts, lens, norms=norms, sinks=sinks)
+    text = _attention_text("rope_cached_attention", "1" if s == 1 else "S", norms=norms, window=window,
+                           softcap=softcap, sinks=sinks)
     ops, got, want = _lower_and_run(text, feeds, contrib=contrib)
     assert "GroupQueryAttention" not in ops and ops.count("TensorScatter") == 2
-    assert ops.count("Attention") == (0 if contrib else 1)
+    assert ops.count("Attention") == (0 if contrib or sinks else 1)
     assert ops.count("RMSNormalization") == (2 if norms else 0)
     _assert_valid_close(got, want, feeds)
+
+
+def _plain_attention_text(op: str, s: str, window: int, causal: bool, softcap: float, sinks: bool) -> str:
+    """One ``attention`` over this call's k, v or one ``cached_attention`` over caches %kc, %vc [B, 1, T, 16] (plain
+    inputs): 2 query heads and 1 kv head of 16; with ``sinks`` an input %sinks: f32[2]."""
+    if op == "attention":
+        kv, kv_types, heads = "%k, %v", f"%k: f32[B,{s},16], %v: f32[B,{s},16]", "heads=[2,1], "
+    else:
+        kv, kv_types, heads = "%kc, %vc", "%kc: f32[B,1,T,16], %vc: f32[B,1,T,16]", ""
+    sink_input, sink_arg = (", %sinks: f32[2]", ", sinks=%sinks") if sinks else ("", "")
+    return (f"graph g(%q: f32[B,{s},32], {kv_types}, %positions: i64[B,{s}], %seq_lens: i32[B]{sink_input}) {{\n"
+            f"  %o = {op}(%q, {kv}, %positions, %seq_lens{sink_arg}) "
+            f"{{{heads}scale=0.25, causal={str(causal).lower()}, window={window}, softcap={softcap}}} : f32[B,{s},32]\n"
+            "  return %o\n}\n")
+
+
+# (op, S, each row's first position, seq_lens, window, causal): a right-padded prompt, a windowed one whose second
+# row is empty (its queries see no key: zeros), a bidirectional one, a prefill over the cache, a decode, a windowed
+# decode
+_PLAIN_CASES = [("attention", 4, [0, 0], [4, 2], 0, True), ("attention", 4, [0, 0], [3, 0], 2, True),
+                ("attention", 4, [0, 0], [4, 2], 0, False), ("cached_attention", 4, [0, 0], [4, 2], 0, True),
+                ("cached_attention", 1, [3, 6], [4, 7], 0, True), ("cached_attention", 1, [3, 6], [4, 7], 2, True)]
+
+
+@pytest.mark.parametrize("softcap,sinks", _CAPS, ids=_CAP_IDS)
+@pytest.mark.parametrize("contrib", [True, False])
+@pytest.mark.parametrize("op,s,starts,lens,window,causal", _PLAIN_CASES)
+def test_attention_softcap_and_sinks_lower(op, s, starts, lens, window, causal, contrib, softcap, sinks):
+    """attention and cached_attention with softcap, sinks or both: the masked softmax (softcap's Tanh before the
+    mask; the sink's exp in each denominator), or standalone without sinks opset-24 Attention with its softcap
+    attribute; the reference's result at every query, padded ones and those that see no key included."""
+    feeds = _attention_feeds(s, starts, lens, sinks=sinks)
+    text = _plain_attention_text(op, "1" if s == 1 else "S", window, causal, softcap, sinks)
+    ops, got, want = _lower_and_run(text, {k: v for k, v in feeds.items() if f"%{k}:" in text}, contrib=contrib)
+    standard = not contrib and not sinks  # opset-24 Attention has no sinks input
+    assert ops.count("Attention") == standard and ("Tanh" in ops) == (bool(softcap) and not standard)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    if lens[-1] == 0:
+        assert not got[0][-1].any()
+
+
+@pytest.mark.parametrize("sink_dtype", ["f16", "f32"])
+def test_group_query_attention_takes_sinks_in_the_activations_dtype(sink_dtype):
+    """GroupQueryAttention's head_sink shares q's type: an f16 layer's f16 sinks go in as they are; f32 sinks (the
+    reference reads them in f32) keep it out (rounding them to f16 would differ), so the composition computes them;
+    both give the reference's result to f16 rounding (2e-3: two f16 ulps at 1; the softmax is f32 in both)."""
+    text = _attention_text("rope_cached_attention", "1", softcap=1.5, sinks=True).replace("f32", "f16")
+    text = text.replace("%sinks: f16", f"%sinks: {sink_dtype}")
+    feeds = {k: v.half() if v.is_floating_point() else v for k, v in _attention_feeds(1, [3, 6], [4, 7]).items()}
+    feeds["sinks"] = torch.tensor([0.8, -0.3], dtype=torch.float16 if sink_dtype == "f16" else torch.float32)
+    ops, got, want = _lower_and_run(text, feeds)
+    assert ops.count("GroupQueryAttention") == (sink_dtype == "f16")
+    torch.testing.assert_close(got[0].float(), want[0].float(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype,sink_dtype,fused", [("f32", "f32", True), ("f16", "f16", True),
+                                                    ("f16", "f32", False)])
+def test_gqa_fusion_takes_softcap_and_sinks_in_the_activations_dtype(dtype, sink_dtype, fused):
+    """fuse_gqa_attention (the ONNX tail) fuses a decode chain with softcap and sinks into one
+    rope_cached_attention that keeps both, unless the sinks' dtype is not the activations' (GroupQueryAttention's
+    head_sink is q's type): then the chain is left as it is."""
+    import dataclasses
+
+    import lowerlm.ir as ir
+    from lowerlm.passes.backend import fuse_gqa_attention
+
+    inv_freq = ",".join(repr(10.0 ** -i) for i in range(8))
+    t = dtype
+    text = (f"graph decode(%q: {t}[B,1,32], %k: {t}[B,1,16], %v: {t}[B,1,16], %positions: i64[B,1], "
+            f"%seq_lens: i32[B], %sinks: {sink_dtype}[2])\n"
+            f"    state(%kc: {t}[B,1,T,16] @layer0, %vc: {t}[B,1,T,16] @layer0) {{\n"
+            f"  %qr, %kr = rope(%q, %k, %positions) {{heads=[2,1], inv_freq=[{inv_freq}]}} : {t}[B,1,32], {t}[B,1,16]\n"
+            f"  %kc1 = kv_cache_write(%kc, %kr, %positions) : {t}[B,1,T,16]\n"
+            f"  %vc1 = kv_cache_write(%vc, %v, %positions) : {t}[B,1,T,16]\n"
+            f"  %o = cached_attention(%qr, %kc1, %vc1, %positions, %seq_lens, sinks=%sinks) {{scale=0.25, softcap=1.5}}"
+            f" : {t}[B,1,32]\n  return %o state(%kc1, %vc1)\n}}\n")
+    m = ir.verify_module(ir.parse_module(text))
+    g, count = fuse_gqa_attention.apply(m.graphs[0])
+    ir.verify_module(dataclasses.replace(m, graphs=(g,)))
+    assert count == fused
+    if fused:
+        (node,) = g.nodes
+        assert node.op is ir.Op.ROPE_CACHED_ATTENTION and node.inputs[9] == "sinks" and node.attr("softcap") == 1.5
 
 
 def test_rope_cache_write_lowers_as_its_composition():

@@ -116,8 +116,9 @@ def test_partial_rotary_leaves_the_rest_of_each_head():
     assert not torch.allclose(got.unflatten(2, (2, 8))[0, 1:, :, :4], x.unflatten(2, (2, 8))[0, 1:, :, :4])
 
 
-def _naive_attention(q, k, v, q_pos, k_pos, k_valid, scale, causal, window):
-    """Loops over batch, head and query in float64; q: [B,Hq,S,D], k/v: [B,Hk,L,D]."""
+def _naive_attention(q, k, v, q_pos, k_pos, k_valid, scale, causal, window, softcap=0.0, sinks=None):
+    """Loops over batch, head and query in float64; q: [B,Hq,S,D], k/v: [B,Hk,L,D]; softcap and one sink logit
+    per head as transformers' eager attention applies them."""
     b, hq, s, _ = q.shape
     rep = hq // k.shape[1]
     out = torch.zeros(b, hq, s, v.shape[-1], dtype=torch.float64)
@@ -130,28 +131,37 @@ def _naive_attention(q, k, v, q_pos, k_pos, k_valid, scale, causal, window):
                 if not keys:
                     continue
                 scores = torch.stack([q[bi, h, i].double() @ k[bi, h // rep, j].double() * scale for j in keys])
+                if softcap:
+                    scores = torch.tanh(scores / softcap) * softcap
+                if sinks is not None:
+                    scores = torch.cat([scores, sinks[h:h + 1].double()])
                 p = torch.softmax(scores, 0)
                 out[bi, h, i] = sum(p[n] * v[bi, h // rep, j].double() for n, j in enumerate(keys))
     return out
 
 
-@pytest.mark.parametrize("causal, window", [(True, 0), (False, 0), (True, 3)])
-def test_attention_matches_naive_loops(causal, window):
+@pytest.mark.parametrize("causal, window, softcap, sinks", [(True, 0, 0.0, False), (False, 0, 0.0, False),
+                                                            (True, 3, 0.0, False), (True, 0, 0.5, False),
+                                                            (True, 3, 0.0, True), (False, 0, 0.7, True)])
+def test_attention_matches_naive_loops(causal, window, softcap, sinks):
     torch.manual_seed(0)
     b, s, hq, hk, d = 2, 6, 4, 2, 4
     q, k, v = torch.randn(b, hq, s, d), torch.randn(b, hk, s, d), torch.randn(b, hk, s, d)
     positions = torch.arange(s).repeat(b, 1)
     lens = torch.tensor([6, 4], dtype=torch.int32)
-    got = attention(_flat(q), _flat(k), _flat(v), positions, lens, (hq, hk), 0.3, causal, window)
+    sink = torch.randn(hq) if sinks else None
+    got = attention(_flat(q), _flat(k), _flat(v), positions, lens, sink, (hq, hk), 0.3, causal, window, softcap)
     valid = torch.arange(s)[None] < lens[:, None]
-    want = _naive_attention(q, k, v, positions, positions, valid, 0.3, causal, window)
+    want = _naive_attention(q, k, v, positions, positions, valid, 0.3, causal, window, softcap, sink)
     torch.testing.assert_close(got, _flat(want).float(), rtol=0, atol=1e-5)
 
 
 def test_a_query_that_sees_no_key_gives_zeros():
     q = torch.randn(1, 2, 4)
-    out = attention(q, q, q, torch.arange(2)[None], torch.tensor([0], dtype=torch.int32), (1, 1), 1.0, True, 0)
-    assert torch.equal(out, torch.zeros_like(out))
+    for sinks in (None, torch.ones(1)):
+        out = attention(q, q, q, torch.arange(2)[None], torch.tensor([0], dtype=torch.int32), sinks, (1, 1), 1.0,
+                        True, 0)
+        assert torch.equal(out, torch.zeros_like(out))
 
 
 def test_cache_prefill_then_decode_equals_full_attention():
@@ -172,20 +182,20 @@ def test_cache_prefill_then_decode_equals_full_attention():
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     kc = kv_cache_write(torch.zeros(2, hk, t, d), k, positions)
     vc = kv_cache_write(torch.zeros(2, hk, t, d), v, positions)
-    prefill = cached_attention(q, kc, vc, positions, seq_lens, scale, True, 0)
+    prefill = cached_attention(q, kc, vc, positions, seq_lens, None, scale, True, 0)
     outs = [[prefill[i, :n]] for i, n in enumerate(lens)]
     for step in range(3):
         pos = torch.tensor([[n + step] for n in lens])
         new = [torch.stack([seqs[i][j][lens[i] + step] for i in range(2)])[:, None] for j in range(3)]
         kc = kv_cache_write(kc, new[1], pos)
         vc = kv_cache_write(vc, new[2], pos)
-        o = cached_attention(new[0], kc, vc, pos, (pos[:, 0] + 1).int(), scale, True, 0)
+        o = cached_attention(new[0], kc, vc, pos, (pos[:, 0] + 1).int(), None, scale, True, 0)
         for i in range(2):
             outs[i].append(o[i])
     for i, n in enumerate(total):
         qi, ki, vi = (x[None] for x in seqs[i])
-        want = attention(qi, ki, vi, torch.arange(n)[None], torch.tensor([n], dtype=torch.int32), (hq, hk), scale,
-                         True, 0)
+        want = attention(qi, ki, vi, torch.arange(n)[None], torch.tensor([n], dtype=torch.int32), None, (hq, hk),
+                         scale, True, 0)
         torch.testing.assert_close(torch.cat(outs[i]), want[0], rtol=0, atol=1e-6)
 
 

@@ -124,7 +124,7 @@ def test_attention(causal, window):
     pos = torch.arange(s, device=DEV).repeat(b, 1)
     lens = torch.tensor([7, 4], dtype=torch.int32, device=DEV)
     close(attention.attention(q, k, v, pos, lens, (hq, hk), 0.3, causal, window),
-          ref.attention(q, k, v, pos, lens, (hq, hk), 0.3, causal, window))
+          ref.attention(q, k, v, pos, lens, None, (hq, hk), 0.3, causal, window))
     empty = attention.attention(q, k, v, pos, torch.tensor([0, 3], dtype=torch.int32, device=DEV), (hq, hk), 0.3,
                                 True, 0)
     assert empty[0].abs().max() == 0
@@ -136,11 +136,11 @@ def test_cached_attention_decode_and_prefill():
     q1 = rand(b, 1, hq * d, seed=2)
     pos1, lens1 = torch.tensor([[9], [15]], device=DEV), torch.tensor([10, 16], dtype=torch.int32, device=DEV)
     close(attention.cached_attention(q1, kc, vc, pos1, lens1, 0.3, True, 0),
-          ref.cached_attention(q1, kc, vc, pos1, lens1, 0.3, True, 0))
+          ref.cached_attention(q1, kc, vc, pos1, lens1, None, 0.3, True, 0))
     q = rand(b, 7, hq * d, seed=3)
     pos, lens = torch.arange(7, device=DEV).repeat(b, 1), torch.tensor([7, 4], dtype=torch.int32, device=DEV)
     close(attention.cached_attention(q, kc, vc, pos, lens, 0.3, True, 5),
-          ref.cached_attention(q, kc, vc, pos, lens, 0.3, True, 5))
+          ref.cached_attention(q, kc, vc, pos, lens, None, 0.3, True, 5))
 
 
 @pytest.mark.parametrize("causal, window", [(True, 0), (True, 5), (True, 40), (False, 0)])
@@ -156,7 +156,7 @@ def test_prefill_attention_skips_and_unmasks_whole_blocks(causal, window, gpu_ti
     pos = torch.arange(100, 100 + s, device=DEV).repeat(b, 1)
     lens = torch.tensor([137, 120], dtype=torch.int32, device=DEV)
     close(attention.cached_attention(q, kc, vc, pos, lens, 0.3, causal, window),
-          ref.cached_attention(q, kc, vc, pos, lens, 0.3, causal, window))
+          ref.cached_attention(q, kc, vc, pos, lens, None, 0.3, causal, window))
 
 
 @pytest.mark.parametrize("splits", [1, 3, 7])
@@ -166,7 +166,7 @@ def test_split_k_decode_attention(splits, causal, window):
     kc, vc, q = rand(b, hk, t, d), rand(b, hk, t, 10, seed=1), rand(b, 1, hq * d, seed=2)
     pos, lens = torch.tensor([[9], [41]], device=DEV), torch.tensor([10, 42], dtype=torch.int32, device=DEV)
     close(decode_attention.decode_attention(q, kc, vc, pos, lens, 0.3, causal, window, splits),
-          ref.cached_attention(q, kc, vc, pos, lens, 0.3, causal, window))
+          ref.cached_attention(q, kc, vc, pos, lens, None, 0.3, causal, window))
     empty = decode_attention.decode_attention(q, kc, vc, pos, torch.tensor([0, 3], dtype=torch.int32, device=DEV),
                                               0.3, causal, window, splits)
     assert empty[0].abs().max() == 0
@@ -364,7 +364,7 @@ def test_fused_decode_attention_rotates_appends_and_attends(qk_norm):
             kn = ref.rms_norm(k.reshape(b, 1, hk, d), norms[1], 1e-5).reshape(k.shape)
         want_q, want_k = ref.rope(qn, kn, pos, (hq, hk), inv, 0.9, "half")
         want_kc, want_vc = ref.kv_cache_write(kc, want_k, pos), ref.kv_cache_write(vc, v, pos)
-        want = ref.cached_attention(want_q, want_kc, want_vc, pos, lens, 0.3, True, window)
+        want = ref.cached_attention(want_q, want_kc, want_vc, pos, lens, None, 0.3, True, window)
         got_kc, got_vc = kc.clone(), vc.clone()
         got = decode_attention.decode_attention(q, got_kc, got_vc, pos, lens, 0.3, True, window, splits, new_k=k,
                                                 new_v=v, inv_freq=torch.tensor(inv, device=DEV), scaling=0.9,
@@ -909,3 +909,84 @@ def test_ew_chain_branches_of_issue_21_ops():
     got, want = _differential(text, {"B": 2}, True, {"x": x, "y": y})
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, equal_nan=True)
+
+
+# ---- attention with soft-capped scores and sinks (Gemma-2, gpt-oss) -------------------------------------------------
+def _capped_attention_op(op: str, s: int, softcap: float, sinks: str | None, window: int = 0,
+                         norms: bool = False) -> str:
+    """One attention node of 4 query heads and 2 kv heads of 8 (caches of 40 slots: 3 splits at decode), S = s,
+    with ``softcap`` and, when ``sinks`` names a dtype, the input %sinks [4] of it."""
+    params = 'params {\n  "qn": f32[8]\n  "kn": f32[8]\n}\n\n' if norms else ""
+    weights = '  %qn = param "qn" : f32[8]\n  %kn = param "kn" : f32[8]\n' if norms else ""
+    sink_input = f", %sinks: {sinks}[4]" if sinks else ""
+    sink_operand = ", sinks=%sinks" if sinks else ""
+    attrs = f"scale=0.3, window={window}, softcap={softcap}"
+    cache = "f32[B,2,40,8]"
+    if op == "attention":
+        inputs, state = f"%k: f32[B,{s},16], %v: f32[B,{s},16]", ""
+        line = (f"%o = attention(%q, %k, %v, %positions, %seq_lens{sink_operand}) {{heads=[4,2], {attrs}}} : "
+                f"f32[B,{s},32]")
+        ret = "%o"
+    elif op == "cached_attention":
+        inputs, state = f"%kc: {cache}, %vc: {cache}", ""
+        line = f"%o = cached_attention(%q, %kc, %vc, %positions, %seq_lens{sink_operand}) {{{attrs}}} : f32[B,{s},32]"
+        ret = "%o"
+    else:
+        inputs = f"%k: f32[B,{s},16], %v: f32[B,{s},16]"
+        state = f"\n    state(%kc: {cache} @layers.0.attn, %vc: {cache} @layers.0.attn)"
+        norm_operands = ", q_norm=%qn, k_norm=%kn" if norms else ""
+        line = (f"%o, %kc1, %vc1 = rope_cached_attention(%q, %k, %v, %positions, %seq_lens, %kc, %vc{norm_operands}"
+                f"{sink_operand}) {{heads=[4,2], inv_freq=[1.0,0.1,0.01], scaling=0.9, layout=half, {attrs}, "
+                f"eps=1e-06}} : f32[B,{s},32], {cache}, {cache}")
+        ret = "%o state(%kc1, %vc1)"
+    return (f"{params}graph g(%q: f32[B,{s},32], {inputs}, %positions: i64[B,{s}], %seq_lens: i32[B]{sink_input})"
+            f"{state} {{\n{weights}  {line}\n  return {ret}\n}}\n")
+
+
+def _capped_inputs(op: str, s: int, sinks: str | None) -> dict:
+    """Three sequences, right-padded: the last sees no key. ``attention``: 5 tokens, 5, 3 and 0 of them valid.
+    Over a cache, decode at slots 5 and 39 (the cache's last: the last split), or a chunk of s continuing at 4, one
+    starting at 0 with fewer valid keys than queries, the third with no valid key."""
+    if op == "attention":
+        pos, lens = torch.arange(s).repeat(3, 1), [s, 3, 0]
+    elif s == 1:
+        pos, lens = torch.tensor([[5], [39], [3]]), [6, 40, 0]
+    else:
+        pos, lens = torch.stack([torch.arange(4, 4 + s), torch.arange(s), torch.arange(20, 20 + s)]), [4 + s, s - 1, 0]
+    inputs = {"positions": pos, "seq_lens": torch.tensor(lens, dtype=torch.int32)}
+    if sinks:  # logits of the size of the scores, one per query head
+        inputs["sinks"] = torch.tensor([2.5, -1.0, 0.5, 3.0]).to({"f32": torch.float32, "bf16": torch.bfloat16}[sinks])
+    return inputs
+
+
+CAPS_AND_SINKS = [(1.5, None), (0.0, "f32"), (2.0, "bf16")]  # softcap only, sinks only, both (bf16 sinks)
+
+
+@pytest.mark.parametrize("softcap, sinks", CAPS_AND_SINKS)
+@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize("op, s", [("attention", 5), ("cached_attention", 3), ("cached_attention", 1)])
+def test_attention_launchers_softcap_and_sinks(op, s, window, softcap, sinks):
+    """The prefill kernel (attention; cached_attention at S > 1) and the split-K decode kernel (S = 1: the sink
+    counted once, in the merge of 3 splits) against the reference: soft-capped scores, a sink per head, both."""
+    text = _capped_attention_op(op, s, softcap, sinks, window)
+    got, want = _differential(text, {"B": 3}, True, _capped_inputs(op, s, sinks))
+    close(got[0], want[0])
+    assert got[0][2].abs().max() == 0  # the query that sees no key: zeros, sink or not
+
+
+@pytest.mark.parametrize("softcap, sinks", CAPS_AND_SINKS)
+@pytest.mark.parametrize("s, window, norms", [(1, 0, False), (1, 3, False), (1, 0, True), (3, 0, True)])
+def test_rope_cached_attention_launcher_softcap_and_sinks(s, window, norms, softcap, sinks):
+    """The fused decode launch (the step's own key from registers, soft-capped too; with and without Qwen3's q/k
+    norms) and the prefill path, with soft-capping and sinks, against the reference."""
+    from lowerlm.codegen.triton.aot import Recorder
+
+    text = _capped_attention_op("rope_cached_attention", s, softcap, sinks, window, norms)
+    with Recorder() as rec:
+        got, want = _differential(text, {"B": 3}, True, _capped_inputs("rope_cached_attention", s, sinks))
+    close(got[0], want[0])
+    launches = [launch.name for launch in rec.launches]
+    if s == 1:
+        assert launches == ["decode_attention_kernel"]
+    else:
+        assert launches == ["rms_norm_kernel"] * (2 * norms) + ["rope_cache_write_kernel", "attention_kernel"]

@@ -11,14 +11,17 @@ from a cache), so one model serves every batch and length. The fused ops expand 
 reference backend's rounding points: RMSNorm in f32 then cast, RoPE from positions × inv_freq, cache writes
 with TensorScatter (opset 24: contiguous writes from each sequence's first position), attention as masked
 softmax over the visible keys (a query that sees none gets zeros) of the cache's first max(seq_lens) slots, so a
-decode step costs by the valid length. The backend fusions (``rope_cache_write``, ``rms_norm_moe_route``,
-``ew_chain``) lower as the compositions they replace, each part through its own lowering. Values every layer would
-compute alike (cos/sin, masks) are built once. Without ``contrib`` (standalone exports) attention is one opset-24
-``Attention``; with it, a ``rope_cached_attention`` without q/k norms (passes/backend.py, ``fuse_gqa_attention``)
-is com.microsoft GroupQueryAttention where ONNX Runtime's kernel takes it (causal, no window, half layout, head size
-a multiple of 16): in decode (one token at ``seq_lens - 1``) and in a prefill, which runs positions p0..p0+S-1 (a
-first prompt, or a chunk continuing the cache with every row full; ``OnnxProgram._check_chunk`` checks). Otherwise
-``rope_cached_attention`` lowers as its composition too.
+decode step costs by the valid length; logit soft-capping (``softcap``) and attention sinks (``sinks``) as the
+reference computes them (``Lowering._attention_probs``). The backend fusions (``rope_cache_write``,
+``rms_norm_moe_route``, ``ew_chain``) lower as the compositions they replace, each part through its own lowering.
+Values every layer would compute alike (cos/sin, masks) are built once. Without ``contrib`` (standalone exports)
+attention is one opset-24 ``Attention`` (its ``softcap`` attribute; with sinks, which it lacks, the masked softmax);
+with it, a ``rope_cached_attention`` without q/k norms (passes/backend.py, ``fuse_gqa_attention``) is com.microsoft
+GroupQueryAttention where ONNX Runtime's kernel takes it (causal, no window, half layout, head size a multiple of
+16, sinks in q's dtype: its ``softcap`` attribute and ``head_sink`` input compute both): in decode (one token at
+``seq_lens - 1``) and in a prefill, which runs positions p0..p0+S-1 (a first prompt, or a chunk continuing the
+cache with every row full; ``OnnxProgram._check_chunk`` checks). Otherwise ``rope_cached_attention`` lowers as its
+composition too.
 """
 
 from __future__ import annotations
@@ -510,14 +513,16 @@ class Lowering:
         return self.op("TensorScatter", [cache, update, first], axis=-2)
 
     def attention(self, c: Call) -> str:
-        if not self.contrib:  # standalone exports: one opset-24 Attention
+        """``attention`` and ``cached_attention`` as a masked softmax (``_attention_probs``); standalone (no
+        com.microsoft ops) one opset-24 ``Attention`` instead, unless there are sinks (that op has none)."""
+        if not self.contrib and c.x[5] is None:
             return self.standard_attention(c)
         x, a = c.x, c.a
-        q = x[0]
+        q, sinks = x[0], x[5]
         qt = c.ins[0]
         b, s, width = qt.shape
         if c.op is Op.CACHED_ATTENTION:
-            _, kc, vc, positions, seq_lens = x
+            _, kc, vc, positions, seq_lens = x[:5]
             kt = c.ins[1]
             hk, length, d = kt.shape[1], kt.shape[2], kt.shape[3]
             dv = c.ins[2].shape[3]
@@ -533,7 +538,7 @@ class Lowering:
             kpos = self.op("Unsqueeze", [self.op("Range", [self.const(0), self.op("Squeeze", [length]),
                                                           self.const(1)]), self.const([0])])  # [1, L]
         else:
-            _, k, v, positions, seq_lens = x
+            _, k, v, positions, seq_lens = x[:5]
             hq, hk = a["heads"]
             d = width // hq
             dv = c.ins[2].shape[2] // hk
@@ -550,19 +555,47 @@ class Lowering:
         scores = self.op("Mul", [self.op("MatMul", [q5, self.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])]),
                                  self.scalar(a["scale"], dtype)])  # [B, Hk, G, S, L]
         vis = self._visible(c, positions, seq_lens, kpos, length)
-        hidden = max(-1e30, float(np.finfo(_np_dtype(dtype)).min))  # finite in f16 too (-1e30 would cast to -inf)
-        masked = self.op("Where", [vis, scores, self.scalar(hidden, dtype)])
-        probs = self.op("Mul", [self.op("Softmax", [masked], axis=-1), self.cast(vis, dtype)])
+        if sinks is not None:  # query head h = kv head h // G, member h % G of its group
+            sinks = self.op("Reshape", [sinks, self.const([1, hk, group, 1, 1])])
+        probs = self._attention_probs(scores, vis, dtype, a["softcap"], sinks)
         out = self.op("MatMul", [probs, v5])  # [B, Hk, G, S, Dv]
         out = self.op("Transpose", [out], perm=[0, 3, 1, 2, 4])
         return self.op("Reshape", [out, self.shape([b, s, hq * dv])])
+
+    def _attention_probs(self, scores: str, vis: str, dtype: DType, softcap: float, sinks) -> str:
+        """The attention weights (in ``dtype``) of ``scores`` over the keys ``vis`` shows, as ``ir/compute.py``'s
+        ``_attend``: scores softcapped (``softcap * tanh(scores / softcap)``) when ``softcap`` > 0, then masked and
+        normalised; with ``sinks`` (one logit per head, shaped to broadcast against the scores' row reductions) each
+        softmax has one more term, exp(sink - m), that takes weight but weighs no value. A query that sees no key
+        gets zero weights. Softcap or sinks: the softmax in f32 as the reference's (transformers' eager attention)."""
+        if softcap:
+            cap = self.scalar(softcap, dtype)
+            scores = self.op("Mul", [self.op("Tanh", [self.op("Div", [scores, cap])]), cap])
+        work = DType.F32 if softcap or sinks is not None else dtype
+        if work != dtype:
+            scores = self.cast(scores, work)
+        hidden = max(-1e30, float(np.finfo(_np_dtype(work)).min))  # finite in f16 too (-1e30 would cast to -inf)
+        masked = self.op("Where", [vis, scores, self.scalar(hidden, work)])
+        if sinks is None:
+            probs = self.op("Softmax", [masked], axis=-1)
+        else:  # softmax over [scores, sink]: the max over both, the sink's exp added to the denominator only
+            sinks = self.cast(sinks, work)
+            top = self.op("Max", [self.op("ReduceMax", [masked, self.const([-1])], keepdims=1), sinks])
+            exps = self.op("Exp", [self.op("Sub", [masked, top])])
+            total = self.op("Add", [self.op("ReduceSum", [exps, self.const([-1])], keepdims=1),
+                                    self.op("Exp", [self.op("Sub", [sinks, top])])])
+            probs = self.op("Div", [exps, total])
+        # the mask zeroes the weights of a query that sees no key (its softmax is uniform over hidden scores)
+        probs = self.op("Mul", [probs, self.cast(vis, work)])
+        return probs if work == dtype else self.cast(probs, dtype)
 
     def standard_attention(self, c: Call) -> str:
         """opset-24 ``Attention`` over 4-D [B, H, L, D] keys and values: for a cache, the whole buffer with
         ``nonpad_kv_seqlen`` = seq_lens (the cache is written by TensorScatter outside the op); the causal and
         window mask is a boolean ``attn_mask`` [B, 1, S, T] built from the positions (ONNX allows a shorter one,
-        ONNX Runtime 1.30 does not), so is_causal's alignment rules never come into play."""
-        (q, k, v, positions, seq_lens), a = c.x, c.a
+        ONNX Runtime 1.30 does not), so is_causal's alignment rules never come into play; ``softcap`` is the op's own
+        attribute (applied before the mask, as the reference's). No sinks: ``attention`` lowers those."""
+        (q, k, v, positions, seq_lens), a = c.x[:5], c.a
         qt = c.ins[0]
         b, s, width = qt.shape
         if c.op is Op.CACHED_ATTENTION:
@@ -584,8 +617,10 @@ class Lowering:
             v4 = self.op("Transpose", [self.op("Reshape", [v, self.shape([b, s, hk, dv])])], perm=[0, 2, 1, 3])
         q4 = self.op("Transpose", [self.op("Reshape", [q, self.shape([b, s, hq, d])])], perm=[0, 2, 1, 3])
         mask = self.op("Squeeze", [self._visible(c, positions, seq_lens, kpos, length), self.const([1])])
+        if not a["causal"]:  # [B, 1, 1, L]: ONNX Runtime wants the query axis spelled out
+            mask = self.op("Expand", [mask, self.shape([1, 1, s, 1])])
         out = self.op("Attention", [q4, k4, v4, mask, "", "", self.cast(seq_lens, DType.I64)],
-                      scale=float(a["scale"]))  # [B, Hq, S, Dv]
+                      scale=float(a["scale"]), softcap=float(a["softcap"]))  # [B, Hq, S, Dv]
         return self.op("Reshape", [self.op("Transpose", [out], perm=[0, 2, 1, 3]), self.shape([b, s, hq * dv])])
 
     def _visible(self, c: Call, positions, seq_lens, kpos, length):
@@ -623,7 +658,7 @@ class Lowering:
         the two cache writes and ``cached_attention``."""
         if gqa_applies(c, self.contrib):
             return self.gqa(c)
-        q, k, v, positions, seq_lens, kc, vc, q_norm, k_norm = c.x
+        q, k, v, positions, seq_lens, kc, vc, q_norm, k_norm, sinks = c.x
         qt, kt, vt, pt, lt, kct, vct = c.ins[:7]
         if q_norm is not None:
             q = self.head_rms_norm(q, q_norm, c.a["eps"], c.ins[7].shape[0], qt.dtype)
@@ -631,8 +666,8 @@ class Lowering:
         q, kc, vc = self.rope_cache_write(Call(Op.ROPE_CACHE_WRITE, [q, k, v, positions, kc, vc],
                                                _pick(c.a, Op.ROPE_CACHE_WRITE), [qt, kt, vt, pt, kct, vct],
                                                [qt, kct, vct]))
-        out = self.emit(Call(Op.CACHED_ATTENTION, [q, kc, vc, positions, seq_lens], _pick(c.a, Op.CACHED_ATTENTION),
-                             [qt, kct, vct, pt, lt], c.outs[:1]))
+        out = self.emit(Call(Op.CACHED_ATTENTION, [q, kc, vc, positions, seq_lens, sinks],
+                             _pick(c.a, Op.CACHED_ATTENTION), [qt, kct, vct, pt, lt, c.ins[9]], c.outs[:1]))
         return [out, kc, vc]
 
     def head_rms_norm(self, x: str, w: str, eps: float, d: int, dtype: DType) -> str:
@@ -647,11 +682,17 @@ class Lowering:
         positions p0..p0+S-1 in every row: a first prompt (p0 = 0, rows of any length) or a chunk continuing the
         cache (every row's length p0 + S), which ``OnnxProgram._check_chunk`` checks before it runs one."""
         q, k, v, positions, seq_lens, kc, vc = c.x[:7]
+        sinks = c.x[9]
         hq, hk = c.a["heads"]
         cos, sin, past_lens, total = self._gqa_tables(c)
-        out, k_new, v_new = self.op("GroupQueryAttention", [q, k, v, kc, vc, past_lens, total, cos, sin], 3,
+        # softcap: the kernel's attribute, applied before the causal mask; sinks: its head_sink input (the
+        # denominator's extra exp(sink - max)), after the unused position_ids and attention_bias
+        sink_inputs = [] if sinks is None else ["", "", sinks]
+        out, k_new, v_new = self.op("GroupQueryAttention", [q, k, v, kc, vc, past_lens, total, cos, sin,
+                                                            *sink_inputs], 3,
                                     domain="com.microsoft", num_heads=hq, kv_num_heads=hk,
-                                    scale=float(c.a["scale"]), do_rotary=1, rotary_interleaved=0)
+                                    scale=float(c.a["scale"]), softcap=float(c.a["softcap"]), do_rotary=1,
+                                    rotary_interleaved=0)
         return [out, k_new, v_new]
 
     def _gqa_tables(self, c: Call) -> tuple:
@@ -813,10 +854,11 @@ def refusal(op: Op, attrs: dict) -> str | None:
 
 def gqa_applies(c: Call, contrib: bool) -> bool:
     """A ``rope_cached_attention`` that lowers to GroupQueryAttention: com.microsoft ops allowed, no q/k norms,
-    half layout, causal, no window, a head size ONNX Runtime's kernel takes (a multiple of 16)."""
-    a = c.a
+    half layout, causal, no window, a head size ONNX Runtime's kernel takes (a multiple of 16), sinks (if any) in
+    the activations' dtype (its head_sink input shares q's type; softcap it takes at any value)."""
+    a, sinks = c.a, c.ins[9]
     return contrib and c.x[7] is None and a["layout"] == "half" and a["causal"] and not a["window"] and \
-        c.ins[5].shape[3] % 16 == 0
+        c.ins[5].shape[3] % 16 == 0 and (sinks is None or sinks.dtype == c.ins[0].dtype)
 
 
 BF16_REFUSED = ("the ONNX backend runs f32 or f16 models (ONNX Runtime has no bf16 kernels on a CPU); "

@@ -11,6 +11,11 @@ With ``new_k``/``new_v`` given (the decode step's rope and cache writes fused in
 (after its per-head RMSNorm, for Qwen3's q/k norms), and the program whose chunk holds the step's own slot
 attends to that key from registers while split 0 writes k and v into the caches; the other programs skip the
 slot. The decode step's attention is then one launch.
+
+Scores are soft-capped (``softcap * tanh(score / softcap)``, Gemma-2) when ``softcap`` > 0, before the masks, and
+``sinks`` [Hq] adds one logit per query head to its softmax that takes weight but no value (gpt-oss): the
+splits' partial sums leave it out and the merge counts it, once. Both are compile-time switches, as in
+attention.py.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import triton
 import triton.language as tl
 
 from lowerlm.codegen.triton import interpreted, sm_count
-from lowerlm.codegen.triton.attention import online_softmax_step
+from lowerlm.codegen.triton.attention import online_softmax_step, soft_cap
 from lowerlm.codegen.triton.rope import rope_rows
 from lowerlm.codegen.triton.splits import counters, last_to_finish
 
@@ -29,13 +34,13 @@ MAX_SPLITS = 16  # enough programs to fill an H100 at batch 1 with few kv heads;
 
 @triton.jit
 def decode_attention_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, lens_ptr, part_ptr, stat_ptr, count_ptr, out_ptr,  # pointers
+    q_ptr, k_ptr, v_ptr, pos_ptr, lens_ptr, sinks_ptr, part_ptr, stat_ptr, count_ptr, out_ptr,  # pointers
     new_k_ptr, new_v_ptr, inv_ptr, qn_ptr, kn_ptr,  # the step's own k, v rows, RoPE frequencies, q/k norm weights
     HK, GROUP, D, DV, T, SPLITS,  # sizes: kv heads, query heads per kv head, head dims, cache slots, splits
     stride_qb, stride_kb, stride_kh, stride_kj, stride_vb, stride_vh, stride_vj, stride_ob,  # strides
     stride_nkb, stride_nvb,
     scale, window, scaling, norm_eps,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
     ROPE_APPEND: tl.constexpr, HALF: tl.constexpr, HALF_R: tl.constexpr, QK_NORM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MERGE_G: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -83,7 +88,7 @@ def decode_attention_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        scores = soft_cap(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, SOFTCAP)
         visible = mask_g[:, None] & mask_n[None, :]
         if CAUSAL:
             diff = qpos - offs_n
@@ -105,7 +110,7 @@ def decode_attention_kernel(
             tl.store(v_head + slot_v * stride_vj + offs_dv, v_new, mask=mask_dv & (slot_v >= 0) & (slot_v < T))
         if (qpos >= start) & (qpos < stop) & (qpos < T):  # this chunk holds the step's own key
             # online_softmax_step for one key (a dot product needs 16): the same update as vectors
-            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale
+            s_new = soft_cap(tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale, SOFTCAP)
             s_new = tl.where(mask_g, s_new, -1.0e30)
             m_new = tl.maximum(m_i, s_new)
             alpha = tl.exp(m_i - m_new)
@@ -129,9 +134,15 @@ def decode_attention_kernel(
         parts = tl.load(part_ptr + rows[:, :, None] * DV + offs_dv[None, None, :],
                         mask=mask_gs[:, :, None] & (offs_dv < DV)[None, None, :], other=0.0, cache_modifier=".cg")
         m_all = tl.max(m, axis=1)
+        if SINKS:  # the sink's logit joins the merged softmax here, once: e^(sink) in the sum, no value
+            sink = tl.load(sinks_ptr + kvh * GROUP + offs_mg, mask=offs_mg < GROUP, other=0.0).to(tl.float32)
+            m_all = tl.maximum(m_all, sink)
         w = tl.where(denom > 0, tl.exp(m - m_all[:, None]), 0.0)
         total = tl.sum(denom * w, axis=1)
+        if SINKS:
+            total += tl.exp(sink - m_all)
         out = tl.sum(parts * w[:, :, None], axis=1)
+        # total = 0: the query saw no key and there is no sink (with one, out is 0 already)
         out = tl.where(total[:, None] > 0, out / tl.where(total > 0, total, 1.0)[:, None], 0.0)
         out_heads = kvh * GROUP + offs_mg
         tl.store(out_ptr + b * stride_ob + out_heads[:, None] * DV + offs_dv[None, :],
@@ -152,8 +163,10 @@ def num_splits(batch: int, kv_heads: int, slots: int, block_n: int, sms: int) ->
 
 
 def decode_attention(q, k_cache, v_cache, positions, seq_lens, scale, causal=True, window=0, splits=None,
-                     new_k=None, new_v=None, inv_freq=None, scaling=1.0, layout="half", qk_norm=None):
-    """``cached_attention`` for one query per sequence: q [B, 1, Hq*D], caches [B, Hk, T, D] -> [B, 1, Hq*Dv].
+                     new_k=None, new_v=None, inv_freq=None, scaling=1.0, layout="half", qk_norm=None, softcap=0.0,
+                     sinks=None):
+    """``cached_attention`` for one query per sequence: q [B, 1, Hq*D], caches [B, Hk, T, D] -> [B, 1, Hq*Dv];
+    scores soft-capped when ``softcap`` > 0, ``sinks`` [Hq] (any float dtype, read in f32) or None.
 
     With ``new_k``/``new_v`` [B, 1, Hk*D] and ``inv_freq``, q and new_k are rotated first and new_k/new_v written
     into the caches at ``positions`` (in place): ``rope`` + both ``kv_cache_write`` + this, in one launch. With
@@ -177,13 +190,15 @@ def decode_attention(q, k_cache, v_cache, positions, seq_lens, scale, causal=Tru
     else:
         new_k, new_v, inv_freq = q, q, part  # never read
     qn, kn, eps = qk_norm if qk_norm is not None else (inv_freq, inv_freq, 0.0)  # weights never read without it
+    sinks_arg = sinks.contiguous() if sinks is not None else part  # never read without sinks
     decode_attention_kernel[(b * hk, splits)](
-        q, k_cache, v_cache, positions.reshape(-1).contiguous(), seq_lens.contiguous(), part, stat,
+        q, k_cache, v_cache, positions.reshape(-1).contiguous(), seq_lens.contiguous(), sinks_arg, part, stat,
         counters(b * hk, q.device), out, new_k, new_v, inv_freq, qn, kn,
         hk, group, d, dv, t, splits,
         q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), out.stride(0), new_k.stride(0), new_v.stride(0), scale, window, scaling, eps,
         CAUSAL=causal, PRECISION="ieee" if q.dtype == torch.float32 or on_cpu else None, UPCAST=on_cpu,
+        SOFTCAP=float(softcap), SINKS=sinks is not None,
         ROPE_APPEND=append, HALF=layout == "half", HALF_R=max(1, inv_freq.numel()) if append else 1,
         QK_NORM=append and qk_norm is not None,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,

@@ -68,11 +68,20 @@ class Call:
 
 
 # ---- launchers: Call -> the node's result(s) -------------------------------------------------------------------
+def _attention(c: Call):
+    q, k, v, pos, lens, sinks = c.x
+    a = c.a
+    return attention.attention(q, k, v, pos, lens, a["heads"], a["scale"], a["causal"], a["window"], a["softcap"],
+                               sinks)
+
+
 def _cached_attention(c: Call):
-    q, kc, vc, pos, lens = c.x
+    q, kc, vc, pos, lens, sinks = c.x
+    a = c.a
     if q.shape[1] == 1:  # decode: split-K over the cache, GQA groups together
-        return decode_attention.decode_attention(q, kc, vc, pos, lens, c.a["scale"], c.a["causal"], c.a["window"])
-    return attention.cached_attention(q, kc, vc, pos, lens, c.a["scale"], c.a["causal"], c.a["window"])
+        return decode_attention.decode_attention(q, kc, vc, pos, lens, a["scale"], a["causal"], a["window"],
+                                                 softcap=a["softcap"], sinks=sinks)
+    return attention.cached_attention(q, kc, vc, pos, lens, a["scale"], a["causal"], a["window"], a["softcap"], sinks)
 
 
 def _rope_cache_write(c: Call):
@@ -93,19 +102,20 @@ def _rope_cached_attention(c: Call):
     """Decode (S = 1): one launch (the attention rotates q, normalises q and k first when the norms are given,
     writes k and v and attends to the step's own key from registers). More queries: the head norms, one
     ``rope_cache_write`` launch, the cached attention."""
-    q, k, v, pos, lens, _, _, q_norm, k_norm = c.x
+    q, k, v, pos, lens, _, _, q_norm, k_norm, sinks = c.x
     kc, vc = c.state(5), c.state(6)
     a = c.a
     if q.shape[1] == 1:
         norms = (q_norm, k_norm, a["eps"]) if q_norm is not None else None
         out = decode_attention.decode_attention(q, kc, vc, pos, lens, a["scale"], a["causal"], a["window"],
                                                 new_k=k, new_v=v, inv_freq=c.inv_freq(), scaling=a["scaling"],
-                                                layout=a["layout"], qk_norm=norms)
+                                                layout=a["layout"], qk_norm=norms, softcap=a["softcap"], sinks=sinks)
         return out, kc, vc
     if q_norm is not None:
         q, k = _head_norm(q, q_norm, a["eps"]), _head_norm(k, k_norm, a["eps"])
     q = rope.rope_cache_write(q, k, v, pos, a["heads"], c.inv_freq(), kc, vc, a["scaling"], a["layout"])
-    return attention.cached_attention(q, kc, vc, pos, lens, a["scale"], a["causal"], a["window"]), kc, vc
+    out = attention.cached_attention(q, kc, vc, pos, lens, a["scale"], a["causal"], a["window"], a["softcap"], sinks)
+    return out, kc, vc
 
 
 def _moe_sort(c: Call):
@@ -135,7 +145,7 @@ LAUNCHERS: dict[Op, Callable[[Call], object]] = {
     Op.ARM_MLP: lambda c: arm_mlp.arm_mlp(*c.x, c.a["eps"], c.a["tau"], c.a["act"]),
     Op.ROPE: lambda c: rope.rope(*c.x, c.a["heads"], c.inv_freq(), c.a["scaling"], c.a["layout"]),
     Op.KV_CACHE_WRITE: lambda c: rope.kv_cache_write(c.state(0), *c.x[1:]),
-    Op.ATTENTION: lambda c: attention.attention(*c.x, c.a["heads"], c.a["scale"], c.a["causal"], c.a["window"]),
+    Op.ATTENTION: _attention,
     Op.CACHED_ATTENTION: _cached_attention,
     Op.ROPE_CACHE_WRITE: _rope_cache_write,
     Op.ROPE_CACHED_ATTENTION: _rope_cached_attention,
