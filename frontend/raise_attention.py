@@ -290,7 +290,8 @@ def _written_out(out: fx.Node) -> dict | None:
     if not _is(kt, aten.transpose.int) or {d % 4 for d in kt.args[1:]} != {2, 3}:
         return None
     k = kt.args[0]
-    if not all(isinstance(x, fx.Node) and x.meta["val"].dim() == 4 for x in (q, k, v, mask or q)):
+    if not all(isinstance(x, fx.Node) and x.meta["val"].dim() == 4 for x in (q, k, v)) or \
+            mask is not None and not (isinstance(mask, fx.Node) and mask.meta["val"].dim() <= 4):
         return None
     return {"query": q, "key": k, "value": v, "attn_mask": mask, "scale": scale}
 

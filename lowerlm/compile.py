@@ -203,13 +203,24 @@ def stop_token_ids(model, tokenizer) -> list:
 
 
 def position_table(module: Module) -> tuple[str, int] | None:
-    """The learned position embedding (parameter, rows) the positions input is looked up in, if any: positions
-    past its last row do not exist."""
-    for node in module.graphs[0].nodes:
-        if node.op is Op.EMBEDDING and node.inputs[1] == POSITIONS:
-            table = module.graphs[0].producer(node.inputs[0])
-            name = table.attrs["name"] if table is not None and table.op is Op.PARAM else node.inputs[0]
-            return name, int(module.graphs[0].type_of(node.inputs[0]).shape[0])
+    """The learned position embedding (parameter, positions it has rows for) the positions input is looked up in,
+    if any -- directly or offset by a constant (TrOCR's rows start at padding_idx + 1): positions past its last
+    row do not exist."""
+    g = module.graphs[0]
+    for node in g.nodes:
+        if node.op is not Op.EMBEDDING:
+            continue
+        offset, index = 0, g.producer(node.inputs[1])
+        if index is not None and index.op is Op.ADD and index.inputs[0] == POSITIONS:  # rows from positions + c
+            c = g.producer(index.inputs[1])
+            if c is None or c.op is not Op.CONSTANT or not isinstance(c.attrs["value"], int):
+                continue
+            offset = c.attrs["value"]
+        elif node.inputs[1] != POSITIONS:
+            continue
+        table = g.producer(node.inputs[0])
+        name = table.attrs["name"] if table is not None and table.op is Op.PARAM else node.inputs[0]
+        return name, int(g.type_of(node.inputs[0]).shape[0]) - offset
     return None
 
 

@@ -3,6 +3,7 @@ Logits are compared with eager PyTorch in f32 (max abs error <= 1e-4 x max |logi
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -167,10 +168,21 @@ def test_plain_module_compiles():
     torch.testing.assert_close(cm(ids), model(ids))
 
 
+def _sdpa(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _written_out_attention(q, k, v, hide=lambda i, j: j > i):
+    """Attention written out as BERT-style models do: an additive mask of -inf where ``hide``, a softmax, @ v."""
+    i = torch.arange(q.shape[2], device=q.device)
+    hidden = torch.where(hide(i[:, None], i[None, :]), float("-inf"), 0.0)
+    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + hidden, dim=-1) @ v
+
+
 class _GptBlock(torch.nn.Module):
-    def __init__(self, d: int, heads: int, act=torch.nn.functional.gelu):
+    def __init__(self, d: int, heads: int, act=torch.nn.functional.gelu, attend=_sdpa):
         super().__init__()
-        self.heads, self.act = heads, act
+        self.heads, self.act, self.attend = heads, act, attend
         self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
         self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
         self.fc, self.out = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
@@ -179,7 +191,7 @@ class _GptBlock(torch.nn.Module):
         b, t, d = x.shape
         q, k, v = (y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
                    for y in self.qkv(self.ln1(x)).split(d, dim=2))
-        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = self.attend(q, k, v)
         x = x + self.proj(y.transpose(1, 2).contiguous().view(b, t, d))
         return x + self.out(self.act(self.fc(self.ln2(x))))
 
@@ -189,10 +201,10 @@ class _NanoGpt(torch.nn.Module):
     LayerNorm, biased projections, q/k/v split from one projection, causal sdpa, GeLU, a tied head."""
 
     def __init__(self, vocab=64, d=32, heads=4, layers=2, max_len=64, ids_scale=None, act=torch.nn.functional.gelu,
-                 lookup="embedding"):
+                 lookup="embedding", attend=_sdpa):
         super().__init__()
         self.wte, self.wpe = torch.nn.Embedding(vocab, d), torch.nn.Embedding(max_len, d)
-        self.blocks = torch.nn.ModuleList([_GptBlock(d, heads, act) for _ in range(layers)])
+        self.blocks = torch.nn.ModuleList([_GptBlock(d, heads, act, attend) for _ in range(layers)])
         self.ln_f = torch.nn.LayerNorm(d)
         self.head = torch.nn.Linear(d, vocab, bias=False)
         self.head.weight = self.wte.weight
@@ -202,7 +214,9 @@ class _NanoGpt(torch.nn.Module):
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         table = self.wpe.weight
         x = self.wte(input_ids) + {"embedding": lambda: self.wpe(pos), "index": lambda: table[pos],
-                                   "index_select": lambda: table.index_select(0, pos)}[self.lookup]()
+                                   "index_select": lambda: table.index_select(0, pos),
+                                   "offset": lambda: self.wpe(pos.expand(input_ids.shape[0], -1) + 2),
+                                   }[self.lookup]()
         if self.ids_scale:  # an arange used as numbers, not as a row lookup
             x = x * pos[:, None].to(x.dtype)
         for block in self.blocks:
@@ -259,6 +273,35 @@ def _many_ops_act(a):
     half = y[..., ::2]
     return (torch.stack([half, -half], -1).flatten(-2) + half.repeat_interleave(2, dim=-1)
             + half.repeat(1, 1, 2) * torch.zeros_like(half).new_ones(1) + torch.min(a, y) + torch.max(a, y))
+
+
+@pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
+def test_written_out_attention_and_an_offset_position_table(backend):
+    """Attention a model writes out (``softmax(q @ k^T / sqrt(D) + mask) @ v``, its causal mask built from
+    ``arange``) is raised into the ``attention`` op, the mask checked as sdpa's is; a position table looked up at
+    ``arange(S)`` expanded over the batch plus 2 (TrOCR's numbering) reads the positions input plus 2, and has
+    rows for 62 positions: eager's logits and greedy tokens on every backend."""
+    model = _nano_gpt(attend=_written_out_attention, lookup="offset")
+    cm = lowerlm.compile_model(model, backend=backend, max_seq_len=62, use_cache=False)
+    att = [n for n in cm.imported.graphs[0].nodes if n.op is Op.ATTENTION]
+    assert len(att) == 2 and all(n.attr("causal") and not n.attr("window") for n in att)
+    assert cm.position_table == ("wpe.weight", 62)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids)
+    assert (cm(ids).cpu() - want).abs().max() <= 1e-4 * want.abs().max()
+    prompt = [5, 7, 9, 11, 3]
+    assert [s[0] for s in cm.generate_ids([prompt], 8, stop_ids=[])] == _eager_greedy(model, prompt, 8)
+
+
+def test_written_out_attention_with_another_mask_is_refused():
+    """A written-out attention whose mask hides the diagonal too is no causal or sliding-window mask: refused,
+    naming the attention module; a position table offset past its rows is refused at compile time."""
+    model = _nano_gpt(attend=lambda q, k, v: _written_out_attention(q, k, v, hide=lambda i, j: j >= i))
+    with pytest.raises(lowerlm.errors.UnsupportedOpError, match="attention mask.*blocks.0"):
+        lowerlm.compile_model(model, backend="reference", use_cache=False)
+    with pytest.raises(lowerlm.errors.CompileError, match="62 positions"):
+        lowerlm.compile_model(_nano_gpt(lookup="offset"), backend="reference", max_seq_len=63, use_cache=False)
 
 
 @pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
