@@ -90,11 +90,16 @@ def check_position_numbering(wrapper: torch.nn.Module, ids: torch.Tensor, positi
         own = wrapper(ids)
     except Exception:  # noqa: BLE001 -- it needs position_ids: they mean what it is given, nothing to compare
         return
-    given = wrapper(ids, positions)
+    model = getattr(wrapper, WRAPPER_ATTR)
+    try:
+        given = wrapper(ids, positions)
+    except Exception as e:  # noqa: BLE001 -- reported as one line: the model cannot take the positions lowerlm feeds
+        raise UnsupportedOpError(f"{type(model).__name__}'s position_ids", "",
+                                 f"its forward fails when given position_ids 0..S-1, the positions lowerlm feeds "
+                                 f"({_export_reason(e)})") from None
     scale = max(float(own.abs().max()), 1e-30)
     if own.shape == given.shape and float((own - given).abs().max()) <= 1e-5 * scale:
         return
-    model = getattr(wrapper, WRAPPER_ATTR)
     raise UnsupportedOpError(
         f"{type(model).__name__}'s own position numbering", "",
         "without position_ids its logits differ from those at positions 0..S-1, the positions lowerlm feeds "

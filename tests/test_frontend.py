@@ -763,3 +763,19 @@ def test_a_module_that_needs_position_ids_still_compiles():
     with torch.no_grad():
         want = model(ids, torch.arange(5).repeat(2, 1))
     torch.testing.assert_close(cm(ids), want)
+
+
+class _RefusesPositions(_NeedsPositions):
+    """Takes position_ids in its signature but fails when given them (Reformer pads its own numbering)."""
+
+    def forward(self, input_ids, position_ids=None):
+        if position_ids is not None:
+            raise RuntimeError("upper bound and lower bound inconsistent with step sign")
+        return self.head(self.embed(input_ids))
+
+
+def test_a_module_that_fails_with_position_ids_is_refused_in_one_line():
+    with pytest.raises(lowerlm.errors.UnsupportedOpError) as e:
+        lowerlm.compile_model(_RefusesPositions().eval(), backend="reference", use_cache=False, tokenizer=False)
+    msg = str(e.value)
+    assert "_RefusesPositions's position_ids" in msg and "RuntimeError: upper bound" in msg and "\n" not in msg
