@@ -1,5 +1,5 @@
 """Raise a plain module's learned position embedding: ``embedding(W, arange(S))`` (or ``W[arange(S)]``,
-``W.index_select(0, arange(S))``; the arange maybe expanded over the batch and offset by an integer) →
+``W.index_select(0, arange(S))``; the arange maybe seen as [1, S], expanded over the batch, offset by integers) →
 ``embedding(W, positions [+ offset])``.
 
 A plain ``nn.Module`` that takes no ``position_ids`` numbers its tokens itself, ``torch.arange(seq_len)``. That is
@@ -39,16 +39,19 @@ def _is_sequence_arange(imp, node) -> bool:
 
 
 def _sequence_offset(imp, node) -> int | None:
-    """c when ``node`` is ``arange(S)`` -- expanded over the batch, plus an integer c (TrOCR counts from
-    padding_idx + 1) -- else None."""
-    offset = 0
-    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is aten.add.Tensor \
-            and isinstance(node.args[1], int) and not isinstance(node.args[1], bool) \
-            and kwargs_of(node).get("alpha", 1) == 1:
-        node, offset = node.args[0], node.args[1]
-    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is aten.expand.default \
-            and node.args[0].meta["val"].dim() == 1 and node.meta["val"].dim() == 2 \
-            and str(node.meta["val"].shape[0]) == str(imp.user_inputs[INPUT_IDS].meta["val"].shape[0]):
+    """c when ``node`` is ``arange(S)`` plus integers (c in all: BART and TrOCR count from padding_idx + 1, the
+    cache position adds 0), seen as [1, S] or expanded over the batch; else None."""
+    offset, batch = 0, str(imp.user_inputs[INPUT_IDS].meta["val"].shape[0])
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        shape = node.meta["val"].shape
+        if node.target is aten.add.Tensor and isinstance(node.args[1], int) and not isinstance(node.args[1], bool) \
+                and kwargs_of(node).get("alpha", 1) == 1:
+            offset += node.args[1]
+        elif node.target is aten.unsqueeze.default and node.args[1] == 0 or \
+                node.target is aten.expand.default and len(shape) == 2 and str(shape[0]) == batch:
+            pass  # [S] seen as [1, S] or [B, S]: the positions input's rows, each equal to the arange
+        else:
+            break
         node = node.args[0]
     return offset if _is_sequence_arange(imp, node) else None
 

@@ -215,7 +215,7 @@ class _NanoGpt(torch.nn.Module):
         table = self.wpe.weight
         x = self.wte(input_ids) + {"embedding": lambda: self.wpe(pos), "index": lambda: table[pos],
                                    "index_select": lambda: table.index_select(0, pos),
-                                   "offset": lambda: self.wpe(pos.expand(input_ids.shape[0], -1) + 2),
+                                   "offset": lambda: self.wpe(pos.unsqueeze(0).expand(input_ids.shape[0], -1) + 1 + 1),
                                    }[self.lookup]()
         if self.ids_scale:  # an arange used as numbers, not as a row lookup
             x = x * pos[:, None].to(x.dtype)
@@ -279,7 +279,8 @@ def _many_ops_act(a):
 def test_written_out_attention_and_an_offset_position_table(backend):
     """Attention a model writes out (``softmax(q @ k^T / sqrt(D) + mask) @ v``, its causal mask built from
     ``arange``) is raised into the ``attention`` op, the mask checked as sdpa's is; a position table looked up at
-    ``arange(S)`` expanded over the batch plus 2 (TrOCR's numbering) reads the positions input plus 2, and has
+    ``arange(S)`` seen as [1, S], expanded over the batch, plus 1 plus 1 (BART's and TrOCR's numbering from
+    padding_idx + 1) reads the positions input plus 2, and has
     rows for 62 positions: eager's logits and greedy tokens on every backend."""
     model = _nano_gpt(attend=_written_out_attention, lookup="offset")
     cm = lowerlm.compile_model(model, backend=backend, max_seq_len=62, use_cache=False)
