@@ -46,7 +46,7 @@ def test_arch_coverage_smoke():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "arch_coverage.py"), "--smoke"], capture_output=True,
                          text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    assert "| llama | match |" in out.stdout and "| gpt2 | match |" in out.stdout
+    assert "| llama | match | match | match |" in out.stdout and "| gpt2 | match | match | match |" in out.stdout
     assert "silent mismatches: 0." in out.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "arch_coverage.py"), "--only", "nonesuch"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
