@@ -488,7 +488,7 @@ ATEN = {
     "relu": _unary(Op.RELU),
     "type_as": _type_as, "addmm": _addmm,
     "square": _square, "softplus": _softplus, "expm1": _unary(Op.EXPM1), "log": _unary(Op.LOG),
-    "floor": _unary(Op.FLOOR), "minimum": _binary(Op.MINIMUM), "maximum": _binary(Op.MAXIMUM),
+    "floor": _unary(Op.FLOOR), "abs": _unary(Op.ABS), "minimum": _binary(Op.MINIMUM), "maximum": _binary(Op.MAXIMUM),
     "min": _elementwise_or_reduction(Op.MINIMUM, "min"), "max": _elementwise_or_reduction(Op.MAXIMUM, "max"),
     "clamp": _clamp, "clamp_min": _clamp, "clamp_max": _clamp,
     **{pred: _compare(pred) for pred in COMPARISONS},

@@ -175,6 +175,7 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
     _d(Op.EXPM1, _X, r.unary_float, "e^x - 1", impl=lambda x: torch.expm1(x), traits=_EW1),
     _d(Op.LOG, _X, r.unary_float, "natural logarithm", impl=lambda x: torch.log(x), traits=_EW1),
     _d(Op.FLOOR, _X, r.unary_float, "the largest integer <= x", impl=lambda x: torch.floor(x), traits=_EW1),
+    _d(Op.ABS, _X, r.unary_float, "|x|", impl=lambda x: torch.abs(x), traits=_EW1),
     _d(Op.COMPARE, _AB, r.compare, "a pred b as a bool tensor, broadcasting",
        {"pred": AttrSpec(K.STR, choices=COMPARISONS)}, impl=lambda a, b, pred: getattr(torch, pred)(a, b),
        traits=_CORE),

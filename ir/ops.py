@@ -36,6 +36,7 @@ class Op(enum.Enum):
     EXPM1 = "expm1"
     LOG = "log"
     FLOOR = "floor"
+    ABS = "abs"
     CAST = "cast"
     # ---- element-wise with a boolean operand or result
     COMPARE = "compare"

@@ -266,7 +266,7 @@ def _many_ops_act(a):
     """An activation made of every aten op issue 21 imports that works token by token (its width, 128, kept)."""
     F = torch.nn.functional
     y = torch.where(a > 0, a.square(), torch.expm1(torch.clamp(a, min=-3.0, max=0.1)))
-    y = y + F.softplus(a, beta=2.0, threshold=1.0) - torch.log(F.softplus(a) + 1.0) + torch.floor(a * 2.0) * 0.1
+    y = y + F.softplus(a, beta=2.0, threshold=1.0) - torch.log(a.abs() + 1.0) + torch.floor(a * 2.0) * 0.1
     y = torch.maximum(torch.minimum(y, torch.ones_like(y) * 2.5), torch.full_like(y, -2.0))
     y = y.masked_fill((a < -0.5) & ~(a < -1.0) | (a == 0.25), 0.25) + (a >= 1.0) * 0.5 - (a != a).float()
     y = F.rms_norm(y, (y.shape[-1],), eps=1e-5) * 0.5
@@ -314,11 +314,11 @@ def test_issue_21_aten_ops_compile(backend):
         model = _nano_gpt(act=_many_ops_act, lookup=lookup)
         cm = lowerlm.compile_model(model, backend=backend, max_seq_len=64, use_cache=False)
         ops = {n.op for n in cm.imported.graphs[0].nodes}
-        assert {Op.SOFTPLUS, Op.EXPM1, Op.LOG, Op.FLOOR, Op.MINIMUM, Op.MAXIMUM, Op.COMPARE, Op.WHERE,
+        assert {Op.SOFTPLUS, Op.EXPM1, Op.LOG, Op.FLOOR, Op.ABS, Op.MINIMUM, Op.MAXIMUM, Op.COMPARE, Op.WHERE,
                 Op.RMS_NORM} <= ops
         if backend == "triton":
             bodies = " ".join(str(n.attr("body")) for g in cm.ir.graphs for n in g.nodes if n.op is Op.EW_CHAIN)
-            assert all(name in bodies for name in ("SOFTPLUS", "EXPM1", "LOG", "FLOOR", "MINIMUM"))
+            assert all(name in bodies for name in ("SOFTPLUS", "EXPM1", "LOG", "FLOOR", "ABS", "MINIMUM"))
         ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             want = model(ids)

@@ -294,7 +294,7 @@ VERIFIED_EXAMPLES = {
     Op.ARANGE: ((), {"start": 1, "end": parse_type("f32[S+1]").shape[0], "dtype": DType.I64}),
     **{op: (("x", "x"), {}) for op in (Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MINIMUM, Op.MAXIMUM)},
     **{op: (("x",), {}) for op in (Op.NEG, Op.EXP, Op.RSQRT, Op.SILU, Op.SIGMOID, Op.TANH, Op.COS, Op.SIN,
-                                        Op.RELU, Op.EXPM1, Op.LOG, Op.FLOOR)},
+                                        Op.RELU, Op.EXPM1, Op.LOG, Op.FLOOR, Op.ABS)},
     Op.SOFTPLUS: (("x",), {"beta": 2.0, "threshold": 10.0}),
     Op.COMPARE: (("x", "v4"), {"pred": "le"}),
     Op.WHERE: (("mask", "x", "v4"), {}),

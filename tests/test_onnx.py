@@ -854,7 +854,7 @@ def test_unsupported_answers_from_the_table():
 
 _ISSUE_21_NODES = [
     "softplus(%x) {beta=2.0, threshold=1.0} : f32[B,S,8]", "softplus(%x) : f32[B,S,8]", "expm1(%x) : f32[B,S,8]",
-    "log(%p) : f32[B,S,8]", "floor(%x) : f32[B,S,8]", "minimum(%x, %y) : f32[B,S,8]",
+    "log(%p) : f32[B,S,8]", "floor(%x) : f32[B,S,8]", "abs(%x) : f32[B,S,8]", "minimum(%x, %y) : f32[B,S,8]",
     "maximum(%x, %y) : f32[B,S,8]", *(f"compare(%x, %y) {{pred={p}}} : bool[B,S,8]" for p in COMPARISONS),
     "where(%m, %x, %y) : f32[B,S,8]", "where(%m, %m, %n) : bool[B,S,8]",
     "arange() {start=1, end=S+1, dtype=f32} : f32[S]", "arange() {end=7, step=3, dtype=i64} : i64[3]",

@@ -772,6 +772,7 @@ ONNX_OPS = {
     Op.RELU: "Relu",
     Op.LOG: "Log",
     Op.FLOOR: "Floor",
+    Op.ABS: "Abs",
     Op.MINIMUM: "Min",
     Op.MAXIMUM: "Max",
     Op.MATMUL: "MatMul",

@@ -84,6 +84,7 @@ EXPRS: dict[Op, Callable[[list, dict], str]] = {
     Op.EXPM1: lambda a, at: _expm1(a[0]),
     Op.LOG: lambda a, at: f"tl.log({a[0]})",
     Op.FLOOR: lambda a, at: f"tl.floor({a[0]})",
+    Op.ABS: lambda a, at: f"tl.abs({a[0]})",
     Op.CAST: lambda a, at: a[0],
 }
 
