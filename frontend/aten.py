@@ -146,6 +146,31 @@ def _reduce(op: Op):
     return conv
 
 
+def _var(sqrt: bool):
+    """``var`` / ``std`` over dims with a correction (default 1, Bessel's): sum((x - mean)^2) / (n - correction),
+    its square root for std -- core ops; the reduced extent must be static."""
+    def conv(imp, node, kw):
+        out = _out(imp, node)
+        x = imp.cast(imp.value(kw["self"]), out.dtype)
+        t = imp.b.types[x]
+        dims = kw.get("dim")
+        dims = list(range(t.rank)) if dims in (None, []) else [dims] if isinstance(dims, int) else list(dims)
+        dims = [d % t.rank for d in dims]
+        n = 1
+        for d in dims:
+            n = n * t.shape[d]
+        correction = kw.get("correction")
+        correction = (1 if kw.get("unbiased", True) else 0) if correction is None else correction
+        if not isinstance(n, int):
+            raise UnsupportedOpError(op_name(node), imp.path(node), "a variance over a symbolic extent")
+        centred = imp.emit(node, Op.SUB, [x, imp.emit(node, Op.MEAN, [x], {"dims": dims, "keepdim": True})])
+        total = imp.emit(node, Op.SUM, [imp.emit(node, Op.MUL, [centred, centred])],
+                         {"dims": dims, "keepdim": bool(kw.get("keepdim", False))})
+        var = imp.emit(node, Op.DIV, [total, imp.constant(max(n - correction, 0), out.dtype)])
+        return imp.emit(node, Op.POW, [var], {"exponent": 0.5}) if sqrt else var
+    return conv
+
+
 def _layer_norm(imp, node, kw):
     """``(x - mean) * rsqrt(var + eps) * weight + bias`` over the last dim, in f32 for narrower inputs (as torch
     computes it), cast back: core ops every backend runs, no op of its own (decode reads its inputs once either
@@ -182,6 +207,13 @@ def _to_copy(imp, node, kw):
 def _type_as(imp, node, kw):
     """``self.type_as(other)``: self cast to other's dtype (Gemma's norms cast back to the input's)."""
     return imp.cast(imp.value(kw["self"]), imp.b.types[imp.value(kw["other"])].dtype, source=(imp.path(node),))
+
+
+def _copy(imp, node, kw):
+    """Functional ``self.copy_(src)``: ``src`` in ``self``'s dtype, broadcast to its shape."""
+    out = _out(imp, node)
+    src = imp.cast(imp.value(kw["src"]), out.dtype)
+    return src if imp.b.types[src].shape == out.shape else imp.emit(node, Op.EXPAND, [src], {"shape": out.shape})
 
 
 def _identity(imp, node, kw):
@@ -236,6 +268,16 @@ def _stack(imp, node, kw):
     return imp.emit(node, Op.CONCAT, pieces, {"dim": dim})
 
 
+def _broadcast_tensors(imp, node, kw):
+    """Each tensor expanded to the common shape (a tuple, read by getitem)."""
+    outs = []
+    for x, val in zip(kw["tensors"], node.meta["val"]):
+        v = imp.value(x)
+        shape = tuple(imp.symbols.dim(d) for d in val.shape)
+        outs.append(v if imp.b.types[v].shape == shape else imp.emit(node, Op.EXPAND, [v], {"shape": list(shape)}))
+    return tuple(outs)
+
+
 def _transpose(imp, node, kw):
     x = imp.value(kw["self"])
     rank = imp.b.types[x].rank
@@ -283,6 +325,27 @@ def _slice(imp, node, kw):
     if start == 0 and end == size and step == 1:
         return x
     return imp.emit(node, Op.SLICE, [x], {"dim": dim, "start": start, "end": end, "step": step})
+
+
+def _slice_scatter(imp, node, kw):
+    """``self`` with ``src`` in place of ``self[start:end]`` along dim (step 1): the parts of ``self`` before and
+    after, concatenated around ``src``."""
+    out = _out(imp, node)
+    x, src = imp.cast(imp.value(kw["self"]), out.dtype), imp.cast(imp.value(kw["src"]), out.dtype)
+    t = imp.b.types[x]
+    dim = kw.get("dim", 0) % t.rank
+    size = t.shape[dim]
+    start = 0 if kw.get("start") is None else _dim_value(imp, kw["start"])
+    end = size if kw.get("end") is None or (isinstance(kw["end"], int) and kw["end"] >= INT64_MAX) \
+        else _dim_value(imp, kw["end"])
+    if kw.get("step", 1) != 1 or any(isinstance(v, int) and v < 0 for v in (start, end)):
+        raise UnsupportedOpError(op_name(node), imp.path(node), "only a step-1 slice of non-negative bounds")
+    pieces = [src]
+    if start != 0:
+        pieces.insert(0, imp.emit(node, Op.SLICE, [x], {"dim": dim, "start": 0, "end": start}))
+    if end != size:
+        pieces.append(imp.emit(node, Op.SLICE, [x], {"dim": dim, "start": end, "end": size}))
+    return pieces[0] if len(pieces) == 1 else imp.emit(node, Op.CONCAT, pieces, {"dim": dim})
 
 
 def _select(imp, node, kw):
@@ -470,6 +533,7 @@ def _filled(value=None):
 
 ATEN = {
     "add": _binary(Op.ADD), "sub": _binary(Op.SUB), "mul": _binary(Op.MUL), "div": _div,
+    "multiply": _binary(Op.MUL), "subtract": _binary(Op.SUB), "divide": _div,
     "neg": _unary(Op.NEG), "exp": _unary(Op.EXP), "rsqrt": _unary(Op.RSQRT), "sigmoid": _unary(Op.SIGMOID),
     "silu": _unary(Op.SILU), "tanh": _unary(Op.TANH), "cos": _unary(Op.COS), "sin": _unary(Op.SIN),
     "pow": _pow, "sqrt": _sqrt, "gelu": _gelu, "layer_norm": _layer_norm,
@@ -479,7 +543,7 @@ ATEN = {
     "view": _reshape, "_unsafe_view": _reshape, "reshape": _reshape, "unsqueeze": _reshape, "squeeze": _reshape,
     "flatten": _reshape,
     "expand": _expand, "transpose": _transpose, "permute": _permute, "t": _t,
-    "slice": _slice, "select": _select, "cat": _cat, "split_with_sizes": _split, "split": _split,
+    "slice": _slice, "select": _select, "slice_scatter": _slice_scatter, "copy": _copy, "cat": _cat, "split_with_sizes": _split, "split": _split,
     "topk": _topk, "argmax": _argmax, "mm": _matmul, "bmm": _matmul, "matmul": _matmul,
     "linear": _linear, "embedding": _embedding, "gather": _gather,
     "scalar_tensor": _scalar_tensor, "full": _filled(), "full_like": _filled(), "new_full": _filled(),
@@ -494,11 +558,36 @@ ATEN = {
     **{pred: _compare(pred) for pred in COMPARISONS},
     "where": _where, "masked_fill": _masked_fill,
     "repeat": _repeat, "repeat_interleave": _repeat_interleave, "stack": _stack,
+    "broadcast_tensors": _broadcast_tensors, "var": _var(False), "std": _var(True),
     "index": _index, "rms_norm": _rms_norm, "arange": _arange, "index_select": _index_select,
     "__and__": _logical("and"), "bitwise_and": _logical("and"), "logical_and": _logical("and"),
     "__or__": _logical("or"), "bitwise_or": _logical("or"), "logical_or": _logical("or"),
     "bitwise_not": _logical("not"), "logical_not": _logical("not"),
 }
+
+
+FOLD_ELEMENTS = 65536  # a value computed at compile time becomes a constant up to this size
+
+
+def _folded(imp, node: fx.Node) -> str | None:
+    """The value of an op the importer has no converter for, computed now, when it depends on no input and no
+    parameter -- only on buffers and constants, which the trace cache's key holds by value (Gemma 3n's
+    ``erfinv`` of its sparsity target) -- as a constant; else None."""
+    from lowerlm.frontend.fx import ancestors, fx_eval
+    from lowerlm.ir.fold import constant_attrs
+
+    if not isinstance(node.meta.get("val"), torch.Tensor) or node.meta["val"].numel() > FOLD_ELEMENTS:
+        return None
+    leaves = [n for n in ancestors(node) if n.op == "placeholder"]
+    if any(imp.placeholders.get(n, ("",))[0] not in ("BUFFER", "CONSTANT_TENSOR") for n in leaves):
+        return None
+    try:
+        value = fx_eval(node, imp.example_env())
+    except Exception:  # noqa: BLE001 -- not computable here: the op stays unsupported
+        return None
+    t = _out(imp, node)
+    return imp.b.add(Op.CONSTANT, [], constant_attrs(value.detach().cpu(), t), types=[t], name="const",
+                     source=(imp.path(node),))
 
 
 def convert(imp, node: fx.Node):
@@ -510,6 +599,9 @@ def convert(imp, node: fx.Node):
         from lowerlm.frontend.capture import convert_captured
 
         out = convert_captured(imp, node)
+        if out is not None:
+            return out
+        out = _folded(imp, node)
         if out is not None:
             return out
         raise UnsupportedOpError(op_name(node), imp.path(node),

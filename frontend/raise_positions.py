@@ -24,6 +24,7 @@ from lowerlm.ir.ops import Op
 aten = torch.ops.aten
 _ARANGE = (aten.arange.default, aten.arange.start, aten.arange.start_step)
 _ELEMENTWISE = (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor)
+_IDENTITY = (aten.detach.default, aten.clone.default, aten.alias.default)
 
 
 def _is_sequence_arange(imp, node) -> bool:
@@ -48,8 +49,10 @@ def _sequence_offset(imp, node) -> int | None:
                 and kwargs_of(node).get("alpha", 1) == 1:
             offset += node.args[1]
         elif node.target is aten.unsqueeze.default and node.args[1] == 0 or \
-                node.target is aten.expand.default and len(shape) == 2 and str(shape[0]) == batch:
-            pass  # [S] seen as [1, S] or [B, S]: the positions input's rows, each equal to the arange
+                node.target is aten.expand.default and len(shape) == 2 and str(shape[0]) == batch or \
+                node.target is aten.repeat.default and list(node.args[1])[1:] == [1] and str(shape[0]) == batch or \
+                node.target is aten.view.default and len(shape) == 1:
+            pass  # [S] seen as [1, S] or [B, S] (the positions input's rows, each equal to the arange), or as [S]
         else:
             break
         node = node.args[0]
@@ -65,12 +68,13 @@ def raise_positions(imp) -> dict:
     for node in imp.graph.nodes:
         table, index = _lookup(node)
         offset = _sequence_offset(imp, index) if table is not None else None
-        if offset is None or not node.users:
+        if offset is None:
             continue
+        while len(users := _users(node)) == 1 and users[0].target in _IDENTITY:  # MusicGen detaches its table's rows
+            node = users[0]
         wide = tuple(str(d) for d in ids) + (str(node.meta["val"].shape[-1]),)
-        users = [u for u in node.users if not str(u.target).startswith("aten._assert")]  # checks compute nothing
-        if not all(u.op == "call_function" and u.target in _ELEMENTWISE
-                   and tuple(str(d) for d in u.meta["val"].shape) == wide for u in users):
+        if not users or not all(u.op == "call_function" and u.target in _ELEMENTWISE
+                                and tuple(str(d) for d in u.meta["val"].shape) == wide for u in users):
             continue
 
         def build(imp, node=node, w=table, offset=offset):
@@ -80,6 +84,10 @@ def raise_positions(imp) -> dict:
 
         out[node] = Raised([table], build, "position_embedding")
     return out
+
+
+def _users(node) -> list:
+    return [u for u in node.users if not str(u.target).startswith("aten._assert")]  # checks compute nothing
 
 
 def _lookup(node) -> tuple:

@@ -271,8 +271,16 @@ def _many_ops_act(a):
     y = y.masked_fill((a < -0.5) & ~(a < -1.0) | (a == 0.25), 0.25) + (a >= 1.0) * 0.5 - (a != a).float()
     y = F.rms_norm(y, (y.shape[-1],), eps=1e-5) * 0.5
     half = y[..., ::2]
-    return (torch.stack([half, -half], -1).flatten(-2) + half.repeat_interleave(2, dim=-1)
-            + half.repeat(1, 1, 2) * torch.zeros_like(half).new_ones(1) + torch.min(a, y) + torch.max(a, y))
+    y = (torch.stack([half, -half], -1).flatten(-2) + half.repeat_interleave(2, dim=-1)
+         + half.repeat(1, 1, 2) * torch.zeros_like(half).new_ones(1) + torch.min(a, y) + torch.max(a, y))
+    # Gemma 3n's sparsity: mean + std * erfinv(constant), folded at import; var, broadcast_tensors, an in-place
+    # slice assignment (copy + slice_scatter), aten's multiply / subtract / divide spellings
+    cut = a.mean(-1, keepdim=True) + torch.std(a, -1, keepdim=True) * torch.erfinv(torch.tensor(0.6)) * 1.4
+    y, cut = torch.broadcast_tensors(y, cut)
+    y = torch.subtract(y, torch.divide(torch.var(a, -1, keepdim=True, correction=0), 4.0))
+    y = y.clone()
+    y[..., 8:40] = torch.multiply(torch.relu(a[..., 8:40] - cut[..., 8:40]), 0.5)
+    return y
 
 
 @pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
