@@ -255,7 +255,7 @@ def raise_attention(imp) -> dict:
 def _sites(imp):
     """(node standing for the attention result [B, H, S, Dv], its arguments by sdpa's names) for every attention of
     the graph: sdpa calls, lowerlm's traceable eager attention (``enable_gqa``: it groups heads itself) and the
-    matmul-softmax-matmul a model writes out itself (BERT-style self-attention)."""
+    matmul-softmax-matmul a model writes out itself (BERT-style over 4-D heads, BART-era over [B*H, S, D])."""
     eager = _eager_attention_op()
     for node in imp.graph.nodes:
         if _is(node, aten.scaled_dot_product_attention.default):
@@ -264,6 +264,10 @@ def _sites(imp):
             yield node, dict(kwargs_of(node), enable_gqa=True)
         elif _is(node, aten.matmul.default):
             kw = _written_out(node)
+            if kw is not None:
+                yield node, kw
+        elif _is(node, *_VIEWS) and _is(node.args[0], aten.bmm.default) and node.meta["val"].dim() == 4:
+            kw = _written_out_by_batches(node)
             if kw is not None:
                 yield node, kw
 
@@ -294,6 +298,52 @@ def _written_out(out: fx.Node) -> dict | None:
             mask is not None and not (isinstance(mask, fx.Node) and mask.meta["val"].dim() <= 4):
         return None
     return {"query": q, "key": k, "value": v, "attn_mask": mask, "scale": scale}
+
+
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def _heads_of(x: fx.Node) -> fx.Node | None:
+    """The 4-D [B, H, S, D] value a [B*H, S, D] ``x`` is a view of (through a clone), else None."""
+    if not _is(x, *_VIEWS):
+        return None
+    h = x.args[0]
+    while _is(h, aten.clone.default):
+        h = h.args[0]
+    hv, xv = h.meta["val"], x.meta["val"]
+    if hv.dim() != 4 or xv.dim() != 3 or str(xv.shape[0]) != str(hv.shape[0] * hv.shape[1]) or \
+            tuple(map(str, xv.shape[1:])) != tuple(map(str, hv.shape[2:])):
+        return None
+    return h
+
+
+def _written_out_by_batches(out: fx.Node) -> dict | None:
+    """sdpa's arguments when ``out`` is the [B, H, S, Dv] view of ``bmm(softmax(view(view(bmm(q, k^T)) + mask)),
+    v)`` over [B*H, S, D] batches (BART-era attention: XGLM, TrOCR, MVP; q scaled before, so scale 1; XGLM clamps
+    the masked scores at finfo.min, which changes nothing the softmax sees), else None."""
+    probs, v = out.args[0].args
+    while _is(probs, aten.clone.default, aten.dropout.default, *_VIEWS):
+        probs = probs.args[0]
+    if not _is(probs, aten.softmax.int, aten._softmax.default) or probs.args[1] not in (-1, 2, 3):
+        return None
+    scores = probs.args[0]
+    while _is(scores, *_VIEWS):
+        scores = scores.args[0]
+    if _is(scores, aten.max.other) and _is(scores.args[1], aten.full.default):
+        scores = scores.args[0]
+    mask = None
+    if _is(scores, aten.add.Tensor) and kwargs_of(scores).get("alpha", 1) == 1:
+        scores, mask = scores.args
+    while _is(scores, *_VIEWS):
+        scores = scores.args[0]
+    if not _is(scores, aten.bmm.default) or not _is(scores.args[1], aten.transpose.int) or \
+            {d % 3 for d in scores.args[1].args[1:]} != {1, 2}:
+        return None
+    q, k, v = _heads_of(scores.args[0]), _heads_of(scores.args[1].args[0]), _heads_of(v)
+    if q is None or k is None or v is None or \
+            mask is not None and not (isinstance(mask, fx.Node) and mask.meta["val"].dim() <= 4):
+        return None
+    return {"query": q, "key": k, "value": v, "attn_mask": mask, "scale": 1.0}
 
 
 def _eager_attention_op() -> tuple:

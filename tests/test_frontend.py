@@ -179,6 +179,17 @@ def _written_out_attention(q, k, v, hide=lambda i, j: j > i):
     return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + hidden, dim=-1) @ v
 
 
+def _attention_by_batches(q, k, v):
+    """Attention as BART-era models write it: q scaled first, [B*H, S, D] batches through bmm, an additive mask on
+    the [B, H, S, S] view clamped at finfo.min (XGLM), the softmax and bmm on batches again."""
+    b, h, s, d = q.shape
+    q3, k3, v3 = ((x / math.sqrt(d) if x is q else x).reshape(b * h, s, d) for x in (q, k, v))
+    i = torch.arange(s, device=q.device)
+    w = torch.bmm(q3, k3.transpose(1, 2)).view(b, h, s, s) + torch.where(i[None, :] > i[:, None], float("-inf"), 0.0)
+    w = torch.max(w, torch.full((), torch.finfo(w.dtype).min))
+    return torch.bmm(torch.softmax(w.view(b * h, s, s), dim=-1), v3).view(b, h, s, d)
+
+
 class _GptBlock(torch.nn.Module):
     def __init__(self, d: int, heads: int, act=torch.nn.functional.gelu, attend=_sdpa):
         super().__init__()
@@ -284,13 +295,15 @@ def _many_ops_act(a):
 
 
 @pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
-def test_written_out_attention_and_an_offset_position_table(backend):
-    """Attention a model writes out (``softmax(q @ k^T / sqrt(D) + mask) @ v``, its causal mask built from
-    ``arange``) is raised into the ``attention`` op, the mask checked as sdpa's is; a position table looked up at
+@pytest.mark.parametrize("attend", [_written_out_attention, _attention_by_batches], ids=["heads", "batches"])
+def test_written_out_attention_and_an_offset_position_table(attend, backend):
+    """Attention a model writes out (``softmax(q @ k^T / sqrt(D) + mask) @ v`` over heads, or BART-era over
+    [B*H, S, D] batches; its causal mask built from ``arange``) is raised into the ``attention`` op, the mask
+    checked as sdpa's is; a position table looked up at
     ``arange(S)`` seen as [1, S], expanded over the batch, plus 1 plus 1 (BART's and TrOCR's numbering from
     padding_idx + 1) reads the positions input plus 2, and has
     rows for 62 positions: eager's logits and greedy tokens on every backend."""
-    model = _nano_gpt(attend=_written_out_attention, lookup="offset")
+    model = _nano_gpt(attend=attend, lookup="offset")
     cm = lowerlm.compile_model(model, backend=backend, max_seq_len=62, use_cache=False)
     att = [n for n in cm.imported.graphs[0].nodes if n.op is Op.ATTENTION]
     assert len(att) == 2 and all(n.attr("causal") and not n.attr("window") for n in att)
