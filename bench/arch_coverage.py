@@ -5,8 +5,9 @@ and 2 kv heads of 8, vocab 64, every sub-config -- vision, audio, ... -- shrunk 
 hold every kind of layer its family's config names: sliding and full attention, linear and full attention, dense and
 MoE, ...; windows and chunks smaller than the test length; every 1-D parameter -- norm weights, biases -- randomised,
 so a dropped term cannot match by accident; matrices drawn with std 1/sqrt(fan-in), so attention is far from
-uniform and a wrong mask, window or soft-cap shows; soft-caps small enough to bite), compiles it on each backend and compares with eager: logits of a 2x9
-batch (max abs error <= 1e-4 x max |logit|, f32) and 8 greedy tokens. Each architecture x backend is one of:
+uniform and a wrong mask, window or soft-cap shows; soft-caps small enough to bite), compiles it on each backend
+and compares with eager: logits of a 2x9 batch (max abs error <= 1e-4 x max |logit|, f32) and 8 greedy tokens.
+Each architecture x backend is one of:
 
 - ``match``: both agree;
 - ``refused: <reason>``: compile_model (or the first call) raised lowerlm's one-line error;
