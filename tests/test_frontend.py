@@ -316,6 +316,20 @@ def test_written_out_attention_and_an_offset_position_table(attend, backend):
     assert [s[0] for s in cm.generate_ids([prompt], 8, stop_ids=[])] == _eager_greedy(model, prompt, 8)
 
 
+def _biased_attention(q, k, v):
+    """Causal attention with an ALiBi-like bias added to the visible scores, in the additive mask."""
+    i = torch.arange(q.shape[2], device=q.device)
+    bias = torch.where(i[None, :] > i[:, None], float("-inf"), -0.5 * (i[:, None] - i[None, :]).float())
+    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + bias, dim=-1) @ v
+
+
+def test_a_mask_that_biases_visible_scores_is_refused():
+    """An additive mask whose visible entries are not 0 is a score bias (ALiBi), not a mask: refused, never taken
+    as the causal mask it also is."""
+    with pytest.raises(lowerlm.errors.UnsupportedOpError, match="adds a bias to visible scores"):
+        lowerlm.compile_model(_nano_gpt(attend=_biased_attention), backend="reference", use_cache=False)
+
+
 def test_written_out_attention_with_another_mask_is_refused():
     """A written-out attention whose mask hides the diagonal too is no causal or sliding-window mask: refused,
     naming the attention module; a position table offset past its rows is refused at compile time."""
