@@ -140,7 +140,7 @@ def _hf_models(model: torch.nn.Module) -> list:
     return found
 
 
-def _use_sdpa(path: str, model) -> str | None:
+def _traceable_attention(path: str, model) -> str | None:
     """Switch a transformers model to sdpa attention, the form the frontend raises. A model whose attention
     transformers runs only eagerly (soft-capped logits, attention sinks) is switched to lowerlm's own
     implementation of that eager attention (frontend/eager_attention.py) instead, and its previous
@@ -155,13 +155,11 @@ def _use_sdpa(path: str, model) -> str | None:
         return None
     except Exception as e:  # transformers raises ValueError (and others, by version) for a model it cannot switch
         reason = e
-    from lowerlm.frontend import eager_attention
+    if getattr(model, "_supports_attention_backend", False):  # its attention calls whatever function is set
+        from lowerlm.frontend import eager_attention
 
-    try:
         model.set_attn_implementation(eager_attention.register())
         return before
-    except Exception:  # noqa: BLE001 -- no attention interface at all: the sdpa refusal says why
-        pass
     where = f" (module '{path}')" if path else ""
     raise CompileError(
         f"{type(model).__name__}{where} cannot run scaled-dot-product attention ({type(reason).__name__} from "
@@ -191,7 +189,7 @@ def export_model(model: torch.nn.Module, vocab_size: int | None = None):
     model = model.eval()
     check_supported(model)
     hf = _hf_models(model)
-    switched = [(m, before) for path, m in hf if (before := _use_sdpa(path, m)) is not None]
+    switched = [(m, before) for path, m in hf if (before := _traceable_attention(path, m)) is not None]
     try:
         return _export(model, hf, vocab_size)
     finally:  # the user's model computes as before (its eager attention) once the export is done

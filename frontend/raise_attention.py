@@ -193,12 +193,12 @@ def _analyse_mask(imp, sdpa: fx.Node, kw: dict) -> tuple:
         except Exception as e:  # the model's mask builder failed at another length
             raise UnsupportedOpError("attention mask", imp.path(sdpa), f"cannot evaluate the mask: {e}") from None
         vis = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
-        if m.dtype != torch.bool and bool((m[vis] != 0).any()):  # ALiBi, relative-position biases: not a mask
-            raise UnsupportedOpError("attention mask", imp.path(sdpa), "the mask adds a bias to visible scores "
-                                     "(ALiBi or a relative-position bias), which the attention op has no form for")
         if vis.dim() > 4 or vis.dim() >= 3 and vis.shape[-3] != 1:  # one mask per head (Doge's)
             raise UnsupportedOpError("attention mask", imp.path(sdpa), f"a mask of shape {list(vis.shape)} (one per "
                                      "head) is not expressible as causal or sliding-window attention over seq_lens")
+        if m.dtype != torch.bool and bool((m[vis] != 0).any()):  # ALiBi, relative-position biases: not a mask
+            raise UnsupportedOpError("attention mask", imp.path(sdpa), "the mask adds a bias to visible scores "
+                                     "(ALiBi or a relative-position bias), which the attention op has no form for")
         masks[s] = vis.expand(ex.shape[0], 1, s, s)[:, 0].cpu()
     longest = masks[lengths[-1]][0]
     causal = not bool(longest.triu(1).any())

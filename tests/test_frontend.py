@@ -255,6 +255,17 @@ def _eager_greedy(model, prompt, n):
     return ids[len(prompt):]
 
 
+def _assert_matches_eager(cm, logits, steps: int = 8):
+    """``cm``'s logits of a 2x9 batch within 1e-4 x max |logit| of ``logits(ids)`` (the eager model's), and its
+    greedy tokens after a 5-token prompt (prefill, then cached decode steps) eager's for ``steps`` tokens."""
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = logits(ids)
+    assert (cm(ids).cpu() - want).abs().max() <= 1e-4 * want.abs().max()
+    prompt = [5, 7, 9, 11, 3]
+    assert [s[0] for s in cm.generate_ids([prompt], steps, stop_ids=[])] == _eager_greedy(logits, prompt, steps)
+
+
 @pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])  # triton: kernels in the interpreter
 def test_a_plain_nanogpt_compiles(backend):
     """Its LayerNorms import as core ops, its split q/k/v survives canonicalize, and its ``wpe(arange(S))`` reads
@@ -265,12 +276,7 @@ def test_a_plain_nanogpt_compiles(backend):
     g = cm.imported.graphs[0]
     assert [n.inputs[1] for n in g.nodes if n.op is Op.EMBEDDING] == ["input_ids", "positions"]
     assert sum(n.op is Op.MEAN for n in g.nodes) == 2 * 5  # mean and variance of each of the 5 LayerNorms
-    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = model(ids)
-    assert (cm(ids).cpu() - want).abs().max() <= 1e-4 * want.abs().max()
-    prompt = [5, 7, 9, 11, 3]
-    assert [s[0] for s in cm.generate_ids([prompt], 16, stop_ids=[])] == _eager_greedy(model, prompt, 16)
+    _assert_matches_eager(cm, model, 16)
 
 
 def _many_ops_act(a):
@@ -308,12 +314,7 @@ def test_written_out_attention_and_an_offset_position_table(attend, backend):
     att = [n for n in cm.imported.graphs[0].nodes if n.op is Op.ATTENTION]
     assert len(att) == 2 and all(n.attr("causal") and not n.attr("window") for n in att)
     assert cm.position_table == ("wpe.weight", 62)
-    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = model(ids)
-    assert (cm(ids).cpu() - want).abs().max() <= 1e-4 * want.abs().max()
-    prompt = [5, 7, 9, 11, 3]
-    assert [s[0] for s in cm.generate_ids([prompt], 8, stop_ids=[])] == _eager_greedy(model, prompt, 8)
+    _assert_matches_eager(cm, model)
 
 
 def _biased_attention(q, k, v):
@@ -354,12 +355,7 @@ def test_issue_21_aten_ops_compile(backend):
         if backend == "triton":
             bodies = " ".join(str(n.attr("body")) for g in cm.ir.graphs for n in g.nodes if n.op is Op.EW_CHAIN)
             assert all(name in bodies for name in ("SOFTPLUS", "EXPM1", "LOG", "FLOOR", "ABS", "MINIMUM"))
-        ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            want = model(ids)
-        assert (cm(ids).cpu() - want).abs().max() <= 1e-4 * want.abs().max()
-        prompt = [5, 7, 9, 11, 3]
-        assert [s[0] for s in cm.generate_ids([prompt], 8, stop_ids=[])] == _eager_greedy(model, prompt, 8)
+        _assert_matches_eager(cm, model)
 
 
 @pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
@@ -372,12 +368,7 @@ def test_a_relu_mlp_compiles(backend):
     if backend == "triton":
         bodies = [str(n.attr("body")) for g in cm.ir.graphs for n in g.nodes if n.op is Op.EW_CHAIN]
         assert any("RELU" in b for b in bodies)
-    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = model(ids)
-    assert (cm(ids).cpu() - want).abs().max() <= 1e-4 * want.abs().max()
-    prompt = [5, 7, 9, 11, 3]
-    assert [s[0] for s in cm.generate_ids([prompt], 8, stop_ids=[])] == _eager_greedy(model, prompt, 8)
+    _assert_matches_eager(cm, model)
 
 
 def test_layer_norm_of_a_bf16_model_is_computed_in_f32():
@@ -688,13 +679,7 @@ def test_families_unlocked_for_issue_21(model_type, backend):
     if model_type == "gpt2":
         weights = [n for n in cm.imported.graphs[0].nodes if n.op is Op.WEIGHT]
         assert weights and all(type(n.attrs["expr"]).__name__ == "Transpose" for n in weights)
-    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = model(ids).logits
-    assert (cm(ids).cpu() - want).abs().max() <= 1e-4 * want.abs().max()
-    prompt = [5, 7, 9, 11, 3]
-    assert [s[0] for s in cm.generate_ids([prompt], 8, stop_ids=[])] == _eager_greedy(
-        lambda x: model(x).logits, prompt, 8)
+    _assert_matches_eager(cm, lambda x: model(x).logits)
 
 
 def _eager_only(model_type: str):
@@ -731,13 +716,7 @@ def test_attention_transformers_runs_only_eagerly(model_type, backend):
         assert [n.attr("softcap") for n in att] == [2.0, 2.0] and [n.attr("window") for n in att] == [4, 0]
     else:
         assert all(n.inputs[5] is not None for n in att)
-    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = model(ids).logits
-    assert (cm(ids).cpu() - want).abs().max() <= 1e-4 * want.abs().max()
-    prompt = [5, 7, 9, 11, 3]
-    assert [s[0] for s in cm.generate_ids([prompt], 8, stop_ids=[])] == _eager_greedy(
-        lambda x: model(x).logits, prompt, 8)
+    _assert_matches_eager(cm, lambda x: model(x).logits)
 
 
 def test_a_dropped_softcap_or_sink_would_be_seen():

@@ -777,10 +777,13 @@ def _differential(text: str, symbols: dict, inplace: bool, inputs: dict | None =
     return [t.cpu() for t in got], want
 
 
+_NORM_PARAMS = ('params {\n  "qn": f32[8]\n  "kn": f32[8]\n}\n\n',
+                '  %qn = param "qn" : f32[8]\n  %kn = param "kn" : f32[8]\n')  # Qwen3's q/k norms: table, nodes
+
+
 def _attention_op(op: str, s: int, norms: bool, layout: str = "half", window: int = 0) -> str:
     """One layer's fused cache op: 4 query heads, 2 kv heads of 8, a cache of 12 slots, S = s."""
-    params = 'params {\n  "qn": f32[8]\n  "kn": f32[8]\n}\n\n' if norms else ""
-    weights = '  %qn = param "qn" : f32[8]\n  %kn = param "kn" : f32[8]\n' if norms else ""
+    params, weights = _NORM_PARAMS if norms else ("", "")
     rope = f"heads=[4,2], inv_freq=[1.0,0.1,0.01], scaling=0.9, layout={layout}"
     if op == "rope_cache_write":
         line = (f"%o, %kc1, %vc1 = rope_cache_write(%q, %k, %v, %positions, %kc, %vc) {{{rope}}} : "
@@ -792,6 +795,15 @@ def _attention_op(op: str, s: int, norms: bool, layout: str = "half", window: in
     return (f"{params}graph g(%q: f32[B,{s},32], %k: f32[B,{s},16], %v: f32[B,{s},16], %positions: i64[B,{s}], "
             f"%seq_lens: i32[B])\n    state(%kc: f32[B,2,12,8] @layers.0.attn, %vc: f32[B,2,12,8] @layers.0.attn) {{\n"
             f"{weights}  {line}\n  return %o state(%kc1, %vc1)\n}}\n")
+
+
+def _assert_rope_cached_attention_launches(rec, s: int, norms: bool) -> None:
+    """Decode: one launch; S > 1: the head norms (if any), rope_cache_write, the prefill attention."""
+    launches = [launch.name for launch in rec.launches]
+    if s == 1:
+        assert launches == ["decode_attention_kernel"]
+    else:
+        assert launches == ["rms_norm_kernel"] * (2 * norms) + ["rope_cache_write_kernel", "attention_kernel"]
 
 
 def _positions(s: int) -> dict:
@@ -822,11 +834,7 @@ def test_rope_cached_attention_launcher(s, window, norms, inplace):
     with Recorder() as rec:
         got, want = _differential(text, {"B": 2}, inplace, _positions(s))
     close(got[0], want[0])
-    launches = [launch.name for launch in rec.launches]
-    if s == 1:
-        assert launches == ["decode_attention_kernel"]
-    else:
-        assert launches == ["rms_norm_kernel"] * (2 * norms) + ["rope_cache_write_kernel", "attention_kernel"]
+    _assert_rope_cached_attention_launches(rec, s, norms)
 
 
 ROUTE = """params {
@@ -916,8 +924,7 @@ def _capped_attention_op(op: str, s: int, softcap: float, sinks: str | None, win
                          norms: bool = False) -> str:
     """One attention node of 4 query heads and 2 kv heads of 8 (caches of 40 slots: 3 splits at decode), S = s,
     with ``softcap`` and, when ``sinks`` names a dtype, the input %sinks [4] of it."""
-    params = 'params {\n  "qn": f32[8]\n  "kn": f32[8]\n}\n\n' if norms else ""
-    weights = '  %qn = param "qn" : f32[8]\n  %kn = param "kn" : f32[8]\n' if norms else ""
+    params, weights = _NORM_PARAMS if norms else ("", "")
     sink_input = f", %sinks: {sinks}[4]" if sinks else ""
     sink_operand = ", sinks=%sinks" if sinks else ""
     attrs = f"scale=0.3, window={window}, softcap={softcap}"
@@ -985,8 +992,4 @@ def test_rope_cached_attention_launcher_softcap_and_sinks(s, window, norms, soft
     with Recorder() as rec:
         got, want = _differential(text, {"B": 3}, True, _capped_inputs("rope_cached_attention", s, sinks))
     close(got[0], want[0])
-    launches = [launch.name for launch in rec.launches]
-    if s == 1:
-        assert launches == ["decode_attention_kernel"]
-    else:
-        assert launches == ["rms_norm_kernel"] * (2 * norms) + ["rope_cache_write_kernel", "attention_kernel"]
+    _assert_rope_cached_attention_launches(rec, s, norms)
