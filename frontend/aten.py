@@ -108,11 +108,24 @@ def _masked_fill(imp, node, kw):
 
 
 def _elementwise_or_reduction(op: Op, what: str):
-    """``min``/``max``: the two-operand overload is element-wise; the reductions have no IR op yet."""
+    """``min``/``max``: the two-operand overload is element-wise; along a dim (values and indices) the values are
+    ``topk`` of one and the indices ``argmax`` (of the negated input for min: the first on ties, as torch's); the
+    reduction over every element has no IR op yet."""
     def conv(imp, node, kw):
-        if node.target._overloadname != "other":
-            raise UnsupportedOpError(op_name(node), imp.path(node), f"{what} as a reduction has no IR op")
-        return _binary(op)(imp, node, kw)
+        if node.target._overloadname == "other":
+            return _binary(op)(imp, node, kw)
+        if node.target._overloadname != "dim":
+            raise UnsupportedOpError(op_name(node), imp.path(node), f"{what} over every element has no IR op")
+        x = imp.value(kw["self"])
+        t = imp.b.types[x]
+        dim, keep, largest = kw["dim"] % t.rank, kw.get("keepdim", False), what == "max"
+        values, _ = imp.emit(node, Op.TOPK, [x], {"k": 1, "dim": dim, "largest": largest})
+        ranked = x if largest else imp.emit(node, Op.NEG, [x])
+        indices = imp.emit(node, Op.ARGMAX, [ranked], {"dim": dim, "keepdim": True})
+        if keep:
+            return values, indices
+        shape = [d for i, d in enumerate(imp.b.types[values].shape) if i != dim]
+        return tuple(imp.emit(node, Op.RESHAPE, [v], {"shape": shape}) for v in (values, indices))
     return conv
 
 
@@ -374,8 +387,7 @@ def _split(imp, node, kw):
 
 
 def _topk(imp, node, kw):
-    if not kw.get("sorted", True):
-        raise UnsupportedOpError(op_name(node), imp.path(node), "unsorted topk")
+    """``sorted=False`` leaves the order of the k results unspecified: the sorted order is one of them."""
     return imp.emit(node, Op.TOPK, [imp.value(kw["self"])],
                     {"k": kw["k"], "dim": kw.get("dim", -1), "largest": kw.get("largest", True)})
 
@@ -508,6 +520,17 @@ def _gather(imp, node, kw):
     return imp.emit(node, Op.GATHER, [imp.value(kw["self"]), imp.value(kw["index"])], {"dim": kw["dim"]})
 
 
+def _scatter(imp, node, kw):
+    """``scatter.src``, and ``scatter.value`` with the value broadcast to the index's shape."""
+    x, index = imp.value(kw["self"]), imp.value(kw["index"])
+    dtype = imp.b.types[x].dtype
+    if "src" in kw:
+        src = imp.cast(imp.value(kw["src"]), dtype)
+    else:
+        src = imp.emit(node, Op.EXPAND, [_operand(imp, kw["value"], dtype)], {"shape": imp.b.types[index].shape})
+    return imp.emit(node, Op.SCATTER, [x, index, src], {"dim": kw["dim"] % imp.b.types[x].rank})
+
+
 def _scalar_tensor(imp, node, kw):
     out = _out(imp, node)
     return imp.constant(kw["s"], out.dtype)
@@ -546,7 +569,7 @@ ATEN = {
     "slice": _slice, "select": _select, "slice_scatter": _slice_scatter, "copy": _copy, "cat": _cat,
     "split_with_sizes": _split, "split": _split,
     "topk": _topk, "argmax": _argmax, "mm": _matmul, "bmm": _matmul, "matmul": _matmul,
-    "linear": _linear, "embedding": _embedding, "gather": _gather,
+    "linear": _linear, "embedding": _embedding, "gather": _gather, "scatter": _scatter,
     "scalar_tensor": _scalar_tensor, "full": _filled(), "full_like": _filled(), "new_full": _filled(),
     "ones": _filled(1), "ones_like": _filled(1), "new_ones": _filled(1),
     "zeros": _filled(0), "zeros_like": _filled(0), "new_zeros": _filled(0),

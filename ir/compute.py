@@ -169,7 +169,7 @@ def moe_route(x, weight, bias, router, top_k, n_group, topk_group, renormalize, 
         if renormalize:
             w = w / w.sum(-1, keepdim=True)
     else:  # DeepSeek-V3, Kimi: sigmoid scores, chosen by score + bias within the best groups
-        scores = logits.sigmoid()
+        scores = logits.float().sigmoid()
         choice = scores if bias is None else scores + bias
         if n_group > 1:
             e = choice.shape[-1]
@@ -186,20 +186,24 @@ def moe_route(x, weight, bias, router, top_k, n_group, topk_group, renormalize, 
     return ids.to(torch.int32).reshape(*lead, top_k), w.reshape(*lead, top_k)
 
 
-def moe(x, weight, bias, gate_up, down, shared_gate, shared_up, shared_down, act, **route):
-    # the block as transformers runs it: every expert over its tokens, added into the output in expert order
-    ids, w = moe_route(x, weight, bias, **route)
-    k = ids.shape[-1]
-    h = x.reshape(-1, x.shape[-1])
-    ids, w = ids.reshape(-1, k), w.reshape(-1, k)
-    out = torch.zeros_like(h)
+def experts(x, ids, weights, gate_up, down, act):
+    # transformers' eager experts: every expert over its tokens, added into the output in expert order
+    out = torch.zeros_like(x)
     for e in range(gate_up.shape[0]):
         tok, slot = torch.where(ids == e)
         if tok.numel() == 0:
             continue
-        gate, up = F.linear(h[tok], gate_up[e]).chunk(2, dim=-1)
-        y = F.linear(activation(gate, act) * up, down[e]) * w[tok, slot, None]
+        gate, up = F.linear(x[tok], gate_up[e]).chunk(2, dim=-1)
+        y = F.linear(activation(gate, act) * up, down[e]) * weights[tok, slot, None]
         out.index_add_(0, tok, y.to(out.dtype))
+    return out
+
+
+def moe(x, weight, bias, gate_up, down, shared_gate, shared_up, shared_down, act, **route):
+    # the block: route, the experts, plus the shared expert's MLP on every token
+    ids, w = moe_route(x, weight, bias, **route)
+    k = ids.shape[-1]
+    out = experts(x.reshape(-1, x.shape[-1]), ids.reshape(-1, k), w.reshape(-1, k), gate_up, down, act)
     out = out.reshape(x.shape)
     if shared_gate is not None:
         out = out + F.linear(activation(F.linear(x, shared_gate), act) * F.linear(x, shared_up), shared_down)

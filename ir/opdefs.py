@@ -212,6 +212,9 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
        impl=_slice, traits=(T.VIEW, T.FOLDS)),
     _d(Op.GATHER, ("x", "index"), r.gather, "torch.gather along dim", {"dim": AttrSpec(K.INT)},
        impl=lambda x, index, dim: torch.gather(x, dim, index), traits=_CORE),
+    _d(Op.SCATTER, ("x", "index", "src"), r.scatter,
+       "torch.scatter along dim: x with x[..., index[i], ...] = src[i] (index and src of one shape)",
+       {"dim": AttrSpec(K.INT)}, impl=lambda x, index, src, dim: torch.scatter(x, dim, index, src), traits=_CORE),
     _d(Op.EMBEDDING, ("weight", "ids"), r.embedding, "rows of the table: weight[ids]",
        impl=lambda weight, ids: F.embedding(ids, weight), traits=_CORE),
     _d(Op.LINEAR, ("x", "w", I("bias", optional=True), I("residual", optional=True)), r.linear,
@@ -250,9 +253,14 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
        "mixture of experts on x [..., H]: route (moe_route), each token through its top_k experts' "
        "act(x @ gate.T) * (x @ up.T) @ down.T (gate_up [E, 2I, H] = [gate; up], down [E, H, I]) times its routing "
        "weight, summed; plus the shared expert's SwiGLU MLP on every token", _MOE, impl=c.moe),
+    _d(Op.EXPERTS, ("x", "ids", "weights", "gate_up", "down"), r.experts,
+       "transformers' experts on tokens x [T, H] routed by ids [T, k] (any integer type) with weights [T, k]: "
+       "each token's sum over its k experts of act(x @ gate.T) * (x @ up.T) @ down.T (gate_up [E, 2I, H] = "
+       "[gate; up], down [E, H, I]) times its weight (in the weights' dtype, then cast), added in expert order",
+       {"act": AttrSpec(K.STR, SILU, ACTS)}, impl=c.experts),
     _d(Op.MOE_ROUTE, ("x", "router", I("bias", optional=True)), r.moe_route,
        "expert ids [..., top_k] (i32) and routing weights: softmax(x @ router.T) in f32 then top_k, or sigmoid "
-       "scores chosen by score + bias within the topk_group best groups (group score: sum of its top 2); "
+       "scores (in f32) chosen by score + bias within the topk_group best groups (group score: sum of its top 2); "
        "weights renormalised if asked, times scaling", _ROUTE, impl=c.moe_route),
     _d(Op.MOE_SORT, ("ids",), r.moe_sort,
        "order: the flattened (token, k) pair indices stably sorted by expert; offsets [E+1]: where each expert's "

@@ -55,6 +55,7 @@ class Op(enum.Enum):
     SPLIT = "split"
     SLICE = "slice"
     GATHER = "gather"
+    SCATTER = "scatter"
     EMBEDDING = "embedding"
     # ---- contractions
     LINEAR = "linear"
@@ -65,6 +66,7 @@ class Op(enum.Enum):
     ATTENTION = "attention"
     # ---- blocks captured whole by the frontend
     MOE = "moe"
+    EXPERTS = "experts"
     # ---- MoE dispatch: made by moe_dispatch
     MOE_ROUTE = "moe_route"
     MOE_SORT = "moe_sort"

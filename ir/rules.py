@@ -223,6 +223,16 @@ def gather(ts, a):
     return [TensorType(x.dtype, idx.shape)]
 
 
+def scatter(ts, a):
+    x, idx, src = ts
+    _int(idx, "scatter index")
+    if not (x.rank == idx.rank == src.rank) or idx.shape != src.shape:
+        _fail(f"scatter of {src} at index {idx} into {x}: index and src must have x's rank and one shape")
+    _axis(a["dim"], x.rank)
+    _same_dtype(x, src)
+    return [x]
+
+
 def embedding(ts, a):
     w, ids = ts
     _int(ids, "token ids")
@@ -433,6 +443,21 @@ def moe(ts, a):
         if len(shared) != 3 or sg.rank != 2 or sg.shape[1] != h or su != sg or sd.shape != (h, sg.shape[0]):
             _fail(f"moe shared expert gate {sg}, up {su}, down {sd} do not fit input {x}")
         _same_dtype(x, *shared)
+    return [x]
+
+
+def experts(ts, a):
+    x, ids, w, gate_up, down = ts
+    _float(x, "experts input")
+    _int(ids, "expert ids")
+    _float(w, "routing weights")
+    if x.rank != 2 or ids.rank != 2 or ids.shape[0] != x.shape[0] or w.shape != ids.shape:
+        _fail(f"experts of tokens {x} routed by ids {ids} and weights {w} (expected [T, H], [T, k], [T, k])")
+    h = x.shape[1]
+    if gate_up.rank != 3 or gate_up.shape[2] != h or down.rank != 3 or down.shape[:2] != (gate_up.shape[0], h) \
+            or gate_up.shape[1] != 2 * down.shape[2]:
+        _fail(f"experts {gate_up} (gate|up) and {down} (down) do not fit input {x}")
+    _same_dtype(x, gate_up, down)
     return [x]
 
 

@@ -358,6 +358,29 @@ def test_issue_21_aten_ops_compile(backend):
         _assert_matches_eager(cm, model)
 
 
+def _routing_ops_act(a):
+    """The aten ops issue 22's routers bring, token by token (the width kept): max and min along a dim (values and
+    indices), an unsorted topk, scatter of a tensor and of a value, gather."""
+    top, at_top = a.max(-1, keepdim=True)
+    low, at_low = a.min(dim=-1)
+    v, i = a.topk(4, dim=-1, sorted=False)
+    chosen = torch.zeros_like(a).scatter(-1, i, 1.0)  # scatter.value
+    y = a * chosen + torch.zeros_like(a).scatter(-1, i, v.sigmoid())  # scatter.src
+    y = y + torch.gather(a, -1, at_top) * 0.5 - low[..., None] * 0.25 + top * 0.1
+    return y + (at_low[..., None].float() - at_top.float()) * 0.01
+
+
+@pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
+def test_issue_22_router_ops_compile(backend):
+    """max/min along a dim become topk (k=1) values and argmax indices, an unsorted topk is imported sorted (its order
+    is unspecified), scatter is an IR op: eager's logits and greedy tokens on each backend."""
+    model = _nano_gpt(act=_routing_ops_act)
+    cm = lowerlm.compile_model(model, backend=backend, max_seq_len=64, use_cache=False)
+    ops = [n.op for n in cm.imported.graphs[0].nodes]
+    assert ops.count(Op.SCATTER) == 2 * 2 and ops.count(Op.ARGMAX) == 2 * 2 and ops.count(Op.TOPK) == 3 * 2
+    _assert_matches_eager(cm, model)
+
+
 @pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
 def test_a_relu_mlp_compiles(backend):
     """ReLU (the op added as issue 20's proof that a new element-wise op is its row plus one line per backend):

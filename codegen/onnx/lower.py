@@ -362,8 +362,8 @@ class Lowering:
     def _sigmoid_route(self, c: Call, logits: str, bias, k: str) -> tuple:
         """(weights, ids): sigmoid scores, chosen by score + bias within the topk_group best groups."""
         a = c.a
-        scores = self.op("Sigmoid", [logits])
-        choice = scores if bias is None else self.op("Add", [scores, bias])
+        scores = self.op("Sigmoid", [self.cast(logits, DType.F32)])
+        choice = scores if bias is None else self.op("Add", [scores, self.cast(bias, DType.F32)])
         groups = a["n_group"]
         if groups > 1:
             e = c.ins[1].shape[0]
@@ -813,6 +813,7 @@ LOWERINGS: dict[Op, Callable] = {
     Op.SPLIT: lambda lw, c: lw.op("Split", [c.x[0], lw.shape(c.a["sizes"])], len(c.a["sizes"]), axis=c.a["dim"]),
     Op.SLICE: L.slice,
     Op.GATHER: lambda lw, c: lw.op("GatherElements", c.x, axis=c.a["dim"]),
+    Op.SCATTER: lambda lw, c: lw.op("ScatterElements", c.x, axis=c.a["dim"]),
     Op.EMBEDDING: lambda lw, c: lw.op("Gather", c.x, axis=0),
     Op.LINEAR: lambda lw, c: lw.linear(*c.x),
     Op.RMS_NORM: lambda lw, c: lw.rms_norm(c.x[0], c.x[1], c.a["eps"], c.outs[0].dtype),
@@ -834,7 +835,8 @@ LOWERINGS: dict[Op, Callable] = {
 }
 """Op -> ``lowering(lw, call)``: the ONNX name of the result, or a list of them."""
 
-NOT_LOWERED = frozenset({Op.MOE})  # the MoE block whole: moe_dispatch splits it into ops that have lowerings
+# whole MoE blocks and captured experts: moe_dispatch splits them into ops with lowerings
+NOT_LOWERED = frozenset({Op.MOE, Op.EXPERTS})
 
 
 def _chain(a: dict) -> str | None:
