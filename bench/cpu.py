@@ -2,6 +2,7 @@
 ONNX Runtime GenAI (its model builder's output, built here from the same weights), interleaved in one process.
 
     python bench/cpu.py [--new-tokens 128] [--rounds 3] [--weight-bits 8,4] [--long-prompt 512] [--bf16]
+    python bench/cpu.py --moe [--new-tokens 128] [--rounds 3]
 
 Prints ms/token of decode ((time for N tokens - time for 1) / (N - 1), so the prefill is not in it), tokens/s,
 lowerlm's ratio to each peer, the share of the bandwidth floor (weight bytes read per step / measured read
@@ -13,7 +14,8 @@ token (generating 1 token: the prefill and the first draw) of the chat prompt an
 tokens, per peer. ``--bf16`` adds the model converted to bf16 (what transformers 5 loads from a bf16 checkpoint):
 transformers eager in bf16, and lowerlm's default (auto, which computes a bf16 model in f32 on a CPU). Needs
 `pip install onnxruntime-genai onnx_ir` for the GenAI peer
-(reported as unavailable otherwise).
+(reported as unavailable otherwise). ``--moe`` times a random-weight Qwen3-MoE of SmolLM2's width instead (the MoE
+path: route, sort, grouped GEMMs, combine), against transformers eager only.
 """
 
 from __future__ import annotations
@@ -92,6 +94,64 @@ def onnx_weight_bytes(cm) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer if readers.get(t.name) != {"Gather"})
 
 
+def moe_model():
+    """Qwen3-MoE at SmolLM2-135M's width and depth (576 hidden, 30 layers, 9/3 heads), 16 experts of 256, top 4,
+    random weights (routers at unit scale, so routing is decisive)."""
+    import transformers
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, moe_intermediate_size=256, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, num_experts=16, num_experts_per_tok=4,
+        norm_topk_prob=True, max_position_embeddings=2048, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 1.0 if name.endswith("mlp.gate.weight") else 0.02)
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+    return model
+
+
+def moe_main(args) -> int:
+    """``--moe``: decode ms/token of the MoE model, lowerlm-onnx against transformers eager, interleaved."""
+    import lowerlm
+
+    model = moe_model()
+    cm = lowerlm.compile_model(model, backend="onnx", max_batch=1, max_seq_len=1024, use_cache=False)
+    ids = torch.randint(0, model.config.vocab_size, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+    n = args.new_tokens
+    peers = {
+        "lowerlm-onnx": lambda k: [s[0] for s in cm.generate_ids([ids], k) if s[0] is not None],
+        "transformers eager": lambda k: model.generate(torch.tensor([ids]), max_new_tokens=k, do_sample=False,
+                                                       eos_token_id=None)[0, len(ids):].tolist(),
+    }
+    tokens = {name: fn(n) for name, fn in peers.items()}  # also the warm-up
+    times: dict = {name: [] for name in peers}
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            for name, fn in peers.items():
+                t1 = _timed(lambda fn=fn: fn(1))
+                tn = _timed(lambda fn=fn: fn(n))
+                times[name].append((tn - t1) / (len(tokens[name]) - 1))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    experts = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if ".experts." in name)
+    step_bytes = weight_bytes - experts + experts * 4 // 16  # a decode step reads 4 of the 16 experts per layer
+    bandwidth = read_bandwidth()
+    print(f"Qwen3-MoE (random weights) f32, {weight_bytes / 1e6:.0f} MB, {n} new tokens, prompt {len(ids)} tokens, "
+          f"torch threads {torch.get_num_threads()}; read bandwidth {bandwidth / 1e9:.1f} GB/s, floor "
+          f"{step_bytes / bandwidth * 1e3:.1f} ms/token ({step_bytes / 1e6:.0f} MB read per step: 4 of 16 experts)")
+    ours = statistics.median(times["lowerlm-onnx"])
+    print("| peer | ms/token (median) | tokens/s | lowerlm speed-up | share of floor | tokens |")
+    print("|---|---|---|---|---|---|")
+    for name, ts in times.items():
+        sec = statistics.median(ts)
+        same = "identical" if tokens[name] == tokens["lowerlm-onnx"] else "DIFFER"
+        print(f"| {name} | {sec * 1e3:.1f} | {1 / sec:.1f} | {sec / ours:.2f}x | {step_bytes / bandwidth / sec:.0%} | "
+              f"{len(tokens[name])}, {same} |")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--new-tokens", type=int, default=128)
@@ -99,8 +159,13 @@ def main(argv=None) -> int:
     p.add_argument("--weight-bits", default="8,4", help="quantized variants to add ('' for none)")
     p.add_argument("--long-prompt", type=int, default=512, help="tokens of the long prompt timed for first token")
     p.add_argument("--bf16", action="store_true", help="add the bf16 model: transformers eager and lowerlm auto")
+    p.add_argument("--moe", action="store_true",
+                   help="a random-weight Qwen3-MoE (SmolLM2's width, 16 experts, top 4) instead of SmolLM2; "
+                        "lowerlm-onnx against transformers eager only")
     args = p.parse_args(argv)
     bits = [int(b) for b in args.weight_bits.split(",") if b.strip()]
+    if args.moe:
+        return moe_main(args)
     import lowerlm
     from lowerlm.models import resolve_model, weight_cache
     from lowerlm.runtime.text import encode

@@ -2,18 +2,20 @@
 blocks, frontend/moe.py; a user's own ``Capture``) are swapped, before export, for a ``torch.library.custom_op``
 and become one IR node whatever their implementation.
 
-A ``Capture`` says which modules it takes (``matches``), which of their tensors the op reads (``weights``: names
-of parameters or buffers, passed as op inputs so export lifts them to weights; a None name leaves an optional
-input slot empty), the IR attributes (``attrs``), the IR op, and the result's shape (``fake``, default: like the
-input). During export each matched
-module's ``forward`` calls ``torch.ops.lowerlm.<name>(x, weights, key)``; in eager mode that runs the module's own
-forward (``key`` finds it), under export the fake implementation gives the result's shape. The importer turns the
-op into ``op(x, *weights) {attrs}`` with the module path as its source.
+A ``Capture`` says which modules it takes (``matches``), how many of ``forward``'s leading arguments are the op's
+tensor inputs (``args``: one for a block on the hidden states; transformers' experts take three), which of their
+tensors the op reads (``weights``: names of parameters or buffers, passed as op inputs so export lifts them to
+weights; a None name leaves an optional input slot empty), the IR attributes (``attrs``), the IR op, and the
+result's shape (``fake``, default: like the first input). During export each matched module's ``forward`` calls
+``torch.ops.lowerlm.<name>(xs, weights, key)``; in eager mode that runs the module's own forward (``key`` finds it),
+under export the fake implementation gives the result's shape. The importer turns the op into
+``op(*xs, *weights) {attrs}`` with the module path as its source.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import types
 from dataclasses import dataclass
@@ -31,7 +33,8 @@ class Capture:
     weights: Callable[[torch.nn.Module], list]
     attrs: Callable[[torch.nn.Module], dict]
     op: Op
-    fake: Callable | None = None  # (x, weights) -> empty tensor of the result's shape and dtype
+    fake: Callable | None = None  # (xs, weights) -> empty tensor of the result's shape and dtype
+    args: int = 1  # forward's leading arguments that are the op's tensor inputs
 
 
 _CAPTURES: dict = {}  # op name -> Capture, for the importer
@@ -47,14 +50,14 @@ def _define(cap: Capture):
         return getattr(torch.ops.lowerlm, cap.name)
 
     @torch.library.custom_op(qualname, mutates_args=())
-    def op(x: torch.Tensor, weights: list[torch.Tensor], key: int) -> torch.Tensor:
+    def op(xs: list[torch.Tensor], weights: list[torch.Tensor], key: int) -> torch.Tensor:
         module, forward = _MODULES[key]
-        return forward(x).clone()
+        return forward(*xs).clone()
 
     @op.register_fake
-    def _(x, weights, key):
+    def _(xs, weights, key):
         fake = _CAPTURES[cap.name].fake
-        return fake(x, weights) if fake is not None else torch.empty_like(x)
+        return fake(xs, weights) if fake is not None else torch.empty_like(xs[0])
 
     _CAPTURES[cap.name] = cap
     return getattr(torch.ops.lowerlm, cap.name)
@@ -74,11 +77,13 @@ def captured(model: torch.nn.Module, captures: list):
                 original = module.forward
                 _MODULES[key] = (module, original)
                 names = cap.weights(module)
+                signature = inspect.signature(original)
 
                 # tensors are looked up on the module at call time so that export sees its own parameters
-                def forward(self, x, *args, _op=op, _names=names, _key=key, **kwargs):
+                def forward(self, *args, _op=op, _names=names, _key=key, _sig=signature, _n=cap.args, **kwargs):
+                    xs = list(_sig.bind(*args, **kwargs).arguments.values())[:_n]
                     params = dict(self.named_parameters())
-                    return _op(x, [params[n] if n in params else self.get_buffer(n) for n in _names if n is not None],
+                    return _op(xs, [params[n] if n in params else self.get_buffer(n) for n in _names if n is not None],
                                _key)
 
                 module.forward = types.MethodType(forward, module)
@@ -108,7 +113,7 @@ def convert_captured(imp, node):
     if found is None:
         return None
     cap, module = found
-    x, weights = node.args[0], iter(node.args[1])
+    xs, weights = node.args[0], iter(node.args[1])
     # a None name is an absent optional input: its slot stays empty
     inputs = [imp.value(next(weights)) if n is not None else None for n in cap.weights(module)]
-    return imp.emit(node, cap.op, [imp.value(x)] + inputs, cap.attrs(module))
+    return imp.emit(node, cap.op, [imp.value(x) for x in xs] + inputs, cap.attrs(module))

@@ -1,23 +1,24 @@
-"""transformers' MoE blocks, captured whole as one IR ``moe`` op (module capture: frontend/capture.py).
+"""transformers' MoE experts, captured as one IR ``experts`` op (module capture: frontend/capture.py).
 
-Tracing a MoE block would unroll its per-expert loop for the example's routing (or go through whichever experts
-implementation transformers picks), so each known block class is swapped for the ``lowerlm::moe`` custom op
-before export. The op's inputs are the block's router weight, correction bias, stacked expert weights and shared
-expert; its attributes carry the routing rules and the rounding points of that family (docs/models.md):
+A MoE block is traced like any other module, except its experts: tracing them would unroll the per-expert loop for
+the example's routing (or go through whichever experts implementation transformers picks). transformers 5 gives
+experts one form -- 3-D ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] behind ``use_experts_implementation``
+(eager, grouped_mm, batched_mm), called with the tokens, the top-k ids and the top-k weights -- so every experts
+module of that form is swapped for the ``lowerlm::experts`` custom op before export (``EXPERTS_CAPTURE``), whatever
+its block's class. The router stays ordinary traced ops (softmax or sigmoid, correction bias, groups, top-k,
+renormalisation, scaling), and so do shared experts and their gates; passes/raise_moe_route.py turns a router that
+computes exactly one of ``moe_route``'s routers into that op.
 
-- Mixtral: router logits in the model's dtype, softmax in f32, top-k, always renormalised, weights kept in f32;
-- Qwen3-MoE: the same, renormalised only with ``norm_topk_prob``, weights cast back to the model's dtype;
-- DeepSeek-V3: logits in f32, sigmoid scores, choice by score + ``e_score_correction_bias`` within the
-  ``topk_group`` best of ``n_group`` groups, unbiased weights renormalised (with ``norm_topk_prob``) times
-  ``routed_scaling_factor``, plus the shared experts' SwiGLU MLP on every token.
-
-A block that looks like a MoE (a router ``gate`` and ``experts`` holding ``gate_up_proj``) but is none of these
-is refused with its class name rather than traced into a wrong graph.
+An experts module in another layout (transposed, interleaved gate|up, biases, no gate, a post-expert norm), with
+its own gate function (clamped or gpt-oss-style GLUs) or with an activation the experts op lacks is refused by class
+name. Earlier lowerlm captured three block classes whole (Mixtral, Qwen3-MoE, DeepSeek-V3) as one ``moe`` op; the
+traced router raised to ``moe_route`` reaches the same IR after moe_dispatch, launch for launch.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from lowerlm.frontend.capture import Capture
 from lowerlm.ir.abi import GELU, GELU_TANH, SILU
@@ -30,9 +31,14 @@ _ACTS = {"SiLU": SILU, "SiLUActivation": SILU, "GELUActivation": GELU, "GELUTanh
          "NewGELUActivation": GELU_TANH, "FastGELUActivation": GELU_TANH, "AccurateGELUActivation": GELU_TANH}
 
 
+_FUNCTIONS = {F.silu: SILU, F.gelu: GELU}
+
+
 def _act(experts: torch.nn.Module) -> str:
     fn = getattr(experts, "act_fn", None)
     name = type(fn).__name__
+    if fn in _FUNCTIONS:
+        return _FUNCTIONS[fn]
     if isinstance(fn, torch.nn.GELU):
         return GELU_TANH if fn.approximate == "tanh" else GELU
     if name in _ACTS:
@@ -41,46 +47,29 @@ def _act(experts: torch.nn.Module) -> str:
                              "lowerlm's experts run SiLU, GeLU or tanh-GeLU")
 
 
-def _softmax(renormalize, weights_f32: bool):
-    def attrs(m):
-        return {"router": "softmax", "top_k": int(m.gate.top_k),
-                "renormalize": bool(renormalize(m)), "weights_f32": weights_f32, "act": _act(m.experts)}
-    return attrs
+# transformers' experts layouts (the ``use_experts_implementation`` flags) lowerlm's experts op takes as they are
+_LAYOUT = {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
+           "has_post_expert_norm": False}
 
 
-def _deepseek(m) -> dict:
-    g = m.gate
-    return {"router": "sigmoid", "top_k": int(g.top_k), "n_group": int(g.num_group),
-            "topk_group": int(g.topk_group), "renormalize": bool(g.norm_topk_prob),
-            "scaling": float(g.routed_scaling_factor), "router_f32": True, "weights_f32": True,
-            "act": _act(m.experts)}
-
-
-_EXPERTS = ["gate.weight", None, "experts.gate_up_proj", "experts.down_proj", None, None, None]
-_SHARED = ["gate.weight", "gate.e_score_correction_bias", "experts.gate_up_proj", "experts.down_proj",
-           "shared_experts.gate_proj.weight", "shared_experts.up_proj.weight", "shared_experts.down_proj.weight"]
-
-# block class name -> (weight names in the moe op's slots after x, attributes)
-FAMILIES = {
-    "MixtralSparseMoeBlock": (_EXPERTS, _softmax(lambda m: True, weights_f32=True)),
-    "Qwen3MoeSparseMoeBlock": (_EXPERTS, _softmax(lambda m: m.gate.norm_topk_prob, weights_f32=False)),
-    "DeepseekV3MoE": (_SHARED, _deepseek),
-}
-
-
-def _looks_like_moe(m: torch.nn.Module) -> bool:
-    return hasattr(m, "gate") and hasattr(getattr(m, "experts", None), "gate_up_proj")
-
-
-def _matches(m: torch.nn.Module) -> bool:
+def _is_experts(m: torch.nn.Module) -> bool:
+    """transformers' common experts form: 3-D gate_up_proj and down_proj behind ``use_experts_implementation``."""
+    gate_up = getattr(m, "gate_up_proj", None)
+    if not (hasattr(m, "has_gate") and isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3):
+        return False
     name = type(m).__name__
-    if name in FAMILIES:
-        return True
-    if _looks_like_moe(m):
-        raise UnsupportedOpError(f"MoE block {name}", name, f"lowerlm captures {', '.join(FAMILIES)}; add the "
-                                 "family's routing rules to frontend/moe.py")
-    return False
+    odd = [f"{k}={getattr(m, k, None)}" for k, v in _LAYOUT.items() if getattr(m, k, v) != v]
+    if odd:
+        raise UnsupportedOpError(f"experts layout {', '.join(odd)}", name,
+                                 "lowerlm's experts op takes concatenated [gate; up] [E, 2I, H] and down [E, H, I] "
+                                 "without biases")
+    gate = getattr(type(m), "_apply_gate", None)
+    if gate is not None and gate.__name__ != "_default_apply_gate":
+        raise UnsupportedOpError(f"experts gate {gate.__qualname__}", name,
+                                 "lowerlm's experts op computes act(gate) * up; this family's gate differs")
+    _act(m)  # refused here, naming the activation, rather than at import
+    return True
 
 
-MOE_CAPTURE = Capture(name="moe", matches=_matches, weights=lambda m: FAMILIES[type(m).__name__][0],
-                      attrs=lambda m: FAMILIES[type(m).__name__][1](m), op=Op.MOE)
+EXPERTS_CAPTURE = Capture(name="experts", matches=_is_experts, weights=lambda m: ["gate_up_proj", "down_proj"],
+                          attrs=lambda m: {"act": _act(m)}, op=Op.EXPERTS, args=3)

@@ -108,9 +108,9 @@ def trace_model(model: torch.nn.Module, use_cache: bool = True, progress: Callab
     parse and verify checked on every load). ``captures`` (``frontend.capture.Capture``) swap modules for custom ops
     during export."""
     from lowerlm.frontend.export import check_supported
-    from lowerlm.frontend.moe import MOE_CAPTURE
+    from lowerlm.frontend.moe import EXPERTS_CAPTURE
 
-    captures = [MOE_CAPTURE] + list(captures)  # transformers' MoE blocks always become one moe op
+    captures = [EXPERTS_CAPTURE] + list(captures)  # transformers' MoE experts always become one experts op
     check_supported(model)
     if not use_cache:
         return _trace(model, captures, progress)

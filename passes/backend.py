@@ -14,7 +14,9 @@ ready and before its first user (the anchor named below). ``TAILS`` in ``passes/
 - ``fuse_rope_cache_write`` (Triton): a ``rope`` whose k result feeds only its layer's k cache write, with the v
   write of the same layer and positions, becomes one ``rope_cache_write``.
 - ``fuse_route_norm`` (Triton): an ``rms_norm`` whose first user routes it (``moe_route``) becomes one
-  ``rms_norm_moe_route`` yielding the normed value for the later users too.
+  ``rms_norm_moe_route`` yielding the normed value for the later users too; so does one whose flattened rows
+  (a ``reshape`` to [T, H], as traced MoE blocks make) are routed first, the other users after the route reading
+  the rows reshaped back.
 - ``fuse_ew_chains`` (Triton): each single-use chain of float element-wise nodes becomes one ``ew_chain`` whose body
   is the chain (a lone element-wise node too: one generated kernel either way).
 
@@ -43,6 +45,8 @@ class Fusion:
     attrs: dict
     names: tuple
     source: tuple
+    pre: tuple = ()  # (op, inputs, attrs, result name): views emitted just before the fused node
+    post: tuple = ()  # the same, just after it
 
 
 def apply_fusions(g: Graph, fusions: list) -> Graph:
@@ -55,8 +59,12 @@ def apply_fusions(g: Graph, fusions: list) -> Graph:
     for node in g.nodes:
         f = at.get(node.name)
         if f is not None:
-            b.release(f.names)
+            b.release(list(f.names) + [name for *_, name in f.post])
+            for op, inputs, attrs, name in f.pre:
+                b.add(op, inputs, attrs, names=[name], source=f.source)
             b.add(f.op, f.inputs, f.attrs, names=f.names, source=f.source)
+            for op, inputs, attrs, name in f.post:
+                b.add(op, inputs, attrs, names=[name], source=f.source)
         elif node.name not in dropped:
             b.append(node)
     return b.build(g.outputs, g.state_outputs)
@@ -182,6 +190,41 @@ def fuse_rope_cache_write(g: Graph) -> tuple:
 
 
 # ---- the route's norm -------------------------------------------------------------------------------------------
+def _first_route(g: Graph, value: str, index: dict) -> Node | None:
+    """The moe_route that is ``value``'s first user and routes it (its tokens input), or None."""
+    users = _node_users(g, value)
+    first = min(users, key=lambda u: index[u.name]) if users else None
+    return first if first is not None and first.op is Op.MOE_ROUTE and first.inputs[0] == value else None
+
+
+def _route_norm(g: Graph, norm: Node, index: dict) -> Fusion | None:
+    out, eps = norm.results[0].name, norm.attr("eps")
+    route = _first_route(g, out, index)
+    if route is not None:
+        return Fusion(route.name, frozenset({norm.name, route.name}), Op.RMS_NORM_MOE_ROUTE,
+                      (norm.inputs[0], norm.inputs[1], *route.inputs[1:]), dict(route.attrs, eps=eps),
+                      (out, *route.result_names), merge_sources(norm, route))
+    # a traced MoE block flattens the tokens first: norm -> reshape [T, H] -> route. The fused node normalises the
+    # flattened input and yields the flattened rows; the norm's other users, all after the route, read them
+    # reshaped back.
+    t = norm.results[0].type
+    for view in (u for u in _node_users(g, out) if u.op is Op.RESHAPE):
+        route = _first_route(g, view.name, index)
+        others = [u for u in _node_users(g, out) if u is not view]
+        flat = view.results[0].type
+        if route is None or flat.shape[-1] != t.shape[-1] or any(index[u.name] < index[route.name] for u in others):
+            continue
+        pre = f"{view.name}.in"
+        if pre in g.types:
+            continue
+        back = ((Op.RESHAPE, (view.name,), {"shape": list(t.shape)}, out),) if others else ()
+        return Fusion(route.name, frozenset({norm.name, view.name, route.name}), Op.RMS_NORM_MOE_ROUTE,
+                      (pre, norm.inputs[1], *route.inputs[1:]), dict(route.attrs, eps=eps),
+                      (view.name, *route.result_names), merge_sources(norm, view, route),
+                      pre=((Op.RESHAPE, (norm.inputs[0],), view.attrs, pre),), post=back)
+    return None
+
+
 @Pass
 def fuse_route_norm(g: Graph) -> tuple:
     """Triton: an rms_norm routed first by a moe_route becomes one rms_norm_moe_route."""
@@ -189,16 +232,11 @@ def fuse_route_norm(g: Graph) -> tuple:
     returned = set(g.outputs) | set(g.state_outputs)
     fusions = []
     for norm in (n for n in g.nodes if n.op is Op.RMS_NORM):
-        out = norm.results[0].name
-        users = _node_users(g, out)
-        first = min(users, key=lambda u: index[u.name]) if users else None
-        if first is None or first.op is not Op.MOE_ROUTE or first.inputs[0] != out or out in returned \
-                or g.type_of(norm.inputs[1]).dtype != norm.results[0].type.dtype:
+        if norm.results[0].name in returned or g.type_of(norm.inputs[1]).dtype != norm.results[0].type.dtype:
             continue
-        fusions.append(Fusion(first.name, frozenset({norm.name, first.name}), Op.RMS_NORM_MOE_ROUTE,
-                              (norm.inputs[0], norm.inputs[1], *first.inputs[1:]),
-                              dict(first.attrs, eps=norm.attr("eps")), (out, *first.result_names),
-                              merge_sources(norm, first)))
+        fusion = _route_norm(g, norm, index)
+        if fusion is not None:
+            fusions.append(fusion)
     return apply_fusions(g, fusions), len(fusions)
 
 

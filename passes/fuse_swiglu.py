@@ -1,5 +1,7 @@
 """fuse_swiglu: ``act(gate) * up`` (SiLU, exact GeLU, tanh-GeLU) becomes the ``act`` epilogue of the
-``rms_norm_linear`` that produced gate and up, or a standalone ``swiglu`` op when no such norm precedes.
+``rms_norm_linear`` that produced gate and up, or a standalone ``swiglu`` op when no such norm precedes; gate and up
+projections of one input by load-time weights then become one projection over the concatenated weight and a
+``split`` (a shared expert whose input also feeds its router: one GEMM, as a norm-fused gate|up would be).
 
 Why: the gated MLP's elementwise product then never goes through memory twice (decode: one kernel from x to the
 down projection's input). Runs after fuse_rmsnorm_linear. Never touches an arm_mlp, which has its own activation
@@ -16,6 +18,7 @@ from __future__ import annotations
 from lowerlm.ir.abi import activation_of
 from lowerlm.ir.graph import Graph
 from lowerlm.ir.ops import Op
+from lowerlm.passes.fuse_rmsnorm_linear import weight_expr, weight_value
 from lowerlm.passes.pattern import Pass, Pat, merge_sources, rewrite, single_use
 
 
@@ -42,7 +45,20 @@ def _epilogue(ctx, root, act, norm, up):
 
 
 def _swiglu(ctx, root, act, gate, up):
-    if ctx.type_of(gate) != ctx.type_of(up) or not ctx.replace(act):
+    if ctx.type_of(gate) != ctx.type_of(up):
+        return None
+    gl, ul = ctx.producer(gate), ctx.producer(up)
+    paired = (gl is not None and ul is not None and gl.op is ul.op is Op.LINEAR and len(gl.args) == len(ul.args) == 2
+              and gl.args[0] == ul.args[0] and weight_expr(ctx, gl.args[1]) is not None
+              and weight_expr(ctx, ul.args[1]) is not None)
+    if paired and ctx.replace(gl, ul, act):  # gate and up projections of one input: one projection, then split
+        source = merge_sources(gl, ul, act, root)
+        w = weight_value(ctx, ctx, [gl.args[1], ul.args[1]], f"{root.name}.gate_up.w", source)
+        gu = ctx.add(Op.LINEAR, [gl.args[0], w], name=f"{root.name}.gate_up", source=source)
+        inter = ctx.type_of(gate).shape[-1]
+        gate, up = ctx.add(Op.SPLIT, [gu], {"dim": -1, "sizes": [inter, inter]}, names=[gate, up], source=source)
+        return ctx.add(Op.SWIGLU, [gate, up], {"act": activation_of(act)}, source=source)
+    if not ctx.replace(act):
         return None
     return ctx.add(Op.SWIGLU, [gate, up], {"act": activation_of(act)}, source=merge_sources(act, root))
 

@@ -7,14 +7,16 @@
     %out           = moe_combine(%y, %order, %x) {top_k=k}       unpermute, sum each token's k rows
 
 and, with shared experts, their SwiGLU MLP (gate|up as one linear over a concatenated weight) whose down
-projection takes the routed result as its residual epilogue.
+projection takes the routed result as its residual epilogue. An ``experts`` op (a traced block's captured experts,
+routed by whatever its router computed) becomes the same sort, grouped GEMMs and combine.
 
 Why: each expert's weights are read once per step for all the tokens routed to it (a grouped GEMM over sorted
 segments), and a decode step reads only the selected experts. Runs after the fusions (the shared expert's ops it
-emits are already in their fused form) and before insert_kv_cache. Does not fire on anything but ``moe``.
+emits are already in their fused form) and before insert_kv_cache. Does not fire on anything but ``moe`` and
+``experts``.
 
-A rule table: one rule rooted at ``moe``, whose function emits the dispatch in its place (under the ``moe``'s
-module path).
+A rule table: one rule rooted at ``moe`` and one at ``experts``, whose functions emit the dispatch in their place
+(under the op's module path).
 """
 
 from __future__ import annotations
@@ -30,14 +32,10 @@ _ROUTE = ("router", "top_k", "n_group", "topk_group", "renormalize", "scaling", 
 def _dispatch(ctx: RewriteContext, root: Node) -> str:
     x, router, bias, gate_up, down, sg, su, sd = root.inputs
     a = root.all_attrs()
-    k, experts = a["top_k"], ctx.type_of(gate_up).shape[0]
     base = root.name
     ids, w = ctx.add(Op.MOE_ROUTE, [x, router, bias], {n: a[n] for n in _ROUTE},
                      names=[f"{base}.ids", f"{base}.weights"])
-    order, offsets = ctx.add(Op.MOE_SORT, [ids], {"experts": experts}, names=[f"{base}.order", f"{base}.offsets"])
-    h = ctx.add(Op.GROUPED_GEMM, [x, gate_up, order, offsets], {"gather": k, "act": a["act"]}, name=f"{base}.gate_up")
-    y = ctx.add(Op.GROUPED_GEMM, [h, down, order, offsets, w], {}, name=f"{base}.down")
-    routed = ctx.add(Op.MOE_COMBINE, [y, order, x], {"top_k": k}, name=base if sg is None else f"{base}.routed")
+    routed = _experts(ctx, base if sg is None else f"{base}.routed", x, ids, w, gate_up, down, a["act"])
     if sg is None:
         return routed
     if weight_expr(ctx, sg) is not None and weight_expr(ctx, su) is not None:
@@ -53,10 +51,24 @@ def _dispatch(ctx: RewriteContext, root: Node) -> str:
     return ctx.add(Op.LINEAR, [act, sd, None, routed], name=base)
 
 
-RULES = [(Pat(Op.MOE, name="root"), _dispatch)]
+def _experts(ctx: RewriteContext, name: str, x, ids, w, gate_up, down, act: str) -> str:
+    """Sort the (token, k) pairs by expert, the two grouped GEMMs, the combine: the routed experts' sum."""
+    k, experts, base = ctx.type_of(ids).shape[-1], ctx.type_of(gate_up).shape[0], ctx.root.name
+    order, offsets = ctx.add(Op.MOE_SORT, [ids], {"experts": experts}, names=[f"{base}.order", f"{base}.offsets"])
+    h = ctx.add(Op.GROUPED_GEMM, [x, gate_up, order, offsets], {"gather": k, "act": act}, name=f"{base}.gate_up")
+    y = ctx.add(Op.GROUPED_GEMM, [h, down, order, offsets, w], {}, name=f"{base}.down")
+    return ctx.add(Op.MOE_COMBINE, [y, order, x], {"top_k": k}, name=name)
+
+
+def _dispatch_experts(ctx: RewriteContext, root: Node) -> str:
+    return _experts(ctx, root.name, *root.inputs, root.attr("act"))
+
+
+RULES = [(Pat(Op.MOE, name="root"), _dispatch), (Pat(Op.EXPERTS, name="root"), _dispatch_experts)]
 
 
 @Pass
 def moe_dispatch(g: Graph) -> tuple:
-    """Every moe op becomes route → sort → grouped GEMMs → combine (+ shared experts)."""
+    """Every moe op becomes route → sort → grouped GEMMs → combine (+ shared experts); every experts op the same
+    without the route."""
     return rewrite(g, RULES, name="moe_dispatch")

@@ -1,7 +1,9 @@
-"""MoE end to end: transformers' MoE blocks captured as one ``moe`` op, moe_dispatch's route → sort → grouped
-GEMMs → combine, every backend against eager (f32 logits within 1e-4 × max |logit|, 32 greedy tokens), and
-DeepSeek-V3's group-limited sigmoid router with correction bias, shared expert, renormalisation on and off, and
-experts that receive no token (forced, and asserted)."""
+"""MoE end to end: transformers' experts captured as one ``experts`` op whatever the block's class, the traced
+router raised to ``moe_route`` (softmax, or DeepSeek-V3's group-limited sigmoid with correction bias), moe_dispatch's
+route → sort → grouped GEMMs → combine, every backend against eager (f32 logits within 1e-4 × max |logit|, greedy
+tokens): Mixtral, Qwen3-MoE, OLMoE (no renormalisation), Qwen2-MoE (sigmoid-gated shared expert, a dense first
+layer), GLM-4-MoE (sigmoid groups, shared expert, dense first layer), expert counts the kernels' blocks do not divide,
+experts that receive no token (forced, and asserted), and the experts layouts and gates lowerlm refuses."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 
 import lowerlm
 from lowerlm.codegen.reference import ReferenceProgram
-from lowerlm.ir import OPDEFS, Op
+from lowerlm.ir import Op
 from lowerlm.ir import compute as ref
 
 from .conftest import tiny_model
@@ -22,16 +24,26 @@ def _close(got, want):
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+def _after(cm, name: str):
+    """The module right after pass ``name``."""
+    return next(r.module for r in cm.records if r.name == name).graphs[0]
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_moe_block_becomes_one_op_then_the_dispatch(family):
-    model = tiny_model(family)
+def test_experts_are_captured_and_the_router_raised_then_dispatched(family):
+    model = tiny_model(family).to(torch.bfloat16)  # in bf16 the weights' dtype tells the families apart
     cm = lowerlm.compile_model(model, backend="reference")
     imported = cm.stages()[0][1].graphs[0]
-    moes = [n for n in imported.nodes if n.op is Op.MOE]
-    assert [n.source for n in moes] == [("model.layers.0.mlp",), ("model.layers.1.mlp",)]
-    assert moes[0].attr("top_k") == 2 and moes[0].attr("router") == "softmax" and moes[0].attr("renormalize")
-    assert moes[0].attr("weights_f32") == (family == "mixtral")  # Qwen3 casts the weights back, Mixtral keeps f32
-    decode = [n.op for n in cm.ir.graph("decode").nodes if n.source == ("model.layers.0.mlp",)]
+    assert not [n for n in imported.nodes if n.op is Op.MOE]
+    experts = [n for n in imported.nodes if n.op is Op.EXPERTS]
+    assert [n.source for n in experts] == [("model.layers.0.mlp.experts",), ("model.layers.1.mlp.experts",)]
+    assert [n.op for n in imported.nodes if n.source == ("model.layers.0.mlp.gate",)].count(Op.TOPK) == 1
+    routes = [n for n in _after(cm, "raise_moe_route").nodes if n.op is Op.MOE_ROUTE]
+    assert [n.source for n in routes] == [("model.layers.0.mlp.gate",), ("model.layers.1.mlp.gate",)]
+    assert routes[0].attr("top_k") == 2 and routes[0].attr("router") == "softmax" and routes[0].attr("renormalize")
+    assert routes[0].attr("weights_f32") == (family == "mixtral")  # Qwen3 casts the weights back, Mixtral keeps f32
+    decode = [n.op for n in cm.ir.graph("decode").nodes
+              if n.source and n.source[0].startswith("model.layers.0.mlp") and n.op is not Op.RESHAPE]
     assert decode == [Op.MOE_ROUTE, Op.MOE_SORT, Op.GROUPED_GEMM, Op.GROUPED_GEMM, Op.MOE_COMBINE]
 
 
@@ -91,10 +103,11 @@ class _MoeLM(torch.nn.Module):
 
 
 def _route_attrs(block) -> dict:
-    from lowerlm.frontend.moe import FAMILIES
-
-    attrs = FAMILIES["DeepseekV3MoE"][1](block)
-    return {k: v for k, v in attrs.items() if k in OPDEFS[Op.MOE_ROUTE].attrs}
+    """moe_route's attributes for a DeepSeek-V3 block, from its config."""
+    c = block.config
+    return {"router": "sigmoid", "top_k": c.num_experts_per_tok, "n_group": c.n_group, "topk_group": c.topk_group,
+            "renormalize": c.norm_topk_prob, "scaling": c.routed_scaling_factor, "router_f32": True,
+            "weights_f32": True}
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
@@ -121,17 +134,20 @@ def test_deepseek_router_and_block_match_transformers(renormalize):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["reference", "onnx"])
+@pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_deepseek_block_through_the_compiler_with_starved_experts(renormalize, backend):
     block = _deepseek_block(renormalize, starve=[2, 5])
     torch.manual_seed(3)
     model = _MoeLM(block).eval()
     cm = lowerlm.compile_model(model, backend=backend, use_cache=False)
-    (moe,) = [n for n in cm.stages()[0][1].graphs[0].nodes if n.op is Op.MOE]
-    assert moe.attr("router") == "sigmoid" and moe.attr("n_group") == 4 and moe.attr("topk_group") == 2
-    assert moe.attr("renormalize") is renormalize and moe.attr("scaling") == pytest.approx(2.446)
-    assert all(v is not None for v in moe.inputs)  # bias and the shared expert's three weights are inputs
+    (route,) = [n for n in _after(cm, "raise_moe_route").nodes if n.op is Op.MOE_ROUTE]
+    want = {k: v for k, v in _route_attrs(block).items() if not k.endswith("_f32")}  # an f32 model: no rounding
+    assert {k: route.attr(k) for k in want} == pytest.approx(want)
+    assert route.inputs[2] is not None  # the correction bias
+    # the shared expert stays the block's own ops
+    assert {n.op for n in cm.stages()[0][1].graphs[0].nodes
+            if n.source and n.source[0].startswith("block.shared_experts")} >= {Op.LINEAR, Op.SILU, Op.MUL}
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         _close(cm(ids), model(ids))
@@ -164,21 +180,6 @@ def test_onnx_decode_of_single_tokens_matches():
     assert [s[0] for s in cm.generate_ids([p], 8)] == hf
 
 
-def test_an_unknown_moe_block_is_refused_by_name():
-    class OddMoe(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gate = torch.nn.Linear(32, 4, bias=False)
-            self.experts = torch.nn.Module()
-            self.experts.gate_up_proj = torch.nn.Parameter(torch.randn(4, 32, 32))
-
-        def forward(self, x):
-            return x
-
-    with pytest.raises(lowerlm.errors.UnsupportedOpError, match="MoE block OddMoe.*frontend/moe.py"):
-        lowerlm.compile_model(_MoeLM(OddMoe()), backend="reference", use_cache=False)
-
-
 @pytest.mark.parametrize("name, want", [
     ("silu", "silu"), ("swish", "silu"), ("gelu", "gelu"), ("gelu_python", "gelu"), ("gelu_new", "gelu_tanh"),
     ("gelu_fast", "gelu_tanh"), ("gelu_pytorch_tanh", "gelu_tanh"), ("gelu_python_tanh", "gelu_tanh"),
@@ -199,3 +200,138 @@ def test_moe_expert_activation_is_the_experts_own(name, want):
     assert _act(experts) == want
     x = torch.linspace(-12, 12, 1001)
     torch.testing.assert_close(ref.activation(x, want), experts.act_fn(x), rtol=1e-5, atol=2e-6)
+
+
+# ---- families with no capture of their own: the experts form, routers as traced ops ---------------------------
+def _generic(family: str, **extra):
+    """Tiny OLMoE, Qwen2-MoE and GLM-4-MoE with expert counts (5, 6) the kernels' blocks do not divide; Qwen2-MoE
+    and GLM-4-MoE begin with a dense layer. GLM-4-MoE's ``starve``d experts get a correction bias of -100."""
+    import transformers
+
+    starve = extra.pop("starve", ())
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128, **extra)
+    if family == "olmoe":
+        cfg = transformers.OlmoeConfig(intermediate_size=16, num_experts=5, num_experts_per_tok=2, **common)
+    elif family == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=16, num_experts=5,
+                                          num_experts_per_tok=2, shared_expert_intermediate_size=24,
+                                          mlp_only_layers=[0], **common)
+    else:
+        cfg = transformers.Glm4MoeConfig(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=6,
+                                         num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                                         first_k_dense_replace=1, routed_scaling_factor=1.5, norm_topk_prob=True,
+                                         head_dim=8, **common)
+    cls = {"olmoe": transformers.OlmoeForCausalLM, "qwen2_moe": transformers.Qwen2MoeForCausalLM,
+           "glm4_moe": transformers.Glm4MoeForCausalLM}[family]
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0, 1.0)  # routers with clear margins
+            elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                p.normal_(0, 0.2)
+        for module in model.modules():
+            if hasattr(module, "e_score_correction_bias"):
+                bias = torch.randn(module.e_score_correction_bias.shape) * 0.3
+                bias[list(starve)] = -100.0
+                module.e_score_correction_bias.copy_(bias)
+    return model
+
+
+ROUTED = {"olmoe": {"router": "softmax", "renormalize": False, "top_k": 2},
+          "qwen2_moe": {"router": "softmax", "renormalize": False, "top_k": 2},
+          "glm4_moe": {"router": "sigmoid", "n_group": 2, "topk_group": 1, "renormalize": True, "scaling": 1.5,
+                       "top_k": 2}}
+
+
+@pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "glm4_moe"])
+def test_families_without_a_capture_of_their_own_match_eager(family, backend):
+    model = _generic(family, starve=[1, 4])
+    cm = lowerlm.compile_model(model, backend=backend, max_batch=2, max_seq_len=64, use_cache=False)
+    routes = [n for n in _after(cm, "raise_moe_route").nodes if n.op is Op.MOE_ROUTE]
+    layers = 1 if family != "olmoe" else 2  # Qwen2-MoE and GLM-4-MoE: a dense first layer
+    assert len(routes) == layers and all(
+        {k: n.attr(k) for k in ROUTED[family]} == pytest.approx(ROUTED[family]) for n in routes)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _close(cm(ids), model(ids).logits)
+    p = [5, 7, 9, 11, 3]
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
+    assert [s[0] for s in cm.generate_ids([p], 12)] == hf
+
+
+def _segments(cm, ids) -> list:
+    """Each MoE layer's tokens per expert in a reference run of the compiled IR (the moe_sort offsets)."""
+    seen = []
+
+    def observe(node, results):
+        if node.op is Op.MOE_SORT:
+            seen.append(results[1].diff())
+
+    graph = cm.ir.graphs[0]
+    b, s = ids.shape
+    inputs = {"input_ids": ids, "positions": torch.arange(s).repeat(b, 1),
+              "seq_lens": torch.full((b,), s, dtype=torch.int32)}
+    if "logit_index" in [v.name for v in graph.inputs]:
+        inputs["logit_index"] = torch.arange(s).repeat(b, 1)
+    state = {v.name: torch.zeros([d if isinstance(d, int) else {"B": b, "T": 64}.get(str(d), s) for d in v.type.shape],
+                                 dtype=v.type.dtype.to_torch()) for v in graph.state}
+    ReferenceProgram(cm.ir, cm.weights).run(graph.name, inputs, state, observe=observe)
+    return seen
+
+
+def test_starved_experts_of_a_traced_router_receive_no_token():
+    model = _generic("glm4_moe", starve=[1, 4])
+    cm = lowerlm.compile_model(model, backend="reference", use_cache=False)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    (counts,) = _segments(cm, ids)
+    assert counts[1] == 0 and counts[4] == 0 and int(counts.sum()) == 2 * 12 * 2
+    assert (counts[[0, 2, 3, 5]] > 0).all()
+
+
+@pytest.mark.parametrize("implementation", ["batched_mm", "eager"])
+def test_the_experts_implementation_transformers_picks_is_captured_the_same(implementation):
+    model = _generic("olmoe")
+    model.config._experts_implementation = implementation
+    for m in model.modules():
+        if hasattr(m, "config"):
+            m.config._experts_implementation = implementation
+    cm = lowerlm.compile_model(model, backend="reference", use_cache=False)
+    assert [n.op for n in cm.stages()[0][1].graphs[0].nodes].count(Op.EXPERTS) == 2
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _close(cm(ids), model(ids).logits)
+
+
+def _experts_lm(experts):
+    """_MoeLM around a softmax top-2 router and the given experts module."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Linear(32, 4, bias=False)
+            self.experts = experts
+
+        def forward(self, x):
+            h = x.reshape(-1, 32)
+            w, ids = torch.softmax(self.gate(h), -1).topk(2)
+            return self.experts(h, ids, w).reshape(x.shape)
+
+    return _MoeLM(Block()).eval()
+
+
+def test_experts_in_another_layout_or_with_their_own_gate_are_refused_by_name():
+    import transformers
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    from transformers.models.hy_v4.modeling_hy_v4 import HYV4Experts
+
+    cfg = transformers.GptOssConfig(hidden_size=32, intermediate_size=16, num_local_experts=4)
+    with pytest.raises(lowerlm.errors.UnsupportedOpError,
+                       match="experts layout has_bias=True, is_transposed=True, is_concatenated=False.*GptOssExperts"):
+        lowerlm.compile_model(_experts_lm(GptOssExperts(cfg)), backend="reference", use_cache=False)
+    cfg = transformers.HYV4Config(hidden_size=32, moe_intermediate_size=16, num_experts=4, num_local_experts=4)
+    with pytest.raises(lowerlm.errors.UnsupportedOpError, match="experts gate HYV4Experts._apply_gate.*HYV4Experts"):
+        lowerlm.compile_model(_experts_lm(HYV4Experts(cfg)), backend="reference", use_cache=False)

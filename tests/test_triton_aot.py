@@ -100,12 +100,24 @@ def test_every_kernel_a_model_launches_compiles_for_sm90():
 # The decode launch budget (docs/backends.md), per layer: 5 launches for a dense layer (qkv with the norm,
 # attention with rope and the cache writes, o with the residual, gate/up with the norm and SwiGLU, down with the
 # residual); an MoE layer has route (with the norm), sort, two grouped GEMMs and the combine in place of the last two
-BUDGET = {"llama": 5, "mixtral": 8, "qwen3_moe": 8}  # Qwen3's q/k norms go into the attention launch
+# of the dense MLP's; with DeepSeek-V3's shared expert, 3 more (its gate|up, SwiGLU, down with the routed residual)
+BUDGET = {"llama": 5, "mixtral": 8, "qwen3_moe": 8, "deepseek_v3_moe": 11}  # Qwen3's q/k norms: in the attention
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen3_moe"])
+def _budget_model(family):
+    if family != "deepseek_v3_moe":
+        return tiny_model(family)
+    from .test_moe import _deepseek_block
+
+    model = tiny_model("llama")  # its MLPs swapped for DeepSeek-V3 MoE blocks: traced router, groups, shared expert
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp = _deepseek_block(True, seed=i)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen3_moe", "deepseek_v3_moe"])
 def test_a_decode_step_is_capturable_and_within_the_launch_budget(family):
-    cm = lowerlm.compile_model(tiny_model(family), backend="triton", max_batch=32, max_seq_len=64)
+    cm = lowerlm.compile_model(_budget_model(family), backend="triton", max_batch=32, max_seq_len=64)
     for batch in (1, 4, 32):  # the GEMV at 1, the rows GEMM beyond
         early, torch_ops = decode_step_launches(cm, batch, 3)
         late, _ = decode_step_launches(cm, batch, 50)
