@@ -67,6 +67,13 @@ def trace_key(model: torch.nn.Module, captures=()) -> str:
     h.update(json.dumps(versions, sort_keys=True).encode())
     h.update(source_digest(frontend, ir).encode())
     h.update(",".join(c.name for c in captures).encode())
+    # what each capture makes of this model: a capture is code of its caller's too (a user's own, or a table
+    # changed at run time), which the source digest above does not cover
+    for cap in captures:
+        h.update(f"{cap.name}:{cap.op.value}:{cap.args};".encode())
+        for path, m in model.named_modules():
+            if cap.matches(m):
+                h.update(f"{path}:{cap.weights(m)}:{sorted(cap.attrs(m).items())};".encode())
     return h.hexdigest()[:24]
 
 

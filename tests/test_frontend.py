@@ -3,6 +3,7 @@ Logits are compared with eager PyTorch in f32 (max abs error <= 1e-4 x max |logi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -471,6 +472,12 @@ def test_module_capture_turns_a_block_into_one_ir_op():
     torch.testing.assert_close(cm(ids), model(ids), rtol=1e-5, atol=1e-5)
     # the module is restored after capture
     assert model.blocks[0].forward.__func__ is _ToyNorm.forward
+    # the trace cache tells two captures of one name apart by what they make of the model
+    from lowerlm.frontend.trace import trace_key
+
+    other = dataclasses.replace(cap, attrs=lambda m: {"eps": 1e-5})
+    assert trace_key(model, [cap]) != trace_key(model, [other]) != trace_key(model, [])
+    assert trace_key(model, [cap]) == trace_key(model, [dataclasses.replace(cap)])
 
 
 def test_trace_cache_skips_export_and_survives_corruption(tmp_path, monkeypatch):
