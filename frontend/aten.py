@@ -386,6 +386,13 @@ def _split(imp, node, kw):
     return imp.emit(node, Op.SPLIT, [x], {"dim": dim, "sizes": sizes})
 
 
+def _sort(imp, node, kw):
+    """``sort`` and ``sort.stable``: equal values keep their order, which is one of the orders an unstable sort may
+    give."""
+    return imp.emit(node, Op.SORT, [imp.value(kw["self"])],
+                    {"dim": kw.get("dim", -1), "descending": bool(kw.get("descending", False))})
+
+
 def _topk(imp, node, kw):
     """``sorted=False`` leaves the order of the k results unspecified: the sorted order is one of them."""
     return imp.emit(node, Op.TOPK, [imp.value(kw["self"])],
@@ -568,7 +575,7 @@ ATEN = {
     "expand": _expand, "transpose": _transpose, "permute": _permute, "t": _t,
     "slice": _slice, "select": _select, "slice_scatter": _slice_scatter, "copy": _copy, "cat": _cat,
     "split_with_sizes": _split, "split": _split,
-    "topk": _topk, "argmax": _argmax, "mm": _matmul, "bmm": _matmul, "matmul": _matmul,
+    "topk": _topk, "sort": _sort, "argmax": _argmax, "mm": _matmul, "bmm": _matmul, "matmul": _matmul,
     "linear": _linear, "embedding": _embedding, "gather": _gather, "scatter": _scatter,
     "scalar_tensor": _scalar_tensor, "full": _filled(), "full_like": _filled(), "new_full": _filled(),
     "ones": _filled(1), "ones_like": _filled(1), "new_ones": _filled(1),

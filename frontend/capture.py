@@ -1,5 +1,5 @@
 """Module capture: blocks that tracing would unroll or that change between library versions (transformers' MoE
-blocks, frontend/moe.py; a user's own ``Capture``) are swapped, before export, for a ``torch.library.custom_op``
+experts, frontend/moe.py; a user's own ``Capture``) are swapped, before export, for a ``torch.library.custom_op``
 and become one IR node whatever their implementation.
 
 A ``Capture`` says which modules it takes (``matches``), how many of ``forward``'s leading arguments are the op's

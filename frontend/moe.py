@@ -37,8 +37,9 @@ _FUNCTIONS = {F.silu: SILU, F.gelu: GELU}
 def _act(experts: torch.nn.Module) -> str:
     fn = getattr(experts, "act_fn", None)
     name = type(fn).__name__
-    if fn in _FUNCTIONS:
-        return _FUNCTIONS[fn]
+    for function, act in _FUNCTIONS.items():  # F.silu itself as act_fn (by identity: act_fn need not hash)
+        if fn is function:
+            return act
     if isinstance(fn, torch.nn.GELU):
         return GELU_TANH if fn.approximate == "tanh" else GELU
     if name in _ACTS:

@@ -196,6 +196,10 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
        {"k": AttrSpec(K.INT), "dim": AttrSpec(K.INT, -1), "largest": AttrSpec(K.BOOL, True)},
        impl=lambda x, k, dim, largest: tuple(torch.topk(x, k, dim=dim, largest=largest, sorted=True)),
        traits=(T.REDUCE, T.FOLDS)),
+    _d(Op.SORT, _X, r.sort, "the values along dim in ascending (or descending) order and their indices; equal "
+       "values keep their order", {"dim": AttrSpec(K.INT, -1), "descending": AttrSpec(K.BOOL, False)},
+       impl=lambda x, dim, descending: tuple(torch.sort(x, dim=dim, descending=descending, stable=True)),
+       traits=(T.REDUCE, T.FOLDS)),
     _d(Op.RESHAPE, _X, r.reshape, "the same elements, row-major, in another shape", {"shape": AttrSpec(K.DIMS)},
        impl=lambda x, shape: x.reshape(shape), traits=(T.VIEW, T.FOLDS)),
     _d(Op.TRANSPOSE, _X, r.transpose, "axes permuted: result axis i is input axis perm[i]",

@@ -47,6 +47,7 @@ class Op(enum.Enum):
     SOFTMAX = "softmax"
     ARGMAX = "argmax"
     TOPK = "topk"
+    SORT = "sort"
     # ---- views and data movement
     RESHAPE = "reshape"
     TRANSPOSE = "transpose"

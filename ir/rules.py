@@ -151,6 +151,12 @@ def topk(ts, a):
     return [t.with_shape(shape), TensorType(DType.I64, shape)]
 
 
+def sort(ts, a):
+    t = ts[0]
+    _axis(a["dim"], t.rank)
+    return [t, TensorType(DType.I64, t.shape)]
+
+
 def reshape(ts, a):
     shape = tuple(a["shape"])
     if any(isinstance(d, int) and d < 0 for d in shape):

@@ -29,8 +29,8 @@ from lowerlm.ir.shapes import free_symbols, sym
 from lowerlm.ir.types import TensorType
 from lowerlm.passes.pattern import Pass
 
-_REDUCE = {Op.MEAN: "dims", Op.SUM: "dims", Op.SOFTMAX: "dim", Op.ARGMAX: "dim", Op.TOPK: "dim"}
-_ALONG = (Op.SLICE, Op.SPLIT, Op.GATHER, Op.CONCAT)
+_REDUCE = {Op.MEAN: "dims", Op.SUM: "dims", Op.SOFTMAX: "dim", Op.ARGMAX: "dim", Op.TOPK: "dim", Op.SORT: "dim"}
+_ALONG = (Op.SLICE, Op.SPLIT, Op.GATHER, Op.SCATTER, Op.CONCAT)
 
 
 def _seq(dim) -> bool:

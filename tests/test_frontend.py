@@ -361,10 +361,12 @@ def test_issue_21_aten_ops_compile(backend):
 
 def _routing_ops_act(a):
     """The aten ops issue 22's routers bring, token by token (the width kept): max and min along a dim (values and
-    indices), an unsorted topk, scatter of a tensor and of a value, gather."""
+    indices), an unsorted topk, a sort, scatter of a tensor and of a value, gather."""
     top, at_top = a.max(-1, keepdim=True)
     low, at_low = a.min(dim=-1)
     v, i = a.topk(4, dim=-1, sorted=False)
+    ordered, order = a.sort(-1, descending=True)
+    top = top + ordered[..., :1] * 0.5 - ordered[..., -1:] * 0.5 + order[..., :1].float() * 0.01
     chosen = torch.zeros_like(a).scatter(-1, i, 1.0)  # scatter.value
     y = a * chosen + torch.zeros_like(a).scatter(-1, i, v.sigmoid())  # scatter.src
     y = y + torch.gather(a, -1, at_top) * 0.5 - low[..., None] * 0.25 + top * 0.1
@@ -379,6 +381,7 @@ def test_issue_22_router_ops_compile(backend):
     cm = lowerlm.compile_model(model, backend=backend, max_seq_len=64, use_cache=False)
     ops = [n.op for n in cm.imported.graphs[0].nodes]
     assert ops.count(Op.SCATTER) == 2 * 2 and ops.count(Op.ARGMAX) == 2 * 2 and ops.count(Op.TOPK) == 3 * 2
+    assert ops.count(Op.SORT) == 2
     _assert_matches_eager(cm, model)
 
 
@@ -601,6 +604,20 @@ class _MeanMixer(torch.nn.Module):
         return x + x.mean(dim=1, keepdim=True)
 
 
+class _SortMixer(torch.nn.Module):
+    """Each position gets the sequence's values in sorted order: tokens mixed by a sort along the sequence."""
+
+    def forward(self, x):
+        return x + x.sort(dim=1)[0]
+
+
+class _ScatterMixer(torch.nn.Module):
+    """Every token's values written to the first position (scatter along the sequence)."""
+
+    def forward(self, x):
+        return x + torch.zeros_like(x).scatter(1, torch.zeros_like(x, dtype=torch.long), x)
+
+
 class _Sigmoid(torch.nn.Module):
     def forward(self, x):
         return torch.sigmoid(x)
@@ -654,6 +671,9 @@ def test_a_model_that_mixes_tokens_outside_attention_is_refused_not_decoded_wron
     with pytest.raises(lowerlm.errors.PassError, match="'mean' in module 'blocks.0' mixes tokens outside an "
                        "attention op"):
         lowerlm.compile_model(model, backend="reference", use_cache=False)
+    for mixer, op in ((_SortMixer(), "sort"), (_ScatterMixer(), "scatter")):
+        with pytest.raises(lowerlm.errors.PassError, match=f"'{op}' in module 'blocks.0' mixes tokens"):
+            lowerlm.compile_model(_Plain(mixer).eval(), backend="reference", use_cache=False)
     # what the error offers: logits without generation
     cm = lowerlm.compile_model(model, backend="reference", passes=["canonicalize"], use_cache=False)
     ids = torch.randint(0, 32, (2, 5))

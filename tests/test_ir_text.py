@@ -307,6 +307,7 @@ VERIFIED_EXAMPLES = {
     Op.SOFTMAX: (("x",), {"dim": -1}),
     Op.ARGMAX: (("x",), {"dim": 1, "keepdim": True}),
     Op.TOPK: (("x",), {"k": 2, "largest": False}),
+    Op.SORT: (("x",), {"dim": 1, "descending": True}),
     Op.RESHAPE: (("x",), {"shape": [parse_type("f32[B*S]").shape[0], 4]}),
     Op.TRANSPOSE: (("x",), {"perm": [0, 2, 1]}),
     Op.EXPAND: (("x1",), {"shape": list(parse_type(_T["x"]).shape)}),

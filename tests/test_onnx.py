@@ -849,7 +849,7 @@ def test_unsupported_answers_from_the_table():
     assert set(reasons(bf16).values()) == {BF16_REFUSED}
     assert {n.op for g in bf16.graphs for n in g.nodes} - set(reasons(bf16)) == {Op.PARAM, Op.WEIGHT}
     moe = lowerlm.compile_model(tiny_model("mixtral"), backend="reference", passes=["canonicalize"]).ir
-    assert reasons(moe) == {Op.MOE: "the ONNX backend has no lowering for moe"}
+    assert reasons(moe) == {Op.EXPERTS: "the ONNX backend has no lowering for experts"}
 
 
 _ISSUE_21_NODES = [

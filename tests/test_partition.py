@@ -134,7 +134,7 @@ def test_the_onnx_backend_alone_names_what_it_lacks_and_points_to_auto():
     from lowerlm.codegen.onnx.program import OnnxProgram
 
     cm = lowerlm.compile_model(tiny_model("mixtral"), backend="reference", passes=["canonicalize"])
-    with pytest.raises(CompileError, match=r"no lowering for moe \(graph 'forward'\); backend='auto'"):
+    with pytest.raises(CompileError, match=r"no lowering for experts \(graph 'forward'\); backend='auto'"):
         OnnxProgram(cm.ir, cm.weights)
-    with pytest.raises(CompileError, match=r"no lowering for moe \(graph 'forward'\); backend='auto'"):
+    with pytest.raises(CompileError, match=r"no lowering for experts \(graph 'forward'\); backend='auto'"):
         lowerlm.compile_model(tiny_model("mixtral"), backend="onnx", passes=["canonicalize"])

@@ -806,6 +806,9 @@ LOWERINGS: dict[Op, Callable] = {
     Op.ARGMAX: lambda lw, c: lw.op("ArgMax", c.x, axis=c.a["dim"], keepdims=int(c.a["keepdim"])),
     Op.TOPK: lambda lw, c: lw.op("TopK", [c.x[0], lw.const([c.a["k"]])], 2, axis=c.a["dim"],
                                  largest=int(c.a["largest"])),
+    Op.SORT: lambda lw, c: lw.op("TopK", [c.x[0], lw.op("Shape", [c.x[0]], start=c.a["dim"] % c.ins[0].rank,
+                                                            end=c.a["dim"] % c.ins[0].rank + 1)], 2,
+                                 axis=c.a["dim"], largest=int(c.a["descending"])),  # ties: the lower index first
     Op.RESHAPE: lambda lw, c: lw.op("Reshape", [c.x[0], lw.shape(c.a["shape"])]),
     Op.TRANSPOSE: lambda lw, c: lw.op("Transpose", c.x, perm=list(c.a["perm"])),
     Op.EXPAND: lambda lw, c: lw.op("Expand", [c.x[0], lw.shape(c.a["shape"])]),
