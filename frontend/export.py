@@ -145,8 +145,9 @@ def _traceable_attention(path: str, model) -> str | None:
     transformers runs only eagerly (soft-capped logits, attention sinks) is switched to lowerlm's own
     implementation of that eager attention (frontend/eager_attention.py) instead, and its previous
     implementation returned, to be restored after the export so the user's model keeps computing as before. A
-    model without attention (Mamba, RWKV, other state-space or recurrent LMs) cannot be switched, and lowerlm
-    cannot compile it."""
+    model whose attention modules do not take an implementation (BigBird-Pegasus, GIT) is traced with its own,
+    which the frontend raises where it can. A model without attention (Mamba, xLSTM, other state-space or
+    recurrent LMs) cannot be switched, and lowerlm cannot compile it."""
     before = getattr(model.config, "_attn_implementation", "sdpa")
     if before == "sdpa":
         return None
@@ -160,6 +161,8 @@ def _traceable_attention(path: str, model) -> str | None:
 
         model.set_attn_implementation(eager_attention.register())
         return before
+    if any("Attention" in type(m).__name__ for m in model.modules()):
+        return None  # attention of its own (BigBird-Pegasus, GIT): traced as written, raised where it can be
     where = f" (module '{path}')" if path else ""
     raise CompileError(
         f"{type(model).__name__}{where} cannot run scaled-dot-product attention ({type(reason).__name__} from "

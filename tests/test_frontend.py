@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -748,6 +749,19 @@ def _eager_only(model_type: str):
             elif p.dim() == 2:
                 p.normal_(0, 0.3)
     return model
+
+
+def test_attention_modules_of_their_own_are_traced_as_written():
+    """GIT's attention takes no implementation from transformers (set_attn_implementation refuses, and it has no
+    attention interface): it is traced as written and raised into ``attention``, not refused like a model without
+    attention (Mamba, whose refusal test_cli_errors checks)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from arch_coverage import tiny
+
+    model = tiny("git")
+    cm = lowerlm.compile_model(model, backend="reference", max_seq_len=64, use_cache=False, tokenizer=False)
+    assert [n.op for n in cm.imported.graphs[0].nodes].count(Op.ATTENTION) == model.config.num_hidden_layers
+    _assert_matches_eager(cm, lambda x: model(x).logits)
 
 
 @pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
