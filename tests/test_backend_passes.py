@@ -200,6 +200,46 @@ def test_route_norm_must_not_fire(kind):
     assert count == 0 and after == before
 
 
+FLAT_ROUTE = """\
+params {
+  "nw": f32[8]
+  "router": f32[4,8]
+}
+
+graph forward(%x: f32[B,S,8]) {
+  %w = param "nw" : f32[8]
+  %r = param "router" : f32[4,8]
+  %n = rms_norm(%x, %w) {eps=1e-05} : f32[B,S,8]  # post_attention_layernorm
+  %t = reshape(%n) {shape=[B*S,8]} : f32[B*S,8]  # mlp
+  %ids, %wts = moe_route(%t, %r) {top_k=2} : i32[B*S,2], f32[B*S,2]  # mlp.gate
+  %e = mul(%t, %t) : f32[B*S,8]  # mlp.experts
+  %y = mul(%n, %n) : f32[B,S,8]  # mlp.shared
+  return %ids, %wts, %e, %y
+}
+"""
+
+
+def test_route_norm_of_flattened_tokens_golden_and_same_results():
+    """A traced MoE block routes the norm's rows flattened to [T, H]: the fused node takes the flattened input,
+    yields the flattened rows, and the norm's later users read them reshaped back."""
+    before, after, count = _apply(fuse_route_norm, FLAT_ROUTE)
+    assert count == 1
+    assert _body(after)[2:] == [
+        "%t.in = reshape(%x) {shape=[B*S,8]} : f32[B*S,8]  # post_attention_layernorm, mlp, mlp.gate",
+        "%t, %ids, %wts = rms_norm_moe_route(%t.in, %w, %r) {top_k=2, eps=1e-05} : f32[B*S,8], i32[B*S,2], "
+        "f32[B*S,2]  # post_attention_layernorm, mlp, mlp.gate",
+        "%n = reshape(%t) {shape=[B,S,8]} : f32[B,S,8]  # post_attention_layernorm, mlp, mlp.gate",
+        "%e = mul(%t, %t) : f32[B*S,8]  # mlp.experts",
+        "%y = mul(%n, %n) : f32[B,S,8]  # mlp.shared",
+    ]
+    _same_results(before, after, 4)
+    # a user of the norm before the route (a shared expert reading the rows first) keeps the norm its own launch
+    early = FLAT_ROUTE.replace("  %y = mul(%n, %n) : f32[B,S,8]  # mlp.shared\n", "").replace(
+        "  %t = reshape", "  %y = mul(%n, %n) : f32[B,S,8]  # mlp.shared\n  %t = reshape")
+    before, after, count = _apply(fuse_route_norm, early)
+    assert count == 0 and after == before
+
+
 # ---- fuse_ew_chains -----------------------------------------------------------------------------------------------
 CHAIN = """\
 graph forward(%x: f32[B,S,8], %y: f32[B,S,8], %i: i64[B,S,8]) {
