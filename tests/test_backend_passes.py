@@ -161,7 +161,7 @@ def test_rope_cache_write_must_not_fire_when_k_is_read_twice():
 
 
 # ---- fuse_route_norm ----------------------------------------------------------------------------------------------
-ROUTE = """\
+_ROUTE_HEAD = """\
 params {
   "nw": f32[8]
   "router": f32[4,8]
@@ -170,6 +170,8 @@ params {
 graph forward(%x: f32[B,S,8]) {
   %w = param "nw" : f32[8]
   %r = param "router" : f32[4,8]
+"""
+ROUTE = _ROUTE_HEAD + """\
   %n = rms_norm(%x, %w) {eps=1e-05} : f32[B,S,8]  # post_attention_layernorm
   %ids, %wts = moe_route(%n, %r) {top_k=2} : i32[B,S,2], f32[B,S,2]  # mlp.gate
   %y = mul(%n, %n) : f32[B,S,8]  # mlp
@@ -200,15 +202,7 @@ def test_route_norm_must_not_fire(kind):
     assert count == 0 and after == before
 
 
-FLAT_ROUTE = """\
-params {
-  "nw": f32[8]
-  "router": f32[4,8]
-}
-
-graph forward(%x: f32[B,S,8]) {
-  %w = param "nw" : f32[8]
-  %r = param "router" : f32[4,8]
+FLAT_ROUTE = _ROUTE_HEAD + """\
   %n = rms_norm(%x, %w) {eps=1e-05} : f32[B,S,8]  # post_attention_layernorm
   %t = reshape(%n) {shape=[B*S,8]} : f32[B*S,8]  # mlp
   %ids, %wts = moe_route(%t, %r) {top_k=2} : i32[B*S,2], f32[B*S,2]  # mlp.gate

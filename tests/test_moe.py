@@ -24,6 +24,12 @@ def _close(got, want):
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+def _greedy_matches_eager(cm, model, prompt: list, n: int):
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+    assert [s[0] for s in cm.generate_ids([prompt], n)] == hf
+
+
 def _after(cm, name: str):
     """The module right after pass ``name``."""
     return next(r.module for r in cm.records if r.name == name).graphs[0]
@@ -61,9 +67,7 @@ def test_tiny_moe_families_match_eager(family, backend):
     _close(cm(ids, attention_mask=mask)[1, :6], want_padded[1, :6])
     prompts = [[5, 7, 9, 11, 3], [8, 1, 4]]
     for p in prompts:
-        with torch.no_grad():
-            hf = model.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False)[0, len(p):].tolist()
-        assert [s[0] for s in cm.generate_ids([p], 32)] == hf
+        _greedy_matches_eager(cm, model, p, 32)
     batch = list(cm.generate_ids(prompts, 12))
     assert [s[1] for s in batch] == [s[0] for s in cm.generate_ids([prompts[1]], 12)]
 
@@ -152,20 +156,7 @@ def test_deepseek_block_through_the_compiler_with_starved_experts(renormalize, b
     with torch.no_grad():
         _close(cm(ids), model(ids))
     # the starved experts really received no token: the sort's segments for them are empty
-    seen = {}
-
-    def observe(node, results):
-        if node.op is Op.MOE_SORT:
-            seen["offsets"] = results[1]
-
-    ref_program = ReferenceProgram(cm.ir, cm.weights)
-    inputs = {"input_ids": ids, "positions": torch.arange(12).repeat(2, 1),
-              "seq_lens": torch.tensor([12, 12], dtype=torch.int32)}
-    graph = cm.ir.graphs[0]
-    if "logit_index" in [v.name for v in graph.inputs]:  # select_logits ran: every row
-        inputs["logit_index"] = torch.arange(12).repeat(2, 1)
-    ref_program.run(graph.name, inputs, observe=observe)
-    counts = seen["offsets"].diff()
+    (counts,) = _segments(cm, ids)
     assert counts[2] == 0 and counts[5] == 0 and int(counts.sum()) == 2 * 12 * 2
 
 
@@ -258,10 +249,7 @@ def test_families_without_a_capture_of_their_own_match_eager(family, backend):
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         _close(cm(ids), model(ids).logits)
-    p = [5, 7, 9, 11, 3]
-    with torch.no_grad():
-        hf = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
-    assert [s[0] for s in cm.generate_ids([p], 12)] == hf
+    _greedy_matches_eager(cm, model, [5, 7, 9, 11, 3], 12)
 
 
 def _segments(cm, ids) -> list:
@@ -276,10 +264,9 @@ def _segments(cm, ids) -> list:
     b, s = ids.shape
     inputs = {"input_ids": ids, "positions": torch.arange(s).repeat(b, 1),
               "seq_lens": torch.full((b,), s, dtype=torch.int32)}
-    if "logit_index" in [v.name for v in graph.inputs]:
+    if "logit_index" in [v.name for v in graph.inputs]:  # select_logits ran: every row
         inputs["logit_index"] = torch.arange(s).repeat(b, 1)
-    state = {v.name: torch.zeros([d if isinstance(d, int) else {"B": b, "T": 64}.get(str(d), s) for d in v.type.shape],
-                                 dtype=v.type.dtype.to_torch()) for v in graph.state}
+    state = {name: buf[:b] for name, buf in cm.generator.state.items()}  # the runtime's own cache buffers
     ReferenceProgram(cm.ir, cm.weights).run(graph.name, inputs, state, observe=observe)
     return seen
 
