@@ -35,9 +35,12 @@ class _Wrapper(torch.nn.Module):
         super().__init__()
         setattr(self, WRAPPER_ATTR, model)
         self.with_positions = with_positions
+        self.skip_token: int | None = None  # set by check_position_numbering: see skipping_positions
 
     def forward(self, input_ids, position_ids=None):
         model = getattr(self, WRAPPER_ATTR)
+        if position_ids is not None and self.skip_token is not None:
+            position_ids = skipping_positions(input_ids, position_ids, self.skip_token)
         kwargs = {"position_ids": position_ids} if self.with_positions else {}
         if _is_hf(model):
             kwargs["use_cache"] = False
@@ -82,10 +85,26 @@ def accepts_positions(model: torch.nn.Module) -> bool:
         return False
 
 
-def check_position_numbering(wrapper: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> None:
+def skipping_positions(input_ids: torch.Tensor, slots: torch.Tensor, pad: int) -> torch.Tensor:
+    """RoBERTa's numbering of tokens at cache ``slots`` (0, 1, …): ``pad`` for a padding token, ``slot + pad + 1``
+    for any other. It equals the model's own (a cumulative count of the non-padding tokens, from ``pad + 1``)
+    wherever no padding token precedes a non-padding one, which the runtime checks of every input
+    (runtime/generate.py's ``check_skipped``); a generated padding token is numbered as transformers' cached
+    generation numbers it."""
+    return torch.where(input_ids == pad, pad, slots + (pad + 1))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    scale = max(float(a.abs().max()), 1e-30)
+    return a.shape == b.shape and float((a - b).abs().max()) <= 1e-5 * scale
+
+
+def check_position_numbering(wrapper: _Wrapper, ids: torch.Tensor, positions: torch.Tensor, pad=None) -> None:
     """Refuse a model whose logits without ``position_ids`` differ from those with ``positions`` (0..S-1, what
-    lowerlm feeds): it numbers positions itself in a way the IR does not model (RoBERTa-style models count from
-    ``padding_idx + 1`` and skip padding tokens), and compiling it would give other logits with no error."""
+    lowerlm feeds): it numbers positions itself in a way the IR does not model, and compiling it would give other
+    logits with no error. One own numbering is modelled: RoBERTa-style models count from ``padding_idx + 1`` and
+    give padding tokens ``padding_idx`` (``pad``, the config's pad_token_id); when the model's logits match that
+    (checked with a padding token as the last token of one row), the wrapper numbers so (``skip_token``)."""
     try:
         own = wrapper(ids)
     except Exception:  # noqa: BLE001 -- it needs position_ids: they mean what it is given, nothing to compare
@@ -97,14 +116,29 @@ def check_position_numbering(wrapper: torch.nn.Module, ids: torch.Tensor, positi
         raise UnsupportedOpError(f"{type(model).__name__}'s position_ids", "",
                                  f"its forward fails when given position_ids 0..S-1, the positions lowerlm feeds "
                                  f"({_export_reason(e)})") from None
-    scale = max(float(own.abs().max()), 1e-30)
-    if own.shape == given.shape and float((own - given).abs().max()) <= 1e-5 * scale:
+    if _close(own, given):
         return
+    if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0:
+        # first without padding tokens, then with one ending the first row: given positions and no attention mask,
+        # transformers reads a gap in them as the start of another packed sequence, so that call passes a mask
+        probe = torch.where(ids == pad, pad - 1 if pad else 1, ids)
+        padded = probe.clone()
+        padded[0, -1] = pad
+        wrapper.skip_token = pad
+        try:
+            if _close(wrapper(probe), wrapper(probe, positions)) and (not _is_hf(model) or _close(
+                    model(padded, attention_mask=torch.ones_like(padded), use_cache=False).logits,
+                    model(padded, attention_mask=torch.ones_like(padded), use_cache=False,
+                          position_ids=skipping_positions(padded, positions, pad)).logits)):
+                return
+        except Exception:  # noqa: BLE001 -- not this numbering: refused below
+            pass
+        wrapper.skip_token = None
     raise UnsupportedOpError(
         f"{type(model).__name__}'s own position numbering", "",
-        "without position_ids its logits differ from those at positions 0..S-1, the positions lowerlm feeds "
-        "(RoBERTa-style models count from padding_idx + 1 and skip padding tokens); lowerlm does not model that "
-        "numbering yet. If 0..S-1 is what you want, wrap the model in a module that passes position_ids")
+        "without position_ids its logits differ from those at positions 0..S-1, the positions lowerlm feeds, and "
+        "from RoBERTa's (padding_idx + 1 onward, padding tokens skipped); lowerlm does not model that numbering. "
+        "If 0..S-1 is what you want, wrap the model in a module that passes position_ids")
 
 
 def config_value(model, *names, default=None):
@@ -222,7 +256,8 @@ def _export(model: torch.nn.Module, hf: list, vocab_size: int | None):
     with warnings.catch_warnings(), torch.no_grad(), _sdpa_with_gqa(), _without_kv_cache(hf):
         warnings.simplefilter("ignore")
         if with_positions:  # the positions input must mean what the model's own numbering means
-            check_position_numbering(wrapper, ids, example["position_ids"])
+            check_position_numbering(wrapper, ids, example["position_ids"],
+                                     config_value(configured, "pad_token_id"))
         try:
             ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)
         except LowerlmError:  # a capture's own error, already one line for the user

@@ -19,7 +19,7 @@ from lowerlm.ir.graph import Module
 from lowerlm.ir.ops import Op
 from lowerlm.ir.printer import print_module
 from lowerlm.passes import PassRecord, dump_header, run_pipeline
-from lowerlm.runtime.generate import Generator, allocate_state, selects_logits
+from lowerlm.runtime.generate import Generator, allocate_state, check_skipped, selects_logits
 from lowerlm.runtime.sampler import Sampling
 from lowerlm.runtime.text import StreamDecoder, encode
 
@@ -30,7 +30,7 @@ class CompiledModel:
 
     def __init__(self, imported: Module, records: list, weights: dict, program, vocab_size: int | None,
                  max_seq_len: int, max_batch: int, tokenizer=None, stop_ids=(), logits_dtype=None,
-                 position_table: tuple | None = None):
+                 position_table: tuple | None = None, skip_token: int | None = None):
         self.imported = imported
         self.records = records  # one PassRecord per pass, in order
         self.weights = weights
@@ -43,6 +43,7 @@ class CompiledModel:
         self._stateless = None  # reference program for logits at arbitrary positions, built on first use
         self.logits_dtype = logits_dtype  # what ``cm(input_ids)`` returns (the model's own, when auto upcast it)
         self.position_table = position_table  # (name, rows) of a learned position embedding, or None
+        self.skip_token = skip_token  # the padding token the model's position numbering skips, or None
 
     @property
     def ir(self) -> Module:
@@ -127,6 +128,11 @@ class CompiledModel:
             seq_lens = mask.sum(-1).to(torch.int32)
             if not torch.equal(mask, torch.arange(s)[None] < seq_lens[:, None]):
                 raise InputError("attention_mask must be right-padded (ones, then zeros) in every row")
+        if self.skip_token is not None:
+            if position_ids is not None:
+                raise InputError("this model numbers positions from its input_ids (from padding_idx + 1, skipping "
+                                 "padding tokens), which lowerlm models; call it without position_ids")
+            check_skipped([row[:n] for row, n in zip(ids.tolist(), seq_lens.tolist())], self.skip_token)
         positions = torch.arange(s).repeat(b, 1) if position_ids is None else torch.as_tensor(position_ids).long()
         if positions.shape != ids.shape:
             raise InputError(f"position_ids shape {list(positions.shape)} differs from input_ids {list(ids.shape)}")
@@ -144,7 +150,8 @@ class CompiledModel:
         if self._generator is None:
             if DECODE not in [g.name for g in self.ir.graphs]:
                 raise CompileError("generation needs the insert_kv_cache and specialize passes")
-            self._generator = Generator(self.program, self.ir, self.max_seq_len, self.max_batch, self.vocab_size)
+            self._generator = Generator(self.program, self.ir, self.max_seq_len, self.max_batch, self.vocab_size,
+                                        self.skip_token)
         return self._generator
 
     def generate_ids(self, prompts: list, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -211,6 +218,8 @@ def position_table(module: Module) -> tuple[str, int] | None:
         if node.op is not Op.EMBEDDING:
             continue
         offset, index = 0, g.producer(node.inputs[1])
+        if index is not None and _skipping(g, index) is not None:  # RoBERTa's: positions + c, padding skipped
+            index = g.producer(index.inputs[2])
         if index is not None and index.op is Op.ADD and index.inputs[0] == POSITIONS:  # rows from positions + c
             c = g.producer(index.inputs[1])
             if c is None or c.op is not Op.CONSTANT or not isinstance(c.attrs["value"], int):
@@ -222,6 +231,32 @@ def position_table(module: Module) -> tuple[str, int] | None:
         name = table.attrs["name"] if table is not None and table.op is Op.PARAM else node.inputs[0]
         return name, int(g.type_of(node.inputs[0]).shape[0]) - offset
     return None
+
+
+def _constant(g, value):
+    node = g.producer(value)
+    return node.attrs["value"] if node is not None and node.op is Op.CONSTANT else None
+
+
+def _skipping(g, node) -> int | None:
+    """t when ``node`` is ``where(input_ids == t, t, positions + t + 1)`` (frontend/export.py's
+    ``skipping_positions``), else None."""
+    if node.op is not Op.WHERE:
+        return None
+    cond, then, other = (g.producer(v) for v in node.inputs)
+    if cond is None or cond.op is not Op.COMPARE or cond.attrs.get("pred") != "eq" or cond.inputs[0] != INPUT_IDS:
+        return None
+    t = _constant(g, cond.inputs[1])
+    ok = isinstance(t, int) and then is not None and _constant(g, node.inputs[1]) == t and other is not None and \
+        other.op is Op.ADD and other.inputs[0] == POSITIONS and _constant(g, other.inputs[1]) == t + 1
+    return t if ok else None
+
+
+def skipped_token(module: Module) -> int | None:
+    """The padding token a RoBERTa-style model's own position numbering skips (the frontend numbers its positions
+    so), or None."""
+    g = module.graphs[0]
+    return next((t for node in g.nodes if (t := _skipping(g, node)) is not None), None)
 
 
 def fit_max_seq_len(table: tuple | None, max_seq_len: int | None) -> int:
@@ -376,4 +411,4 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
                             progress=progress)
     return CompiledModel(imported, records, weights, program, vocab, max_seq_len, max_batch, tokenizer,
                          stop_token_ids(model, tokenizer), logits_dtype=model_dtype if dtype is None else compute,
-                         position_table=table)
+                         position_table=table, skip_token=skipped_token(imported))

@@ -87,6 +87,22 @@ def decode_one(program: Program, state: dict, tokens: torch.Tensor, positions: t
     return logits[:, 0]
 
 
+def check_skipped(rows, token: int | None) -> None:
+    """Refuse a padding token that a later token of its row follows, in a model that numbers positions skipping
+    padding tokens (RoBERTa-style; frontend/export.py's ``skipping_positions``): lowerlm numbers every token, so the
+    positions after it would differ from the model's. ``rows``: token-id lists, each only the row's real tokens."""
+    if token is None:
+        return
+    for i, row in enumerate(rows):
+        row = list(row)
+        last_other = max((j for j, t in enumerate(row) if t != token), default=-1)
+        if token in row[:last_other]:
+            j = row.index(token)
+            raise InputError(f"token id {token} at index {j} of sequence {i} is the model's padding token, which its "
+                             "own position numbering skips and lowerlm's does not; remove padding tokens from "
+                             "inside the input (trailing ones are fine; pad batches with attention_mask)")
+
+
 @dataclass
 class Generator:
     """Owns the state buffers of one compiled model and runs generation over them."""
@@ -96,6 +112,7 @@ class Generator:
     max_seq_len: int
     max_batch: int
     vocab_size: int | None
+    skip_token: int | None = None  # the padding token a RoBERTa-style model's numbering skips (see check_skipped)
     cuda_graphs: bool = True
     state: dict = field(default_factory=dict)
     graphed: object = None
@@ -136,6 +153,7 @@ class Generator:
             bad = [t for t in p if not 0 <= t < (self.vocab_size or 2**62)]
             if bad:
                 raise InputError(f"token id {bad[0]} in prompt {i} is outside the vocabulary [0, {self.vocab_size})")
+        check_skipped(prompts, self.skip_token)
 
     def generate(self, prompts: list, max_new_tokens: int, sampling: Sampling | None = None,
                  stop_ids=()) -> Iterator[list]:
