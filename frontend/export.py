@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 import warnings
 
 import torch
@@ -72,6 +73,12 @@ def _export_reason(e: Exception) -> str:
     first = lines[0].split(" For more information")[0]
     detail = [line[2:] for line in lines[1:] if line.startswith("- Not all values")]
     return " ".join([f"{type(e).__name__}: {first}"] + detail[:2]).rstrip(".")
+
+
+def _guards_the_longest(e: Exception, longest: int) -> bool:
+    """torch.export refused only because the forward guards ``S != longest`` (the top of the length range)."""
+    guards = re.findall(r"satisfy the generated guard (.+?)\.?$", str(e), flags=re.M)
+    return bool(guards) and all(re.search(rf"!= {longest}\b", g) for g in guards)
 
 
 def _is_hf(model) -> bool:
@@ -259,7 +266,17 @@ def _export(model: torch.nn.Module, hf: list, vocab_size: int | None):
             check_position_numbering(wrapper, ids, example["position_ids"],
                                      config_value(configured, "pad_token_id"))
         try:
-            ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)
+            try:
+                ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)
+            except Exception as e:  # noqa: BLE001 -- one known guard is retried, everything else reported below
+                if not _guards_the_longest(e, seq.max):
+                    raise
+                # a slice of a [.., max_pos] buffer (a causal mask, position rows) to the call's length is the
+                # whole buffer at the longest length, and torch specializes that one length: trace up to one less
+                # (the IR's slice to S is the same at S = max_pos, and the position table keeps the longest there)
+                seq = torch.export.Dim(SEQ, min=1, max=seq.max - 1)
+                dynamic = {k: {0: batch, 1: seq} for k in dynamic}
+                ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)
         except LowerlmError:  # a capture's own error, already one line for the user
             raise
         except Exception as e:  # torch's own error is pages long and points into torch

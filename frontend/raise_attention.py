@@ -189,16 +189,11 @@ def _analyse_mask(imp, sdpa: fx.Node, kw: dict) -> tuple:
         if "position_ids" in imp.info.example:
             inputs["position_ids"] = torch.arange(s, device=ex.device).repeat(ex.shape[0], 1)
         try:
-            m = fx_eval(mask, imp.example_env(inputs))
+            vis = _visible(imp, sdpa, mask, imp.example_env(inputs))
+        except UnsupportedOpError:
+            raise
         except Exception as e:  # the model's mask builder failed at another length
             raise UnsupportedOpError("attention mask", imp.path(sdpa), f"cannot evaluate the mask: {e}") from None
-        vis = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
-        if vis.dim() > 4 or vis.dim() >= 3 and vis.shape[-3] != 1:  # one mask per head (Doge's)
-            raise UnsupportedOpError("attention mask", imp.path(sdpa), f"a mask of shape {list(vis.shape)} (one per "
-                                     "head) is not expressible as causal or sliding-window attention over seq_lens")
-        if m.dtype != torch.bool and bool((m[vis] != 0).any()):  # ALiBi, relative-position biases: not a mask
-            raise UnsupportedOpError("attention mask", imp.path(sdpa), "the mask adds a bias to visible scores "
-                                     "(ALiBi or a relative-position bias), which the attention op has no form for")
         masks[s] = vis.expand(ex.shape[0], 1, s, s)[:, 0].cpu()
     longest = masks[lengths[-1]][0]
     causal = not bool(longest.triu(1).any())
@@ -209,6 +204,34 @@ def _analyse_mask(imp, sdpa: fx.Node, kw: dict) -> tuple:
             raise UnsupportedOpError("attention mask", imp.path(sdpa),
                                      "the model's mask is neither causal, sliding-window nor all-visible")
     return causal, window
+
+
+def _visible(imp, sdpa: fx.Node, mask, env: dict) -> torch.Tensor:
+    """Where the mask lets a query see a key (bool, broadcastable to [B, H, S, S]). ``mask``: sdpa's (an additive
+    float mask, or bool: true where visible) or a written-out attention's parts (``_written_out``): an additive mask,
+    and a fill of hidden scores whose value must hide them (at most finfo.min / 2, or -inf)."""
+    parts = mask if isinstance(mask, tuple) else (("add", mask, None),)
+    vis = None
+    for kind, node, fill in parts:
+        m = fx_eval(node, env)
+        if m.dim() > 4 or m.dim() >= 3 and m.shape[-3] != 1:  # one mask per head (Doge's)
+            raise UnsupportedOpError("attention mask", imp.path(sdpa), f"a mask of shape {list(m.shape)} (one per "
+                                     "head) is not expressible as causal or sliding-window attention over seq_lens")
+        if kind == "add":
+            part = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+            if m.dtype != torch.bool and bool((m[part.expand_as(m)] != 0).any()):  # ALiBi, relative biases
+                raise UnsupportedOpError("attention mask", imp.path(sdpa), "the mask adds a bias to visible scores "
+                                         "(ALiBi or a relative-position bias), which the attention op has no form "
+                                         "for")
+        else:
+            value = fx_eval(fill, env) if isinstance(fill, fx.Node) else torch.tensor(float(fill))
+            dtype = value.dtype if value.dtype.is_floating_point else torch.float32
+            if value.numel() != 1 or not float(value) <= torch.finfo(dtype).min / 2:
+                raise UnsupportedOpError("attention mask", imp.path(sdpa), f"hidden scores are filled with {value}, "
+                                         "not -inf or the dtype's lowest value: that is a score bias, not a mask")
+            part = m if kind == "keep" else ~m
+        vis = part if vis is None else vis & part
+    return vis
 
 
 def raise_attention(imp) -> dict:
@@ -276,31 +299,66 @@ def _sites(imp):
 
 
 def _written_out(out: fx.Node) -> dict | None:
-    """sdpa's arguments when ``out`` is ``softmax(matmul(q, k^T) [/ or * a number] [+ mask], -1) @ v`` over 4-D
-    heads, else None."""
+    """sdpa's arguments when ``out`` is ``softmax(scores, -1) @ v`` over 4-D heads, where ``scores`` is
+    ``matmul(q, k^T)`` with, in any order, a scale (``/`` or ``*`` a number), an additive mask (``+ mask``) and a
+    fill of hidden scores (``masked_fill(s, hide, -inf)`` as nanoGPT writes it, ``where(keep, s, finfo.min)`` as
+    GPT-Neo does, the condition often sliced from a fixed-size buffer); else None. The mask parts go to the mask
+    check as one (``_mask_parts``)."""
     probs, v = out.args[:2]
     while _is(probs, aten.clone.default, aten.alias.default, aten.dropout.default):  # dropout: identity in eval
         probs = probs.args[0]
     if not _is(probs, aten.softmax.int, aten._softmax.default) or probs.args[1] not in (-1, 3):
         return None
-    scores, mask = probs.args[0], None
-    if _is(scores, aten.add.Tensor) and kwargs_of(scores).get("alpha", 1) == 1:
-        a, b = scores.args
-        scores, mask = (a, b) if _is(a, aten.div.Tensor, aten.mul.Tensor, aten.matmul.default) else (b, a)
-    scale = 1.0
-    if _is(scores, aten.div.Tensor, aten.mul.Tensor) and isinstance(scores.args[1], (int, float)):
-        scale = 1.0 / scores.args[1] if scores.target is aten.div.Tensor else float(scores.args[1])
-        scores = scores.args[0]
-    if not _is(scores, aten.matmul.default):
-        return None
+    scores, parts, scale = probs.args[0], [], None
+    while not _is(scores, aten.matmul.default):
+        if _is(scores, aten.add.Tensor) and kwargs_of(scores).get("alpha", 1) == 1 and \
+                not any(p[0] == "add" for p in parts):
+            a, b = scores.args
+            scores, mask = (a, b) if _is(a, aten.div.Tensor, aten.mul.Tensor, aten.matmul.default, *_FILLS) else (b, a)
+            if not (isinstance(mask, fx.Node) and mask.meta["val"].dim() <= 4):
+                return None
+            parts.append(("add", mask, None))
+        elif _is(scores, aten.div.Tensor, aten.mul.Tensor) and isinstance(scores.args[1], (int, float)) and \
+                scale is None:
+            scale = 1.0 / scores.args[1] if scores.target is aten.div.Tensor else float(scores.args[1])
+            scores = scores.args[0]
+        elif _is(scores, *_FILLS) and not any(p[0] != "add" for p in parts):
+            fill = _fill(scores)
+            if fill is None:
+                return None
+            scores, part = fill
+            parts.append(part)
+        else:
+            return None
     q, kt = scores.args
     if not _is(kt, aten.transpose.int) or {d % 4 for d in kt.args[1:]} != {2, 3}:
         return None
     k = kt.args[0]
-    if not all(isinstance(x, fx.Node) and x.meta["val"].dim() == 4 for x in (q, k, v)) or \
-            mask is not None and not (isinstance(mask, fx.Node) and mask.meta["val"].dim() <= 4):
+    if not all(isinstance(x, fx.Node) and x.meta["val"].dim() == 4 for x in (q, k, v)):
         return None
-    return {"query": q, "key": k, "value": v, "attn_mask": mask, "scale": scale}
+    mask = None if not parts else parts[0][1] if parts == [("add", parts[0][1], None)] else tuple(parts)
+    return {"query": q, "key": k, "value": v, "attn_mask": mask, "scale": 1.0 if scale is None else scale}
+
+
+_FILLS = (aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarOther,
+          aten.where.ScalarSelf)
+
+
+def _fill(node: fx.Node):
+    """(scores, ("hide" or "keep", the boolean condition, the fill value)) of a fill of hidden scores, else None:
+    ``masked_fill(scores, hide, value)``, ``where(keep, scores, value)`` or ``where(hide, value, scores)``; the
+    value (a number or a node) is checked to hide (``_mask_parts``)."""
+    kw = kwargs_of(node)
+    if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+        cond, scores, value, kind = kw["mask"], kw["self"], kw["value"], "hide"
+    else:
+        cond, a, b = kw["condition"], kw["self"], kw["other"]
+        scores_first = _is(a, aten.matmul.default, aten.div.Tensor, aten.mul.Tensor)
+        scores, value, kind = (a, b, "keep") if scores_first else (b, a, "hide")
+    if not isinstance(scores, fx.Node) or not isinstance(cond, fx.Node) or cond.meta["val"].dtype != torch.bool or \
+            cond.meta["val"].dim() > 4:
+        return None
+    return scores, (kind, cond, value)
 
 
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)

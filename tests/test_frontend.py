@@ -322,6 +322,57 @@ def test_written_out_attention_and_an_offset_position_table(attend, backend):
     _assert_matches_eager(cm, model)
 
 
+class _BufferMaskedAttention(torch.nn.Module):
+    """nanoGPT's attention without flash: scores scaled, hidden ones filled with -inf where a causal buffer of
+    ``max_len`` rows, sliced to the call's length, is 0 (``fill="masked_fill"``), or, as GPT-Neo writes it, kept
+    where the buffer is true and set to finfo.min elsewhere (``fill="where"``)."""
+
+    def __init__(self, max_len: int, fill: str = "masked_fill", value: float = float("-inf")):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones(max_len, max_len)).view(1, 1, max_len, max_len))
+        self.fill, self.value = fill, value
+
+    def forward(self, q, k, v):
+        t = q.shape[2]
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))
+        if self.fill == "masked_fill":
+            att = att.masked_fill(self.bias[:, :, :t, :t] == 0, self.value)
+        else:
+            att = torch.where(self.bias[:, :, :t, :t].bool(), att, torch.tensor(torch.finfo(att.dtype).min))
+        return torch.softmax(att, dim=-1) @ v
+
+
+def _configured_gpt(**kw):
+    """A nanoGPT whose config says how long a sequence may be, as transformers' do (the export traces up to it)."""
+    import types
+
+    model = _nano_gpt(**kw)
+    model.config = types.SimpleNamespace(vocab_size=64, max_position_embeddings=64)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
+@pytest.mark.parametrize("fill", ["masked_fill", "where"])
+def test_attention_masked_by_a_sliced_buffer_compiles(fill, backend):
+    """The causal mask sliced from a [max_len, max_len] buffer (nanoGPT without flash, GPT-Neo, OpenAI GPT): the
+    export, which specializes the one length where the slice is the whole buffer, traces up to one less; the fill
+    of hidden scores (-inf by masked_fill, finfo.min by where) is raised with the scores into the attention op, the
+    buffer checked as any mask is: eager's logits and greedy tokens on every backend."""
+    model = _configured_gpt(attend=_BufferMaskedAttention(64, fill))
+    cm = lowerlm.compile_model(model, backend=backend, use_cache=False)
+    att = [n for n in cm.imported.graphs[0].nodes if n.op is Op.ATTENTION]
+    assert len(att) == 2 and all(n.attr("causal") and not n.attr("window") for n in att)
+    assert cm.max_seq_len == 64
+    _assert_matches_eager(cm, model)
+
+
+def test_a_fill_that_does_not_hide_is_refused():
+    """Scores filled with -5 where the buffer is 0 are biased, not hidden: refused, naming the attention."""
+    model = _configured_gpt(attend=_BufferMaskedAttention(64, value=-5.0))
+    with pytest.raises(lowerlm.errors.UnsupportedOpError, match="attention mask.*filled with"):
+        lowerlm.compile_model(model, backend="reference", use_cache=False)
+
+
 def _biased_attention(q, k, v):
     """Causal attention with an ALiBi-like bias added to the visible scores, in the additive mask."""
     i = torch.arange(q.shape[2], device=q.device)
