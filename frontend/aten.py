@@ -573,7 +573,7 @@ ATEN = {
     "view": _reshape, "_unsafe_view": _reshape, "reshape": _reshape, "unsqueeze": _reshape, "squeeze": _reshape,
     "flatten": _reshape,
     "expand": _expand, "transpose": _transpose, "permute": _permute, "t": _t,
-    "slice": _slice, "select": _select, "slice_scatter": _slice_scatter, "copy": _copy, "cat": _cat,
+    "slice": _slice, "select": _select, "slice_scatter": _slice_scatter, "copy": _copy, "cat": _cat, "concat": _cat,
     "split_with_sizes": _split, "split": _split,
     "topk": _topk, "sort": _sort, "argmax": _argmax, "mm": _matmul, "bmm": _matmul, "matmul": _matmul,
     "linear": _linear, "embedding": _embedding, "gather": _gather, "scatter": _scatter,
@@ -622,7 +622,8 @@ def _folded(imp, node: fx.Node) -> str | None:
 
 
 def convert(imp, node: fx.Node):
-    """Convert one aten call to IR; raises UnsupportedOpError for ops with no IR equivalent."""
+    """Convert one aten call to IR; raises UnsupportedOpError for ops with no IR equivalent. An op with no converter,
+    or in a form its converter refuses, whose value depends only on buffers and constants is folded (``_folded``)."""
     target = node.target
     packet = getattr(getattr(target, "overloadpacket", None), "__name__", None)
     conv = ATEN.get(packet) if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten" else None
@@ -638,4 +639,10 @@ def convert(imp, node: fx.Node):
         raise UnsupportedOpError(op_name(node), imp.path(node),
                                  "lowerlm has no IR op for it; capture the module that uses it "
                                  "(lowerlm.frontend.capture) or file an issue with this message")
-    return conv(imp, node, kwargs_of(node))
+    try:
+        return conv(imp, node, kwargs_of(node))
+    except UnsupportedOpError:  # a form its converter refuses (a tensor exponent, a rounding mode) is still a
+        out = _folded(imp, node)  # constant when it depends on buffers and constants only (Phi-MoE's inv_freq)
+        if out is None:
+            raise
+        return out
