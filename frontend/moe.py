@@ -9,9 +9,11 @@ its block's class. The router stays ordinary traced ops (softmax or sigmoid, cor
 renormalisation, scaling), and so do shared experts and their gates; passes/raise_moe_route.py turns a router that
 computes exactly one of ``moe_route``'s routers into that op.
 
-An experts module in another layout (transposed, interleaved gate|up, biases, no gate, a post-expert norm), with
-its own gate function (clamped or gpt-oss-style GLUs) or with an activation the experts op lacks is refused by class
-name. Earlier lowerlm captured three block classes whole (Mixtral, Qwen3-MoE, DeepSeek-V3) as one ``moe`` op; the
+A family's own gate function (``_apply_gate``) is matched numerically against the experts op's gated unit: clamped
+at a limit before or after the act (DeepSeek-V4, HY-V4, Bailing), gpt-oss's GLU (SiLU with alpha, up + 1; MiniMax's
+experts), checked in f32 and bit for bit in bf16. An experts module in another layout (transposed, interleaved
+gate|up, biases, no gate, a post-expert norm), with a gate none of those forms computes or with an activation the
+experts op lacks is refused, naming its class. Earlier lowerlm captured three block classes whole (Mixtral, Qwen3-MoE, DeepSeek-V3) as one ``moe`` op; the
 traced router raised to ``moe_route`` reaches the same IR after moe_dispatch, launch for launch.
 """
 
@@ -64,13 +66,50 @@ def _is_experts(m: torch.nn.Module) -> bool:
         raise UnsupportedOpError(f"experts layout {', '.join(odd)}", name,
                                  "lowerlm's experts op takes concatenated [gate; up] [E, 2I, H] and down [E, H, I] "
                                  "without biases")
-    gate = getattr(type(m), "_apply_gate", None)
-    if gate is not None and gate.__name__ != "_default_apply_gate":
-        raise UnsupportedOpError(f"experts gate {gate.__qualname__}", name,
-                                 "lowerlm's experts op computes act(gate) * up; this family's gate differs")
-    _act(m)  # refused here, naming the activation, rather than at import
+    _unit(m)  # refused here, naming the gate or the activation, rather than at import
     return True
 
 
+def _probe(m: torch.nn.Module, dtype: torch.dtype, limit: float) -> tuple:
+    """(gate|up rows, the module's own gate of them) in ``dtype``: values spread past the limit, so clamps show."""
+    inter = m.gate_up_proj.shape[1] // 2
+    g = torch.Generator().manual_seed(0)
+    rows = (torch.randn(64, 2 * inter, generator=g) * max(3.0, 2 * limit)).to(dtype)
+    with torch.no_grad():
+        return rows, m._apply_gate(rows)
+
+
+def _unit(m: torch.nn.Module) -> dict:
+    """The experts op's gated-unit attributes (``act`` and ir/opdefs.py's GLU) for ``m``. transformers' default
+    gate is act(gate) * up; a family's own ``_apply_gate`` is matched numerically against the clamped and shifted
+    forms the op has -- limit and alpha read from the module (``limit``/``swiglu_limit``, ``alpha``/
+    ``swiglu_alpha``) -- in f32 and exactly in bf16 (a gate computed in another precision is refused)."""
+    gate = getattr(type(m), "_apply_gate", None)
+    if gate is None or gate.__name__ == "_default_apply_gate":
+        return {"act": _act(m)}
+    from lowerlm.ir.compute import glu
+
+    limit = next((float(v) for k in ("limit", "swiglu_limit") if (v := getattr(m, k, None))), 0.0)
+    alpha = next((float(v) for k in ("alpha", "swiglu_alpha") if (v := getattr(m, k, None)) is not None), 1.0)
+    acts = [_act(m)] if getattr(m, "act_fn", None) is not None else [SILU, GELU, GELU_TANH]
+    probes = [_probe(m, dtype, limit) for dtype in (torch.float32, torch.bfloat16)]
+    for act in acts:
+        for unit in ({"limit": lim, "clamp": clamp, "alpha": a, "up_shift": shift}
+                     for lim in {0.0, limit} for clamp in ("gate", "act") for a in {1.0, alpha} for shift in (0.0, 1.0)
+                     if (lim or clamp == "gate") and (act == SILU or a == 1.0)):
+            ok = True
+            for (rows, want), exact in zip(probes, (False, True)):
+                got = glu(*rows.chunk(2, dim=-1), act, **unit)
+                ok = ok and got.shape == want.shape and got.dtype == want.dtype and (
+                    torch.equal(got, want) if exact else torch.allclose(got, want, rtol=1e-6, atol=1e-6))
+            if ok:
+                defaults = {"limit": 0.0, "clamp": "gate", "alpha": 1.0, "up_shift": 0.0}
+                return {"act": act, **{k: v for k, v in unit.items() if v != defaults[k]}}
+    raise UnsupportedOpError(f"experts gate {gate.__qualname__}", type(m).__name__,
+                             "lowerlm's experts op computes act(gate) * up, clamped and shifted as DeepSeek-V4, "
+                             "Bailing, MiniMax and gpt-oss do (in the model's dtype); this family's gate is none of "
+                             "those")
+
+
 EXPERTS_CAPTURE = Capture(name="experts", matches=_is_experts, weights=lambda m: ["gate_up_proj", "down_proj"],
-                          attrs=lambda m: {"act": _act(m)}, op=Op.EXPERTS, args=3)
+                          attrs=_unit, op=Op.EXPERTS, args=3)

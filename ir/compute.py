@@ -186,7 +186,20 @@ def moe_route(x, weight, bias, router, top_k, n_group, topk_group, renormalize, 
     return ids.to(torch.int32).reshape(*lead, top_k), w.reshape(*lead, top_k)
 
 
-def experts(x, ids, weights, gate_up, down, act):
+def glu(gate, up, act: str, limit: float = 0.0, clamp: str = "gate", alpha: float = 1.0, up_shift: float = 0.0):
+    """The experts' gated unit (opdefs.GLU): act(gate) * up, clamped at ``limit`` and shifted as the attributes
+    say, each step in the operands' dtype as transformers computes it."""
+    if limit:
+        up = up.clamp(-limit, limit)
+        if clamp == "gate":
+            gate = gate.clamp(max=limit)
+    g = gate * torch.sigmoid(gate * alpha) if act == SILU and alpha != 1.0 else activation(gate, act)
+    if limit and clamp == "act":
+        g = g.clamp(max=limit)
+    return g * (up + up_shift if up_shift else up)
+
+
+def experts(x, ids, weights, gate_up, down, act, **unit):
     # transformers' eager experts: every expert over its tokens, added into the output in expert order
     out = torch.zeros_like(x)
     for e in range(gate_up.shape[0]):
@@ -194,7 +207,7 @@ def experts(x, ids, weights, gate_up, down, act):
         if tok.numel() == 0:
             continue
         gate, up = F.linear(x[tok], gate_up[e]).chunk(2, dim=-1)
-        y = F.linear(activation(gate, act) * up, down[e]) * weights[tok, slot, None]
+        y = F.linear(glu(gate, up, act, **unit), down[e]) * weights[tok, slot, None]
         out.index_add_(0, tok, y.to(out.dtype))
     return out
 
@@ -219,7 +232,7 @@ def moe_sort(ids, experts: int):
     return order.to(torch.int32), offsets.to(torch.int32)
 
 
-def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str):
+def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str, **unit):
     rows = x.reshape(-1, x.shape[-1])[order.long() // gather] if gather else x
     n = w.shape[1] // 2 if act != "none" else w.shape[1]
     out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
@@ -232,7 +245,7 @@ def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str):
         y = F.linear(rows[lo:hi], w[e])
         if act != "none":
             gate, up = y.chunk(2, dim=-1)
-            y = activation(gate, act) * up
+            y = glu(gate, up, act, **unit)
         if picked is not None:
             y = (y * picked[lo:hi, None]).to(x.dtype)
         out[lo:hi] = y

@@ -133,6 +133,11 @@ _ROUTE = {"router": AttrSpec(K.STR, "softmax", ("softmax", "sigmoid")), "top_k":
           "scaling": AttrSpec(K.FLOAT, 1.0), "router_f32": AttrSpec(K.BOOL, False),
           "weights_f32": AttrSpec(K.BOOL, True)}
 _MOE = dict(_ROUTE, act=AttrSpec(K.STR, SILU, ACTS))
+# the experts' gated unit (ir/compute.py's ``glu``): act(gate) * up, or the clamped and shifted forms of DeepSeek-V4,
+# Bailing, MiniMax and gpt-oss: with a limit L > 0, up clamped to [-L, L] and gate to at most L before the act
+# (clamp="gate") or the act's result after it (clamp="act"); SiLU's sigmoid reads alpha * gate; up + up_shift
+GLU = {"limit": AttrSpec(K.FLOAT, 0.0), "clamp": AttrSpec(K.STR, "gate", ("gate", "act")),
+        "alpha": AttrSpec(K.FLOAT, 1.0), "up_shift": AttrSpec(K.FLOAT, 0.0)}
 
 _LLM_ROPE = {"heads": AttrSpec(K.INTS), "inv_freq": AttrSpec(K.FLOATS), "scaling": AttrSpec(K.FLOAT, 1.0),
              "layout": AttrSpec(K.STR, "half", ("half", "interleaved"))}
@@ -260,8 +265,9 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
     _d(Op.EXPERTS, ("x", "ids", "weights", "gate_up", "down"), r.experts,
        "transformers' experts on tokens x [T, H] routed by ids [T, k] (any integer type) with weights [T, k]: "
        "each token's sum over its k experts of act(x @ gate.T) * (x @ up.T) @ down.T (gate_up [E, 2I, H] = "
-       "[gate; up], down [E, H, I]) times its weight (in the weights' dtype, then cast), added in expert order",
-       {"act": AttrSpec(K.STR, SILU, ACTS)}, impl=c.experts),
+       "[gate; up], down [E, H, I]) times its weight (in the weights' dtype, then cast), added in expert order; "
+       "the gated unit as glu's attributes say",
+       {"act": AttrSpec(K.STR, SILU, ACTS), **GLU}, impl=c.experts),
     _d(Op.MOE_ROUTE, ("x", "router", I("bias", optional=True)), r.moe_route,
        "expert ids [..., top_k] (i32) and routing weights: softmax(x @ router.T) in f32 then top_k, or sigmoid "
        "scores (in f32) chosen by score + bias within the topk_group best groups (group score: sum of its top 2); "
@@ -273,7 +279,8 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
        "rows r in offsets[e]..offsets[e+1] times expert e's w [E, N, K]: row r is x[r], or with gather = top_k "
        "the token row x_flat[order[r] // top_k]; act: act(first half) * second half; scale: times "
        "scale_flat[order[r]] (in the scale's dtype, then cast)",
-       {"gather": AttrSpec(K.INT, 0), "act": AttrSpec(K.STR, "none", ("none",) + ACTS)}, impl=c.grouped_gemm),
+       {"gather": AttrSpec(K.INT, 0), "act": AttrSpec(K.STR, "none", ("none",) + ACTS), **GLU},
+       impl=c.grouped_gemm),
     _d(Op.MOE_COMBINE, ("y", "order", "like"), r.moe_combine,
        "out_flat[order[r] // top_k] += y[r] in row order (per token: expert order), shaped like ``like``",
        {"top_k": AttrSpec(K.INT)}, impl=c.moe_combine),

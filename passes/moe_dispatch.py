@@ -22,6 +22,7 @@ A rule table: one rule rooted at ``moe`` and one at ``experts``, whose functions
 from __future__ import annotations
 
 from lowerlm.ir.graph import Graph, Node
+from lowerlm.ir.opdefs import GLU
 from lowerlm.ir.ops import Op
 from lowerlm.passes.fuse_rmsnorm_linear import weight_expr, weight_value
 from lowerlm.passes.pattern import Pass, Pat, RewriteContext, rewrite
@@ -51,17 +52,20 @@ def _dispatch(ctx: RewriteContext, root: Node) -> str:
     return ctx.add(Op.LINEAR, [act, sd, None, routed], name=base)
 
 
-def _experts(ctx: RewriteContext, name: str, x, ids, w, gate_up, down, act: str) -> str:
-    """Sort the (token, k) pairs by expert, the two grouped GEMMs, the combine: the routed experts' sum."""
+def _experts(ctx: RewriteContext, name: str, x, ids, w, gate_up, down, act: str, unit=None) -> str:
+    """Sort the (token, k) pairs by expert, the two grouped GEMMs (the first with the experts' gated unit:
+    ``unit``, the GLU attributes the experts op sets), the combine: the routed experts' sum."""
     k, experts, base = ctx.type_of(ids).shape[-1], ctx.type_of(gate_up).shape[0], ctx.root.name
     order, offsets = ctx.add(Op.MOE_SORT, [ids], {"experts": experts}, names=[f"{base}.order", f"{base}.offsets"])
-    h = ctx.add(Op.GROUPED_GEMM, [x, gate_up, order, offsets], {"gather": k, "act": act}, name=f"{base}.gate_up")
+    h = ctx.add(Op.GROUPED_GEMM, [x, gate_up, order, offsets], {"gather": k, "act": act, **(unit or {})},
+                name=f"{base}.gate_up")
     y = ctx.add(Op.GROUPED_GEMM, [h, down, order, offsets, w], {}, name=f"{base}.down")
     return ctx.add(Op.MOE_COMBINE, [y, order, x], {"top_k": k}, name=name)
 
 
 def _dispatch_experts(ctx: RewriteContext, root: Node) -> str:
-    return _experts(ctx, root.name, *root.inputs, root.attr("act"))
+    unit = {n: v for n, v in root.attrs.items() if n in GLU}
+    return _experts(ctx, root.name, *root.inputs, root.attr("act"), unit)
 
 
 RULES = [(Pat(Op.MOE, name="root"), _dispatch), (Pat(Op.EXPERTS, name="root"), _dispatch_experts)]

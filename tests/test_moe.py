@@ -310,15 +310,86 @@ def _experts_lm(experts):
     return _MoeLM(Block()).eval()
 
 
-def test_experts_in_another_layout_or_with_their_own_gate_are_refused_by_name():
+def test_experts_in_another_layout_or_with_a_gate_of_their_own_are_refused_by_name():
     import transformers
+    from transformers.models.beam.modeling_beam import BeamExperts
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
-    from transformers.models.hy_v4.modeling_hy_v4 import HYV4Experts
 
     cfg = transformers.GptOssConfig(hidden_size=32, intermediate_size=16, num_local_experts=4)
     with pytest.raises(lowerlm.errors.UnsupportedOpError,
                        match="experts layout has_bias=True, is_transposed=True, is_concatenated=False.*GptOssExperts"):
         lowerlm.compile_model(_experts_lm(GptOssExperts(cfg)), backend="reference", use_cache=False)
-    cfg = transformers.HYV4Config(hidden_size=32, moe_intermediate_size=16, num_experts=4, num_local_experts=4)
-    with pytest.raises(lowerlm.errors.UnsupportedOpError, match="experts gate HYV4Experts._apply_gate.*HYV4Experts"):
-        lowerlm.compile_model(_experts_lm(HYV4Experts(cfg)), backend="reference", use_cache=False)
+    # Beam's gate computes in f32 and rounds once: its f32 values are act(gate) * up, its bf16 ones are not
+    cfg = transformers.BeamConfig(hidden_size=32, moe_intermediate_size=16, num_experts=4)
+    with pytest.raises(lowerlm.errors.UnsupportedOpError, match="experts gate BeamExperts._apply_gate.*BeamExperts"):
+        lowerlm.compile_model(_experts_lm(BeamExperts(cfg)), backend="reference", use_cache=False)
+
+
+def _gated_experts(family: str):
+    """Experts of a family whose gate is its own, with weights that push the gate and up past the limit."""
+    import transformers
+    from transformers.models.bailing_hybrid.modeling_bailing_hybrid import BailingHybridExperts
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Experts
+    from transformers.models.hy_v4.modeling_hy_v4 import HYV4Experts
+    from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLExperts
+
+    torch.manual_seed(0)
+    if family == "deepseek_v4":
+        experts = DeepseekV4Experts(transformers.DeepseekV4Config(hidden_size=32, intermediate_size=16,
+                                                                  num_local_experts=4, swiglu_limit=2.0))
+    elif family == "hy_v4":
+        experts = HYV4Experts(transformers.HYV4Config(hidden_size=32, moe_intermediate_size=16, num_experts=4,
+                                                      num_local_experts=4, swiglu_limit=2.0))
+    elif family == "bailing_hybrid":
+        cfg = transformers.BailingHybridConfig(hidden_size=32, moe_intermediate_size=16, num_local_experts=4,
+                                               num_hidden_layers=1, swiglu_limits=[1.5])  # clamps after the act
+        experts = BailingHybridExperts(cfg, 0)
+    else:
+        experts = MiniMaxM3VLExperts(transformers.MiniMaxM3VLTextConfig(
+            hidden_size=32, intermediate_size=16, num_local_experts=4, swiglu_limit=2.0, swiglu_alpha=1.702))
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 1.0)
+        experts.down_proj.normal_(0, 0.3)
+    return experts
+
+
+GATED = {"deepseek_v4": {"act": "silu", "limit": 2.0}, "hy_v4": {"act": "silu", "limit": 2.0},
+         "bailing_hybrid": {"act": "silu", "limit": 1.5, "clamp": "act"},
+         "minimax_m3_vl": {"act": "silu", "limit": 2.0, "alpha": 1.702, "up_shift": 1.0}}
+
+
+@pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
+@pytest.mark.parametrize("family", list(GATED))
+def test_experts_with_a_gate_of_their_own_match_eager(family, backend):
+    """DeepSeek-V4's and HY-V4's gate clamped before the act, Bailing's act clamped after it, MiniMax's gpt-oss GLU
+    (alpha, up + 1): each read off the module by matching its own _apply_gate, printed on the experts op, carried
+    to the grouped GEMM, and computed by every backend as the module does (clamps reached: the gate's inputs
+    spread past the limit)."""
+    experts = _gated_experts(family)
+    model = _experts_lm(experts)
+    with torch.no_grad():
+        model.embed.weight.normal_(0, 2.0)
+    cm = lowerlm.compile_model(model, backend=backend, max_batch=2, max_seq_len=32, use_cache=False)
+    (node,) = [n for n in cm.imported.graphs[0].nodes if n.op is Op.EXPERTS]
+    assert {k: node.all_attrs()[k] for k in GATED[family]} == GATED[family]
+    assert set(node.attrs) == set(GATED[family]) - {"act"}  # the default silu is not printed
+    (gemm, _) = [n for n in cm.ir.graphs[0].nodes if n.op is Op.GROUPED_GEMM]
+    assert {k: gemm.all_attrs()[k] for k in GATED[family]} == GATED[family]
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _close(cm(ids), model(ids))
+        h = model.embed(ids).reshape(-1, 32)
+        gate_up = torch.nn.functional.linear(h, experts.gate_up_proj[0])
+        g, u = gate_up.chunk(2, dim=-1)
+        limit = GATED[family]["limit"]
+        assert (g > limit).any() and (u.abs() > limit).any()  # the clamps change the result
+
+
+def test_the_gated_unit_in_bf16_is_the_modules_bit_for_bit():
+    from lowerlm.frontend.moe import _probe
+
+    for family, attrs in GATED.items():
+        experts = _gated_experts(family)
+        rows, want = _probe(experts, torch.bfloat16, attrs["limit"])
+        unit = {k: v for k, v in attrs.items() if k != "act"}
+        assert torch.equal(ref.glu(*rows.chunk(2, dim=-1), attrs["act"], **unit), want)

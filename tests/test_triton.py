@@ -724,6 +724,27 @@ def test_grouped_gemm_and_combine_with_empty_experts(act, gather, tiles, monkeyp
         close(moe.moe_combine(got, order, like, k, inv).cpu(), ref.moe_combine(want, order.cpu(), like, k), tol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("unit", [{"limit": 1.0}, {"limit": 1.0, "clamp": "act"},
+                                  {"limit": 1.0, "alpha": 1.702, "up_shift": 1.0}, {"alpha": 0.5}],
+                         ids=["clamp-gate", "clamp-act", "gpt-oss", "alpha"])
+def test_grouped_gemm_gated_units(unit, dtype):
+    """The gate|up GEMM's epilogue computes ir/compute.py's glu: clamps, alpha, up shift, rounded as it is."""
+    from lowerlm.codegen.triton import moe
+
+    tokens, k, e, hidden, inter = 7, 2, 4, 32, 16
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(tokens)]).to(torch.int32).to(DEV)
+    order, offsets, _ = moe.moe_sort(ids, e)
+    x = rand(tokens, hidden, seed=1).to(dtype)
+    w = (rand(e, 2 * inter, hidden, seed=2) * 0.5).to(dtype)
+    got = moe.grouped_gemm(x, w, order, offsets, None, k, "silu", **unit)
+    want = ref.grouped_gemm(x.cpu(), w.cpu(), order.cpu(), offsets.cpu(), None, k, "silu", **unit)
+    plain = ref.grouped_gemm(x.cpu(), w.cpu(), order.cpu(), offsets.cpu(), None, k, "silu")
+    assert not torch.equal(want, plain)  # the unit's clamps, alpha or shift change the result
+    close(got.cpu().float(), want.float(), tol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_tiny_moe_models_through_the_triton_backend(family):
     model = tiny_model(family)

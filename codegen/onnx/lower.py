@@ -274,6 +274,24 @@ class Lowering:
             return self.op("Mul", [x, self.op("Sigmoid", [x])])
         return self.op("Gelu", [x], approximate="tanh" if act == GELU_TANH else "none")
 
+    def glu(self, gate, up, a: dict, dtype: DType) -> str:
+        """The experts' gated unit (ir/compute.py's ``glu``) with its clamps, alpha and up shift."""
+        limit = a["limit"]
+        if limit:
+            lo, hi = self.scalar(-limit, dtype), self.scalar(limit, dtype)
+            up = self.op("Clip", [up, lo, hi])
+            if a["clamp"] == "gate":
+                gate = self.op("Min", [gate, hi])
+        if a["act"] == SILU and a["alpha"] != 1.0:
+            g = self.op("Mul", [gate, self.op("Sigmoid", [self.op("Mul", [gate, self.scalar(a["alpha"], dtype)])])])
+        else:
+            g = self.activation(gate, a["act"])
+        if limit and a["clamp"] == "act":
+            g = self.op("Min", [g, self.scalar(limit, dtype)])
+        if a["up_shift"]:
+            up = self.op("Add", [up, self.scalar(a["up_shift"], dtype)])
+        return self.op("Mul", [g, up])
+
 
     def arange(self, c: Call) -> str:
         scalar = [self.op("Squeeze", [self.dim(c.a[k])]) for k in ("start", "end")]
@@ -436,7 +454,7 @@ class Lowering:
             y = self.op("Squeeze", [y, self.const([1])])  # [R, N]
         if a["act"] != "none":
             gate, up = self.op("Split", [y], 2, axis=-1, num_outputs=2)
-            y = self.op("Mul", [self.activation(gate, a["act"]), up])
+            y = self.glu(gate, up, a, xt.dtype)
         if scale is not None:
             st = c.ins[4]
             picked = self.op("Gather", [self.op("Reshape", [scale, self.const([-1])]), order64], axis=0)

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from lowerlm.codegen.triton import interpreted, sm_count, tile_for_sms
 from lowerlm.codegen.triton.gemv import ACTS, _act
+from lowerlm.ir.abi import SILU
 from lowerlm.codegen.triton.rms_norm import rms_scale, row_inv_rms
 from lowerlm.codegen.triton.splits import counters, last_to_finish
 
@@ -220,8 +221,9 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
 def grouped_gemm_kernel(
     x_ptr, w_ptr, order_ptr, offsets_ptr, scale_ptr, out_ptr,  # pointers
     N, K, E, gather, stride_we,  # N: output columns (per half with ACT)
-    GATHER: tl.constexpr, ACT: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    limit, alpha, up_shift,  # the gated unit (ir/compute.py's glu): clamps at limit (CLAMP), SiLU's alpha, up + shift
+    GATHER: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr, ALPHA: tl.constexpr, SHIFT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -265,8 +267,21 @@ def grouped_gemm_kernel(
         dtype = out_ptr.dtype.element_ty
         y = acc.to(dtype).to(tl.float32)  # the projection's result in the model's dtype
         if ACT != 0:
-            g = _act(y, ACT).to(dtype).to(tl.float32)
-            y = (g * acc_up.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+            up = acc_up.to(dtype).to(tl.float32)
+            if CLAMP != 0:  # 1: gate clamped before the act, 2: the act's result after it; up both ways
+                up = tl.minimum(tl.maximum(up, -limit), limit)
+            if CLAMP == 1:
+                y = tl.minimum(y, limit)
+            if ALPHA:  # gpt-oss's GLU: gate * sigmoid(alpha * gate), each step rounded as transformers does
+                g = (y * tl.sigmoid((y * alpha).to(dtype).to(tl.float32)).to(dtype).to(tl.float32))
+            else:
+                g = _act(y, ACT)
+            g = g.to(dtype).to(tl.float32)
+            if CLAMP == 2:
+                g = tl.minimum(g, limit)
+            if SHIFT:
+                up = (up + up_shift).to(dtype).to(tl.float32)
+            y = (g * up).to(dtype).to(tl.float32)
         if HAS_SCALE:
             pair = tl.load(order_ptr + rows, mask=rmask, other=0)
             s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
@@ -292,8 +307,9 @@ def gemm_blocks(rows: int, n: int, k: int, e: int, device) -> tuple:
     return block_m, block_n, block_k, triton.cdiv(rows, block_m) + min(e, rows)
 
 
-def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str):
-    """The ``grouped_gemm`` op: rows [R, N] (N halved with an act)."""
+def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str, limit: float = 0.0, clamp: str = "gate",
+                 alpha: float = 1.0, up_shift: float = 0.0):
+    """The ``grouped_gemm`` op: rows [R, N] (N halved with an act; its gated unit as ir/compute.py's glu)."""
     e, n_w, k = w.shape
     n = n_w // 2 if act != "none" else n_w
     rows = order.shape[0]
@@ -307,8 +323,9 @@ def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str):
     grouped_gemm_kernel[grid](
         x2, w.contiguous(), order.contiguous(), offsets.contiguous(),
         scale.reshape(-1).contiguous() if scale is not None else x2, out,
-        n, k, e, max(gather, 1), n_w * k,
-        GATHER=gather > 0, ACT=ACTS[act], HAS_SCALE=scale is not None,
+        n, k, e, max(gather, 1), n_w * k, float(limit), float(alpha), float(up_shift),
+        GATHER=gather > 0, ACT=ACTS[act], CLAMP=(0 if not limit else 1 if clamp == "gate" else 2),
+        ALPHA=act == SILU and alpha != 1.0, SHIFT=up_shift != 0.0, HAS_SCALE=scale is not None,
         PRECISION="ieee" if x.dtype == torch.float32 or on_cpu else None, UPCAST=on_cpu,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=triton.next_power_of_2(e))
     return out

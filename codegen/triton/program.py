@@ -24,6 +24,7 @@ from lowerlm.ir.compute import route_attrs
 from lowerlm.ir.errors import CompileError
 from lowerlm.ir.fold import by_slot
 from lowerlm.ir.graph import Node
+from lowerlm.ir.opdefs import GLU
 from lowerlm.ir.ops import Op
 from lowerlm.ir.shapes import evaluate
 
@@ -152,7 +153,7 @@ LAUNCHERS: dict[Op, Callable[[Call], object]] = {
     Op.MOE_ROUTE: lambda c: moe.moe_route(*c.x, **route_attrs(c.a)),
     Op.RMS_NORM_MOE_ROUTE: lambda c: moe.moe_route(c.x[0], *c.x[2:], **route_attrs(c.a), norm=(c.x[1], c.a["eps"])),
     Op.MOE_SORT: _moe_sort,
-    Op.GROUPED_GEMM: lambda c: moe.grouped_gemm(*c.x, c.a["gather"], c.a["act"]),
+    Op.GROUPED_GEMM: lambda c: moe.grouped_gemm(*c.x, c.a["gather"], c.a["act"], *(c.a[n] for n in GLU)),
     Op.MOE_COMBINE: _moe_combine,
     Op.EW_CHAIN: _ew_chain,
 }
