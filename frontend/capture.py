@@ -35,6 +35,9 @@ class Capture:
     op: Op
     fake: Callable | None = None  # (xs, weights) -> empty tensor of the result's shape and dtype
     args: int = 1  # forward's leading arguments that are the op's tensor inputs
+    # per weight, None or a function of its Param giving the weight expression the op reads instead (a layout the
+    # op takes otherwise: gpt-oss's transposed, interleaved experts), evaluated once at load
+    layout: Callable[[torch.nn.Module], list] | None = None
 
 
 _CAPTURES: dict = {}  # op name -> Capture, for the importer
@@ -114,6 +117,21 @@ def convert_captured(imp, node):
         return None
     cap, module = found
     xs, weights = node.args[0], iter(node.args[1])
+    names = cap.weights(module)
+    layout = cap.layout(module) if cap.layout is not None else [None] * len(names)
     # a None name is an absent optional input: its slot stays empty
-    inputs = [imp.value(next(weights)) if n is not None else None for n in cap.weights(module)]
+    inputs = [_weight(imp, next(weights), fn) if n is not None else None for n, fn in zip(names, layout)]
     return imp.emit(node, cap.op, [imp.value(x) for x in xs] + inputs, cap.attrs(module))
+
+
+def _weight(imp, node, fn) -> str:
+    """The IR value of a captured module's weight: its param, or the weight expression ``fn`` makes of it."""
+    if fn is None:
+        return imp.value(node)
+    from lowerlm.ir.weights import Param, weight_type
+
+    name = imp.param_name(node)
+    imp.value(node)  # the parameter enters the weight table (its unused param node is dropped by canonicalize)
+    expr = fn(Param(name))
+    return imp.b.add(Op.WEIGHT, [], {"expr": expr}, types=[weight_type(expr, imp.params)],
+                     name=imp.values[node] + "_layout", source=(imp.path(node),))

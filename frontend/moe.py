@@ -26,6 +26,7 @@ from lowerlm.frontend.capture import Capture
 from lowerlm.ir.abi import GELU, GELU_TANH, SILU
 from lowerlm.ir.errors import UnsupportedOpError
 from lowerlm.ir.ops import Op
+from lowerlm.ir.weights import Deinterleave, Transpose
 
 # Expert activations by class (transformers' ACT2CLS entries and torch's own modules), each exactly an IR activation;
 # a name-word match took torch's Tanh for tanh-GeLU and the clipped GeLU (gelu_10) for GeLU.
@@ -50,9 +51,10 @@ def _act(experts: torch.nn.Module) -> str:
                              "lowerlm's experts run SiLU, GeLU or tanh-GeLU")
 
 
-# transformers' experts layouts (the ``use_experts_implementation`` flags) lowerlm's experts op takes as they are
-_LAYOUT = {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
-           "has_post_expert_norm": False}
+# transformers' experts layouts (the ``use_experts_implementation`` flags): the experts op takes concatenated
+# [gate; up] [E, 2I, H] and down [E, H, I]; transposed ([E, H, 2I], [E, I, H]: gpt-oss, Aria), interleaved gate|up
+# columns (gpt-oss) and biases ([E, 2I], [E, H]) are read through weight expressions and optional inputs
+_LAYOUT = {"has_gate": True, "has_post_expert_norm": False}
 
 
 def _is_experts(m: torch.nn.Module) -> bool:
@@ -64,19 +66,45 @@ def _is_experts(m: torch.nn.Module) -> bool:
     odd = [f"{k}={getattr(m, k, None)}" for k, v in _LAYOUT.items() if getattr(m, k, v) != v]
     if odd:
         raise UnsupportedOpError(f"experts layout {', '.join(odd)}", name,
-                                 "lowerlm's experts op takes concatenated [gate; up] [E, 2I, H] and down [E, H, I] "
-                                 "without biases")
+                                 "lowerlm's experts op computes act(gate) * up and no norm after the experts")
+    if getattr(m, "has_bias", False) and not all(isinstance(getattr(m, b, None), torch.Tensor)
+                                                 for b in ("gate_up_proj_bias", "down_proj_bias")):
+        raise UnsupportedOpError("experts layout has_bias=True", name,
+                                 "lowerlm reads the biases from gate_up_proj_bias and down_proj_bias")
     _unit(m)  # refused here, naming the gate or the activation, rather than at import
     return True
 
 
+def _weights(m: torch.nn.Module) -> list:
+    biased = getattr(m, "has_bias", False)
+    return ["gate_up_proj", "down_proj"] + (["gate_up_proj_bias", "down_proj_bias"] if biased else [])
+
+
+def _layout(m: torch.nn.Module) -> list:
+    """Per weight (``_weights``), the expression making it the experts op's layout, or None."""
+    transposed, interleaved = getattr(m, "is_transposed", False), not getattr(m, "is_concatenated", True)
+
+    def gate_up(p):
+        p = Transpose(p) if transposed else p  # [E, 2I, H]
+        return Deinterleave(p, 1) if interleaved else p  # [gate; up] rows
+
+    fns = [gate_up if transposed or interleaved else None, Transpose if transposed else None]
+    if getattr(m, "has_bias", False):
+        fns += [(lambda p: Deinterleave(p, 1)) if interleaved else None, None]
+    return fns
+
+
 def _probe(m: torch.nn.Module, dtype: torch.dtype, limit: float) -> tuple:
-    """(gate|up rows, the module's own gate of them) in ``dtype``: values spread past the limit, so clamps show."""
-    inter = m.gate_up_proj.shape[1] // 2
+    """([gate | up] rows, the module's own gate of them) in ``dtype``: values spread past the limit, so clamps
+    show; the module is handed them in its own layout (interleaved gate|up columns where it has those)."""
+    inter = m.gate_up_proj.shape[2 if getattr(m, "is_transposed", False) else 1] // 2
     g = torch.Generator().manual_seed(0)
     rows = (torch.randn(64, 2 * inter, generator=g) * max(3.0, 2 * limit)).to(dtype)
+    own = rows
+    if not getattr(m, "is_concatenated", True):
+        own = torch.stack(rows.chunk(2, dim=-1), dim=-1).flatten(-2)  # gate, up, gate, up, ...
     with torch.no_grad():
-        return rows, m._apply_gate(rows)
+        return rows, m._apply_gate(own)
 
 
 def _unit(m: torch.nn.Module) -> dict:
@@ -111,5 +139,5 @@ def _unit(m: torch.nn.Module) -> dict:
                              "those")
 
 
-EXPERTS_CAPTURE = Capture(name="experts", matches=_is_experts, weights=lambda m: ["gate_up_proj", "down_proj"],
-                          attrs=_unit, op=Op.EXPERTS, args=3)
+EXPERTS_CAPTURE = Capture(name="experts", matches=_is_experts, weights=_weights, attrs=_unit, op=Op.EXPERTS, args=3,
+                          layout=_layout)

@@ -30,7 +30,7 @@ from lowerlm.ir.graph import Module
 from lowerlm.ir.parser import parse_module
 from lowerlm.ir.printer import print_module
 from lowerlm.ir.verifier import verify_module
-from lowerlm.ir.weights import tensor_digest
+from lowerlm.ir.weights import Param, expr_str, tensor_digest
 
 
 def _class_source(cls) -> str:
@@ -73,7 +73,8 @@ def trace_key(model: torch.nn.Module, captures=()) -> str:
         h.update(f"{cap.name}:{cap.op.value}:{cap.args};".encode())
         for path, m in model.named_modules():
             if cap.matches(m):
-                h.update(f"{path}:{cap.weights(m)}:{sorted(cap.attrs(m).items())};".encode())
+                layout = [expr_str(fn(Param("w"))) if fn else None for fn in cap.layout(m)] if cap.layout else None
+                h.update(f"{path}:{cap.weights(m)}:{sorted(cap.attrs(m).items())}:{layout};".encode())
     return h.hexdigest()[:24]
 
 

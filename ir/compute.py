@@ -199,15 +199,20 @@ def glu(gate, up, act: str, limit: float = 0.0, clamp: str = "gate", alpha: floa
     return g * (up + up_shift if up_shift else up)
 
 
-def experts(x, ids, weights, gate_up, down, act, **unit):
+def experts(x, ids, weights, gate_up, down, gate_up_bias, down_bias, act, **unit):
     # transformers' eager experts: every expert over its tokens, added into the output in expert order
     out = torch.zeros_like(x)
     for e in range(gate_up.shape[0]):
         tok, slot = torch.where(ids == e)
         if tok.numel() == 0:
             continue
-        gate, up = F.linear(x[tok], gate_up[e]).chunk(2, dim=-1)
-        y = F.linear(glu(gate, up, act, **unit), down[e]) * weights[tok, slot, None]
+        gate_up_e = F.linear(x[tok], gate_up[e])
+        if gate_up_bias is not None:
+            gate_up_e = gate_up_e + gate_up_bias[e]
+        y = F.linear(glu(*gate_up_e.chunk(2, dim=-1), act, **unit), down[e])
+        if down_bias is not None:
+            y = y + down_bias[e]
+        y = y * weights[tok, slot, None]
         out.index_add_(0, tok, y.to(out.dtype))
     return out
 
@@ -216,7 +221,7 @@ def moe(x, weight, bias, gate_up, down, shared_gate, shared_up, shared_down, act
     # the block: route, the experts, plus the shared expert's MLP on every token
     ids, w = moe_route(x, weight, bias, **route)
     k = ids.shape[-1]
-    out = experts(x.reshape(-1, x.shape[-1]), ids.reshape(-1, k), w.reshape(-1, k), gate_up, down, act)
+    out = experts(x.reshape(-1, x.shape[-1]), ids.reshape(-1, k), w.reshape(-1, k), gate_up, down, None, None, act)
     out = out.reshape(x.shape)
     if shared_gate is not None:
         out = out + F.linear(activation(F.linear(x, shared_gate), act) * F.linear(x, shared_up), shared_down)
@@ -232,7 +237,7 @@ def moe_sort(ids, experts: int):
     return order.to(torch.int32), offsets.to(torch.int32)
 
 
-def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str, **unit):
+def grouped_gemm(x, w, order, offsets, scale, bias, gather: int, act: str, **unit):
     rows = x.reshape(-1, x.shape[-1])[order.long() // gather] if gather else x
     n = w.shape[1] // 2 if act != "none" else w.shape[1]
     out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
@@ -243,6 +248,8 @@ def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str, **unit):
         if hi == lo:
             continue  # an expert without tokens
         y = F.linear(rows[lo:hi], w[e])
+        if bias is not None:
+            y = y + bias[e]
         if act != "none":
             gate, up = y.chunk(2, dim=-1)
             y = glu(gate, up, act, **unit)

@@ -262,11 +262,12 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
        "mixture of experts on x [..., H]: route (moe_route), each token through its top_k experts' "
        "act(x @ gate.T) * (x @ up.T) @ down.T (gate_up [E, 2I, H] = [gate; up], down [E, H, I]) times its routing "
        "weight, summed; plus the shared expert's SwiGLU MLP on every token", _MOE, impl=c.moe),
-    _d(Op.EXPERTS, ("x", "ids", "weights", "gate_up", "down"), r.experts,
+    _d(Op.EXPERTS, ("x", "ids", "weights", "gate_up", "down", I("gate_up_bias", optional=True),
+                    I("down_bias", optional=True)), r.experts,
        "transformers' experts on tokens x [T, H] routed by ids [T, k] (any integer type) with weights [T, k]: "
        "each token's sum over its k experts of act(x @ gate.T) * (x @ up.T) @ down.T (gate_up [E, 2I, H] = "
-       "[gate; up], down [E, H, I]) times its weight (in the weights' dtype, then cast), added in expert order; "
-       "the gated unit as glu's attributes say",
+       "[gate; up], down [E, H, I]; biases [E, 2I] and [E, H] added after each product) times its weight (in the "
+       "weights' dtype, then cast), added in expert order; the gated unit as glu's attributes say",
        {"act": AttrSpec(K.STR, SILU, ACTS), **GLU}, impl=c.experts),
     _d(Op.MOE_ROUTE, ("x", "router", I("bias", optional=True)), r.moe_route,
        "expert ids [..., top_k] (i32) and routing weights: softmax(x @ router.T) in f32 then top_k, or sigmoid "
@@ -275,10 +276,11 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
     _d(Op.MOE_SORT, ("ids",), r.moe_sort,
        "order: the flattened (token, k) pair indices stably sorted by expert; offsets [E+1]: where each expert's "
        "rows start", {"experts": AttrSpec(K.INT)}, impl=c.moe_sort),
-    _d(Op.GROUPED_GEMM, ("x", "w", "order", "offsets", I("scale", optional=True)), r.grouped_gemm,
-       "rows r in offsets[e]..offsets[e+1] times expert e's w [E, N, K]: row r is x[r], or with gather = top_k "
-       "the token row x_flat[order[r] // top_k]; act: act(first half) * second half; scale: times "
-       "scale_flat[order[r]] (in the scale's dtype, then cast)",
+    _d(Op.GROUPED_GEMM, ("x", "w", "order", "offsets", I("scale", optional=True), I("bias", optional=True)),
+       r.grouped_gemm,
+       "rows r in offsets[e]..offsets[e+1] times expert e's w [E, N, K] (plus bias[e], [E, N]): row r is x[r], or "
+       "with gather = top_k the token row x_flat[order[r] // top_k]; act: act(first half) * second half (the "
+       "gated unit as glu's attributes say); scale: times scale_flat[order[r]] (in the scale's dtype, then cast)",
        {"gather": AttrSpec(K.INT, 0), "act": AttrSpec(K.STR, "none", ("none",) + ACTS), **GLU},
        impl=c.grouped_gemm),
     _d(Op.MOE_COMBINE, ("y", "order", "like"), r.moe_combine,

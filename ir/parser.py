@@ -14,7 +14,7 @@ from lowerlm.ir.opdefs import OPDEFS, AttrKind
 from lowerlm.ir.ops import Op
 from lowerlm.ir.shapes import Sym
 from lowerlm.ir.types import StateSpec, TensorType, Value
-from lowerlm.ir.weights import Cast, Concat, Data, MatMul, Param, Scale, Transpose
+from lowerlm.ir.weights import Cast, Concat, Data, Deinterleave, MatMul, Param, Scale, Transpose
 
 _TOKEN = re.compile(r"""
     (?P<ws>[ \t\r\n]+)
@@ -441,7 +441,7 @@ class _Parser:
             self.expect("sha")
             digest = self.string()
             out = Data(key, t, digest)
-        elif head in ("concat", "scale", "cast"):
+        elif head in ("concat", "scale", "cast", "deinterleave"):
             self.expect("[")
             arg = self.dtype() if head == "cast" else self.number()
             if head != "cast" and not isinstance(arg, int):
@@ -450,6 +450,8 @@ class _Parser:
             args = self.weight_args()
             if head == "concat":
                 out = Concat(tuple(args), arg)
+            elif head == "deinterleave":
+                out = Deinterleave(*self.arity(args, 1, tok), arg)
             elif head == "scale":
                 out = Scale(*self.arity(args, 2, tok), arg)
             else:

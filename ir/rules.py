@@ -3,6 +3,7 @@ types, or a ShapeError saying what does not fit."""
 
 from __future__ import annotations
 
+from lowerlm.ir.abi import SILU
 from lowerlm.ir.dtypes import DType
 from lowerlm.ir.errors import ShapeError
 from lowerlm.ir.shapes import Sym, numel
@@ -452,8 +453,17 @@ def moe(ts, a):
     return [x]
 
 
+def _unit(a, what: str):
+    """The gated unit's attributes (opdefs' GLU) make sense together: alpha scales SiLU's sigmoid only."""
+    if a["alpha"] != 1.0 and a["act"] != SILU:
+        _fail(f"{what} alpha={a['alpha']} is SiLU's (gate * sigmoid(alpha * gate)), not {a['act']}'s")
+    if a["limit"] < 0:
+        _fail(f"{what} limit must be >= 0 (0: no clamp), got {a['limit']}")
+
+
 def experts(ts, a):
-    x, ids, w, gate_up, down = ts
+    x, ids, w, gate_up, down, gate_up_bias, down_bias = ts
+    _unit(a, "experts")
     _float(x, "experts input")
     _int(ids, "expert ids")
     _float(w, "routing weights")
@@ -464,6 +474,9 @@ def experts(ts, a):
             or gate_up.shape[1] != 2 * down.shape[2]:
         _fail(f"experts {gate_up} (gate|up) and {down} (down) do not fit input {x}")
     _same_dtype(x, gate_up, down)
+    for bias, rows in ((gate_up_bias, gate_up), (down_bias, down)):
+        if bias is not None and (bias.shape != rows.shape[:2] or bias.dtype != x.dtype):
+            _fail(f"experts bias {bias} does not fit {rows} (expected {x.dtype}{list(rows.shape[:2])})")
     return [x]
 
 
@@ -482,7 +495,8 @@ def moe_sort(ts, a):
 
 
 def grouped_gemm(ts, a):
-    x, w, order, offsets, scale = ts
+    x, w, order, offsets, scale, bias = ts
+    _unit(a, "grouped_gemm")
     _float(x, "grouped_gemm input")
     _int(order, "grouped_gemm order")
     _int(offsets, "grouped_gemm offsets")
@@ -500,6 +514,8 @@ def grouped_gemm(ts, a):
         n = n // 2 if isinstance(n, int) else n
     if scale is not None and (scale.rank < 1 or numel(scale.shape) != rows):
         _fail(f"grouped_gemm scale {scale} does not have one value per row ({rows})")
+    if bias is not None and (bias.shape != w.shape[:2] or bias.dtype != x.dtype):
+        _fail(f"grouped_gemm bias {bias} does not fit experts {w} (expected {x.dtype}{list(w.shape[:2])})")
     return [TensorType(x.dtype, (rows, n))]
 
 

@@ -52,9 +52,18 @@ class Concat:
 
 @dataclass(frozen=True)
 class Transpose:
-    """Swap of the two axes of a matrix."""
+    """Swap of the last two axes (a matrix's two; each matrix of a stack of them, as experts' [E, H, N])."""
 
     arg: WeightExpr
+
+
+@dataclass(frozen=True)
+class Deinterleave:
+    """The entries along ``axis`` at even indices, then those at odd ones (gpt-oss's interleaved gate|up columns
+    made [gate; up])."""
+
+    arg: WeightExpr
+    axis: int
 
 
 @dataclass(frozen=True)
@@ -82,13 +91,13 @@ class Cast:
     dtype: DType
 
 
-WeightExpr = Union[Param, Data, Concat, Transpose, MatMul, Scale, Cast]
+WeightExpr = Union[Param, Data, Concat, Transpose, Deinterleave, MatMul, Scale, Cast]
 
 
 def children(expr: WeightExpr) -> tuple:
     if isinstance(expr, Concat):
         return expr.args
-    if isinstance(expr, (Transpose, Cast)):
+    if isinstance(expr, (Transpose, Deinterleave, Cast)):
         return (expr.arg,)
     if isinstance(expr, MatMul):
         return (expr.lhs, expr.rhs)
@@ -129,9 +138,14 @@ def weight_type(expr: WeightExpr, params: Mapping[str, TensorType]) -> TensorTyp
         return first.with_shape(first.shape[:axis] + (total,) + first.shape[axis + 1:])
     if isinstance(expr, Transpose):
         (a,) = kids
-        if a.rank != 2:
-            raise ShapeError(f"weight transpose needs a matrix, got {a}")
-        return a.with_shape(a.shape[::-1])
+        if a.rank < 2:
+            raise ShapeError(f"weight transpose needs a matrix or a stack of them, got {a}")
+        return a.with_shape(a.shape[:-2] + a.shape[:-3:-1])
+    if isinstance(expr, Deinterleave):
+        (a,) = kids
+        if not 0 <= expr.axis < a.rank or not isinstance(a.shape[expr.axis], int) or a.shape[expr.axis] % 2:
+            raise ShapeError(f"weight deinterleave along axis {expr.axis} needs an even length there, got {a}")
+        return a
     if isinstance(expr, MatMul):
         a, b = kids
         if a.rank != 2 or b.rank != 2 or a.shape[1] != b.shape[0] or a.dtype != b.dtype:
@@ -171,7 +185,10 @@ def evaluate_weight(expr: WeightExpr, get_param: Callable[[str], object]):
     if isinstance(expr, Concat):
         return torch.cat(kids, dim=expr.axis)
     if isinstance(expr, Transpose):
-        return kids[0].t().contiguous()
+        return kids[0].transpose(-2, -1).contiguous()
+    if isinstance(expr, Deinterleave):
+        a, lead = kids[0], (slice(None),) * expr.axis
+        return torch.cat([a[lead + (slice(0, None, 2),)], a[lead + (slice(1, None, 2),)]], dim=expr.axis)
     if isinstance(expr, MatMul):
         return kids[0] @ kids[1]
     if isinstance(expr, Scale):
@@ -196,6 +213,8 @@ def expr_str(expr: WeightExpr) -> str:
         return f"concat[{expr.axis}](" + ", ".join(expr_str(a) for a in expr.args) + ")"
     if isinstance(expr, Transpose):
         return f"transpose({expr_str(expr.arg)})"
+    if isinstance(expr, Deinterleave):
+        return f"deinterleave[{expr.axis}]({expr_str(expr.arg)})"
     if isinstance(expr, MatMul):
         return f"matmul({expr_str(expr.lhs)}, {expr_str(expr.rhs)})"
     if isinstance(expr, Scale):

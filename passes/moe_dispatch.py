@@ -36,7 +36,7 @@ def _dispatch(ctx: RewriteContext, root: Node) -> str:
     base = root.name
     ids, w = ctx.add(Op.MOE_ROUTE, [x, router, bias], {n: a[n] for n in _ROUTE},
                      names=[f"{base}.ids", f"{base}.weights"])
-    routed = _experts(ctx, base if sg is None else f"{base}.routed", x, ids, w, gate_up, down, a["act"])
+    routed = _experts(ctx, base if sg is None else f"{base}.routed", x, ids, w, gate_up, down, act=a["act"])
     if sg is None:
         return routed
     if weight_expr(ctx, sg) is not None and weight_expr(ctx, su) is not None:
@@ -52,20 +52,22 @@ def _dispatch(ctx: RewriteContext, root: Node) -> str:
     return ctx.add(Op.LINEAR, [act, sd, None, routed], name=base)
 
 
-def _experts(ctx: RewriteContext, name: str, x, ids, w, gate_up, down, act: str, unit=None) -> str:
-    """Sort the (token, k) pairs by expert, the two grouped GEMMs (the first with the experts' gated unit:
-    ``unit``, the GLU attributes the experts op sets), the combine: the routed experts' sum."""
+def _experts(ctx: RewriteContext, name: str, x, ids, w, gate_up, down, gate_up_bias=None, down_bias=None,
+             act: str = "silu", unit=None) -> str:
+    """Sort the (token, k) pairs by expert, the two grouped GEMMs (with the experts' biases, if any; the first
+    with the experts' gated unit: ``unit``, the GLU attributes the experts op sets), the combine: the routed
+    experts' sum."""
     k, experts, base = ctx.type_of(ids).shape[-1], ctx.type_of(gate_up).shape[0], ctx.root.name
     order, offsets = ctx.add(Op.MOE_SORT, [ids], {"experts": experts}, names=[f"{base}.order", f"{base}.offsets"])
-    h = ctx.add(Op.GROUPED_GEMM, [x, gate_up, order, offsets], {"gather": k, "act": act, **(unit or {})},
-                name=f"{base}.gate_up")
-    y = ctx.add(Op.GROUPED_GEMM, [h, down, order, offsets, w], {}, name=f"{base}.down")
+    h = ctx.add(Op.GROUPED_GEMM, [x, gate_up, order, offsets, None, gate_up_bias],
+                {"gather": k, "act": act, **(unit or {})}, name=f"{base}.gate_up")
+    y = ctx.add(Op.GROUPED_GEMM, [h, down, order, offsets, w, down_bias], {}, name=f"{base}.down")
     return ctx.add(Op.MOE_COMBINE, [y, order, x], {"top_k": k}, name=name)
 
 
 def _dispatch_experts(ctx: RewriteContext, root: Node) -> str:
     unit = {n: v for n, v in root.attrs.items() if n in GLU}
-    return _experts(ctx, root.name, *root.inputs, root.attr("act"), unit)
+    return _experts(ctx, root.name, *root.inputs, act=root.attr("act"), unit=unit)
 
 
 RULES = [(Pat(Op.MOE, name="root"), _dispatch), (Pat(Op.EXPERTS, name="root"), _dispatch_experts)]

@@ -217,7 +217,7 @@ ROUTERS = (_softmax, _sigmoid)
 
 
 def _raise(ctx: RewriteContext, root: Node):
-    x, ids, w, gate_up, down = root.inputs
+    x, ids, w, gate_up, down, *biases = root.inputs
     m = _Walk(ctx)
     for router in ROUTERS:
         try:
@@ -229,7 +229,7 @@ def _raise(ctx: RewriteContext, root: Node):
         # the weights keep their dtype: weights_tail read weights_f32 off it
         ids2, w2 = ctx.add(Op.MOE_ROUTE, [x, weight, bias], attrs, names=[f"{root.name}.ids", f"{root.name}.weights"],
                            source=ctx.producer(ids).source)
-        return ctx.add(Op.EXPERTS, [x, ids2, w2, gate_up, down], root.attrs)
+        return ctx.add(Op.EXPERTS, [x, ids2, w2, gate_up, down, *biases], root.attrs)
     return None
 
 

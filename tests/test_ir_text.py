@@ -285,7 +285,7 @@ _T = {
     "down": "f32[4,4,3]", "sg": "f32[5,4]", "sd": "f32[4,5]", "eids": "i32[B,S,2]", "rows": "f32[2*B*S,4]",
     "order": "i32[2*B*S]", "offsets": "i32[5]", "ew": "f32[4,6,4]", "rw": "f32[B,S,2]", "wgm": "f32[10,4]",
     "up": "f32[6,4]", "wd": "f32[4,6]", "v6": "f32[6]", "mask": "bool[B,S,1]", "v2": "f32[2]",
-    "tok": "f32[T,4]", "tids": "i64[T,2]", "tw": "f32[T,2]",
+    "tok": "f32[T,4]", "tids": "i64[T,2]", "tw": "f32[T,2]", "gub": "f32[4,6]", "db": "f32[4,4]",
 }
 # per op: the example type of each input (by _T key) and attributes that make the result rule accept them
 VERIFIED_EXAMPLES = {
@@ -327,10 +327,11 @@ VERIFIED_EXAMPLES = {
     Op.SWIGLU: (("x", "x"), {"act": "gelu"}),
     Op.ARM_MLP: (("x", "v4", "wgm", "up", "wd", "v6", "v6", "x"), {"eps": 1e-5, "tau": 0.1}),
     Op.MOE: (("x", "router", "v4", "gate_up", "down", "sg", "sg", "sd"), {"top_k": 2}),
-    Op.EXPERTS: (("tok", "tids", "tw", "gate_up", "down"), {"act": "gelu_tanh"}),
+    Op.EXPERTS: (("tok", "tids", "tw", "gate_up", "down", "gub", "db"),
+                 {"act": "silu", "limit": 7.0, "clamp": "act", "alpha": 1.702, "up_shift": 1.0}),
     Op.MOE_ROUTE: (("x", "router", "v4"), {"top_k": 2, "router": "sigmoid"}),
     Op.MOE_SORT: (("eids",), {"experts": 4}),
-    Op.GROUPED_GEMM: (("rows", "ew", "order", "offsets", "rw"), {"act": "silu"}),
+    Op.GROUPED_GEMM: (("rows", "ew", "order", "offsets", "rw", "gub"), {"act": "silu", "limit": 7.0}),
     Op.MOE_COMBINE: (("rows", "order", "x"), {"top_k": 2}),
     Op.KV_CACHE_WRITE: (("cache", "x", "pos"), {}),
     Op.CACHED_ATTENTION: (("q", "cache", "cache", "pos", "lens", "v2"), {"scale": 0.5}),

@@ -14,6 +14,7 @@ import lowerlm
 from lowerlm.codegen.reference import ReferenceProgram
 from lowerlm.ir import Op
 from lowerlm.ir import compute as ref
+from lowerlm.ir.weights import expr_str
 
 from .conftest import tiny_model
 
@@ -315,10 +316,10 @@ def test_experts_in_another_layout_or_with_a_gate_of_their_own_are_refused_by_na
     from transformers.models.beam.modeling_beam import BeamExperts
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
-    cfg = transformers.GptOssConfig(hidden_size=32, intermediate_size=16, num_local_experts=4)
-    with pytest.raises(lowerlm.errors.UnsupportedOpError,
-                       match="experts layout has_bias=True, is_transposed=True, is_concatenated=False.*GptOssExperts"):
-        lowerlm.compile_model(_experts_lm(GptOssExperts(cfg)), backend="reference", use_cache=False)
+    experts = GptOssExperts(transformers.GptOssConfig(hidden_size=32, intermediate_size=16, num_local_experts=4))
+    experts.has_gate = False  # a layout with no gate
+    with pytest.raises(lowerlm.errors.UnsupportedOpError, match="experts layout has_gate=False.*GptOssExperts"):
+        lowerlm.compile_model(_experts_lm(experts), backend="reference", use_cache=False)
     # Beam's gate computes in f32 and rounds once: its f32 values are act(gate) * up, its bf16 ones are not
     cfg = transformers.BeamConfig(hidden_size=32, moe_intermediate_size=16, num_experts=4)
     with pytest.raises(lowerlm.errors.UnsupportedOpError, match="experts gate BeamExperts._apply_gate.*BeamExperts"):
@@ -344,18 +345,27 @@ def _gated_experts(family: str):
         cfg = transformers.BailingHybridConfig(hidden_size=32, moe_intermediate_size=16, num_local_experts=4,
                                                num_hidden_layers=1, swiglu_limits=[1.5])  # clamps after the act
         experts = BailingHybridExperts(cfg, 0)
+    elif family == "gpt_oss":  # transposed [E, H, 2I], gate|up interleaved by column, biases
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+        experts = GptOssExperts(transformers.GptOssConfig(hidden_size=32, intermediate_size=16, num_local_experts=4,
+                                                          swiglu_limit=2.0))
     else:
         experts = MiniMaxM3VLExperts(transformers.MiniMaxM3VLTextConfig(
             hidden_size=32, intermediate_size=16, num_local_experts=4, swiglu_limit=2.0, swiglu_alpha=1.702))
     with torch.no_grad():
         experts.gate_up_proj.normal_(0, 1.0)
         experts.down_proj.normal_(0, 0.3)
+        for name in ("gate_up_proj_bias", "down_proj_bias"):
+            if hasattr(experts, name):
+                getattr(experts, name).normal_(0, 0.5)
     return experts
 
 
 GATED = {"deepseek_v4": {"act": "silu", "limit": 2.0}, "hy_v4": {"act": "silu", "limit": 2.0},
          "bailing_hybrid": {"act": "silu", "limit": 1.5, "clamp": "act"},
-         "minimax_m3_vl": {"act": "silu", "limit": 2.0, "alpha": 1.702, "up_shift": 1.0}}
+         "minimax_m3_vl": {"act": "silu", "limit": 2.0, "alpha": 1.702, "up_shift": 1.0},
+         "gpt_oss": {"act": "silu", "limit": 2.0, "alpha": 1.702, "up_shift": 1.0}}
 
 
 @pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
@@ -364,7 +374,8 @@ def test_experts_with_a_gate_of_their_own_match_eager(family, backend):
     """DeepSeek-V4's and HY-V4's gate clamped before the act, Bailing's act clamped after it, MiniMax's gpt-oss GLU
     (alpha, up + 1): each read off the module by matching its own _apply_gate, printed on the experts op, carried
     to the grouped GEMM, and computed by every backend as the module does (clamps reached: the gate's inputs
-    spread past the limit)."""
+    spread past the limit). gpt-oss's experts besides: transposed, gate|up interleaved by column, with biases --
+    read through weight expressions (transpose, deinterleave) and the optional bias inputs."""
     experts = _gated_experts(family)
     model = _experts_lm(experts)
     with torch.no_grad():
@@ -375,12 +386,19 @@ def test_experts_with_a_gate_of_their_own_match_eager(family, backend):
     assert set(node.attrs) == set(GATED[family]) - {"act"}  # the default silu is not printed
     (gemm, _) = [n for n in cm.ir.graphs[0].nodes if n.op is Op.GROUPED_GEMM]
     assert {k: gemm.all_attrs()[k] for k in GATED[family]} == GATED[family]
+    if family == "gpt_oss":
+        g = cm.imported.graphs[0]
+        exprs = [expr_str(g.producer(v).attrs["expr"]) for v in node.inputs[3:5]]
+        assert exprs == ['deinterleave[1](transpose(param "block.experts.gate_up_proj"))',
+                         'transpose(param "block.experts.down_proj")']
+        assert [g.producer(v).op for v in node.inputs[5:]] == [Op.WEIGHT, Op.PARAM]  # the gate|up bias interleaved
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         _close(cm(ids), model(ids))
         h = model.embed(ids).reshape(-1, 32)
-        gate_up = torch.nn.functional.linear(h, experts.gate_up_proj[0])
-        g, u = gate_up.chunk(2, dim=-1)
+        weights = experts.gate_up_proj[0].t() if family == "gpt_oss" else experts.gate_up_proj[0]
+        gate_up = torch.nn.functional.linear(h, weights)
+        g, u = (gate_up[:, ::2], gate_up[:, 1::2]) if family == "gpt_oss" else gate_up.chunk(2, dim=-1)
         limit = GATED[family]["limit"]
         assert (g > limit).any() and (u.abs() > limit).any()  # the clamps change the result
 

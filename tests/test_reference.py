@@ -226,6 +226,23 @@ def test_weight_expressions_evaluate_and_fingerprint():
     assert tensor_digest(a) != tensor_digest(a.to(torch.bfloat16))
 
 
+def test_expert_layout_expressions_transpose_stacks_and_deinterleave():
+    """gpt-oss's experts: [E, H, 2I] with gate|up interleaved by column become [E, 2I, H] = [gate; up] rows."""
+    from lowerlm.ir.weights import Deinterleave, weight_type
+
+    w = torch.randn(3, 4, 6)  # E=3, H=4, 2I=6
+    expr = Deinterleave(Transpose(Param("w")), 1)
+    got = evaluate_weight(expr, {"w": w}.__getitem__)
+    want = torch.cat([w[..., ::2], w[..., 1::2]], dim=-1).transpose(1, 2)
+    assert torch.equal(got, want)
+    assert weight_type(expr, {"w": ir.parse_type("f32[3,4,6]")}) == ir.parse_type("f32[3,6,4]")
+    module = ir.parse_module('params {\n  "w": f32[3,4,6]\n}\ngraph f(%x: f32[4]) {\n'
+                             '  %w = weight deinterleave[1](transpose(param "w")) : f32[3,6,4]\n  return %w\n}\n')
+    assert module.graphs[0].producer("w").attrs["expr"] == expr
+    with pytest.raises(ir.ShapeError, match="even length"):
+        weight_type(Deinterleave(Param("w"), 1), {"w": ir.parse_type("f32[3,5,6]")})
+
+
 def test_bad_inputs_are_input_errors():
     m = ir.parse_module("graph f(%x: f32[B,S], %y: f32[S]) {\n  %z = add(%x, %y) : f32[B,S]\n  return %z\n}\n")
     prog = ReferenceProgram(m, {})

@@ -423,7 +423,7 @@ class Lowering:
         gathered and applied as a batched matrix-vector product, so a step reads exactly the selected experts;
         with S tokens (prefill) each expert's contiguous segment of the sorted rows is sliced out and multiplied
         by that expert's weights (constant-folded per expert), and the segments are concatenated back in order."""
-        inp, w, order, offsets, scale = c.x
+        inp, w, order, offsets, scale, bias = c.x
         a, (xt, wt) = c.a, c.ins[:2]
         order64 = self.cast(order, DType.I64)
         rows = inp
@@ -437,7 +437,10 @@ class Lowering:
                 bounds = [self.op("Slice", [offsets64, self.const([i]), self.const([i + 1])]) for i in (e, e + 1)]
                 segment = self.op("Slice", [rows, bounds[0], bounds[1], self.const([0])])  # [R_e, K]
                 w_e = self.op("Gather", [w, self.const(e)], axis=0)  # [N, K]
-                pieces.append(self.op("MatMul", [segment, self.op("Transpose", [w_e], perm=[1, 0])]))
+                piece = self.op("MatMul", [segment, self.op("Transpose", [w_e], perm=[1, 0])])
+                if bias is not None:  # expert e's bias row, added to the product in the model's dtype
+                    piece = self.op("Add", [piece, self.op("Gather", [bias, self.const(e)], axis=0)])
+                pieces.append(piece)
             y = self.op("Concat", pieces, axis=0)  # [R, N]
         else:
             n_rows = self.op("Shape", [order64])  # [1]
@@ -452,6 +455,8 @@ class Lowering:
             y = self.op("MatMul", [self.op("Unsqueeze", [rows, self.const([1])]),
                                    self.op("Transpose", [weights], perm=[0, 2, 1])])
             y = self.op("Squeeze", [y, self.const([1])])  # [R, N]
+            if bias is not None:
+                y = self.op("Add", [y, self.op("Gather", [bias, expert], axis=0)])
         if a["act"] != "none":
             gate, up = self.op("Split", [y], 2, axis=-1, num_outputs=2)
             y = self.glu(gate, up, a, xt.dtype)

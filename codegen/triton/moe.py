@@ -219,11 +219,11 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def grouped_gemm_kernel(
-    x_ptr, w_ptr, order_ptr, offsets_ptr, scale_ptr, out_ptr,  # pointers
+    x_ptr, w_ptr, order_ptr, offsets_ptr, scale_ptr, bias_ptr, out_ptr,  # pointers
     N, K, E, gather, stride_we,  # N: output columns (per half with ACT)
     limit, alpha, up_shift,  # the gated unit (ir/compute.py's glu): clamps at limit (CLAMP), SiLU's alpha, up + shift
     GATHER: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr, ALPHA: tl.constexpr, SHIFT: tl.constexpr,
-    HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -266,6 +266,13 @@ def grouped_gemm_kernel(
                 acc_up += tl.dot(a, b_up, input_precision=PRECISION)
         dtype = out_ptr.dtype.element_ty
         y = acc.to(dtype).to(tl.float32)  # the projection's result in the model's dtype
+        if HAS_BIAS:  # expert e's bias row [N] (both halves with ACT: gate at n, up at n + N), added rounded
+            b_e = bias_ptr + e.to(tl.int64) * (2 * N if ACT != 0 else N)
+            b_gate = tl.load(b_e + n, mask=nmask, other=0.0).to(tl.float32)
+            y = (y + b_gate[None, :]).to(dtype).to(tl.float32)
+            if ACT != 0:
+                b_up = tl.load(b_e + N + n, mask=nmask, other=0.0).to(tl.float32)
+                acc_up = acc_up.to(dtype).to(tl.float32) + b_up[None, :]
         if ACT != 0:
             up = acc_up.to(dtype).to(tl.float32)
             if CLAMP != 0:  # 1: gate clamped before the act, 2: the act's result after it; up both ways
@@ -307,7 +314,7 @@ def gemm_blocks(rows: int, n: int, k: int, e: int, device) -> tuple:
     return block_m, block_n, block_k, triton.cdiv(rows, block_m) + min(e, rows)
 
 
-def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str, limit: float = 0.0, clamp: str = "gate",
+def grouped_gemm(x, w, order, offsets, scale, bias, gather: int, act: str, limit: float = 0.0, clamp: str = "gate",
                  alpha: float = 1.0, up_shift: float = 0.0):
     """The ``grouped_gemm`` op: rows [R, N] (N halved with an act; its gated unit as ir/compute.py's glu)."""
     e, n_w, k = w.shape
@@ -322,10 +329,12 @@ def grouped_gemm(x, w, order, offsets, scale, gather: int, act: str, limit: floa
     on_cpu = interpreted(x.device)
     grouped_gemm_kernel[grid](
         x2, w.contiguous(), order.contiguous(), offsets.contiguous(),
-        scale.reshape(-1).contiguous() if scale is not None else x2, out,
+        scale.reshape(-1).contiguous() if scale is not None else x2, bias.contiguous() if bias is not None else x2,
+        out,
         n, k, e, max(gather, 1), n_w * k, float(limit), float(alpha), float(up_shift),
         GATHER=gather > 0, ACT=ACTS[act], CLAMP=(0 if not limit else 1 if clamp == "gate" else 2),
         ALPHA=act == SILU and alpha != 1.0, SHIFT=up_shift != 0.0, HAS_SCALE=scale is not None,
+        HAS_BIAS=bias is not None,
         PRECISION="ieee" if x.dtype == torch.float32 or on_cpu else None, UPCAST=on_cpu,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=triton.next_power_of_2(e))
     return out
