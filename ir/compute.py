@@ -168,6 +168,11 @@ def moe_route(x, weight, bias, router, top_k, n_group, topk_group, renormalize, 
         w, ids = torch.topk(torch.softmax(logits.float(), -1), top_k, -1)
         if renormalize:
             w = w / w.sum(-1, keepdim=True)
+    elif router == "topk_softmax":  # Granite, Cohere2-MoE: top-k of the logits, the softmax of those k in f32
+        w, ids = torch.topk(logits.float(), top_k, -1)
+        w = torch.softmax(w, -1)
+        if renormalize:
+            w = w / w.sum(-1, keepdim=True)
     else:  # DeepSeek-V3, Kimi: sigmoid scores, chosen by score + bias within the best groups
         scores = logits.float().sigmoid()
         choice = scores if bias is None else scores + bias

@@ -128,7 +128,7 @@ _ATTN = {"heads": AttrSpec(K.INTS), "scale": AttrSpec(K.FLOAT), "causal": AttrSp
          "window": AttrSpec(K.INT, 0), "softcap": AttrSpec(K.FLOAT, 0.0)}
 _SINKS = I("sinks", optional=True)
 _CACHED_ATTN = {k: v for k, v in _ATTN.items() if k != "heads"}
-_ROUTE = {"router": AttrSpec(K.STR, "softmax", ("softmax", "sigmoid")), "top_k": AttrSpec(K.INT),
+_ROUTE = {"router": AttrSpec(K.STR, "softmax", ("softmax", "sigmoid", "topk_softmax")), "top_k": AttrSpec(K.INT),
           "n_group": AttrSpec(K.INT, 1), "topk_group": AttrSpec(K.INT, 1), "renormalize": AttrSpec(K.BOOL, True),
           "scaling": AttrSpec(K.FLOAT, 1.0), "router_f32": AttrSpec(K.BOOL, False),
           "weights_f32": AttrSpec(K.BOOL, True)}
@@ -270,9 +270,10 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
        "weights' dtype, then cast), added in expert order; the gated unit as glu's attributes say",
        {"act": AttrSpec(K.STR, SILU, ACTS), **GLU}, impl=c.experts),
     _d(Op.MOE_ROUTE, ("x", "router", I("bias", optional=True)), r.moe_route,
-       "expert ids [..., top_k] (i32) and routing weights: softmax(x @ router.T) in f32 then top_k, or sigmoid "
-       "scores (in f32) chosen by score + bias within the topk_group best groups (group score: sum of its top 2); "
-       "weights renormalised if asked, times scaling", _ROUTE, impl=c.moe_route),
+       "expert ids [..., top_k] (i32) and routing weights: softmax(x @ router.T) in f32 then top_k; or top_k of "
+       "the logits, then the softmax (in f32) of those k (topk_softmax); or sigmoid scores (in f32) chosen by "
+       "score + bias within the topk_group best groups (group score: sum of its top 2); weights renormalised if "
+       "asked, times scaling", _ROUTE, impl=c.moe_route),
     _d(Op.MOE_SORT, ("ids",), r.moe_sort,
        "order: the flattened (token, k) pair indices stably sorted by expert; offsets [E+1]: where each expert's "
        "rows start", {"experts": AttrSpec(K.INT)}, impl=c.moe_sort),

@@ -1,5 +1,5 @@
 """raise_moe_route: a traced router whose ops compute exactly one of ``moe_route``'s routers becomes that op, feeding
-the ``experts`` op it routed. The two routers it knows (docs/models.md):
+the ``experts`` op it routed. The three routers it knows (docs/models.md):
 
   softmax   %l = linear(%x, %W)  (or of x and W cast to f32: router_f32)   [%l = cast(%l) {dtype=f32}]
             %p = softmax(%l)  %v, %i = topk(%p) {k}   [%v = div(%v, sum(%v) {keepdim})]   [%v = mul(%v, c)]
@@ -8,6 +8,9 @@ the ``experts`` op it routed. The two routers it knows (docs/models.md):
             [the group mask: reshape %c to [T, G, E/G], sum of each group's top 2, the topk_group best groups
             scattered into a mask, %c = where(mask == 0, -inf, %c)]   %v, %i = topk(%c) {k}
             %v = gather(%s, %i)   [div(%v, sum(%v) {keepdim} + 1e-20)]   [mul(%v, c)]   [cast]
+
+  topk_softmax  %l = linear(%x, %W) [cast f32]   %v, %i = topk(%l) {k}   [%v = cast(%v) {dtype=f32}]
+            %v = softmax(%v)   [renormalise, scaling, cast as softmax's]
 
 become ``%ids, %w = moe_route(%x, %W, %bias) {router, top_k, n_group, topk_group, renormalize, scaling,
 router_f32, weights_f32}`` and the ``experts`` op reads them. Anything else -- another normalisation, a mask that
@@ -147,6 +150,25 @@ def _softmax(m: _Walk, x: str, ids: str, w: str) -> tuple:
     return weight, None, attrs
 
 
+def _topk_softmax(m: _Walk, x: str, ids: str, w: str) -> tuple:
+    top = m.topk(ids, 1)
+    v, scaling, weights_f32 = m.weights_tail(w, m.type(x).dtype)
+    v, renormalize = m.renormalised(v, None)
+    sm = m.node(v, Op.SOFTMAX)
+    _need(m.last(sm) and m.type(v).dtype == DType.F32)
+    values = sm.args[0]
+    if (cast := m.maybe(values, Op.CAST)) is not None:  # softmax(dtype=float) of the chosen logits
+        values = cast.args[0]
+    _need(values == top.result_names[0])
+    logits = top.args[0]
+    if (cast := m.maybe(logits, Op.CAST)) is not None:  # the logits made f32 before the choice: same order
+        logits = cast.args[0]
+    weight, router_f32 = m.logits(logits, x)
+    attrs = {"router": "topk_softmax", "top_k": top.attr("k"), "renormalize": renormalize, "scaling": scaling,
+             "router_f32": router_f32, "weights_f32": weights_f32}
+    return weight, None, attrs
+
+
 def _group_mask(m: _Walk, masked: str, choice: str) -> tuple:
     """``where(mask == 0, -inf, choice)`` with DeepSeek-V3's group mask: (n_group, topk_group)."""
     where = m.node(masked, Op.WHERE)
@@ -213,7 +235,7 @@ def _sigmoid(m: _Walk, x: str, ids: str, w: str) -> tuple:
     return weight, bias, attrs
 
 
-ROUTERS = (_softmax, _sigmoid)
+ROUTERS = (_softmax, _topk_softmax, _sigmoid)
 
 
 def _raise(ctx: RewriteContext, root: Node):

@@ -781,17 +781,17 @@ graph g(%x: f32[B,S,8], %w: f32[8], %r: f32[{e},8]{bias_input}) {{
 """
 
 
-@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("router", ["softmax", "topk_softmax", "sigmoid"])
 def test_rms_norm_moe_route_lowers_as_its_composition(router):
-    """The norm, then the route of the normed rows (softmax top-k; sigmoid with a bias, groups and scaling): the
-    reference's normed x, and per token the same experts with the same weights (ids compared as sets: the
-    reference's sigmoid top-k is unsorted)."""
+    """The norm, then the route of the normed rows (softmax top-k; top-k of the logits then their softmax; sigmoid
+    with a bias, groups and scaling): the reference's normed x, and per token the same experts with the same weights
+    (ids compared as sets: the reference's sigmoid top-k is unsorted)."""
     gen = torch.Generator().manual_seed(7)
-    e = 4 if router == "softmax" else 8
+    e = 8 if router == "sigmoid" else 4
     feeds = {"x": torch.randn(2, 3, 8, generator=gen), "w": torch.rand(8, generator=gen) + 0.5,
              "r": torch.randn(e, 8, generator=gen)}
-    if router == "softmax":
-        text = ROUTE_NORM.format(e=e, bias_input="", bias="", attrs="top_k=2")
+    if router != "sigmoid":
+        text = ROUTE_NORM.format(e=e, bias_input="", bias="", attrs=f"router={router}, top_k=2")
     else:
         feeds["bias"] = torch.randn(e, generator=gen) * 0.1
         text = ROUTE_NORM.format(e=e, bias_input=", %bias: f32[8]", bias=", %bias",

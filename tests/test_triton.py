@@ -595,11 +595,14 @@ ROUTERS = [
          weights_f32=True),
     dict(router_kind="sigmoid", top_k=3, n_group=1, topk_group=1, renormalize=False, scaling=1.5, router_f32=True,
          weights_f32=True),
+    dict(router_kind="topk_softmax", top_k=3, n_group=1, topk_group=1, renormalize=False, scaling=1.0,
+         router_f32=False, weights_f32=False),
 ]
 
 
 @pytest.mark.parametrize("gpu_split", [False, True])
-@pytest.mark.parametrize("attrs", ROUTERS, ids=["mixtral", "qwen3-norenorm", "deepseek-groups", "sigmoid-flat"])
+@pytest.mark.parametrize("attrs", ROUTERS, ids=["mixtral", "qwen3-norenorm", "deepseek-groups", "sigmoid-flat",
+                                                "granite-topk-softmax"])
 def test_moe_router_kernel(attrs, gpu_split, monkeypatch):
     from lowerlm.codegen.triton import moe
     from lowerlm.codegen.triton.aot import Recorder

@@ -367,6 +367,11 @@ class Lowering:
                                    axis=-1)
             if a["renormalize"]:
                 weights = self.op("Div", [weights, self.op("ReduceSum", [weights, self.const([-1])], keepdims=1)])
+        elif a["router"] == "topk_softmax":
+            weights, ids = self.op("TopK", [self.cast(logits, DType.F32), k], 2, axis=-1)
+            weights = self.op("Softmax", [weights], axis=-1)
+            if a["renormalize"]:
+                weights = self.op("Div", [weights, self.op("ReduceSum", [weights, self.const([-1])], keepdims=1)])
         else:
             weights, ids = self._sigmoid_route(c, logits, bias, k)
         if a["scaling"] != 1.0:

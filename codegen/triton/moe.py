@@ -1,9 +1,9 @@
 """MoE dispatch kernels: the router with its top-k, the grouped GEMM over expert-sorted rows, the combine.
 
 - ``moe_route``: one program per token computes the router logits (W_r · x, f32 accumulation, rounded to the
-  model's dtype unless the family routes in f32), then softmax + top-k, or sigmoid scores chosen by score + bias
-  within the ``topk_group`` best of ``n_group`` groups (group score: the sum of its top two); the chosen weights
-  are renormalised and scaled. Top-k is k rounds of max-and-mask over the experts held in registers.
+  model's dtype unless the family routes in f32), then softmax + top-k, top-k + the softmax of those k
+  (``topk_softmax``), or sigmoid scores chosen by score + bias within the ``topk_group`` best of ``n_group`` groups
+  (group score: the sum of its top two); the chosen weights are renormalised and scaled. Top-k is k rounds of max-and-mask over the experts held in registers.
 - ``moe_sort``: a one-program counting sort (decode: one launch), or torch's sort on the device for prefill's
   many rows; no host synchronisation either way. It also gives each pair's row (the inverse), for the combine.
 - ``grouped_gemm``: rows are sorted by expert; each expert's segment is cut into BLOCK_M row blocks, and the grid
@@ -32,8 +32,8 @@ from lowerlm.codegen.triton.splits import counters, last_to_finish
 def route_kernel(
     x_ptr, nw_ptr, xn_ptr, w_ptr, bias_ptr, ids_ptr, wt_ptr, part_ptr, count_ptr,  # pointers
     H, E, SPLITS, CHUNK, scaling, eps,  # sizes: hidden, experts, programs per token, hidden dims per program
-    K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr,
-    TOPK_GROUP: tl.constexpr, RENORM: tl.constexpr, ROUND_LOGITS: tl.constexpr, WEIGHTS_F32: tl.constexpr,
+    K: tl.constexpr, SIGMOID: tl.constexpr, TOPK_SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
+    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, RENORM: tl.constexpr, ROUND_LOGITS: tl.constexpr, WEIGHTS_F32: tl.constexpr,
     NORM: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -90,6 +90,9 @@ def route_kernel(
                 allowed = allowed | (gid == gi)
                 gscore = tl.where(e == gi, neg, gscore)
             choice = tl.where(allowed & emask, choice, neg)
+    elif TOPK_SOFTMAX:  # chosen by logit; the softmax over the k chosen follows
+        scores = tl.where(emask, acc, neg)
+        choice = scores
     else:
         logits = tl.where(emask, acc, neg)
         p = tl.exp(logits - tl.max(logits, 0))
@@ -105,6 +108,10 @@ def route_kernel(
         picked_w = tl.where(kv == j, w_i, picked_w)
         picked_i = tl.where(kv == j, i, picked_i)
         choice = tl.where(e == i, neg, choice)
+    if TOPK_SOFTMAX:
+        top = tl.where(kv < K, picked_w, neg)
+        p = tl.exp(top - tl.max(top, 0))
+        picked_w = p / tl.sum(p, 0)
     if RENORM:
         total = tl.sum(tl.where(kv < K, picked_w, 0.0), 0)
         if SIGMOID:
@@ -147,7 +154,8 @@ def moe_route(x, router, bias, router_kind, top_k, n_group, topk_group, renormal
             bias if bias is not None else router, ids, weights, part, count,
             h, e, splits, block_h * triton.cdiv(triton.cdiv(h, block_h), splits),
             float(scaling), float(norm[1]) if norm is not None else 0.0,
-            K=top_k, SIGMOID=router_kind == "sigmoid", HAS_BIAS=bias is not None, N_GROUP=n_group,
+            K=top_k, SIGMOID=router_kind == "sigmoid", TOPK_SOFTMAX=router_kind == "topk_softmax",
+            HAS_BIAS=bias is not None, N_GROUP=n_group,
             TOPK_GROUP=topk_group, RENORM=renormalize, ROUND_LOGITS=not router_f32 and x.dtype != torch.float32,
             WEIGHTS_F32=weights_f32, NORM=norm is not None, BLOCK_E=block_e, BLOCK_H=block_h,
             BLOCK_K=triton.next_power_of_2(top_k), BLOCK_S=triton.next_power_of_2(splits))
