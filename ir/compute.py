@@ -160,7 +160,8 @@ def arm_mlp(x, norm_weight, gate_m, up, down_scaled, mu, scale, residual, eps, t
 
 
 # ---- MoE (docs/models.md) ---------------------------------------------------------------------------------------
-def moe_route(x, weight, bias, router, top_k, n_group, topk_group, renormalize, scaling, router_f32, weights_f32):
+def moe_route(x, weight, bias, router, top_k, n_group, topk_group, renormalize, scaling, router_f32, weights_f32,
+              renorm_eps=1e-20):
     # x: [..., H] -> ids i32[..., k], weights [..., k]: transformers' routers, with their rounding points
     lead, h = x.shape[:-1], x.reshape(-1, x.shape[-1])
     logits = F.linear(h.float(), weight.float()) if router_f32 else F.linear(h, weight)
@@ -185,7 +186,7 @@ def moe_route(x, weight, bias, router, top_k, n_group, topk_group, renormalize, 
         ids = torch.topk(choice, top_k, -1, sorted=False)[1]
         w = scores.gather(1, ids)
         if renormalize:
-            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+            w = w / (w.sum(-1, keepdim=True) + renorm_eps) if renorm_eps else w / w.sum(-1, keepdim=True)
     w = w * scaling
     w = w if weights_f32 else w.to(x.dtype)
     return ids.to(torch.int32).reshape(*lead, top_k), w.reshape(*lead, top_k)
@@ -274,7 +275,7 @@ def swiglu(gate, up, act):
     return activation(gate, act) * up
 
 
-_ROUTE_ATTRS = ("top_k", "n_group", "topk_group", "renormalize", "scaling", "router_f32", "weights_f32")
+_ROUTE_ATTRS = ("top_k", "n_group", "topk_group", "renormalize", "scaling", "router_f32", "weights_f32", "renorm_eps")
 
 
 def route_attrs(a: dict) -> dict:

@@ -131,7 +131,7 @@ _CACHED_ATTN = {k: v for k, v in _ATTN.items() if k != "heads"}
 _ROUTE = {"router": AttrSpec(K.STR, "softmax", ("softmax", "sigmoid", "topk_softmax")), "top_k": AttrSpec(K.INT),
           "n_group": AttrSpec(K.INT, 1), "topk_group": AttrSpec(K.INT, 1), "renormalize": AttrSpec(K.BOOL, True),
           "scaling": AttrSpec(K.FLOAT, 1.0), "router_f32": AttrSpec(K.BOOL, False),
-          "weights_f32": AttrSpec(K.BOOL, True)}
+          "weights_f32": AttrSpec(K.BOOL, True), "renorm_eps": AttrSpec(K.FLOAT, 1e-20)}
 _MOE = dict(_ROUTE, act=AttrSpec(K.STR, SILU, ACTS))
 # the experts' gated unit (ir/compute.py's ``glu``): act(gate) * up, or the clamped and shifted forms of DeepSeek-V4,
 # Bailing, MiniMax and gpt-oss: with a limit L > 0, up clamped to [-L, L] and gate to at most L before the act
@@ -273,7 +273,7 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
        "expert ids [..., top_k] (i32) and routing weights: softmax(x @ router.T) in f32 then top_k; or top_k of "
        "the logits, then the softmax (in f32) of those k (topk_softmax); or sigmoid scores (in f32) chosen by "
        "score + bias within the topk_group best groups (group score: sum of its top 2); weights renormalised if "
-       "asked, times scaling", _ROUTE, impl=c.moe_route),
+       "asked (sigmoid: w / (sum + renorm_eps)), times scaling", _ROUTE, impl=c.moe_route),
     _d(Op.MOE_SORT, ("ids",), r.moe_sort,
        "order: the flattened (token, k) pair indices stably sorted by expert; offsets [E+1]: where each expert's "
        "rows start", {"experts": AttrSpec(K.INT)}, impl=c.moe_sort),

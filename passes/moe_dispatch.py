@@ -27,7 +27,8 @@ from lowerlm.ir.ops import Op
 from lowerlm.passes.fuse_rmsnorm_linear import weight_expr, weight_value
 from lowerlm.passes.pattern import Pass, Pat, RewriteContext, rewrite
 
-_ROUTE = ("router", "top_k", "n_group", "topk_group", "renormalize", "scaling", "router_f32", "weights_f32")
+_ROUTE = ("router", "top_k", "n_group", "topk_group", "renormalize", "scaling", "router_f32", "weights_f32",
+          "renorm_eps")
 
 
 def _dispatch(ctx: RewriteContext, root: Node) -> str:

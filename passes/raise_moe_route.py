@@ -7,7 +7,7 @@ the ``experts`` op it routed. The three routers it knows (docs/models.md):
   sigmoid   [%l = cast(%l) {dtype=f32}]  %s = sigmoid(%l)  %c = %s [+ bias]
             [the group mask: reshape %c to [T, G, E/G], sum of each group's top 2, the topk_group best groups
             scattered into a mask, %c = where(mask == 0, -inf, %c)]   %v, %i = topk(%c) {k}
-            %v = gather(%s, %i)   [div(%v, sum(%v) {keepdim} + 1e-20)]   [mul(%v, c)]   [cast]
+            %v = gather(%s, %i)   [div(%v, sum(%v) {keepdim} [+ eps])]   [mul(%v, c)]   [cast]
 
   topk_softmax  %l = linear(%x, %W) [cast f32]   %v, %i = topk(%l) {k}   [%v = cast(%v) {dtype=f32}]
             %v = softmax(%v)   [renormalise, scaling, cast as softmax's]
@@ -102,20 +102,21 @@ class _Walk:
             _need(self.type(w) == self.type(mul.result_names[0]))
         return w, scaling, weights_f32
 
-    def renormalised(self, w: str, eps: float | None) -> tuple:
-        """``div(v, sum(v) {keepdim} [+ eps])``: (v, True); anything else (w, False)."""
+    def renormalised(self, w: str, eps: bool) -> tuple:
+        """``div(v, sum(v) {keepdim} [+ a constant, if eps])``: (v, True, the constant or 0.0); anything else
+        (w, False, 0.0)."""
         div = self.maybe(w, Op.DIV)
         if div is None:
-            return w, False
+            return w, False, 0.0
         v, denom = div.args
-        if eps is not None:
-            add = self.node(denom, Op.ADD)
-            _need(self.scalar(add.args[1]) == eps)
-            denom = add.args[0]
+        value = 0.0
+        if eps and (add := self.maybe(denom, Op.ADD)) is not None:
+            value, denom = self.scalar(add.args[1]), add.args[0]
+            _need(value > 0)
         total = self.node(denom, Op.SUM)
         _need(total.args[0] == v and total.attr("keepdim") and len(total.attr("dims")) == 1
               and total.attr("dims")[0] % self.type(v).rank == self.type(v).rank - 1)
-        return v, True
+        return v, True, value
 
     def logits(self, v: str, x: str) -> tuple:
         """The router's linear on (a view of) x: (weight value, router_f32)."""
@@ -137,7 +138,7 @@ class _Walk:
 def _softmax(m: _Walk, x: str, ids: str, w: str) -> tuple:
     top = m.topk(ids, 1)
     v, scaling, weights_f32 = m.weights_tail(w, m.type(x).dtype)
-    v, renormalize = m.renormalised(v, None)
+    v, renormalize, _ = m.renormalised(v, False)
     _need(v == top.result_names[0])
     sm = m.node(top.args[0], Op.SOFTMAX)
     _need(m.last(sm) and m.type(sm.args[0]).dtype == DType.F32)
@@ -153,7 +154,7 @@ def _softmax(m: _Walk, x: str, ids: str, w: str) -> tuple:
 def _topk_softmax(m: _Walk, x: str, ids: str, w: str) -> tuple:
     top = m.topk(ids, 1)
     v, scaling, weights_f32 = m.weights_tail(w, m.type(x).dtype)
-    v, renormalize = m.renormalised(v, None)
+    v, renormalize, _ = m.renormalised(v, False)
     sm = m.node(v, Op.SOFTMAX)
     _need(m.last(sm) and m.type(v).dtype == DType.F32)
     values = sm.args[0]
@@ -206,7 +207,7 @@ def _group_mask(m: _Walk, masked: str, choice: str) -> tuple:
 def _sigmoid(m: _Walk, x: str, ids: str, w: str) -> tuple:
     top = m.topk(ids, 1)
     v, scaling, weights_f32 = m.weights_tail(w, m.type(x).dtype)
-    v, renormalize = m.renormalised(v, 1e-20)
+    v, renormalize, eps = m.renormalised(v, True)
     gather = m.node(v, Op.GATHER)
     scores, index = gather.args
     _need(index == ids and m.last(gather))
@@ -231,7 +232,8 @@ def _sigmoid(m: _Walk, x: str, ids: str, w: str) -> tuple:
             bias = cast.args[0]
     weight, router_f32 = m.logits(logits, x)
     attrs = {"router": "sigmoid", "top_k": top.attr("k"), "n_group": n_group, "topk_group": topk_group,
-             "renormalize": renormalize, "scaling": scaling, "router_f32": router_f32, "weights_f32": weights_f32}
+             "renormalize": renormalize, "scaling": scaling, "router_f32": router_f32, "weights_f32": weights_f32,
+             **({"renorm_eps": eps} if renormalize and eps != 1e-20 else {})}
     return weight, bias, attrs
 
 

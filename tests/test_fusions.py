@@ -16,7 +16,7 @@ from lowerlm.passes import PASSES, run_pass
 from .conftest import ROOT, example_text, random_weights, token_inputs
 
 GOLDEN = ROOT / "tests" / "golden" / "passes"
-CASES = [("raise_moe_route", 3), ("fuse_linear_residual", 1), ("fuse_rmsnorm_linear", 2), ("fuse_swiglu", 3),
+CASES = [("raise_moe_route", 4), ("fuse_linear_residual", 1), ("fuse_rmsnorm_linear", 2), ("fuse_swiglu", 3),
          ("moe_dispatch", 3)]
 
 

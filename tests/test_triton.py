@@ -597,12 +597,14 @@ ROUTERS = [
          weights_f32=True),
     dict(router_kind="topk_softmax", top_k=3, n_group=1, topk_group=1, renormalize=False, scaling=1.0,
          router_f32=False, weights_f32=False),
+    dict(router_kind="sigmoid", top_k=2, n_group=1, topk_group=1, renormalize=True, scaling=1.0, router_f32=True,
+         weights_f32=True, renorm_eps=0.0),
 ]
 
 
 @pytest.mark.parametrize("gpu_split", [False, True])
 @pytest.mark.parametrize("attrs", ROUTERS, ids=["mixtral", "qwen3-norenorm", "deepseek-groups", "sigmoid-flat",
-                                                "granite-topk-softmax"])
+                                                "granite-topk-softmax", "laguna-no-eps"])
 def test_moe_router_kernel(attrs, gpu_split, monkeypatch):
     from lowerlm.codegen.triton import moe
     from lowerlm.codegen.triton.aot import Recorder

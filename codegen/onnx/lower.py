@@ -406,7 +406,9 @@ class Lowering:
         weights = self.op("GatherElements", [scores, ids], axis=1)
         if a["renormalize"]:
             total = self.op("ReduceSum", [weights, self.const([-1])], keepdims=1)
-            weights = self.op("Div", [weights, self.op("Add", [total, self.scalar(1e-20, DType.F32)])])
+            if a["renorm_eps"]:
+                total = self.op("Add", [total, self.scalar(a["renorm_eps"], DType.F32)])
+            weights = self.op("Div", [weights, total])
         return weights, ids
 
     def moe_sort(self, ids, experts: int):

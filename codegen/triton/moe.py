@@ -31,7 +31,7 @@ from lowerlm.codegen.triton.splits import counters, last_to_finish
 @triton.jit
 def route_kernel(
     x_ptr, nw_ptr, xn_ptr, w_ptr, bias_ptr, ids_ptr, wt_ptr, part_ptr, count_ptr,  # pointers
-    H, E, SPLITS, CHUNK, scaling, eps,  # sizes: hidden, experts, programs per token, hidden dims per program
+    H, E, SPLITS, CHUNK, scaling, eps, renorm_eps,  # sizes: hidden, experts, programs per token, dims per program
     K: tl.constexpr, SIGMOID: tl.constexpr, TOPK_SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, RENORM: tl.constexpr, ROUND_LOGITS: tl.constexpr, WEIGHTS_F32: tl.constexpr,
     NORM: tl.constexpr,
@@ -115,7 +115,7 @@ def route_kernel(
     if RENORM:
         total = tl.sum(tl.where(kv < K, picked_w, 0.0), 0)
         if SIGMOID:
-            total = total + 1e-20
+            total = total + renorm_eps
         picked_w = picked_w / total
     picked_w = picked_w * scaling
     kmask = (kv < K) & ((kv * 0 + last.to(tl.int32)) > 0)  # per lane: the interpreter takes no scalar & vector
@@ -127,7 +127,7 @@ def route_kernel(
 
 
 def moe_route(x, router, bias, router_kind, top_k, n_group, topk_group, renormalize, scaling, router_f32,
-              weights_f32, norm=None):
+              weights_f32, renorm_eps=1e-20, norm=None):
     """The ``moe_route`` op: ids i32[..., k] and weights [..., k] (f32, or the model's dtype). With ``norm`` =
     (weight, eps), ``x`` is the RMSNorm's input and the launch also computes the norm, routing its result and
     returning it first: (normed x, ids, weights)."""
@@ -153,7 +153,7 @@ def moe_route(x, router, bias, router_kind, top_k, n_group, topk_group, renormal
             x2, norm[0] if norm is not None else x2, xn if norm is not None else x2, router.contiguous(),
             bias if bias is not None else router, ids, weights, part, count,
             h, e, splits, block_h * triton.cdiv(triton.cdiv(h, block_h), splits),
-            float(scaling), float(norm[1]) if norm is not None else 0.0,
+            float(scaling), float(norm[1]) if norm is not None else 0.0, float(renorm_eps),
             K=top_k, SIGMOID=router_kind == "sigmoid", TOPK_SOFTMAX=router_kind == "topk_softmax",
             HAS_BIAS=bias is not None, N_GROUP=n_group,
             TOPK_GROUP=topk_group, RENORM=renormalize, ROUND_LOGITS=not router_f32 and x.dtype != torch.float32,
