@@ -128,10 +128,11 @@ def _weight(imp, node, fn) -> str:
     """The IR value of a captured module's weight: its param, or the weight expression ``fn`` makes of it."""
     if fn is None:
         return imp.value(node)
+    from lowerlm.frontend.importer import short_name, tensor_type
     from lowerlm.ir.weights import Param, weight_type
 
     name = imp.param_name(node)
-    imp.value(node)  # the parameter enters the weight table (its unused param node is dropped by canonicalize)
+    imp.params[name] = tensor_type(node, imp.symbols)  # in the weight table, read only through the expression
     expr = fn(Param(name))
     return imp.b.add(Op.WEIGHT, [], {"expr": expr}, types=[weight_type(expr, imp.params)],
-                     name=imp.values[node] + "_layout", source=(imp.path(node),))
+                     name=short_name(name) + "_layout", source=(imp.path(node),))

@@ -303,7 +303,7 @@ def _written_out(out: fx.Node) -> dict | None:
     ``matmul(q, k^T)`` with, in any order, a scale (``/`` or ``*`` a number), an additive mask (``+ mask``) and a
     fill of hidden scores (``masked_fill(s, hide, -inf)`` as nanoGPT writes it, ``where(keep, s, finfo.min)`` as
     GPT-Neo does, the condition often sliced from a fixed-size buffer); else None. The mask parts go to the mask
-    check as one (``_mask_parts``)."""
+    check as one (``_visible``)."""
     probs, v = out.args[:2]
     while _is(probs, aten.clone.default, aten.alias.default, aten.dropout.default):  # dropout: identity in eval
         probs = probs.args[0]
@@ -347,7 +347,7 @@ _FILLS = (aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, ate
 def _fill(node: fx.Node):
     """(scores, ("hide" or "keep", the boolean condition, the fill value)) of a fill of hidden scores, else None:
     ``masked_fill(scores, hide, value)``, ``where(keep, scores, value)`` or ``where(hide, value, scores)``; the
-    value (a number or a node) is checked to hide (``_mask_parts``)."""
+    value (a number or a node) is checked to hide (``_visible``)."""
     kw = kwargs_of(node)
     if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
         cond, scores, value, kind = kw["mask"], kw["self"], kw["value"], "hide"
