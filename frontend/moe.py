@@ -13,8 +13,9 @@ A family's own gate function (``_apply_gate``) is matched numerically against th
 at a limit before or after the act (DeepSeek-V4, HY-V4, Bailing), gpt-oss's GLU (SiLU with alpha, up + 1; MiniMax's
 experts), checked in f32 and bit for bit in bf16. An experts module in another layout (transposed, interleaved
 gate|up, biases, no gate, a post-expert norm), with a gate none of those forms computes or with an activation the
-experts op lacks is refused, naming its class. Earlier lowerlm captured three block classes whole (Mixtral, Qwen3-MoE, DeepSeek-V3) as one ``moe`` op; the
-traced router raised to ``moe_route`` reaches the same IR after moe_dispatch, launch for launch.
+experts op lacks is refused, naming its class. Earlier lowerlm captured three block classes whole (Mixtral,
+Qwen3-MoE, DeepSeek-V3) as one ``moe`` op; the traced router raised to ``moe_route`` reaches the same IR after
+moe_dispatch, launch for launch.
 """
 
 from __future__ import annotations

@@ -745,7 +745,7 @@ def _own_positions_model(family: str):
     torch.manual_seed(0)
     model = getattr(transformers, family + "ForCausalLM")(cfg).eval()
     with torch.no_grad():  # the position rows far apart, so a position off by one changes the logits
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.normal_(0.0, p.shape[-1] ** -0.5) if p.dim() == 2 else p.uniform_(-0.2, 0.2)
     return model
 

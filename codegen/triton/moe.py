@@ -3,7 +3,8 @@
 - ``moe_route``: one program per token computes the router logits (W_r · x, f32 accumulation, rounded to the
   model's dtype unless the family routes in f32), then softmax + top-k, top-k + the softmax of those k
   (``topk_softmax``), or sigmoid scores chosen by score + bias within the ``topk_group`` best of ``n_group`` groups
-  (group score: the sum of its top two); the chosen weights are renormalised and scaled. Top-k is k rounds of max-and-mask over the experts held in registers.
+  (group score: the sum of its top two); the chosen weights are renormalised and scaled. Top-k is k rounds of
+  max-and-mask over the experts held in registers.
 - ``moe_sort``: a one-program counting sort (decode: one launch), or torch's sort on the device for prefill's
   many rows; no host synchronisation either way. It also gives each pair's row (the inverse), for the combine.
 - ``grouped_gemm``: rows are sorted by expert; each expert's segment is cut into BLOCK_M row blocks, and the grid
@@ -23,9 +24,9 @@ import triton.language as tl
 
 from lowerlm.codegen.triton import interpreted, sm_count, tile_for_sms
 from lowerlm.codegen.triton.gemv import ACTS, _act
-from lowerlm.ir.abi import SILU
 from lowerlm.codegen.triton.rms_norm import rms_scale, row_inv_rms
 from lowerlm.codegen.triton.splits import counters, last_to_finish
+from lowerlm.ir.abi import SILU
 
 
 @triton.jit
@@ -33,8 +34,8 @@ def route_kernel(
     x_ptr, nw_ptr, xn_ptr, w_ptr, bias_ptr, ids_ptr, wt_ptr, part_ptr, count_ptr,  # pointers
     H, E, SPLITS, CHUNK, scaling, eps, renorm_eps,  # sizes: hidden, experts, programs per token, dims per program
     K: tl.constexpr, SIGMOID: tl.constexpr, TOPK_SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
-    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, RENORM: tl.constexpr, ROUND_LOGITS: tl.constexpr, WEIGHTS_F32: tl.constexpr,
-    NORM: tl.constexpr,
+    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, RENORM: tl.constexpr, ROUND_LOGITS: tl.constexpr,
+    WEIGHTS_F32: tl.constexpr, NORM: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     t = tl.program_id(0)
