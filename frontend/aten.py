@@ -607,7 +607,9 @@ def _folded(imp, node: fx.Node) -> str | None:
     from lowerlm.frontend.fx import ancestors, fx_eval
     from lowerlm.ir.fold import constant_attrs
 
-    if not isinstance(node.meta.get("val"), torch.Tensor) or node.meta["val"].numel() > FOLD_ELEMENTS:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape) or \
+            val.numel() > FOLD_ELEMENTS:  # a symbolic size is no constant (and comparing it may raise)
         return None
     leaves = [n for n in ancestors(node) if n.op == "placeholder"]
     if any(imp.placeholders.get(n, ("",))[0] not in ("BUFFER", "CONSTANT_TENSOR") for n in leaves):

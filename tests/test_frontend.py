@@ -884,6 +884,17 @@ def test_attention_modules_of_their_own_are_traced_as_written():
     _assert_matches_eager(cm, lambda x: model(x).logits)
 
 
+def test_an_unconvertible_op_of_data_dependent_size_is_refused_not_folded():
+    """X-MOD picks each token's language adapter with an index whose size depends on the data: its converter
+    refuses it, and the folding of constant-only ops must not ask torch whether that size is small (which raised
+    GuardOnDataDependentSymNode out of compile_model): one line naming the op and its module."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from arch_coverage import tiny
+
+    with pytest.raises(lowerlm.errors.UnsupportedOpError, match="aten.index.Tensor.*roberta.encoder.layer.0.output"):
+        lowerlm.compile_model(tiny("xmod"), backend="reference", use_cache=False, tokenizer=False)
+
+
 @pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
 @pytest.mark.parametrize("model_type", ["gemma2", "granite_swa"])
 def test_attention_transformers_runs_only_eagerly(model_type, backend):
