@@ -116,10 +116,22 @@ def _unit(m: torch.nn.Module) -> dict:
     gate = getattr(type(m), "_apply_gate", None)
     if gate is None or gate.__name__ == "_default_apply_gate":
         return {"act": _act(m)}
-    from lowerlm.ir.compute import glu
-
     limit = next((float(v) for k in ("limit", "swiglu_limit") if (v := getattr(m, k, None))), 0.0)
     alpha = next((float(v) for k in ("alpha", "swiglu_alpha") if (v := getattr(m, k, None)) is not None), 1.0)
+    # the match depends on these alone: probed once per kind, not for every layer and every ask (the capture's
+    # matcher, its attributes and the trace key each ask)
+    key = (type(m), gate, limit, alpha, repr(getattr(m, "act_fn", None)), getattr(m, "is_concatenated", True))
+    if key not in _UNITS:
+        _UNITS[key] = _match_gate(m, gate, limit, alpha)
+    return dict(_UNITS[key])
+
+
+_UNITS: dict = {}  # (experts class, its gate, limit, alpha, act_fn, layout) -> the matched unit
+
+
+def _match_gate(m: torch.nn.Module, gate, limit: float, alpha: float) -> dict:
+    from lowerlm.ir.compute import glu
+
     acts = [_act(m)] if getattr(m, "act_fn", None) is not None else [SILU, GELU, GELU_TANH]
     probes = [_probe(m, dtype, limit) for dtype in (torch.float32, torch.bfloat16)]
     for act in acts:
