@@ -23,7 +23,7 @@ from lowerlm.ir.errors import CompileError
 from lowerlm.ir.graph import Graph
 from lowerlm.ir.opdefs import OPDEFS
 from lowerlm.ir.ops import Op
-from lowerlm.ir.types import StateSpec, Value
+from lowerlm.ir.types import KV, StateSpec, Value
 
 FREE = (Op.PARAM, Op.WEIGHT)  # copied into each partition that reads them
 
@@ -103,7 +103,7 @@ def _interface(g: Graph, p: Partition, roots: dict, located: dict, copies: list)
     last version they make), the values it reads from elsewhere (a copy recorded where ``located`` puts one on
     another device), and the free leaves it recomputes rather than reads."""
     producers = g.producers
-    owners = {s.name: s.owner for s in g.state}
+    specs = {s.name: s for s in g.state}
     defined = {r.name for n in p.nodes for r in n.results}
     # version a writer in this partition consumes -> the version it makes
     successor = {n.inputs[k]: n.results[r].name for n in p.nodes
@@ -120,7 +120,8 @@ def _interface(g: Graph, p: Partition, roots: dict, located: dict, copies: list)
                 continue
             seen.add(v)
             if v in successor and v in roots:
-                state.append(StateSpec(v, g.type_of(v), owners.get(roots[v], "")))
+                root = specs.get(roots[v])
+                state.append(StateSpec(v, g.type_of(v), root.owner if root else "", root.kind if root else KV))
                 last = v
                 while last in successor:  # follow the chain through this partition's writers
                     last = successor[last]

@@ -1,7 +1,7 @@
 """The graph interface, defined once: the names every stage agrees on.
 
 The frontend makes a ``forward`` graph over ``input_ids``, ``positions`` and ``seq_lens`` with the batch and sequence
-symbols ``B`` and ``S``; ``insert_kv_cache`` adds caches over the cache length ``T``; ``specialize`` turns ``forward``
+symbols ``B`` and ``S``; ``insert_state`` adds caches over the cache length ``T``; ``specialize`` turns ``forward``
 into ``prefill`` and ``decode``; ``select_logits`` gives ``prefill`` the input ``logit_index``; backends and the
 runtime call the graphs and bind the inputs by these names. Code names them through this module, never as loose
 strings. No torch here: ``ir`` stays light.
@@ -23,15 +23,15 @@ DECODE = "decode"  # specialize's copy of forward with S = 1: one token per sequ
 
 # ---- interface inputs -------------------------------------------------------------------------------------------
 INPUT_IDS = "input_ids"  # i64[B, S] token ids
-POSITIONS = "positions"  # i64[B, S] each token's position (after insert_kv_cache: the cache slot it writes)
-SEQ_LENS = "seq_lens"  # i32[B] valid tokens per sequence (after insert_kv_cache: in its cache after the call)
+POSITIONS = "positions"  # i64[B, S] each token's position (after insert_state: the cache slot it writes)
+SEQ_LENS = "seq_lens"  # i32[B] valid tokens per sequence (after insert_state: in its cache after the call)
 LOGIT_INDEX = "logit_index"  # i64[B, L] the rows whose logits prefill computes (added by select_logits)
 INTERFACE = (INPUT_IDS, POSITIONS, SEQ_LENS)  # the frontend's graph inputs, in order
 
 # ---- shape symbols ----------------------------------------------------------------------------------------------
 BATCH = "B"  # sequences per call, bound by the frontend (the runtime fixes it to max_batch for state)
 SEQ = "S"  # tokens per sequence in a call, bound by the frontend (specialize binds it to 1 in decode)
-CACHE_LEN = "T"  # the cache length, introduced by insert_kv_cache (the runtime binds it to max_seq_len)
+CACHE_LEN = "T"  # the cache length, introduced by insert_state (the runtime binds it to max_seq_len)
 LOGIT_ROWS = "L"  # logit rows per sequence, introduced by select_logits (L1, L2, … if L is taken)
 
 # ---- activations ------------------------------------------------------------------------------------------------

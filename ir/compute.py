@@ -127,6 +127,122 @@ def cached_attention(q, k_cache, v_cache, positions, seq_lens, sinks, scale, cau
     return _attend(_heads(q, q.shape[2] // d), k_cache, v_cache, vis, scale, softcap, sinks)
 
 
+# ---- linear attention: short convolution and the delta rule ------------------------------------------------------
+def short_conv(x, weight, bias, act: str):
+    # x [B, S, C]: the causal depthwise convolution of a sequence that starts here (zeros before its first token)
+    state = x.new_zeros(x.shape[0], weight.shape[1] - 1, x.shape[2])
+    return _conv(x, weight, bias, state, act)[0]
+
+
+def _conv(x, weight, bias, state, act: str):
+    """act(bias + sum_j weight[:, j] * ext[s + j]) over ext = [state; x] (state: the W-1 inputs before x), in x's
+    dtype, as transformers' causal_conv1d_update computes it."""
+    ext = torch.cat([state.to(x.dtype), x], dim=1)
+    y = F.conv1d(ext.transpose(1, 2), weight.to(x.dtype)[:, None, :], None if bias is None else bias.to(x.dtype),
+                 groups=x.shape[2]).transpose(1, 2)
+    return (F.silu(y) if act == SILU else y), ext
+
+
+def cached_short_conv(x, weight, bias, state, positions, seq_lens, act: str, inplace: bool = False):
+    # state [B, W-1, C]: the last W-1 inputs of each sequence so far. A row's valid tokens in this call are the
+    # first n = seq_lens - positions[:, 0] (right padding): the new state is the W-1 inputs before token n, so
+    # padding never enters it
+    y, ext = _conv(x, weight, bias, state, act)
+    n = (seq_lens.long() - positions[:, 0].long()).clamp(0, x.shape[1])
+    idx = n[:, None] + torch.arange(state.shape[1], device=x.device)[None, :]
+    new = torch.gather(ext, 1, idx[..., None].expand(-1, -1, x.shape[2])).to(state.dtype)
+    out = state if inplace else state.clone()
+    out.copy_(new)
+    return y, out
+
+
+def _l2norm(x, eps: float):
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def _delta_inputs(q, k, v, g, beta, heads: int, scale: float, l2norm: bool, eps: float):
+    """[B, H, S, D] f32 heads (q scaled, q and k L2-normalised when asked), g [B, H, S, K or 1], beta [B, H, S]."""
+    b, s = q.shape[:2]
+    q, k, v, g = (t.float().reshape(b, s, heads, -1).transpose(1, 2) for t in (q, k, v, g))
+    if l2norm:
+        q, k = _l2norm(q, eps), _l2norm(k, eps)
+    return q * scale, k, v, g, beta.float().reshape(b, s, heads).transpose(1, 2)
+
+
+def delta_rule_recurrent(q, k, v, g, beta, state):
+    """The delta rule one token at a time over [B, H, S, D] f32 heads from ``state`` [B, H, K, V]: S <- exp(g_t) S
+    (g per key channel, or one per head); S <- S + k_t (beta_t (v_t - S^T k_t))^T; o_t = S^T q_t. (o, final S)."""
+    out = []
+    for t in range(q.shape[2]):
+        state = state * g[:, :, t, :, None].exp()
+        kt = k[:, :, t]
+        delta = (v[:, :, t] - (state * kt[..., None]).sum(-2)) * beta[:, :, t, None]
+        state = state + kt[..., None] * delta[..., None, :]
+        out.append((state * q[:, :, t, :, None]).sum(-2))
+    return torch.stack(out, 2), state
+
+
+def delta_rule_chunked(q, k, v, g, beta, state, chunk: int = 64):
+    """The delta rule by chunks (what prefill kernels compute): within a chunk of C tokens with cumulative gates
+    G = cumsum(g), the WY form T = (I - A)^-1 (A[i, j] = -beta_i k_i . (exp(G_i - G_j) k_j), j < i, by forward
+    substitution) turns the recurrence into products; across chunks the state carries. Only differences of
+    cumulative gates are exponentiated (each <= 0 for a decaying gate; exp(G_i) alone is exp(G_i - G_-1))."""
+    b, h, s, dk = k.shape
+    pad = (-s) % chunk
+    g = g.expand(b, h, s, dk)
+    q, k, v, g = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v, g))
+    beta = F.pad(beta, (0, pad))
+    n = (s + pad) // chunk
+    q, k, v, g = (t.reshape(b, h, n, chunk, -1) for t in (q, k, v, g))
+    beta = beta.reshape(b, h, n, chunk, 1)
+    gc = g.cumsum(-2)
+    kb, vb = k * beta, v * beta
+    diff = gc[..., :, None, :] - gc[..., None, :, :]  # [.., i, j, K]: G_i - G_j
+    ones = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device)
+    strict, incl = torch.tril(ones, -1), torch.tril(ones)
+    a = -(kb[..., :, None, :] * k[..., None, :, :] * diff.masked_fill(~strict[..., None], float("-inf")).exp()).sum(-1)
+    for i in range(1, chunk):  # forward substitution: row i of (I - A)^-1 - I from the rows above it
+        a[..., i, :i] = a[..., i, :i] + (a[..., i, :i, None] * a[..., :i, :i]).sum(-2)
+    t = a + torch.eye(chunk, dtype=a.dtype, device=a.device)
+    u, w = t @ vb, t @ (kb * gc.exp())
+    att = (q[..., :, None, :] * k[..., None, :, :] * diff.masked_fill(~incl[..., None], float("-inf")).exp()).sum(-1)
+    out = []
+    for c in range(n):
+        last = gc[:, :, c, -1]  # [B, H, K]
+        v_new = u[:, :, c] - w[:, :, c] @ state
+        out.append((q[:, :, c] * gc[:, :, c].exp()) @ state + att[:, :, c] @ v_new)
+        k_decayed = k[:, :, c] * (last[:, :, None] - gc[:, :, c]).exp()  # decayed to the chunk's end
+        state = state * last[..., None].exp() + k_decayed.transpose(-1, -2) @ v_new
+    return torch.cat(out, 2)[:, :, :s], state
+
+
+def _delta_out(o, like):
+    b, h, s, dv = o.shape
+    return o.transpose(1, 2).reshape(b, s, h * dv).to(like.dtype)
+
+
+def _delta_run(q, k, v, g, beta, state):
+    return (delta_rule_chunked if q.shape[2] > 1 else delta_rule_recurrent)(q, k, v, g, beta, state)
+
+
+def delta_rule(q, k, v, g, beta, heads: int, scale: float, l2norm: bool, eps: float):
+    qh, kh, vh, gh, bh = _delta_inputs(q, k, v, g, beta, heads, scale, l2norm, eps)
+    state = qh.new_zeros(*kh.shape[:2], kh.shape[-1], vh.shape[-1])
+    return _delta_out(_delta_run(qh, kh, vh, gh, bh, state)[0], q)
+
+
+def cached_delta_rule(q, k, v, g, beta, state, positions, seq_lens, heads: int, scale: float, l2norm: bool,
+                      eps: float, inplace: bool = False):
+    # tokens at or past seq_lens (right padding) leave the state as it is: their gate is 0 (no decay) and beta 0
+    qh, kh, vh, gh, bh = _delta_inputs(q, k, v, g, beta, heads, scale, l2norm, eps)
+    valid = (positions < seq_lens[:, None].long())[:, None, :]  # [B, 1, S]
+    gh, bh = torch.where(valid[..., None], gh, 0.0), torch.where(valid, bh, 0.0)
+    o, new = _delta_run(qh, kh, vh, gh, bh, state.float())
+    out = state if inplace else state.clone()
+    out.copy_(new)
+    return _delta_out(o, q), out
+
+
 def activation(x, act: str):
     if act == SILU:
         return F.silu(x)

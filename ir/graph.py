@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 from lowerlm.ir.opdefs import OPDEFS, REQUIRED, AttrKind
 from lowerlm.ir.ops import Op
-from lowerlm.ir.types import StateSpec, TensorType, Value
+from lowerlm.ir.types import KV, StateSpec, TensorType, Value
 
 _NOT_NAME = re.compile(r"[^A-Za-z0-9_.]")  # what a value name cannot hold
 
@@ -292,9 +292,9 @@ class GraphBuilder:
         self.types[name] = type
         return name
 
-    def add_state(self, name: str, type: TensorType, owner: str = "") -> str:
+    def add_state(self, name: str, type: TensorType, owner: str = "", kind: str = KV) -> str:
         name = self.fresh(name)
-        self.state.append(StateSpec(name, type, owner))
+        self.state.append(StateSpec(name, type, owner, kind))
         self.types[name] = type
         return name
 

@@ -17,9 +17,11 @@ from typing import Callable
 from lowerlm.ir import body as bd
 from lowerlm.ir import compute as c
 from lowerlm.ir import rules as r
+from lowerlm.ir import stateful as sf
 from lowerlm.ir.abi import ACTS, SILU
 from lowerlm.ir.compute import F, torch
 from lowerlm.ir.ops import Op
+from lowerlm.ir.types import KV, RECURRENT
 
 
 class AttrKind(enum.Enum):
@@ -79,7 +81,9 @@ class OpDef:
     writes: dict = field(default_factory=dict)  # state input index -> result index holding the new version
     impl: Callable | None = None  # impl(*inputs by slot, **attrs) -> result(s); None: params and weights
     traits: frozenset = frozenset()
-    state: str = ""  # the kind of state the op writes ("kv": a KV cache), "" when none
+    state: str = ""  # the kind of state the op writes (ir/types.py's STATE_KINDS), "" when none
+    # an op that reads earlier tokens: its stateful form (ir/stateful.py), which insert_state makes of it
+    stateful: Callable | None = None
 
     @property
     def variadic(self) -> bool:
@@ -97,9 +101,9 @@ _EW2 = frozenset({T.BINARY, T.FOLDS})
 _CORE = frozenset({T.FOLDS})
 
 
-def _d(op, inputs, rule, doc, attrs=None, writes=None, impl=None, traits=(), state="") -> OpDef:
+def _d(op, inputs, rule, doc, attrs=None, writes=None, impl=None, traits=(), state="", stateful=None) -> OpDef:
     return OpDef(op, tuple(I(n) if isinstance(n, str) else n for n in inputs), attrs or {}, rule, doc,
-                 writes or {}, impl, frozenset(traits), state)
+                 writes or {}, impl, frozenset(traits), state, stateful)
 
 
 def _pow(x, exponent):
@@ -141,7 +145,10 @@ GLU = {"limit": AttrSpec(K.FLOAT, 0.0), "clamp": AttrSpec(K.STR, "gate", ("gate"
 
 _LLM_ROPE = {"heads": AttrSpec(K.INTS), "inv_freq": AttrSpec(K.FLOATS), "scaling": AttrSpec(K.FLOAT, 1.0),
              "layout": AttrSpec(K.STR, "half", ("half", "interleaved"))}
-_KV = "kv"
+_CONV = {"act": AttrSpec(K.STR, "none", ("none", SILU))}
+_DELTA = {"heads": AttrSpec(K.INT), "scale": AttrSpec(K.FLOAT), "l2norm": AttrSpec(K.BOOL, False),
+          "eps": AttrSpec(K.FLOAT, 1e-6)}
+_POS = ("positions", "seq_lens")
 
 OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
     _d(Op.PARAM, (), None, "an entry of the weight table", {"name": AttrSpec(K.STR)}, traits=(T.LEAF, T.WEIGHT)),
@@ -242,7 +249,17 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
        "pos_j <= pos_i (and pos_i - pos_j < window); scores q.k * scale, softcap * tanh(score / softcap) when "
        "softcap > 0; sinks [Hq]: one more logit per head in each softmax that takes weight but adds no value; "
        "result [B,S,Hq*Dv] (zeros for a query that sees no key)", _ATTN, impl=c.attention,
-       traits=(T.MIXES_TOKENS,)),
+       traits=(T.MIXES_TOKENS,), stateful=sf.attention),
+    _d(Op.SHORT_CONV, ("x", "weight", I("bias", optional=True)), r.short_conv,
+       "causal depthwise convolution of x [B,S,C] along the sequence (weight [C,W], zeros before the first token): "
+       "y[s] = act(bias + sum_j weight[:, j] * x[s-W+1+j]), in x's dtype", _CONV, impl=c.short_conv,
+       traits=(T.MIXES_TOKENS,), stateful=sf.short_conv),
+    _d(Op.DELTA_RULE, ("q", "k", "v", "g", "beta"), r.delta_rule,
+       "gated delta rule over heads of q, k [B,S,H*K], v [B,S,H*V] in f32 from a zero state S [H,K,V]: q and k "
+       "L2-normalised per head when l2norm (x / sqrt(sum x^2 + eps)), q times scale; per token S <- exp(g) S (g "
+       "[B,S,H*K]: per key channel, as KDA; [B,S,H]: per head, as gated DeltaNet), S <- S + k (beta (v - S^T k))^T "
+       "(beta [B,S,H]), o = S^T q; result [B,S,H*V] in q's dtype", _DELTA, impl=c.delta_rule,
+       traits=(T.MIXES_TOKENS,), stateful=sf.delta_rule),
     _d(Op.RMS_NORM_LINEAR, ("x", "norm_weight", "weight", I("bias", optional=True), I("residual", optional=True)),
        r.rms_norm_linear,
        "r = x (+ residual); split(rms_norm(r) @ weight.T (+ bias), splits) -- or act(gate) * up with a swiglu "
@@ -289,15 +306,24 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
        {"top_k": AttrSpec(K.INT)}, impl=c.moe_combine),
     _d(Op.KV_CACHE_WRITE, (I("cache", state=True), "values", "positions"), r.kv_cache_write,
        "new cache version with values [B,S,Hkv*D] stored at cache[b, :, positions[b,s]] (positions >= T skipped)",
-       writes={0: 0}, impl=c.kv_cache_write, state=_KV),
+       writes={0: 0}, impl=c.kv_cache_write, state=KV),
     _d(Op.CACHED_ATTENTION, ("q", "k_cache", "v_cache", "positions", "seq_lens", _SINKS), r.cached_attention,
        "GQA attention of q [B,S,Hq*D] over cache slots t < seq_lens (causal: t <= pos_i), softcap and sinks as "
        "in attention; result [B,S,Hq*Dv]",
        _CACHED_ATTN, impl=c.cached_attention, traits=(T.MIXES_TOKENS,)),
+    _d(Op.CACHED_SHORT_CONV, ("x", "weight", I("bias", optional=True), I("state", state=True)) + _POS,
+       r.cached_short_conv,
+       "short_conv continuing each sequence from state [B,W-1,C] (its last W-1 inputs): (result, new state = the "
+       "W-1 inputs before the row's first token at or past seq_lens, so right padding never enters it)", _CONV,
+       writes={3: 1}, impl=c.cached_short_conv, traits=(T.MIXES_TOKENS,), state=RECURRENT),
+    _d(Op.CACHED_DELTA_RULE, ("q", "k", "v", "g", "beta", I("state", state=True)) + _POS, r.cached_delta_rule,
+       "delta_rule continuing each sequence from state f32[B,H,K,V]; tokens at or past seq_lens leave it as it is "
+       "(gate 0, beta 0): (result, new state)", _DELTA, writes={5: 1}, impl=c.cached_delta_rule,
+       traits=(T.MIXES_TOKENS,), state=RECURRENT),
     _d(Op.ROPE_CACHE_WRITE, ("q", "k", "v", "positions", I("k_cache", state=True), I("v_cache", state=True)),
        r.rope_cache_write,
        "rope(q, k) at positions, then rotated k and v written into the caches: (rotated q, new k cache, "
-       "new v cache)", _LLM_ROPE, writes={4: 1, 5: 2}, impl=c.rope_cache_write, state=_KV),
+       "new v cache)", _LLM_ROPE, writes={4: 1, 5: 2}, impl=c.rope_cache_write, state=KV),
     _d(Op.ROPE_CACHED_ATTENTION, ("q", "k", "v", "positions", "seq_lens", I("k_cache", state=True),
                                   I("v_cache", state=True), I("q_norm", optional=True), I("k_norm", optional=True),
                                   _SINKS),
@@ -305,7 +331,7 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
        "per-head rms_norm of q and k when q_norm and k_norm [D] are given (eps), rope, k and v written into the "
        "caches, cached_attention over them: (result [B,S,Hq*Dv], new k cache, new v cache)",
        dict(_LLM_ROPE, **_CACHED_ATTN, eps=AttrSpec(K.FLOAT, 0.0)), writes={5: 1, 6: 2},
-       impl=c.rope_cached_attention, traits=(T.MIXES_TOKENS,), state=_KV),
+       impl=c.rope_cached_attention, traits=(T.MIXES_TOKENS,), state=KV),
     _d(Op.RMS_NORM_MOE_ROUTE, ("x", "norm_weight", "router", I("bias", optional=True)), r.rms_norm_moe_route,
        "rms_norm(x) and moe_route of it: (normed x, expert ids, routing weights)",
        dict(_ROUTE, eps=AttrSpec(K.FLOAT)), impl=c.rms_norm_moe_route),

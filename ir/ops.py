@@ -65,6 +65,9 @@ class Op(enum.Enum):
     RMS_NORM = "rms_norm"
     ROPE = "rope"
     ATTENTION = "attention"
+    # ---- linear attention (KDA, gated delta nets): the parts the frontend captures from transformers' functions
+    SHORT_CONV = "short_conv"
+    DELTA_RULE = "delta_rule"
     # ---- blocks captured whole by the frontend
     MOE = "moe"
     EXPERTS = "experts"
@@ -77,9 +80,11 @@ class Op(enum.Enum):
     RMS_NORM_LINEAR = "rms_norm_linear"
     SWIGLU = "swiglu"
     ARM_MLP = "arm_mlp"
-    # ---- state: made by insert_kv_cache
+    # ---- state: the stateful forms insert_state makes (each stateful op's row says its own)
     KV_CACHE_WRITE = "kv_cache_write"
     CACHED_ATTENTION = "cached_attention"
+    CACHED_SHORT_CONV = "cached_short_conv"
+    CACHED_DELTA_RULE = "cached_delta_rule"
     # ---- backend fusions: made by a backend's tail passes (passes/backend.py)
     ROPE_CACHE_WRITE = "rope_cache_write"
     ROPE_CACHED_ATTENTION = "rope_cached_attention"

@@ -13,7 +13,7 @@ from lowerlm.ir.graph import Graph, Module, Node
 from lowerlm.ir.opdefs import OPDEFS, AttrKind
 from lowerlm.ir.ops import Op
 from lowerlm.ir.shapes import Sym
-from lowerlm.ir.types import StateSpec, TensorType, Value
+from lowerlm.ir.types import KV, STATE_KINDS, StateSpec, TensorType, Value
 from lowerlm.ir.weights import Cast, Concat, Data, Deinterleave, MatMul, Param, Scale, Transpose
 
 _TOKEN = re.compile(r"""
@@ -153,12 +153,15 @@ class _Parser:
                 v = self.value_name()
                 self.expect(":")
                 t = self.tensor_type()
+                kind = KV  # texts from before state kinds: every state was a KV cache
+                if any(self.at(k) for k in STATE_KINDS):
+                    kind = self.take().text
                 owner = ""
                 if self.at("@"):
                     self.take()
                     owner = self.string() if self.peek().kind == "string" else \
                         self.expect_kind("ident", "an owning module path").text
-                state.append(StateSpec(v, t, owner))
+                state.append(StateSpec(v, t, owner, kind))
             self.expect(")")
         self.expect("{")
         nodes = []

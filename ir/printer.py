@@ -108,7 +108,7 @@ def print_graph(g: Graph, indent: str = "") -> str:
     sig = ", ".join(f"%{v.name}: {v.type}" for v in g.inputs)
     lines = [f"{indent}graph {g.name}({sig})"]
     if g.state:
-        st = ", ".join(f"%{s.name}: {s.type}" + (f" @{_owner(s.owner)}" if s.owner else "") for s in g.state)
+        st = ", ".join(f"%{s.name}: {s.type} {s.kind}" + (f" @{_owner(s.owner)}" if s.owner else "") for s in g.state)
         lines[0] += f"\n{indent}    state({st})"
     lines[0] += " {"
     lines += [f"{indent}  {print_node(n)}" for n in g.nodes]

@@ -374,6 +374,68 @@ def cached_attention(ts, a):
     return [q.with_shape((b, s, hq * dv))]
 
 
+def _conv(x, w, bias, what: str):
+    b, s, c = _tokens(x, f"{what} x")
+    _float(x, f"{what} x")
+    if w.rank != 2 or w.shape[0] != c or not isinstance(w.shape[1], int) or w.shape[1] < 1:
+        _fail(f"{what} weight {w} must be [{c}, W] (one filter of static width W per channel)")
+    if bias is not None and bias.shape != (c,):
+        _fail(f"{what} bias {bias} must be [{c}]")
+    _same_dtype(*[t for t in (x, w, bias) if t is not None])
+    return b, s, c, w.shape[1]
+
+
+def short_conv(ts, a):
+    x, w, bias = ts
+    _conv(x, w, bias, "short_conv")
+    return [x]
+
+
+def cached_short_conv(ts, a):
+    x, w, bias, state, pos, lens = ts
+    b, s, c, width = _conv(x, w, bias, "cached_short_conv")
+    if state.shape != (b, width - 1, c) or state.dtype != x.dtype:
+        _fail(f"conv state {state} must be {x.dtype}[{b},{width - 1},{c}] (the last W-1 inputs)")
+    _positions(pos, b, s)
+    _seq_lens(lens, b)
+    return [x, state]
+
+
+def _delta(q, k, v, g, beta, a, what: str):
+    b, s, width = _tokens(q, f"{what} q")
+    heads = a["heads"]
+    dk = _split_heads(width, heads, f"{what} q")
+    if k.shape != q.shape:
+        _fail(f"{what} k {k} must be shaped like q {q}")
+    if _tokens(v, f"{what} v")[:2] != (b, s):
+        _fail(f"{what} v {v} differs from q {q} in batch or sequence")
+    dv = _split_heads(v.shape[2], heads, f"{what} v")
+    if g.shape not in ((b, s, heads * dk), (b, s, heads)):
+        _fail(f"{what} g {g} must be [{b},{s},{heads * dk}] (per channel) or [{b},{s},{heads}] (per head)")
+    if beta.shape != (b, s, heads):
+        _fail(f"{what} beta {beta} must be [{b},{s},{heads}]")
+    for t, name in ((q, "q"), (k, "k"), (v, "v"), (g, "g"), (beta, "beta")):
+        _float(t, f"{what} {name}")
+    _same_dtype(q, k, v)
+    return b, s, heads, dk, dv
+
+
+def delta_rule(ts, a):
+    q, k, v, g, beta = ts
+    b, s, heads, _, dv = _delta(q, k, v, g, beta, a, "delta_rule")
+    return [q.with_shape((b, s, heads * dv))]
+
+
+def cached_delta_rule(ts, a):
+    q, k, v, g, beta, state, pos, lens = ts
+    b, s, heads, dk, dv = _delta(q, k, v, g, beta, a, "cached_delta_rule")
+    if state.shape != (b, heads, dk, dv) or state.dtype != DType.F32:
+        _fail(f"delta-rule state {state} must be f32[{b},{heads},{dk},{dv}]")
+    _positions(pos, b, s)
+    _seq_lens(lens, b)
+    return [q.with_shape((b, s, heads * dv)), state]
+
+
 def rms_norm_linear(ts, a):
     x, nw, w, bias, residual = ts
     _float(x, "rms_norm_linear input")

@@ -45,11 +45,19 @@ class Value:
     type: TensorType
 
 
+KV = "kv"  # indexed by position (a KV cache): slots past a sequence's length are never read, so it is kept
+RECURRENT = "recurrent"  # a running summary of every token so far (conv and delta-rule state): zeroed per sequence
+STATE_KINDS = (KV, RECURRENT)  # room for "paged" later
+
+
 @dataclass(frozen=True)
 class StateSpec:
-    """Declared per-layer state (KV cache, recurrent state): the graph takes version 0 as ``name`` and returns
-    its final version. ``owner`` is the nn.Module path of the layer that owns it."""
+    """Declared per-layer state: the graph takes version 0 as ``name`` and returns its final version. ``owner`` is
+    the nn.Module path of the layer that owns it; ``kind`` (``STATE_KINDS``) says how the runtime treats it between
+    sequences: a ``kv`` cache is indexed by position and needs no reset (a new sequence overwrites the slots it
+    reads), a ``recurrent`` state summarises every earlier token and is zeroed before each new sequence."""
 
     name: str
     type: TensorType
     owner: str = ""
+    kind: str = KV

@@ -16,7 +16,7 @@ from lowerlm.ir.graph import Graph, Module, Node, infer_types
 from lowerlm.ir.opdefs import OPDEFS, REQUIRED, AttrKind
 from lowerlm.ir.ops import Op
 from lowerlm.ir.shapes import dim_bounds, is_dim
-from lowerlm.ir.types import TensorType
+from lowerlm.ir.types import STATE_KINDS, TensorType
 from lowerlm.ir.weights import WeightExpr, weight_type
 
 _NAME = re.compile(r"[A-Za-z0-9_.]+")
@@ -153,6 +153,11 @@ class _GraphCheck:
             old = node.inputs[slot]
             if old not in self.chain:
                 self.fail(f"{node.op} writes %{old}, which is not a state version", where)
+            root = self.g.state[self.chain[old]]
+            kind = OPDEFS[node.op].state
+            if kind and root.kind != kind:
+                self.fail(f"{node.op} writes {kind} state, but %{old} descends from %{root.name}, declared "
+                          f"{root.kind}", where)
             self.consumed[old] = where
             self.chain[node.results[result].name] = self.chain[old]
         for r in node.results:
@@ -185,6 +190,8 @@ def verify_graph(g: Graph, params: dict | None = None) -> Graph:
     for v in g.inputs:
         check.define(v.name, v.type, "inputs")
     for i, s in enumerate(g.state):
+        if s.kind not in STATE_KINDS:
+            check.fail(f"state %{s.name} has kind {s.kind!r}; kinds are {', '.join(STATE_KINDS)}", "state")
         check.define(s.name, s.type, "state")
         check.chain[s.name] = i
     for node in g.nodes:

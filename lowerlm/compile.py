@@ -94,7 +94,7 @@ class CompiledModel:
         if FORWARD in names and not self.ir.graph(FORWARD).state:
             return self.program.run(FORWARD, on_device)[0][0]
         # positions that do not start at 0 are cache slots in the compiled graphs: run the last graph that
-        # still attends within the call (before insert_kv_cache) on the reference backend
+        # still attends within the call (before insert_state) on the reference backend
         return self._stateless_program().run(FORWARD, inputs)[0][0]
 
     def _stateless_program(self):
@@ -149,7 +149,7 @@ class CompiledModel:
     def generator(self) -> Generator:
         if self._generator is None:
             if DECODE not in [g.name for g in self.ir.graphs]:
-                raise CompileError("generation needs the insert_kv_cache and specialize passes")
+                raise CompileError("generation needs the insert_state and specialize passes")
             self._generator = Generator(self.program, self.ir, self.max_seq_len, self.max_batch, self.vocab_size,
                                         self.skip_token)
         return self._generator

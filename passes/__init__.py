@@ -34,7 +34,7 @@ from lowerlm.passes.canonicalize import canonicalize
 from lowerlm.passes.fuse_linear_residual import fuse_linear_residual
 from lowerlm.passes.fuse_rmsnorm_linear import fuse_rmsnorm_linear
 from lowerlm.passes.fuse_swiglu import fuse_swiglu
-from lowerlm.passes.insert_kv_cache import insert_kv_cache
+from lowerlm.passes.insert_state import insert_state
 from lowerlm.passes.moe_dispatch import moe_dispatch
 from lowerlm.passes.pattern import Pass
 from lowerlm.passes.raise_moe_route import raise_moe_route
@@ -56,7 +56,7 @@ PIPELINE: list[tuple[str, PassFn | None]] = [
     ("fuse_rmsnorm_linear", fuse_rmsnorm_linear),  # norm in the prologue of q|k|v, gate|up, lm_head
     ("fuse_swiglu", fuse_swiglu),  # act(gate)*up as the epilogue of the gate|up rms_norm_linear
     ("moe_dispatch", moe_dispatch),  # moe -> route, sort by expert, grouped GEMMs, combine (+ shared experts)
-    ("insert_kv_cache", insert_kv_cache),  # attention reads and writes declared KV-cache state
+    ("insert_state", insert_state),  # attention, short_conv, delta_rule read and write declared state
     ("specialize", specialize),  # forward -> prefill (S free) + decode (S = 1), sharing weights and state
     ("select_logits", select_logits),  # prefill's lm_head only at the rows asked for (the prompts' last tokens)
 ]

@@ -12,7 +12,7 @@ routed by whatever its router computed) becomes the same sort, grouped GEMMs and
 
 Why: each expert's weights are read once per step for all the tokens routed to it (a grouped GEMM over sorted
 segments), and a decode step reads only the selected experts. Runs after the fusions (the shared expert's ops it
-emits are already in their fused form) and before insert_kv_cache. Does not fire on anything but ``moe`` and
+emits are already in their fused form) and before insert_state. Does not fire on anything but ``moe`` and
 ``experts``.
 
 A rule table: one rule rooted at ``moe`` and one at ``experts``, whose functions emit the dispatch in their place

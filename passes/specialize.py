@@ -2,7 +2,7 @@
 
 Why: decode runs once per token, so it gets its own graph with every shape static in S (only the batch B and the
 cache length T stay symbols, and the runtime fixes both): later passes and backends can plan buffers and capture
-it. Prefill keeps S free. Both share the weights and the state specs. Runs after insert_kv_cache (decode without
+it. Prefill keeps S free. Both share the weights and the state specs. Runs after insert_state (decode without
 state would be pointless) and before select_logits, which rewrites prefill only. A module already specialised is
 left alone.
 """
@@ -37,7 +37,7 @@ def _node(n: Node, env: dict) -> Node:
 def bind(g: Graph, name: str, env: dict) -> Graph:
     """A copy of ``g`` named ``name`` with shape symbols bound by ``env`` everywhere (types and attributes)."""
     return Graph(name, tuple(Value(v.name, _type(v.type, env)) for v in g.inputs),
-                 tuple(StateSpec(s.name, _type(s.type, env), s.owner) for s in g.state),
+                 tuple(StateSpec(s.name, _type(s.type, env), s.owner, s.kind) for s in g.state),
                  tuple(_node(n, env) for n in g.nodes), g.outputs, g.state_outputs)
 
 

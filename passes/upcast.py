@@ -45,7 +45,7 @@ def upcast(src: DType, dst: DType = DType.F32) -> Pass:
     def upcast_pass(g: Graph) -> tuple:
         nodes = tuple(node(n) for n in g.nodes)
         return Graph(g.name, tuple(Value(v.name, ty(v.type)) for v in g.inputs),
-                     tuple(StateSpec(s.name, ty(s.type), s.owner) for s in g.state),
+                     tuple(StateSpec(s.name, ty(s.type), s.owner, s.kind) for s in g.state),
                      nodes, g.outputs, g.state_outputs), sum(a != b for a, b in zip(nodes, g.nodes))
 
     return upcast_pass

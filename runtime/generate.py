@@ -3,7 +3,12 @@ program and state buffers allocated once.
 
 Batches are right-padded ``[B, S]``: every sequence has its own ``positions`` and ``seq_lens``. A padded row's
 extra tokens are written into cache slots at or past its ``seq_lens``, which attention never reads and the next
-steps overwrite, so padding never enters a result, and a batch gives each sequence the tokens it would get alone.
+steps overwrite, and recurrent state skips them, so padding never enters a result, and a batch gives each sequence
+the tokens it would get alone.
+
+State by kind (ir/types.py): a ``kv`` cache needs nothing between sequences (a new one overwrites every slot it
+reads); ``recurrent`` state (short-conv inputs, delta-rule state) summarises every token so far, so ``prefill``
+zeroes it for the rows it starts -- ``prefill_once`` continues whatever the state holds.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from lowerlm.ir.abi import BATCH, CACHE_LEN, DECODE, INPUT_IDS, LOGIT_INDEX, POS
 from lowerlm.ir.errors import InputError
 from lowerlm.ir.graph import Module
 from lowerlm.ir.shapes import evaluate
+from lowerlm.ir.types import RECURRENT
 from lowerlm.runtime.sampler import Sampling, sample
 
 
@@ -27,6 +33,13 @@ def allocate_state(module: Module, max_batch: int, max_seq_len: int, device="cpu
     return {name: torch.zeros([evaluate(d, env) for d in spec.type.shape], dtype=spec.type.dtype.to_torch(),
                               device=device)
             for name, spec in module.state_specs.items()}
+
+
+def reset_recurrent(module: Module, state: dict, rows: slice) -> None:
+    """Zero the ``recurrent`` state of ``rows`` (in place: CUDA graphs and ONNX bindings keep the buffers)."""
+    for name, spec in module.state_specs.items():
+        if spec.kind == RECURRENT:
+            state[name][rows].zero_()
 
 
 def _batch_view(state: dict, batch: int) -> dict:
@@ -45,6 +58,7 @@ def prefill(program: Program, state: dict, ids: torch.Tensor, lengths: torch.Ten
     When ``program.prefill_chunk`` gives a chunk size for any row (the ONNX backend's long prompts), the batch runs
     one sequence at a time, each in chunks that continue its cache (ONNX Runtime continues a cache with more than
     one token only at batch 1), and without the padding."""
+    reset_recurrent(program.module, state, slice(0, ids.shape[0]))
     rows = lengths.tolist()
     chunks = [program.prefill_chunk(n) for n in rows]
     if all(c is None for c in chunks):
@@ -63,7 +77,7 @@ def prefill(program: Program, state: dict, ids: torch.Tensor, lengths: torch.Ten
 def prefill_once(program: Program, state: dict, ids: torch.Tensor, start: int,
                  lengths: torch.Tensor) -> torch.Tensor:
     """One prefill of ``ids`` [B, L] at positions start..start+L-1, the sequences ``lengths`` long after it: each
-    one's logits at its last token [B, V]."""
+    one's logits at its last token [B, V]. With ``start`` > 0 it continues the sequences in ``state``."""
     b, s = ids.shape
     dev = program.device
     last = lengths.to(dev).long() - (1 + start)

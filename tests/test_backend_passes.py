@@ -51,7 +51,7 @@ def _attention_ir(s="1", window=0, layout="half", norms=False, d=16, returned_q=
     outs = "%o, %qr" if returned_q else "%o"
     return (f"{params}graph decode(%q: f32[B,{s},{2 * d}], %k: f32[B,{s},{d}], %v: f32[B,{s},{d}], "
             f"%positions: i64[B,{s}], %seq_lens: i32[B])\n"
-            f"    state(%kc: f32[B,1,T,{d}] @layers.0.attn, %vc: f32[B,1,T,{d}] @layers.0.attn) {{\n"
+            f"    state(%kc: f32[B,1,T,{d}] kv @layers.0.attn, %vc: f32[B,1,T,{d}] kv @layers.0.attn) {{\n"
             + "\n".join(lines) + f"\n  return {outs} state(%kc1, %vc1)\n}}\n")
 
 

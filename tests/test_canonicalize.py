@@ -21,7 +21,7 @@ params {
 }
 
 graph forward(%x: f32[B,S,4], %positions: i64[B,S])
-    state(%kc0: f32[B,1,T,4] @layer0) {
+    state(%kc0: f32[B,1,T,4] kv @layer0) {
   %w = param "w" : f32[8,4]
   %w2 = param "w" : f32[8,4]
   %r1 = reshape(%x) {shape=[B*S,4]} : f32[B*S,4]
@@ -51,7 +51,7 @@ params {
 }
 
 graph forward(%x: f32[B,S,4], %positions: i64[B,S])
-    state(%kc0: f32[B,1,T,4] @layer0) {
+    state(%kc0: f32[B,1,T,4] kv @layer0) {
   %w = param "w" : f32[8,4]
   %a = linear(%x, %w) : f32[B,S,8]
   %sum = constant {value=6.0, dtype=f32} : f32[]
@@ -96,7 +96,7 @@ params {
 }
 
 graph forward(%x: f32[B,S,4], %positions: i64[B,S])
-    state(%kc0: f32[B,1,T,4] @layer0, %vc0: f32[B,1,T,4] @layer0) {
+    state(%kc0: f32[B,1,T,4] kv @layer0, %vc0: f32[B,1,T,4] kv @layer0) {
   %r = reshape(%x) {shape=[B*S,4]} : f32[B*S,4]
   %c = cast(%r) {dtype=bf16} : bf16[B*S,4]
   %t = transpose(%x) {perm=[0,2,1]} : f32[B,4,S]

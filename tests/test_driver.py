@@ -44,7 +44,7 @@ def test_dump_after_named_pass_with_rewrite_count():
     assert "graph forward(" in text
     assert [(r.name, r.rewrites) for r in records] == [
         ("canonicalize", 5), ("raise_moe_route", 0), ("fuse_linear_residual", 2), ("fuse_rmsnorm_linear", 3),
-        ("fuse_swiglu", 1), ("moe_dispatch", 0), ("insert_kv_cache", 1), ("specialize", 2), ("select_logits", 1)]
+        ("fuse_swiglu", 1), ("moe_dispatch", 0), ("insert_state", 1), ("specialize", 2), ("select_logits", 1)]
 
 
 def test_dump_from_environment(monkeypatch, capsys):

@@ -64,7 +64,7 @@ def test_tiny_llama_layer_becomes_five_ops_plus_rope_and_cache_writes():
         m = run_pass(name, PASSES[name], m).module
         assert ir.print_module(m) != before, f"{name} did not fire on the tiny Llama layer"
     assert ir.print_module(m) == (GOLDEN / "tiny_llama_fused.ir").read_text()
-    for name in ("insert_kv_cache", "specialize"):
+    for name in ("insert_state", "specialize"):
         m = run_pass(name, PASSES[name], m).module
     decode = m.graph("decode")
     compute = [n.op for n in decode.nodes if n.op not in (Op.PARAM, Op.WEIGHT)]

@@ -31,7 +31,7 @@ params {
 }
 
 graph decode(%input_ids: i64[B,1], %x: f32[B,1,16], %positions: i64[B,1], %seq_lens: i32[B], %y: f32[B,(S+1)//2,4])
-    state(%kc0: f32[B,2,T,8] @model.layers.0.self_attn, %vc0: f32[B,2,T,8] @model.layers.0.self_attn) {
+    state(%kc0: f32[B,2,T,8] kv @model.layers.0.self_attn, %vc0: f32[B,2,T,8] kv @model.layers.0.self_attn) {
   %wqk = weight concat[0](param "wq", param "wk") : f32[48,16]  # model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj
   %m = weight matmul(scale[1](param "wd", data "arm.0.mu" : f32[24] sha "0123456789abcdef"), param "wu") : f32[16,16]
   %wt = weight transpose(cast[bf16](param "wd")) : bf16[24,16]
@@ -286,6 +286,7 @@ _T = {
     "order": "i32[2*B*S]", "offsets": "i32[5]", "ew": "f32[4,6,4]", "rw": "f32[B,S,2]", "wgm": "f32[10,4]",
     "up": "f32[6,4]", "wd": "f32[4,6]", "v6": "f32[6]", "mask": "bool[B,S,1]", "v2": "f32[2]",
     "tok": "f32[T,4]", "tids": "i64[T,2]", "tw": "f32[T,2]", "gub": "f32[4,6]", "db": "f32[4,4]",
+    "cw": "f32[4,3]", "cst": "f32[B,2,4]", "bh": "f32[B,S,2]", "dst": "f32[B,2,2,2]",
 }
 # per op: the example type of each input (by _T key) and attributes that make the result rule accept them
 VERIFIED_EXAMPLES = {
@@ -333,6 +334,10 @@ VERIFIED_EXAMPLES = {
     Op.MOE_SORT: (("eids",), {"experts": 4}),
     Op.GROUPED_GEMM: (("rows", "ew", "order", "offsets", "rw", "gub"), {"act": "silu", "limit": 7.0}),
     Op.MOE_COMBINE: (("rows", "order", "x"), {"top_k": 2}),
+    Op.SHORT_CONV: (("x", "cw", "v4"), {"act": "silu"}),
+    Op.DELTA_RULE: (("x", "x", "x", "x", "bh"), {"heads": 2, "scale": 0.5, "l2norm": True}),
+    Op.CACHED_SHORT_CONV: (("x", "cw", "v4", "cst", "pos", "lens"), {}),
+    Op.CACHED_DELTA_RULE: (("x", "x", "x", "bh", "bh", "dst", "pos", "lens"), {"heads": 2, "scale": 0.5}),
     Op.KV_CACHE_WRITE: (("cache", "x", "pos"), {}),
     Op.CACHED_ATTENTION: (("q", "cache", "cache", "pos", "lens", "v2"), {"scale": 0.5}),
     Op.ROPE_CACHE_WRITE: (("q", "x", "x", "pos", "cache", "cache"), {"heads": [2, 1], "inv_freq": [1.0, 0.1]}),
@@ -388,7 +393,8 @@ def _verified_module(op: Op, pattern: list) -> ir.Module:
         t = parse_type(_T[keys[slot]])
         name = f"in{j}.{keys[slot]}"
         is_state = OPDEFS[op].inputs[slot].state
-        inputs.append(b.add_state(name, t, owner="model.layers.0.self-attn") if is_state else b.input(name, t))
+        inputs.append(b.add_state(name, t, owner="model.layers.0.self-attn", kind=OPDEFS[op].state) if is_state
+                      else b.input(name, t))
     types = {Op.PARAM: [parse_type("f32[4,4]")], Op.WEIGHT: [parse_type("f32[8,4]")]}.get(op)
     out = b.add(op, inputs, attrs, name=f"{op.value}.out", types=types, source=["model.layers.0", "a,b"])
     outs = list(out) if isinstance(out, tuple) else [out]

@@ -1,4 +1,4 @@
-"""insert_kv_cache, specialize and select_logits: golden IR before → after, must-not-fire cases, rewrite counts,
+"""insert_state, specialize and select_logits: golden IR before → after, must-not-fire cases, rewrite counts,
 and differential runs on the reference backend."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ graph forward(%q: f32[B,S,8], %k: f32[B,S,4], %v: f32[B,S,6], %positions: i64[B,
 
 AFTER_KV = """\
 graph forward(%q: f32[B,S,8], %k: f32[B,S,4], %v: f32[B,S,6], %positions: i64[B,S], %seq_lens: i32[B])
-    state(%L0.kcache: f32[B,1,T,4] @model.layers.0.self_attn, %L0.vcache: f32[B,1,T,6] @model.layers.0.self_attn) {
+    state(%L0.kcache: f32[B,1,T,4] kv @model.layers.0.self_attn, %L0.vcache: f32[B,1,T,6] kv @model.layers.0.self_attn) {
   %L0.kcache1 = kv_cache_write(%L0.kcache, %k, %positions) : f32[B,1,T,4]  # model.layers.0.self_attn
   %L0.vcache1 = kv_cache_write(%L0.vcache, %v, %positions) : f32[B,1,T,6]  # model.layers.0.self_attn
   %o = cached_attention(%q, %L0.kcache1, %L0.vcache1, %positions, %seq_lens) {scale=0.5, window=3} : f32[B,S,12]  # model.layers.0.self_attn
@@ -36,7 +36,7 @@ graph forward(%q: f32[B,S,8], %k: f32[B,S,4], %v: f32[B,S,6], %positions: i64[B,
 
 AFTER_SPECIALIZE_DECODE = """\
 graph decode(%q: f32[B,1,8], %k: f32[B,1,4], %v: f32[B,1,6], %positions: i64[B,1], %seq_lens: i32[B])
-    state(%L0.kcache: f32[B,1,T,4] @model.layers.0.self_attn, %L0.vcache: f32[B,1,T,6] @model.layers.0.self_attn) {
+    state(%L0.kcache: f32[B,1,T,4] kv @model.layers.0.self_attn, %L0.vcache: f32[B,1,T,6] kv @model.layers.0.self_attn) {
   %L0.kcache1 = kv_cache_write(%L0.kcache, %k, %positions) : f32[B,1,T,4]  # model.layers.0.self_attn
   %L0.vcache1 = kv_cache_write(%L0.vcache, %v, %positions) : f32[B,1,T,6]  # model.layers.0.self_attn
   %o = cached_attention(%q, %L0.kcache1, %L0.vcache1, %positions, %seq_lens) {scale=0.5, window=3} : f32[B,1,12]  # model.layers.0.self_attn
@@ -49,14 +49,14 @@ def _run(name, text):
     return run_pass(name, PASSES[name], ir.verify_module(ir.parse_module(text)))
 
 
-def test_insert_kv_cache_golden():
-    record = _run("insert_kv_cache", BEFORE)
+def test_insert_state_golden():
+    record = _run("insert_state", BEFORE)
     assert ir.print_module(record.module) == AFTER_KV and record.rewrites == 1
 
 
 AFTER_KV_DASHED_OWNER = """\
 graph forward(%q: f32[B,S,8], %k: f32[B,S,4], %v: f32[B,S,6], %positions: i64[B,S], %seq_lens: i32[B])
-    state(%L0.self_attn.kcache: f32[B,1,T,4] @"model.layers.0.self-attn", %L0.self_attn.vcache: f32[B,1,T,6] @"model.layers.0.self-attn") {
+    state(%L0.self_attn.kcache: f32[B,1,T,4] kv @"model.layers.0.self-attn", %L0.self_attn.vcache: f32[B,1,T,6] kv @"model.layers.0.self-attn") {
   %L0.self_attn.kcache1 = kv_cache_write(%L0.self_attn.kcache, %k, %positions) : f32[B,1,T,4]  # model.layers.0.self-attn
   %L0.self_attn.vcache1 = kv_cache_write(%L0.self_attn.vcache, %v, %positions) : f32[B,1,T,6]  # model.layers.0.self-attn
   %o = cached_attention(%q, %L0.self_attn.kcache1, %L0.self_attn.vcache1, %positions, %seq_lens) {scale=0.5, window=3} : f32[B,S,12]  # model.layers.0.self-attn
@@ -66,10 +66,10 @@ graph forward(%q: f32[B,S,8], %k: f32[B,S,4], %v: f32[B,S,6], %positions: i64[B,
 """
 
 
-def test_insert_kv_cache_names_states_validly_for_any_module_path():
+def test_insert_state_names_states_validly_for_any_module_path():
     """Cache names come from the owner's module path, which may hold characters a value name cannot
     (``self-attn``): those become ``_`` (the pass used to leave ``%L0.self-attn.kcache``, an invalid graph)."""
-    record = _run("insert_kv_cache", BEFORE.replace("self_attn", "self-attn"))
+    record = _run("insert_state", BEFORE.replace("self_attn", "self-attn"))
     assert ir.print_module(record.module) == AFTER_KV_DASHED_OWNER and record.rewrites == 1
     assert ir.parse_module(AFTER_KV_DASHED_OWNER) == record.module
 
@@ -84,13 +84,13 @@ def test_specialize_golden():
 
 def test_must_not_fire():
     no_attention = "graph forward(%x: f32[B,S,4]) {\n  %y = neg(%x) : f32[B,S,4]\n  return %y\n}\n"
-    record = _run("insert_kv_cache", no_attention)
+    record = _run("insert_state", no_attention)
     assert ir.print_module(record.module) == no_attention and record.rewrites == 0
     specialized = ir.print_module(_run("specialize", AFTER_KV).module)
     again = _run("specialize", specialized)
     assert ir.print_module(again.module) == specialized and again.rewrites == 0
-    # a second insert_kv_cache finds no attention left
-    twice = _run("insert_kv_cache", AFTER_KV)
+    # a second insert_state finds no attention left
+    twice = _run("insert_state", AFTER_KV)
     assert ir.print_module(twice.module) == AFTER_KV and twice.rewrites == 0
 
 
@@ -104,10 +104,10 @@ def _pipeline(*names):
 @settings(max_examples=12, deadline=None)
 @given(batch=st.integers(1, 3), seq=st.integers(1, 8), extra=st.integers(0, 5), seed=st.integers(0, 2**16))
 def test_prefill_into_an_empty_cache_equals_attention(batch, seq, extra, seed):
-    """After insert_kv_cache, a right-padded prefill into a zeroed cache of any length gives the logits of the
+    """After insert_state, a right-padded prefill into a zeroed cache of any length gives the logits of the
     graph before it."""
     before = _pipeline("canonicalize")
-    after = _pipeline("canonicalize", "insert_kv_cache")
+    after = _pipeline("canonicalize", "insert_state")
     weights = random_weights(before, seed)
     lens = [max(1, seq - i) for i in range(batch)]
     inputs = token_inputs(batch, seq, 64, seed, lens)
@@ -121,7 +121,7 @@ def test_prefill_into_an_empty_cache_equals_attention(batch, seq, extra, seed):
 
 def test_decode_continues_a_prefill():
     """prefill(t[:n]) then decode(t[n]) gives the logits prefill(t[:n+1]) gives at its last position."""
-    m = _pipeline("canonicalize", "insert_kv_cache", "specialize")
+    m = _pipeline("canonicalize", "insert_state", "specialize")
     weights = random_weights(m, 3)
     prog = ReferenceProgram(m, weights)
     tokens = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
@@ -196,7 +196,7 @@ def test_select_logits_must_not_fire(text):
 def test_select_logits_gives_the_rows_asked_for():
     """The selected prefill's logits at any rows equal the full prefill's logits at those rows, and its cache
     writes are the same."""
-    m = _pipeline("canonicalize", "fuse_linear_residual", "fuse_rmsnorm_linear", "insert_kv_cache", "specialize")
+    m = _pipeline("canonicalize", "fuse_linear_residual", "fuse_rmsnorm_linear", "insert_state", "specialize")
     selected = run_pass("select_logits", PASSES["select_logits"], m).module
     weights = random_weights(m, 5)
     inputs = token_inputs(3, 6, 64, 5, lens=[6, 4, 1])
@@ -223,7 +223,7 @@ MIXERS = {
 
 
 @pytest.mark.parametrize("why", list(MIXERS))
-def test_insert_kv_cache_refuses_a_graph_that_mixes_tokens_outside_attention(why):
+def test_insert_state_refuses_a_graph_that_mixes_tokens_outside_attention(why):
     """Decoding one token at a time would compute something else: a mean or softmax over the tokens, pairwise
     scores, a product over the tokens, a token shift. The error names the op, its module and what to do."""
     text = f"""\
@@ -233,17 +233,17 @@ graph forward(%x: f32[B,S,8]) {{
 }}
 """
     with pytest.raises(ir.PassError, match=rf"in module 'blocks.0' mixes tokens outside an attention op \(.*{why}"):
-        _run("insert_kv_cache", text)
+        _run("insert_state", text)
 
 
-def test_insert_kv_cache_refuses_attention_that_is_not_causal():
+def test_insert_state_refuses_attention_that_is_not_causal():
     """Every token of an all-visible attention sees the later ones; decoding against a cache cannot."""
     text = BEFORE.replace("{heads=[2,1], scale=0.5, window=3}", "{heads=[2,1], scale=0.5, causal=false}")
     with pytest.raises(ir.PassError, match="'attention' in module 'model.layers.0.self_attn' is not causal"):
-        _run("insert_kv_cache", text)
+        _run("insert_state", text)
 
 
-def test_insert_kv_cache_allows_what_stays_within_a_token():
+def test_insert_state_allows_what_stays_within_a_token():
     """A reduction over features, an outer product that is per token (rotary angles: [B,D,1] @ [B,1,S]), a
     reshape merging batch and sequence, a slice of features: nothing to refuse, nothing to rewrite."""
     text = """\
@@ -255,5 +255,5 @@ graph forward(%x: f32[B,S,8], %f: f32[B,4,1], %p: f32[B,1,S]) {
   return %m, %a, %r, %h
 }
 """
-    record = _run("insert_kv_cache", text)
+    record = _run("insert_state", text)
     assert record.rewrites == 0 and ir.print_module(record.module) == text

@@ -11,7 +11,7 @@ from .conftest import example_text
 
 STATEFUL = """\
 graph g(%x: f32[B,1,4], %positions: i64[B,1], %seq_lens: i32[B])
-    state(%kc0: f32[B,1,T,4]) {
+    state(%kc0: f32[B,1,T,4] kv) {
   %o0 = cached_attention(%x, %kc0, %kc0, %positions, %seq_lens) {scale=1.0} : f32[B,1,4]
   %kc1 = kv_cache_write(%kc0, %x, %positions) : f32[B,1,T,4]
   %o1 = cached_attention(%x, %kc1, %kc1, %positions, %seq_lens) {scale=1.0} : f32[B,1,4]

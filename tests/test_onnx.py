@@ -600,7 +600,7 @@ def _attention_text(op: str, s: str, norms: bool = False, window: int = 0, layou
         first, result = f"f32[B,{s},32]", "%qr"
     return (f"graph g(%q: f32[B,{s},32], %k: f32[B,{s},16], %v: f32[B,{s},16], %positions: i64[B,{s}], "
             f"%seq_lens: i32[B]{norm_inputs}{sink_input})\n"
-            f"    state(%kc: f32[B,1,T,16] @layer0, %vc: f32[B,1,T,16] @layer0) {{\n"
+            f"    state(%kc: f32[B,1,T,16] kv @layer0, %vc: f32[B,1,T,16] kv @layer0) {{\n"
             f"  {result}, %kc1, %vc1 = {call} {{{attrs}}} : {first}, f32[B,1,T,16], f32[B,1,T,16]\n"
             f"  return {result} state(%kc1, %vc1)\n}}\n")
 
@@ -737,7 +737,7 @@ def test_gqa_fusion_takes_softcap_and_sinks_in_the_activations_dtype(dtype, sink
     t = dtype
     text = (f"graph decode(%q: {t}[B,1,32], %k: {t}[B,1,16], %v: {t}[B,1,16], %positions: i64[B,1], "
             f"%seq_lens: i32[B], %sinks: {sink_dtype}[2])\n"
-            f"    state(%kc: {t}[B,1,T,16] @layer0, %vc: {t}[B,1,T,16] @layer0) {{\n"
+            f"    state(%kc: {t}[B,1,T,16] kv @layer0, %vc: {t}[B,1,T,16] kv @layer0) {{\n"
             f"  %qr, %kr = rope(%q, %k, %positions) {{heads=[2,1], inv_freq=[{inv_freq}]}} : {t}[B,1,32], {t}[B,1,16]\n"
             f"  %kc1 = kv_cache_write(%kc, %kr, %positions) : {t}[B,1,T,16]\n"
             f"  %vc1 = kv_cache_write(%vc, %v, %positions) : {t}[B,1,T,16]\n"

@@ -974,7 +974,7 @@ def _capped_attention_op(op: str, s: int, softcap: float, sinks: str | None, win
         ret = "%o"
     else:
         inputs = f"%k: f32[B,{s},16], %v: f32[B,{s},16]"
-        state = f"\n    state(%kc: {cache} @layers.0.attn, %vc: {cache} @layers.0.attn)"
+        state = f"\n    state(%kc: {cache} kv @layers.0.attn, %vc: {cache} kv @layers.0.attn)"
         norm_operands = ", q_norm=%qn, k_norm=%kn" if norms else ""
         line = (f"%o, %kc1, %vc1 = rope_cached_attention(%q, %k, %v, %positions, %seq_lens, %kc, %vc{norm_operands}"
                 f"{sink_operand}) {{heads=[4,2], inv_freq=[1.0,0.1,0.01], scaling=0.9, layout=half, {attrs}, "

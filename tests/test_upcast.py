@@ -26,7 +26,7 @@ params {
 }
 
 graph forward(%x: bf16[B,S,4], %positions: i64[B,S])
-    state(%kc0: bf16[B,1,T,4] @layer0) {
+    state(%kc0: bf16[B,1,T,4] kv @layer0) {
   %w = param "w" : bf16[8,4]
   %wv = weight concat[0](param "w", param "v") : bf16[16,4]
   %n = param "n" : f32[4]
@@ -50,7 +50,7 @@ params {
 }
 
 graph forward(%x: f32[B,S,4], %positions: i64[B,S])
-    state(%kc0: f32[B,1,T,4] @layer0) {
+    state(%kc0: f32[B,1,T,4] kv @layer0) {
   %w = weight cast[f32](param "w") : f32[8,4]
   %wv = weight cast[f32](concat[0](param "w", param "v")) : f32[16,4]
   %n = param "n" : f32[4]

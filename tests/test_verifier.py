@@ -10,7 +10,7 @@ HEAD = """params {
   "w": f32[8,4]
 }
 graph g(%x: f32[B,S,4], %positions: i64[B,S], %seq_lens: i32[B], %kv: f32[B,1,T,4])
-    state(%kc0: f32[B,1,T,4] @layer0) {
+    state(%kc0: f32[B,1,T,4] kv @layer0) {
 """
 
 GOOD_BODY = """\

@@ -7,7 +7,9 @@ How to drive them: allocate every state zeroed with its ``shape`` (``B`` = batch
 ``prefill`` on the right-padded prompt with ``positions`` 0..S-1, ``seq_lens`` = prompt lengths and (when it has
 that input) ``logit_index`` [B, L] = the prompt rows whose logits it returns (each prompt's last: length - 1), then
 ``decode`` one token per step at ``positions`` = tokens so far and ``seq_lens`` = positions + 1, feeding each state
-output back as the next call's state input (bind it to the same buffer to update it in place).
+output back as the next call's state input (bind it to the same buffer to update it in place). A state whose
+``kind`` is ``recurrent`` (conv and delta-rule state) must be zeroed again before each new prompt; ``kv`` caches need
+not be.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def export(program, out_dir: str | Path, max_seq_len: int, vocab_size: int | Non
             "outputs": [{"name": o, "dtype": str(g.type_of(o).dtype), "shape": [str(d) for d in g.type_of(o).shape]}
                         for o in g.outputs],
             "state": [{"name": s.name, "output": s.name + ".out", "dtype": str(s.type.dtype),
-                       "shape": [str(d) for d in s.type.shape], "owner": s.owner} for s in g.state],
+                       "shape": [str(d) for d in s.type.shape], "owner": s.owner, "kind": s.kind} for s in g.state],
         }
     atomic_write(out / "lowerlm_onnx.json", json.dumps(index, indent=1))
     return out / "lowerlm_onnx.json"

@@ -1,17 +1,21 @@
-"""insert_kv_cache: ``attention`` → ``kv_cache_write`` of k and v + ``cached_attention`` over declared state.
+"""insert_state: every op that reads earlier tokens becomes its stateful form over declared state.
 
-Why: decoding one token at a time needs the keys and values of every earlier token. Each attention gets two
-states, ``[B, Hkv, T, D]`` key and value caches owned by its module (``T`` is the cache length, bound to
-``max_seq_len`` by the runtime). The writes return new versions (functional, linear state); the attention reads the
-new versions. Semantics of the graph inputs after this pass: ``positions`` are the cache slots the call writes,
-``seq_lens`` the number of valid tokens in each sequence's cache after the writes — for a prefill into an empty
-cache these are exactly the values the pass's input took, so outputs are unchanged.
-Runs after the fusions (they never touch attention) and before specialize. Leaves graphs without attention as they
+Why: decoding one token at a time needs what the earlier tokens left behind. Each op whose row names a stateful
+form (``OpDef.stateful``, ir/stateful.py) is asked for it: ``attention`` → ``kv_cache_write`` of k and v into two
+``kv`` states ``[B, Hkv, T, D]`` (``T`` is the cache length, bound to ``max_seq_len`` by the runtime) +
+``cached_attention`` over the new versions; ``short_conv`` → ``cached_short_conv`` over a ``recurrent`` state of
+its last W-1 inputs; ``delta_rule`` → ``cached_delta_rule`` over a ``recurrent`` f32 ``[B, H, K, V]`` state. Each
+state is owned by the op's module. The writes return new versions (functional, linear state). Semantics of the graph
+inputs after this pass: ``positions`` are the cache slots the call writes (each token's absolute position),
+``seq_lens`` the number of valid tokens in each sequence after the call -- for a prefill of a new sequence these
+are exactly the values the pass's input took, so outputs are unchanged; tokens at or past ``seq_lens`` (right
+padding) never enter recurrent state. The runtime zeroes ``recurrent`` state before each new sequence.
+Runs after the fusions (they never touch these ops) and before specialize. Leaves graphs without such ops as they
 are.
 
-It refuses a graph that mixes tokens outside attention (``sequence_mixers``): a reduction or softmax over the
+It refuses a graph that mixes tokens outside those ops (``sequence_mixers``): a reduction or softmax over the
 sequence axis, a product contracting it, a value indexed by two sequence axes (pairwise scores), a slice, split,
-gather or concat along it (token shifts). One token at a time against a cache computes something else there, so
+gather or concat along it (token shifts). One token at a time against state computes something else there, so
 generation would be silently wrong. The check reads shapes, so it sees the common forms, not every conceivable one
 (a sequence axis first merged into another and then reduced over part of it would pass). It refuses an attention
 without a causal mask for the same reason: there every token sees the later ones, which a token computed before
@@ -20,13 +24,12 @@ them never did.
 
 from __future__ import annotations
 
-from lowerlm.ir.abi import CACHE_LEN, SEQ, short_path
+from lowerlm.ir.abi import POSITIONS, SEQ, SEQ_LENS
 from lowerlm.ir.errors import PassError
 from lowerlm.ir.graph import Graph, GraphBuilder, Node
 from lowerlm.ir.opdefs import OPDEFS, Trait
 from lowerlm.ir.ops import Op
-from lowerlm.ir.shapes import free_symbols, sym
-from lowerlm.ir.types import TensorType
+from lowerlm.ir.shapes import free_symbols
 from lowerlm.passes.pattern import Pass
 
 _REDUCE = {Op.MEAN: "dims", Op.SUM: "dims", Op.SOFTMAX: "dim", Op.ARGMAX: "dim", Op.TOPK: "dim", Op.SORT: "dim"}
@@ -63,9 +66,17 @@ def sequence_mixers(g: Graph) -> list:
     return [(n, why) for n in g.nodes if (why := _mixes(g, n)) is not None]
 
 
+def _interface(g: Graph, name: str, node: Node) -> str:
+    if not any(v.name == name for v in g.inputs):
+        where = f" in module '{node.source[0]}'" if node.source else ""
+        raise PassError(f"'{node.op.value}'{where} needs the graph input %{name} to run against state; import the "
+                        "model with lowerlm's frontend (its graphs take input_ids, positions and seq_lens)")
+    return name
+
+
 @Pass
-def insert_kv_cache(g: Graph) -> tuple:
-    """Give every attention a key and a value cache."""
+def insert_state(g: Graph) -> tuple:
+    """Give every op that reads earlier tokens its state (KV caches, recurrent state)."""
     mixers = sequence_mixers(g)
     if mixers:
         node, why = mixers[0]
@@ -82,31 +93,15 @@ def insert_kv_cache(g: Graph) -> tuple:
                         "a time against a KV cache would compute something else. Give the model a causal mask "
                         "(F.scaled_dot_product_attention(..., is_causal=True)); compile_model(model, "
                         "passes=['canonicalize']) gives logits without generation")
-    if not any(n.op is Op.ATTENTION for n in g.nodes):
+    stateful = [n for n in g.nodes if OPDEFS[n.op].stateful is not None]
+    if not stateful:
         return g, 0
     b = GraphBuilder.rebuild(g)
     finals = []
     for node in g.nodes:
-        if node.op is not Op.ATTENTION:
+        form = OPDEFS[node.op].stateful
+        if form is None:
             b.append(node)
             continue
-        q, k, v, positions, seq_lens, sinks = node.inputs
-        hq, hk = node.attr("heads")
-        kt, vt = b.types[k], b.types[v]
-        batch = kt.shape[0]
-        owner = node.source[0] if node.source else ""
-        caches = []
-        for which, t in (("k", kt), ("v", vt)):
-            spec = TensorType(t.dtype, (batch, hk, sym(CACHE_LEN), t.shape[2] // hk))
-            # the builder turns what a value name cannot hold into '_' (a module path may hold any character)
-            hint = f"{short_path(owner, '.self_attn')}.{which}cache" if owner \
-                else f"{which}cache"
-            caches.append(b.add_state(hint, spec, owner))
-        kc, vc = (b.add(Op.KV_CACHE_WRITE, [c, x, positions], name=c + "1", source=node.source)
-                  for c, x in zip(caches, (k, v)))
-        attrs = {a: node.attrs[a] for a in ("scale", "causal", "window", "softcap") if a in node.attrs}
-        b.release(node.result_names)  # the cached attention takes the attention's name
-        b.add(Op.CACHED_ATTENTION, [q, kc, vc, positions, seq_lens, sinks], attrs, source=node.source,
-              names=node.result_names)
-        finals += [kc, vc]
-    return b.build(g.outputs, list(g.state_outputs) + finals), len(finals) // 2
+        finals += form(b, node, _interface(g, POSITIONS, node), _interface(g, SEQ_LENS, node))
+    return b.build(g.outputs, list(g.state_outputs) + finals), len(stateful)
