@@ -1,0 +1,143 @@
+"""Linear attention that transformers computes in module-level functions, made IR ops: the short convolution and
+the (gated) delta rule of Kimi Delta Attention.
+
+transformers' ``KimiLinearDeltaAttention.forward`` is projections, a forget gate, a sigmoid and a gated RMSNorm --
+ordinary ops the frontend traces and the fusions see (one ``rms_norm_linear`` feeds q|k|v|f_a|b|g_a) -- around two
+calls it makes by name: ``causal_conv1d_forward`` (a depthwise causal conv1d over q|k|v with SiLU) and
+``chunk_kimi_delta_attention`` (the delta rule with per-channel decay; ``recurrent_kimi_delta_attention`` only with
+a cache). Tracing those would unroll their loops over chunks and tokens for the example's length, so during export
+(``swapped``) the module's globals are replaced by functions that call two custom ops, ``lowerlm::short_conv`` and
+``lowerlm::delta_rule``, which torch.export keeps whole and the importer turns into the IR ops of the same names
+(``convert``). Their eager implementations are the reference's (ir/compute.py), so a check that runs the model
+during export computes what transformers' torch path computes.
+
+The swap replaces the functions themselves, so it does not matter which implementation transformers picked for them
+(its torch path, or the ``fla`` / ``causal_conv1d`` kernels it routes to on a GPU when those packages are
+installed): the export never calls any of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+
+from lowerlm.ir import compute
+from lowerlm.ir.abi import SILU
+from lowerlm.ir.errors import UnsupportedOpError
+from lowerlm.ir.ops import Op
+
+
+@torch.library.custom_op("lowerlm::short_conv", mutates_args=())
+def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+    """Causal depthwise convolution of x [B, S, C] along the sequence (weight [C, W]), as IR ``short_conv``."""
+    return compute.short_conv(x, weight, bias, act)
+
+
+@short_conv.register_fake
+def _(x, weight, bias, act):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lowerlm::delta_rule", mutates_args=())
+def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, heads: int,
+               scale: float, l2norm: bool, eps: float) -> torch.Tensor:
+    """The gated delta rule over token-major heads, as IR ``delta_rule``: [B, S, H*V]."""
+    return compute.delta_rule(q, k, v, g, beta, heads, scale, l2norm, eps)
+
+
+@delta_rule.register_fake
+def _(q, k, v, g, beta, heads, scale, l2norm, eps):
+    return q.new_empty((*q.shape[:2], v.shape[2]))
+
+
+_ACTS = {None: "none", "silu": SILU, "swish": SILU}
+
+
+def _cached(what: str, where: str):
+    raise UnsupportedOpError(f"{what} with a cache", where, "lowerlm exports the model without transformers' cache "
+                             "(use_cache=False) and keeps the state itself")
+
+
+def kimi_conv1d_forward(conv1d, hidden_states, cache=None, layer_idx=None, activation=None, state_idx=0, **kwargs):
+    """transformers' ``causal_conv1d_forward`` (hidden_states [B, C, S]) as ``lowerlm::short_conv``."""
+    where = type(conv1d).__name__
+    if cache is not None:
+        _cached("causal_conv1d_forward", where)
+    channels, width = conv1d.weight.shape[0], conv1d.weight.shape[-1]
+    if conv1d.groups != channels or conv1d.weight.shape[1] != 1 or kwargs.get("seq_idx") is not None:
+        raise UnsupportedOpError("causal_conv1d_forward of a conv that is not depthwise", where,
+                                 "lowerlm's short_conv filters each channel on its own")
+    if activation not in _ACTS:
+        raise UnsupportedOpError(f"causal_conv1d_forward activation {activation!r}", where,
+                                 "lowerlm's short_conv applies SiLU or nothing")
+    x = hidden_states.transpose(1, 2)
+    y = torch.ops.lowerlm.short_conv(x.to(conv1d.weight.dtype), conv1d.weight.reshape(channels, width), conv1d.bias,
+                                     _ACTS[activation])
+    return y.to(hidden_states.dtype).transpose(1, 2)
+
+
+def kimi_chunk_delta_rule(query, key, value, g, beta, chunk_size=64, initial_state=None, output_final_state=False,
+                          use_qk_l2norm_in_kernel=False, **kwargs):
+    """transformers' ``chunk_kimi_delta_attention`` ([B, S, H, D] heads) as ``lowerlm::delta_rule``."""
+    if initial_state is not None or output_final_state:
+        _cached("chunk_kimi_delta_attention", "KimiLinearDeltaAttention")
+    if kwargs.get("cu_seqlens") is not None:
+        raise UnsupportedOpError("chunk_kimi_delta_attention over packed sequences (cu_seqlens)",
+                                 "KimiLinearDeltaAttention", "pass a batch of sequences instead")
+    b, s, h, dk = query.shape
+    o = torch.ops.lowerlm.delta_rule(query.reshape(b, s, h * dk), key.reshape(b, s, h * dk),
+                                     value.reshape(b, s, -1), g.reshape(b, s, -1), beta.reshape(b, s, h), h,
+                                     dk ** -0.5, bool(use_qk_l2norm_in_kernel), 1e-6)
+    return o.reshape(b, s, h, -1), None
+
+
+def kimi_recurrent_delta_rule(*args, **kwargs):
+    _cached("recurrent_kimi_delta_attention", "KimiLinearDeltaAttention")
+
+
+# module -> {global function name: its replacement during export}
+SWAPS = {
+    "transformers.models.kimi_linear.modeling_kimi_linear": {
+        "causal_conv1d_forward": kimi_conv1d_forward,
+        "chunk_kimi_delta_attention": kimi_chunk_delta_rule,
+        "recurrent_kimi_delta_attention": kimi_recurrent_delta_rule,
+    },
+}
+
+
+@contextlib.contextmanager
+def swapped():
+    """Within the context, the functions in ``SWAPS`` of every module already imported are the replacements."""
+    saved = []
+    try:
+        for name, table in SWAPS.items():
+            module = sys.modules.get(name)
+            if module is None:
+                continue
+            for fn, replacement in table.items():
+                if hasattr(module, fn):
+                    saved.append((module, fn, getattr(module, fn)))
+                    setattr(module, fn, replacement)
+        yield
+    finally:
+        for module, fn, original in reversed(saved):
+            setattr(module, fn, original)
+
+
+def convert(imp, node):
+    """The IR of a ``lowerlm::short_conv`` or ``lowerlm::delta_rule`` call, or None for any other node."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "lowerlm":
+        return None
+    name = target._opname
+    if name == "short_conv":
+        x, w, bias, act = node.args
+        return imp.emit(node, Op.SHORT_CONV, [imp.value(x), imp.value(w), imp.value(bias) if bias is not None else None],
+                        {"act": act})
+    if name == "delta_rule":
+        q, k, v, g, beta, heads, scale, l2norm, eps = node.args
+        return imp.emit(node, Op.DELTA_RULE, [imp.value(t) for t in (q, k, v, g, beta)],
+                        {"heads": int(heads), "scale": float(scale), "l2norm": bool(l2norm), "eps": float(eps)})
+    return None
