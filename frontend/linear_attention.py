@@ -134,8 +134,8 @@ def convert(imp, node):
     name = target._opname
     if name == "short_conv":
         x, w, bias, act = node.args
-        return imp.emit(node, Op.SHORT_CONV, [imp.value(x), imp.value(w), imp.value(bias) if bias is not None else None],
-                        {"act": act})
+        inputs = [imp.value(x), imp.value(w), imp.value(bias) if bias is not None else None]
+        return imp.emit(node, Op.SHORT_CONV, inputs, {"act": act})
     if name == "delta_rule":
         q, k, v, g, beta, heads, scale, l2norm, eps = node.args
         return imp.emit(node, Op.DELTA_RULE, [imp.value(t) for t in (q, k, v, g, beta)],

@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from lowerlm.codegen.onnx import linear_attention as la
 from lowerlm.ir.abi import GELU_TANH, SEQ, SILU
 from lowerlm.ir.body import steps, types
 from lowerlm.ir.dtypes import DType
@@ -862,6 +863,10 @@ LOWERINGS: dict[Op, Callable] = {
     Op.ATTENTION: L.attention,
     Op.CACHED_ATTENTION: L.attention,
     Op.ROPE_CACHE_WRITE: L.rope_cache_write,
+    Op.SHORT_CONV: la.short_conv,
+    Op.CACHED_SHORT_CONV: la.cached_short_conv,
+    Op.DELTA_RULE: la.delta_rule,
+    Op.CACHED_DELTA_RULE: la.cached_delta_rule,
     Op.ROPE_CACHED_ATTENTION: L.rope_cached_attention,
     Op.RMS_NORM_MOE_ROUTE: L.rms_norm_moe_route,
     Op.EW_CHAIN: L.ew_chain,

@@ -4,9 +4,11 @@
 core ops without a kernel, the unfused ``moe``) runs with its row's reference implementation on the program's
 device (``lowerlm.ir.fold.run_op``). The fusions the kernels take are IR ops the Triton tail makes
 (passes/backend.py: ``rope_cache_write``, ``rope_cached_attention``, ``rms_norm_moe_route``, ``ew_chain``), so
-what runs is what ``lowerlm dump-ir`` shows. Weights are evaluated once (weight expressions included) and kept on
-the program's device. With ``inplace`` state writes land in the given buffers (the runtime owns them); without it
-a launcher writes copies, as the reference backend does.
+what runs is what ``lowerlm dump-ir`` shows. Linear attention (Kimi's KDA, gated DeltaNet) has kernels too
+(delta_rule.py): ``short_conv``, ``delta_rule`` and their cached forms, the delta rule recurrent for decode and
+chunked for prefill. Weights are evaluated once (weight expressions included) and kept on the program's device.
+With ``inplace`` state writes land in the given buffers (the runtime owns them); without it a launcher writes
+copies, as the reference backend does.
 """
 
 from __future__ import annotations
@@ -18,7 +20,18 @@ from typing import Callable
 import torch
 
 from lowerlm.codegen.reference import ReferenceProgram
-from lowerlm.codegen.triton import arm_mlp, attention, decode_attention, embedding, gemv, moe, rms_norm, rope, swiglu
+from lowerlm.codegen.triton import (
+    arm_mlp,
+    attention,
+    decode_attention,
+    delta_rule,
+    embedding,
+    gemv,
+    moe,
+    rms_norm,
+    rope,
+    swiglu,
+)
 from lowerlm.codegen.triton.elementwise import chain_source, load_kernel, run_chain
 from lowerlm.ir.compute import route_attrs
 from lowerlm.ir.errors import CompileError
@@ -119,6 +132,18 @@ def _rope_cached_attention(c: Call):
     return out, kc, vc
 
 
+def _cached_short_conv(c: Call):
+    x, w, bias, _, pos, lens = c.x
+    return delta_rule.cached_short_conv(x, w, bias, c.state(3), pos, lens, c.a["act"])
+
+
+def _cached_delta_rule(c: Call):
+    q, k, v, g, beta, _, pos, lens = c.x
+    a = c.a
+    return delta_rule.cached_delta_rule(q, k, v, g, beta, c.state(5), pos, lens, a["heads"], a["scale"], a["l2norm"],
+                                        a["eps"])
+
+
 def _moe_sort(c: Call):
     order, offsets, inverse = moe.moe_sort(c.x[0], c.a["experts"])
     c.scratch[c.node.results[0].name] = inverse  # each pair's row: the combine reading this order needs it
@@ -150,6 +175,10 @@ LAUNCHERS: dict[Op, Callable[[Call], object]] = {
     Op.CACHED_ATTENTION: _cached_attention,
     Op.ROPE_CACHE_WRITE: _rope_cache_write,
     Op.ROPE_CACHED_ATTENTION: _rope_cached_attention,
+    Op.SHORT_CONV: lambda c: delta_rule.short_conv(*c.x, c.a["act"]),
+    Op.CACHED_SHORT_CONV: _cached_short_conv,
+    Op.DELTA_RULE: lambda c: delta_rule.delta_rule(*c.x, c.a["heads"], c.a["scale"], c.a["l2norm"], c.a["eps"]),
+    Op.CACHED_DELTA_RULE: _cached_delta_rule,
     Op.MOE_ROUTE: lambda c: moe.moe_route(*c.x, **route_attrs(c.a)),
     Op.RMS_NORM_MOE_ROUTE: lambda c: moe.moe_route(c.x[0], *c.x[2:], **route_attrs(c.a), norm=(c.x[1], c.a["eps"])),
     Op.MOE_SORT: _moe_sort,
