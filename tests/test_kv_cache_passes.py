@@ -257,3 +257,79 @@ graph forward(%x: f32[B,S,8], %f: f32[B,4,1], %p: f32[B,1,S]) {
 """
     record = _run("insert_state", text)
     assert record.rewrites == 0 and ir.print_module(record.module) == text
+
+
+# ---- recurrent state: short_conv and delta_rule ----------------------------------------------------------------
+BEFORE_LINEAR = """\
+params {
+  "conv.weight": f32[12,4]
+}
+
+graph forward(%x: f32[B,S,12], %g: f32[B,S,4], %beta: f32[B,S,2], %positions: i64[B,S], %seq_lens: i32[B]) {
+  %w = param "conv.weight" : f32[12,4]
+  %c = short_conv(%x, %w) {act=silu} : f32[B,S,12]  # model.layers.0.self_attn
+  %q, %k, %v = split(%c) {dim=2, sizes=[4,4,4]} : f32[B,S,4], f32[B,S,4], f32[B,S,4]
+  %o = delta_rule(%q, %k, %v, %g, %beta) {heads=2, scale=0.7, l2norm} : f32[B,S,4]  # model.layers.0.self_attn
+  return %o
+}
+"""
+
+AFTER_LINEAR = """\
+params {
+  "conv.weight": f32[12,4]
+}
+
+graph forward(%x: f32[B,S,12], %g: f32[B,S,4], %beta: f32[B,S,2], %positions: i64[B,S], %seq_lens: i32[B])
+    state(%L0.self_attn.conv: f32[B,3,12] recurrent @model.layers.0.self_attn, %L0.self_attn.delta: f32[B,2,2,2] recurrent @model.layers.0.self_attn) {
+  %w = param "conv.weight" : f32[12,4]
+  %c, %L0.self_attn.conv1 = cached_short_conv(%x, %w, state=%L0.self_attn.conv, positions=%positions, seq_lens=%seq_lens) {act=silu} : f32[B,S,12], f32[B,3,12]  # model.layers.0.self_attn
+  %q, %k, %v = split(%c) {dim=2, sizes=[4,4,4]} : f32[B,S,4], f32[B,S,4], f32[B,S,4]
+  %o, %L0.self_attn.delta1 = cached_delta_rule(%q, %k, %v, %g, %beta, %L0.self_attn.delta, %positions, %seq_lens) {heads=2, scale=0.7, l2norm} : f32[B,S,4], f32[B,2,2,2]  # model.layers.0.self_attn
+  return %o state(%L0.self_attn.conv1, %L0.self_attn.delta1)
+}
+"""
+
+
+def _linear_inputs(b, s, seed=0, lens=None):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(b, s, 12, generator=g), "g": -torch.rand(b, s, 4, generator=g),
+            "beta": torch.rand(b, s, 2, generator=g), "positions": torch.arange(s).repeat(b, 1),
+            "seq_lens": torch.tensor(lens or [s] * b, dtype=torch.int32)}
+
+
+def test_insert_state_gives_short_conv_and_delta_rule_recurrent_state():
+    record = _run("insert_state", BEFORE_LINEAR)
+    assert ir.print_module(record.module) == AFTER_LINEAR and record.rewrites == 2
+    again = _run("insert_state", AFTER_LINEAR)  # must not fire: nothing stateless left
+    assert ir.print_module(again.module) == AFTER_LINEAR and again.rewrites == 0
+    without = BEFORE_LINEAR.replace("graph forward(%x: f32[B,S,12], %g: f32[B,S,4], %beta: f32[B,S,2], %positions: "
+                                    "i64[B,S], %seq_lens: i32[B])", "graph forward(%x: f32[B,S,12], %g: f32[B,S,4], "
+                                    "%beta: f32[B,S,2])")
+    with pytest.raises(ir.PassError, match=r"'short_conv' in module 'model.layers.0.self_attn' needs the graph "
+                                           r"input %positions"):
+        _run("insert_state", without)
+
+
+def test_recurrent_state_prefill_then_decode_equals_the_stateless_graph():
+    """Differential, on the reference backend: the graph before insert_state over 9 tokens against its stateful
+    form run as a right-padded prefill of 6 (one row 4 long) and then one token at a time."""
+    before = ir.verify_module(ir.parse_module(BEFORE_LINEAR))
+    after = ir.verify_module(ir.parse_module(AFTER_LINEAR))
+    weights = {"conv.weight": torch.randn(12, 4, generator=torch.Generator().manual_seed(3))}
+    inputs = _linear_inputs(2, 9)
+    want = ReferenceProgram(before, weights).run("forward", inputs)[0][0]
+    program, state = ReferenceProgram(after, weights), allocate_state(after, 2, 16)
+    assert {s.kind for s in after.graphs[0].state} == {"recurrent"}
+    lens = [6, 4]
+    first = {k: v[:, :6] if v.dim() > 1 else torch.tensor(lens, dtype=torch.int32) for k, v in inputs.items()}
+    (got,), state = program.run("forward", first, state)
+    for b, n in enumerate(lens):
+        torch.testing.assert_close(got[b, :n], want[b, :n], rtol=1e-5, atol=1e-6)
+    for t in range(4, 9):  # row 1 continues at 4, row 0 at 6: until then its token is padding (at its seq_lens)
+        pos = torch.tensor([[max(t, 6)], [t]])
+        step = {k: torch.stack([v[0, max(t, 6)], v[1, t]])[:, None] for k, v in inputs.items() if v.dim() == 3}
+        step.update(positions=pos, seq_lens=torch.tensor([6 if t < 6 else t + 1, t + 1], dtype=torch.int32))
+        (got,), state = program.run("forward", step, state)
+        torch.testing.assert_close(got[1, 0], want[1, t], rtol=1e-5, atol=1e-6)
+        if t >= 6:
+            torch.testing.assert_close(got[0, 0], want[0, t], rtol=1e-5, atol=1e-6)
