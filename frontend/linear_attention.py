@@ -1,11 +1,13 @@
 """Linear attention that transformers computes in module-level functions, made IR ops: the short convolution and
-the (gated) delta rule of Kimi Delta Attention.
+the delta rule of Kimi Delta Attention (per-channel decay) and of gated DeltaNet (Qwen3-Next, Qwen3.5, OLMo-Hybrid
+and their copies: one decay per head).
 
 transformers' ``KimiLinearDeltaAttention.forward`` is projections, a forget gate, a sigmoid and a gated RMSNorm --
 ordinary ops the frontend traces and the fusions see (one ``rms_norm_linear`` feeds q|k|v|f_a|b|g_a) -- around two
 calls it makes by name: ``causal_conv1d_forward`` (a depthwise causal conv1d over q|k|v with SiLU) and
 ``chunk_kimi_delta_attention`` (the delta rule with per-channel decay; ``recurrent_kimi_delta_attention`` only with
-a cache). Tracing those would unroll their loops over chunks and tokens for the example's length, so during export
+a cache; gated DeltaNet's are ``torch_chunk_gated_delta_rule`` and ``torch_recurrent_gated_delta_rule``). Tracing
+those would unroll their loops over chunks and tokens for the example's length, so during export
 (``swapped``) the module's globals are replaced by functions that call two custom ops, ``lowerlm::short_conv`` and
 ``lowerlm::delta_rule``, which torch.export keeps whole and the importer turns into the IR ops of the same names
 (``convert``). Their eager implementations are the reference's (ir/compute.py), so a check that runs the model
@@ -19,6 +21,7 @@ installed): the export never calls any of them.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 
 import torch
@@ -93,32 +96,90 @@ def kimi_chunk_delta_rule(query, key, value, g, beta, chunk_size=64, initial_sta
     return o.reshape(b, s, h, -1), None
 
 
-def kimi_recurrent_delta_rule(*args, **kwargs):
-    _cached("recurrent_kimi_delta_attention", "KimiLinearDeltaAttention")
+def gated_delta_rule_chunk(query, key, value, g, beta, chunk_size=64, initial_state=None, output_final_state=False,
+                           use_qk_l2norm_in_kernel=False, **kwargs):
+    """transformers' ``torch_chunk_gated_delta_rule`` (gated DeltaNet: Qwen3-Next, Qwen3.5, OLMo-Hybrid, ...; one
+    decay per value head, value heads grouped over fewer query/key heads) as ``lowerlm::delta_rule``. Its L2 norm is
+    ``x * rsqrt(sum x^2 + eps)`` in f32, not the op's ``x / sqrt(...)``: it is traced as ops before the op."""
+    if initial_state is not None or output_final_state:
+        _cached("torch_chunk_gated_delta_rule", "GatedDeltaNet")
+    if kwargs.get("cu_seqlens") is not None:
+        raise UnsupportedOpError("torch_chunk_gated_delta_rule over packed sequences (cu_seqlens)", "GatedDeltaNet",
+                                 "pass a batch of sequences instead")
+    dtype = query.dtype
+    b, s, hk, dk = key.shape
+    hv = value.shape[2]
+    if hk != hv:
+        query, key = (x.repeat_interleave(hv // hk, dim=2) for x in (query, key))
+    query, key, value = (x.float() for x in (query, key, value))
+    if use_qk_l2norm_in_kernel:
+        query, key = (x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6) for x in (query, key))
+    o = torch.ops.lowerlm.delta_rule(query.reshape(b, s, hv * dk), key.reshape(b, s, hv * dk),
+                                     value.reshape(b, s, -1), g.reshape(b, s, hv), beta.reshape(b, s, hv), hv,
+                                     dk ** -0.5, False, 1e-6)
+    return o.reshape(b, s, hv, -1).to(dtype), None
 
 
-# module -> {global function name: its replacement during export}
+def _refuse_recurrent(name: str):
+    def refuse(*args, **kwargs):
+        _cached(name, "linear attention")
+
+    return refuse
+
+
+# transformers' module-level functions, by name, and what each becomes during export; each is swapped in every
+# transformers model module that has it with the parameters listed (copies of one function across families)
 SWAPS = {
-    "transformers.models.kimi_linear.modeling_kimi_linear": {
-        "causal_conv1d_forward": kimi_conv1d_forward,
-        "chunk_kimi_delta_attention": kimi_chunk_delta_rule,
-        "recurrent_kimi_delta_attention": kimi_recurrent_delta_rule,
-    },
+    "causal_conv1d_forward": (kimi_conv1d_forward, ("conv1d", "hidden_states", "cache", "layer_idx", "activation")),
+    "chunk_kimi_delta_attention": (kimi_chunk_delta_rule, ("query", "key", "value", "g", "beta", "chunk_size",
+                                                           "initial_state", "output_final_state",
+                                                           "use_qk_l2norm_in_kernel")),
+    "recurrent_kimi_delta_attention": (_refuse_recurrent("recurrent_kimi_delta_attention"), ()),
+    "torch_chunk_gated_delta_rule": (gated_delta_rule_chunk, ("query", "key", "value", "g", "beta", "chunk_size",
+                                                              "initial_state", "output_final_state",
+                                                              "use_qk_l2norm_in_kernel")),
+    "torch_recurrent_gated_delta_rule": (_refuse_recurrent("torch_recurrent_gated_delta_rule"), ()),
 }
+
+
+def _inner(fn):
+    """The function behind transformers' wrappers: ``functools.wraps`` chains, and the ``kernels`` package's
+    ``Func`` module (an ``nn.Module`` whose forward calls the function it closes over)."""
+    for _ in range(4):
+        if hasattr(fn, "__wrapped__"):
+            fn = fn.__wrapped__
+        elif isinstance(fn, torch.nn.Module):
+            cells = getattr(type(fn).forward, "__closure__", None) or ()
+            inner = [c.cell_contents for c in cells if inspect.isfunction(c.cell_contents)]
+            if len(inner) != 1:
+                return fn
+            fn = inner[0]
+        else:
+            return fn
+    return fn
+
+
+def _takes(fn, params: tuple) -> bool:
+    try:
+        names = tuple(inspect.signature(_inner(fn)).parameters)
+    except (TypeError, ValueError):
+        return False
+    return names[:len(params)] == params
 
 
 @contextlib.contextmanager
 def swapped():
-    """Within the context, the functions in ``SWAPS`` of every module already imported are the replacements."""
+    """Within the context, every function in ``SWAPS`` of every transformers model module already imported is its
+    replacement (when it takes the parameters listed)."""
     saved = []
     try:
-        for name, table in SWAPS.items():
-            module = sys.modules.get(name)
-            if module is None:
+        for name, module in list(sys.modules.items()):
+            if not name.startswith("transformers.models.") or ".modeling_" not in name or module is None:
                 continue
-            for fn, replacement in table.items():
-                if hasattr(module, fn):
-                    saved.append((module, fn, getattr(module, fn)))
+            for fn, (replacement, params) in SWAPS.items():
+                original = getattr(module, fn, None)
+                if callable(original) and _takes(original, params):
+                    saved.append((module, fn, original))
                     setattr(module, fn, replacement)
         yield
     finally:

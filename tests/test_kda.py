@@ -245,3 +245,41 @@ def test_with_a_fla_package_importable_nothing_calls_it(model, want, monkeypatch
                 sys.modules[n] = m
         monkeypatch.undo()
         importlib.reload(km)
+
+
+# ---- gated DeltaNet: one decay per head, value heads grouped over key heads -------------------------------------
+def qwen3_next():
+    """A tiny Qwen3-Next: 3 gated-DeltaNet layers (4 value heads over 2 key heads) and 1 gated full attention, MoE
+    MLPs with a gated shared expert."""
+    import transformers
+
+    cfg = transformers.Qwen3NextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=6, linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, shared_expert_intermediate_size=16, max_position_embeddings=128,
+        layer_types=["linear_attention"] * 3 + ["full_attention"])
+    torch.manual_seed(0)
+    model = transformers.Qwen3NextForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("dt_bias", "A_log")):
+                p.normal_(0, 0.5)
+            elif p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+    return model
+
+
+def test_gated_deltanet_qwen3_next_matches_eager():
+    model = qwen3_next()
+    cm = lowerlm.compile_model(model, backend="reference", max_batch=2, max_seq_len=128)
+    rules = [n for n in cm.ir.graph("decode").nodes if n.op is Op.CACHED_DELTA_RULE]
+    assert len(rules) == 3 and rules[0].attr("heads") == 4 and not rules[0].attr("l2norm")  # norm traced: rsqrt form
+    ids = IDS[:, :70]
+    close(cm(ids), eager(model, ids))
+    prompts = [IDS[0, :9].tolist(), IDS[1, :4].tolist()]
+    got = list(cm.generate_ids(prompts, 12, stop_ids=()))
+    for i, p in enumerate(prompts):
+        assert [s[i] for s in got] == eager_greedy(model, p, 12)
