@@ -51,3 +51,11 @@ def test_arch_coverage_smoke():
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "arch_coverage.py"), "--only", "nonesuch"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "not in transformers' causal-LM registry: nonesuch" in bad.stderr
+
+
+def test_linear_attention_bench_smoke():
+    """bench/linear_attention.py times the ONNX delta rule's prefill forms against each other."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "linear_attention.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("1.00x the token Scan") == 2 and "chunked C=64" in out.stdout
