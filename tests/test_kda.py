@@ -144,6 +144,20 @@ def test_kda_ops_their_state_and_the_fused_projection_in_the_ir(model):
                                     n.attr("scaling") == pytest.approx(2.446) for n in routes)
 
 
+def test_dump_ir_of_a_saved_kimi_linear_shows_the_kda_ops_and_their_state(tmp_path, capsys):
+    """``lowerlm dump-ir --model <HF folder>``: the stateful KDA ops under their modules, state with its kind."""
+    from lowerlm.cli import main
+
+    kimi(layer_types=("linear_attention",) * 2, mlp_types=("dense", "sparse")).save_pretrained(tmp_path)
+    assert main(["dump-ir", "-q", "--model", str(tmp_path), "--after", "insert_state"]) == 0
+    out = capsys.readouterr().out
+    assert "%L1.self_attn.conv: f32[B,3,48] recurrent @model.layers.1.self_attn" in out
+    assert "%L1.self_attn.delta: f32[B,2,8,8] recurrent @model.layers.1.self_attn" in out
+    rules = [line for line in out.splitlines() if "= cached_delta_rule(" in line or "= cached_short_conv(" in line]
+    assert [line.rsplit("# ", 1)[1] for line in rules] == ["model.layers.0.self_attn"] * 2 + \
+        ["model.layers.1.self_attn"] * 2
+
+
 def test_recurrent_state_is_zeroed_for_each_new_sequence(model, monkeypatch):
     cm = lowerlm.compile_model(model, backend="reference", max_batch=2, max_seq_len=64)
     first, second = IDS[0, :9].tolist(), IDS[1, :6].tolist()
