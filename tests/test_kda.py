@@ -26,7 +26,7 @@ BACKENDS = ["reference", "onnx", "triton"]
 
 
 def kimi_config(layer_types=("linear_attention",) * 4, mlp_types=("dense", "sparse", "sparse", "sparse")):
-    """../shared/MODELS.md's tiny Kimi Linear: hidden 32, KDA 2 heads x 8, conv 4; 8 experts of 16, top-2, one
+    """A tiny Kimi Linear reaching every branch: hidden 32, KDA 2 heads x 8, conv 4; 8 experts of 16, top-2, one
     shared, 4 groups / 2 kept, scale 2.446, renormalised; MLA kv_lora 16, no q_lora, 8 + 4 / 8."""
     import transformers
 
