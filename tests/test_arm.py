@@ -121,9 +121,9 @@ def test_sparse_arm_prefill_and_decode_agree():
 
 
 @pytest.mark.slow
-def test_smollm2_arm_tau_zero_matches_eager_and_hist_is_written(tmp_path):
+def test_smollm2_arm_tau_zero_matches_eager():
     model = lowerlm.load("smollm2")
-    cal = calibrate(model, sparsity=0.0, max_tokens=256)
+    cal = calibrate(model, sparsity=0.0, max_tokens=64)
     cm = lowerlm.compile_model(model, backend="reference", arm=cal, max_batch=1)
     ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -135,8 +135,3 @@ def test_smollm2_arm_tau_zero_matches_eager_and_hist_is_written(tmp_path):
     with torch.no_grad():
         hf = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
     assert [s[0] for s in cm.generate_ids([prompt], 32)] == hf
-    from lowerlm.arm_report import arm_hist
-
-    stats = arm_hist(model, 15, str(tmp_path / "h.png"))
-    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
-    assert stats["skew_a"] > 1 and abs(stats["mass_within_tau"] - 0.5) < 0.01
