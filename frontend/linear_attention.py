@@ -4,7 +4,8 @@ and their copies: one decay per head).
 
 transformers' ``KimiLinearDeltaAttention.forward`` is projections, a forget gate, a sigmoid and a gated RMSNorm --
 ordinary ops the frontend traces and the fusions see (one ``rms_norm_linear`` feeds q|k|v|f_a|b|g_a) -- around two
-calls it makes by name: ``causal_conv1d_forward`` (a depthwise causal conv1d over q|k|v with SiLU) and
+calls it makes by name: ``causal_conv1d_forward`` (a depthwise causal conv1d over q|k|v with SiLU; transformers
+5.17 calls ``causal_conv1d_fn``, swapped too) and
 ``chunk_kimi_delta_attention`` (the delta rule with per-channel decay; ``recurrent_kimi_delta_attention`` only with
 a cache; gated DeltaNet's are ``torch_chunk_gated_delta_rule`` and ``torch_recurrent_gated_delta_rule``). Tracing
 those would unroll their loops over chunks and tokens for the example's length, so during export
@@ -63,22 +64,31 @@ def _cached(what: str, where: str):
                              "(use_cache=False) and keeps the state itself")
 
 
+def conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
+    """transformers' ``causal_conv1d_fn`` (hidden_states [B, C, S], weight [C, W]; what transformers 5.17's KDA and
+    gated DeltaNet layers call, and 5.25's ``causal_conv1d_forward`` without a cache) as ``lowerlm::short_conv``."""
+    if kwargs.get("seq_idx") is not None:
+        raise UnsupportedOpError("causal_conv1d_fn over packed sequences (seq_idx)", "linear attention",
+                                 "pass a batch of sequences instead")
+    if activation not in _ACTS:
+        raise UnsupportedOpError(f"causal_conv1d_fn activation {activation!r}", "linear attention",
+                                 "lowerlm's short_conv applies SiLU or nothing")
+    x = hidden_states.transpose(1, 2).to(weight.dtype)
+    y = torch.ops.lowerlm.short_conv(x, weight, bias, _ACTS[activation])
+    return y.to(hidden_states.dtype).transpose(1, 2)
+
+
 def kimi_conv1d_forward(conv1d, hidden_states, cache=None, layer_idx=None, activation=None, state_idx=0, **kwargs):
-    """transformers' ``causal_conv1d_forward`` (hidden_states [B, C, S]) as ``lowerlm::short_conv``."""
+    """transformers' ``causal_conv1d_forward`` (5.25: the layer's conv module and its cache) as
+    ``lowerlm::short_conv``."""
     where = type(conv1d).__name__
     if cache is not None:
         _cached("causal_conv1d_forward", where)
     channels, width = conv1d.weight.shape[0], conv1d.weight.shape[-1]
-    if conv1d.groups != channels or conv1d.weight.shape[1] != 1 or kwargs.get("seq_idx") is not None:
+    if conv1d.groups != channels or conv1d.weight.shape[1] != 1:
         raise UnsupportedOpError("causal_conv1d_forward of a conv that is not depthwise", where,
                                  "lowerlm's short_conv filters each channel on its own")
-    if activation not in _ACTS:
-        raise UnsupportedOpError(f"causal_conv1d_forward activation {activation!r}", where,
-                                 "lowerlm's short_conv applies SiLU or nothing")
-    x = hidden_states.transpose(1, 2)
-    y = torch.ops.lowerlm.short_conv(x.to(conv1d.weight.dtype), conv1d.weight.reshape(channels, width), conv1d.bias,
-                                     _ACTS[activation])
-    return y.to(hidden_states.dtype).transpose(1, 2)
+    return conv1d_fn(hidden_states, conv1d.weight.reshape(channels, width), conv1d.bias, activation, **kwargs)
 
 
 def kimi_chunk_delta_rule(query, key, value, g, beta, chunk_size=64, initial_state=None, output_final_state=False,
@@ -131,6 +141,7 @@ def _refuse_recurrent(name: str):
 # transformers model module that has it with the parameters listed (copies of one function across families)
 SWAPS = {
     "causal_conv1d_forward": (kimi_conv1d_forward, ("conv1d", "hidden_states", "cache", "layer_idx", "activation")),
+    "causal_conv1d_fn": (conv1d_fn, ("hidden_states", "weight", "bias", "activation")),
     "chunk_kimi_delta_attention": (kimi_chunk_delta_rule, ("query", "key", "value", "g", "beta", "chunk_size",
                                                            "initial_state", "output_final_state",
                                                            "use_qk_l2norm_in_kernel")),

@@ -306,3 +306,18 @@ def test_gated_deltanet_qwen3_next_matches_eager():
     got = list(cm.generate_ids(prompts, 12, stop_ids=()))
     for i, p in enumerate(prompts):
         assert [s[i] for s in got] == eager_greedy(model, p, 12)
+
+
+def test_transformers_5_17s_conv_function_is_swapped_too():
+    """transformers 5.17 (the GPU machine's floor) has KDA and gated DeltaNet call ``causal_conv1d_fn`` directly
+    (5.25 goes through ``causal_conv1d_forward``): within the export's swap it is the short_conv op, computing what
+    the original computes."""
+    from lowerlm.frontend import linear_attention
+    from transformers.models.qwen3_next import modeling_qwen3_next as qn
+
+    x, w, b = torch.randn(2, 12, 9), torch.randn(12, 4), torch.randn(12)
+    want = qn.causal_conv1d_fn(x, w, b, activation="silu")
+    with linear_attention.swapped():
+        assert qn.causal_conv1d_fn is linear_attention.conv1d_fn
+        close(qn.causal_conv1d_fn(x, w, b, activation="silu"), want)
+    assert qn.causal_conv1d_fn is not linear_attention.conv1d_fn
