@@ -312,8 +312,9 @@ def test_transformers_5_17s_conv_function_is_swapped_too():
     """transformers 5.17 (the GPU machine's floor) has KDA and gated DeltaNet call ``causal_conv1d_fn`` directly
     (5.25 goes through ``causal_conv1d_forward``): within the export's swap it is the short_conv op, computing what
     the original computes."""
-    from lowerlm.frontend import linear_attention
     from transformers.models.qwen3_next import modeling_qwen3_next as qn
+
+    from lowerlm.frontend import linear_attention
 
     x, w, b = torch.randn(2, 12, 9), torch.randn(12, 4), torch.randn(12)
     want = qn.causal_conv1d_fn(x, w, b, activation="silu")
