@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from lowerlm.frontend import linear_attention, mla
+from lowerlm.frontend import complex_rope, linear_attention, mla
 from lowerlm.frontend.importer import ExportInfo
 from lowerlm.ir.abi import BATCH, INPUT_IDS, SEQ
 from lowerlm.ir.errors import CompileError, LowerlmError, UnsupportedOpError
@@ -262,7 +262,7 @@ def _export(model: torch.nn.Module, hf: list, vocab_size: int | None):
         args = (ids, example["position_ids"])
     wrapper = _Wrapper(model, with_positions)
     with warnings.catch_warnings(), torch.no_grad(), _sdpa_with_gqa(), _without_kv_cache(hf), \
-            linear_attention.swapped(), mla.traceable(model):
+            linear_attention.swapped(), mla.traceable(model), complex_rope.real(model):
         warnings.simplefilter("ignore")
         if with_positions:  # the positions input must mean what the model's own numbering means
             check_position_numbering(wrapper, ids, example["position_ids"],

@@ -1,10 +1,11 @@
 """Multi-head latent attention through the compiler, made traceable (frontend/mla.py): the whole Kimi Linear hybrid
 (3 KDA layers : 1 MLA layer without RoPE, MoE with a shared expert and a non-zero correction bias), DeepSeek-V3
-(q_lora, both rope layouts, a YaRN variant) against eager: f32 logits within 1e-4 x max |logit| and greedy tokens,
+(q_lora, both rope layouts, a YaRN variant) and DeepSeek-V2 (no q_lora, softmax group-limited routing, complex RoPE)
+against eager: f32 logits within 1e-4 x max |logit| and greedy tokens,
 prefill + decode through the cache and a continuation with cache.
 
 The cache holds MLA's expanded keys and values for now (the latent cache with absorbed decode is the next step).
-DeepSeek-V2 rotates with complex numbers (``torch.polar``), which the IR has no form for yet: refused by name."""
+DeepSeek-V2 rotates with complex numbers (``torch.polar``): frontend/complex_rope.py makes them real pairs."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import torch
 
 import lowerlm
 from lowerlm.frontend import mla
-from lowerlm.ir.errors import UnsupportedOpError
 from lowerlm.runtime import generate as rt
 
 from .test_kda import IDS, close, eager, eager_greedy, kimi
@@ -90,20 +90,16 @@ def test_the_whole_kimi_linear_hybrid_matches_eager(backend):
 
 @pytest.mark.parametrize("variant, backend", [
     (dict(version=3, interleave=True), "reference"), (dict(version=3, interleave=False), "reference"),
-    (dict(version=3, yarn=True), "reference"), (dict(version=3, interleave=False), "onnx"),
-    (dict(version=3, yarn=True), "triton")],
-    ids=["v3-interleaved", "v3-half", "v3-yarn", "v3-half-onnx", "v3-yarn-triton"])
+    (dict(version=3, yarn=True), "reference"), (dict(version=2), "reference"), (dict(version=3, interleave=False),
+                                                                                 "onnx"),
+    (dict(version=2), "onnx"), (dict(version=3, yarn=True), "triton"), (dict(version=2), "triton")],
+    ids=["v3-interleaved", "v3-half", "v3-yarn", "v2", "v3-half-onnx", "v2-onnx", "v3-yarn-triton", "v2-triton"])
 def test_deepseek_mla_matches_eager(variant, backend):
     model = deepseek(**variant)
     cm = lowerlm.compile_model(model, backend=backend, max_batch=2, max_seq_len=128)
     with torch.no_grad():
         want = model(IDS).logits
     _check(cm, model, want, _hf_greedy, 32 if backend != "triton" else 8, cached=backend != "triton")
-
-
-def test_deepseek_v2s_complex_rotary_embedding_is_refused_by_name():
-    with pytest.raises(UnsupportedOpError, match=r"'aten.polar.default' in module 'model.rotary_emb'"):
-        lowerlm.compile_model(deepseek(version=2), backend="reference")
 
 
 def test_an_expand_kv_that_computes_something_else_is_kept():
@@ -117,3 +113,26 @@ def test_an_expand_kv_that_computes_something_else_is_kept():
         assert model.model.layers[1].self_attn.expand_kv.__func__ is mla._expand_kv
         assert getattr(attn.expand_kv, "__func__", None) is not mla._expand_kv
     assert "expand_kv" not in vars(model.model.layers[1].self_attn)
+
+
+def test_complex_rope_is_made_real_only_where_it_computes_the_same(monkeypatch):
+    """frontend/complex_rope.py swaps DeepSeek-V2's complex rotary embedding for real pairs after a numeric check;
+    an ``apply_rotary_emb`` that computes something else is kept, and the export refuses its complex op by name."""
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as dv2
+
+    from lowerlm.frontend import complex_rope
+    from lowerlm.ir.errors import UnsupportedOpError
+
+    model = deepseek(version=2)
+    with complex_rope.real(model):
+        assert dv2.apply_rotary_emb is complex_rope.real_apply_rotary_emb
+        assert model.model.rotary_emb.forward.__func__ is complex_rope.real_rotary_forward
+    assert dv2.apply_rotary_emb is not complex_rope.real_apply_rotary_emb and "forward" not in vars(
+        model.model.rotary_emb)
+    original = dv2.apply_rotary_emb
+    monkeypatch.setattr(dv2, "apply_rotary_emb", lambda xq, xk, freqs_cis: tuple(
+        t * 2 for t in original(xq, xk, freqs_cis)))
+    with complex_rope.real(model):
+        assert dv2.apply_rotary_emb is not complex_rope.real_apply_rotary_emb
+    with pytest.raises(UnsupportedOpError, match=r"'aten.polar.default' in module 'model.rotary_emb'"):
+        lowerlm.compile_model(model, backend="reference", use_cache=False)
