@@ -60,9 +60,12 @@ def _agrees(module, rotary: torch.nn.Module) -> bool:
     heads, dim = 2, 2 * rotary.inv_freq.shape[0]
     xq, xk = torch.randn(2, heads, 5, dim, generator=g), torch.randn(2, 1, 5, dim, generator=g)
     pos = torch.arange(5).repeat(2, 1) * 7
-    with torch.no_grad():
-        want = module.apply_rotary_emb(xq, xk, rotary(xq, pos))
-        got = real_apply_rotary_emb(xq, xk, real_rotary_forward(rotary, xq, pos))
+    try:
+        with torch.no_grad():
+            want = module.apply_rotary_emb(xq, xk, rotary(xq, pos))
+            got = real_apply_rotary_emb(xq, xk, real_rotary_forward(rotary, xq, pos))
+    except Exception:  # noqa: BLE001 -- shapes this form does not take (Llama 4's): not this form
+        return False
     return all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in zip(want, got))
 
 

@@ -134,5 +134,14 @@ def test_complex_rope_is_made_real_only_where_it_computes_the_same(monkeypatch):
         t * 2 for t in original(xq, xk, freqs_cis)))
     with complex_rope.real(model):
         assert dv2.apply_rotary_emb is not complex_rope.real_apply_rotary_emb
+
+    def other_shapes(xq, xk, freqs_cis):  # Llama 4's form takes other shapes: the check must not crash the export
+        raise RuntimeError("The size of tensor a (2) must match the size of tensor b (5)")
+
+    monkeypatch.setattr(dv2, "apply_rotary_emb", other_shapes)
+    with complex_rope.real(model):
+        assert dv2.apply_rotary_emb is other_shapes
+    monkeypatch.setattr(dv2, "apply_rotary_emb", lambda xq, xk, freqs_cis: tuple(
+        t * 2 for t in original(xq, xk, freqs_cis)))
     with pytest.raises(UnsupportedOpError, match=r"'aten.polar.default' in module 'model.rotary_emb'"):
         lowerlm.compile_model(model, backend="reference", use_cache=False)
