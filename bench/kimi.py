@@ -44,10 +44,13 @@ def build(shape: str):
     model = transformers.KimiLinearForCausalLM(transformers.KimiLinearConfig(**kw)).eval()
     with torch.no_grad():  # gates and routers with real spread (the default init makes them nearly constant)
         for name, p in model.named_parameters():
-            if name.endswith(("dt_bias", "A_log", "e_score_correction_bias")):
+            if name.endswith(("dt_bias", "A_log")):
                 p.normal_(0, 0.5)
             elif name.endswith("mlp.gate.weight"):  # router logits of order 1 (std 1/sqrt(hidden))
                 p.normal_(0, p.shape[-1] ** -0.5)
+        for name, b in model.named_buffers():  # the router's correction bias is a buffer
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.5)
     return model
 
 

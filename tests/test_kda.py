@@ -41,18 +41,21 @@ def kimi_config(layer_types=("linear_attention",) * 4, mlp_types=("dense", "spar
 
 
 def kimi(seed: int = 0, **kw):
-    """A tiny Kimi Linear with random gates: A_log, dt_bias and the router's correction bias non-zero, norm weights
-    away from 1 (transformers initialises them to constants that would hide a mix-up)."""
+    """A tiny Kimi Linear with random gates: A_log, dt_bias and the router's correction bias (a buffer) non-zero,
+    norm weights away from 1 (transformers initialises them to constants that would hide a mix-up)."""
     import transformers
 
     torch.manual_seed(seed)
     model = transformers.KimiLinearForCausalLM(kimi_config(**kw)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("e_score_correction_bias", "dt_bias", "A_log")):
+            if name.endswith(("dt_bias", "A_log")):
                 p.normal_(0, 0.5)
             elif "norm" in name and name.endswith("weight"):
                 p.normal_(1, 0.2)
+        for name, b in model.named_buffers():  # the router's correction bias is a buffer
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.5)
     return model
 
 
@@ -159,14 +162,18 @@ def test_dump_ir_of_a_saved_kimi_linear_shows_the_kda_ops_and_their_state(tmp_pa
 
 
 def test_recurrent_state_is_zeroed_for_each_new_sequence(model, monkeypatch):
+    """The generator's state buffers serve one sequence after another: the second prompt's logits equal those from
+    fresh buffers, and differ once the reset is removed (the first sequence's state leaks into the second)."""
     cm = lowerlm.compile_model(model, backend="reference", max_batch=2, max_seq_len=64)
-    first, second = IDS[0, :9].tolist(), IDS[1, :6].tolist()
-    alone = [s[0] for s in cm.generate_ids([second], 6, stop_ids=())]
-    list(cm.generate_ids([first], 6))
-    assert [s[0] for s in cm.generate_ids([second], 6, stop_ids=())] == alone
-    monkeypatch.setattr(rt, "reset_recurrent", lambda *a: None)  # without the reset the first call's state leaks
-    list(cm.generate_ids([first], 6))
-    assert [s[0] for s in cm.generate_ids([second], 6, stop_ids=())] != alone
+    first, second = IDS[0:1, :9], IDS[1:2, :6]
+    alone = rt.prefill(cm.program, rt.allocate_state(cm.ir, 1, 64), second, torch.tensor([6]))
+    state = cm.generator.state
+    list(cm.generate_ids([first[0].tolist()], 3))
+    close(rt.prefill(cm.program, state, second, torch.tensor([6])), alone)
+    monkeypatch.setattr(rt, "reset_recurrent", lambda *a: None)
+    list(cm.generate_ids([first[0].tolist()], 3))
+    leaked = rt.prefill(cm.program, state, second, torch.tensor([6]))
+    assert (leaked - alone).abs().max() > 1e-3 * alone.abs().max()
 
 
 # ---- the ops ----------------------------------------------------------------------------------------------------

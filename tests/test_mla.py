@@ -21,10 +21,11 @@ from .test_kda import IDS, close, eager, eager_greedy, kimi
 
 def _randomize(model):
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, b in model.named_buffers():  # the router's correction bias is a buffer
             if name.endswith("e_score_correction_bias"):
-                p.normal_(0, 0.5)
-            elif p.dim() == 1:
+                b.normal_(0, 0.5)
+        for _, p in model.named_parameters():
+            if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
             else:  # std 1/sqrt(fan-in): scores of order 1, so the rope layout and the scale matter
                 p.normal_(0.0, p.shape[-1] ** -0.5)
@@ -54,15 +55,26 @@ def deepseek(version: int, interleave: bool = True, yarn: bool = False):
 
 
 def _hf_greedy(model, prompt: list, n: int) -> list:
+    """transformers' own cached greedy generation: up to n tokens, ending at its end-of-sequence token."""
     with torch.no_grad():
-        return model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or ())
+    return out[:next((i + 1 for i, t in enumerate(out) if t in eos), len(out))]
 
 
-def _check(cm, model, want, greedy, n: int = 32, cached: bool = True):
+def _tokens(cm, prompts: list, n: int, stops) -> list:
+    """Each prompt's greedy tokens from one batched generate, up to its stop token."""
+    steps = list(cm.generate_ids(prompts, n, stop_ids=stops))
+    return [[s[i] for s in steps if s[i] is not None] for i in range(len(prompts))]
+
+
+def _check(cm, model, want, greedy, n: int = 32, cached: bool = True, stops=()):
     close(cm(IDS), want)
     if not cached:  # Triton in its interpreter: the logits and the greedy tokens (prefill and decode) only
         prompt = IDS[0, :11].tolist()
-        assert [s[0] for s in cm.generate_ids([prompt], n, stop_ids=())] == greedy(model, prompt, n)
+        assert _tokens(cm, [prompt], n, stops)[0] == greedy(model, prompt, n)
         return
     state = rt.allocate_state(cm.ir, 2, 128, cm.program.device)
     close(rt.prefill(cm.program, state, IDS[:, :67], torch.tensor([67, 67])), want[:, 66])
@@ -71,9 +83,8 @@ def _check(cm, model, want, greedy, n: int = 32, cached: bool = True):
     close(rt.prefill(cm.program, state, IDS[:, :3], torch.tensor([3, 3])), want[:, 2])  # a continuation with cache
     close(rt.prefill_once(cm.program, state, IDS[:, 3:67], 3, torch.tensor([67, 67])), want[:, 66])
     prompts = [IDS[0, :11].tolist(), IDS[1, :5].tolist()]
-    got = list(cm.generate_ids(prompts, n, stop_ids=()))
-    for i, p in enumerate(prompts):
-        assert [s[i] for s in got] == greedy(model, p, n)
+    for p, got in zip(prompts, _tokens(cm, prompts, n, stops)):
+        assert got == greedy(model, p, n)
 
 
 _KIMI_LAYERS = {"reference": 4, "onnx": 4, "triton": 2}  # Triton in its interpreter: one KDA and the MLA layer
@@ -99,7 +110,7 @@ def test_deepseek_mla_matches_eager(variant, backend):
     cm = lowerlm.compile_model(model, backend=backend, max_batch=2, max_seq_len=128)
     with torch.no_grad():
         want = model(IDS).logits
-    _check(cm, model, want, _hf_greedy, 32 if backend != "triton" else 8, cached=backend != "triton")
+    _check(cm, model, want, _hf_greedy, 32 if backend != "triton" else 8, cached=backend != "triton", stops=None)
 
 
 def test_an_expand_kv_that_computes_something_else_is_kept():
