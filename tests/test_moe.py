@@ -411,3 +411,28 @@ def test_the_gated_unit_in_bf16_is_the_modules_bit_for_bit():
         rows, want = _probe(experts, torch.bfloat16, attrs["limit"])
         unit = {k: v for k, v in attrs.items() if k != "act"}
         assert torch.equal(ref.glu(*rows.chunk(2, dim=-1), attrs["act"], **unit), want)
+
+
+def test_onnx_moe_combine_is_deterministic_on_wide_rows():
+    """ONNX Runtime's ScatterND with reduction=add lost updates to duplicate indices from parallel threads once rows
+    were wide (hidden 1024): the combine now inverts the order instead. 256 tokens x top-4 rows of width 1024, run
+    repeatedly, equal the reference every time."""
+    import numpy as np
+    import onnxruntime as ort
+
+    import lowerlm.ir as ir
+    from lowerlm.codegen.onnx.lower import lower_graph
+
+    text = ("graph g(%y: f32[R,1024], %order: i32[R], %like: f32[T,1024]) {\n"
+            "  %out = moe_combine(%y, %order, %like) {top_k=4} : f32[T,1024]\n  return %out\n}\n")
+    g = ir.verify_module(ir.parse_module(text)).graphs[0]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 32, (256, 4), generator=gen)
+    order = torch.sort(ids.flatten(), stable=True)[1].to(torch.int32)
+    y, like = torch.randn(1024, 1024, generator=gen), torch.zeros(256, 1024)
+    want = ref.moe_combine(y, order, like, 4)
+    session = ort.InferenceSession(lower_graph(g, constants=None).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    for _ in range(30):
+        got = session.run(None, {"y": y.numpy(), "order": order.numpy(), "like": like.numpy()})[0]
+        assert np.abs(got - want.numpy()).max() <= 1e-5 * float(want.abs().max())

@@ -476,14 +476,20 @@ class Lowering:
         return y
 
     def moe_combine(self, c: Call) -> str:
+        """Each token's k rows summed: the rows put back in (token, k) order through the inverse of ``order``
+        (a scatter of distinct indices) and reduced over k. A ScatterND with reduction=add over the token of each
+        row would be shorter, but ONNX Runtime's CPU kernel adds duplicate indices from parallel threads without
+        synchronising once the rows are wide (hidden 1024): updates were lost, nondeterministically."""
         y, order, like = c.x
-        lt = c.ins[2]
+        lt, k = c.ins[2], c.a["top_k"]
         hidden = lt.shape[-1]
-        tokens = self.op("Div", [self.cast(order, DType.I64), self.const(c.a["top_k"])])
-        flat_shape = self.op("Shape", [self.op("Reshape", [like, self.const([-1, hidden])])])
-        zeros = self.op("ConstantOfShape", [flat_shape],
-                        value=numpy_helper.from_array(np.zeros([1], _np_dtype(c.ins[0].dtype))))
-        out = self.op("ScatterND", [zeros, self.op("Unsqueeze", [tokens, self.const([1])]), y], reduction="add")
+        order64 = self.cast(order, DType.I64)
+        rows = self.op("Shape", [order64])  # [1]: the T*k rows
+        index = self.op("Range", [self.const(0), self.op("Squeeze", [rows]), self.const(1)])
+        inverse = self.op("ScatterElements", [index, order64, index], axis=0)  # inverse[order[r]] = r
+        pairs = self.op("Gather", [y, inverse], axis=0)  # [T*k, H] in (token, k) order
+        out = self.op("ReduceSum", [self.op("Reshape", [pairs, self.const([-1, k, hidden])]), self.const([1])],
+                      keepdims=0)
         return self.op("Reshape", [out, self.op("Shape", [like])])
 
     def rope(self, c: Call) -> list:
