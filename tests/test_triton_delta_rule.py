@@ -12,18 +12,10 @@ import torch.nn.functional as F
 from lowerlm.codegen.triton import delta_rule as dr
 from lowerlm.ir import compute as ref
 
+from .test_triton import close, rand  # the Triton tests' inputs and tolerance, shared
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEV)
-
-
-def close(got, want, tol=1e-5):
-    assert got.shape == want.shape, (got.shape, want.shape)
-    err = (got.float() - want.float()).abs().max().item()
-    assert err <= tol * max(1.0, want.abs().max().item()), err
 
 
 def delta_inputs(b, s, h, dk, dv, per_channel, l2norm, seed=0, dtype=torch.float32):
