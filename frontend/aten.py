@@ -19,6 +19,7 @@ from lowerlm.ir.errors import UnsupportedOpError
 from lowerlm.ir.opdefs import COMPARISONS
 from lowerlm.ir.ops import Op
 from lowerlm.ir.shapes import numel
+from lowerlm.ir.types import TensorType
 
 INT64_MAX = 2**63 - 1
 
@@ -341,24 +342,67 @@ def _slice(imp, node, kw):
 
 
 def _slice_scatter(imp, node, kw):
-    """``self`` with ``src`` in place of ``self[start:end]`` along dim (step 1): the parts of ``self`` before and
-    after, concatenated around ``src``."""
+    """``self`` with ``src`` in place of ``self[start:end:step]`` along dim. Step 1: the parts of ``self`` before
+    and after, concatenated around ``src``; a larger step along a dim of known size (Qwen3.5's interleaved
+    multimodal RoPE writes every third frequency): ``src`` spread to ``self``'s length by a constant index, chosen
+    where a constant mask says the slice lies."""
     out = _out(imp, node)
     x, src = imp.cast(imp.value(kw["self"]), out.dtype), imp.cast(imp.value(kw["src"]), out.dtype)
     t = imp.b.types[x]
     dim = kw.get("dim", 0) % t.rank
     size = t.shape[dim]
+    step = kw.get("step", 1)
     start = 0 if kw.get("start") is None else _dim_value(imp, kw["start"])
     end = size if kw.get("end") is None or (isinstance(kw["end"], int) and kw["end"] >= INT64_MAX) \
         else _dim_value(imp, kw["end"])
-    if kw.get("step", 1) != 1 or any(isinstance(v, int) and v < 0 for v in (start, end)):
-        raise UnsupportedOpError(op_name(node), imp.path(node), "only a step-1 slice of non-negative bounds")
+    if any(isinstance(v, int) and v < 0 for v in (start, end)):
+        raise UnsupportedOpError(op_name(node), imp.path(node), "only a slice of non-negative bounds")
+    if step != 1:
+        if not all(isinstance(v, int) for v in (size, start, end, step)):
+            raise UnsupportedOpError(op_name(node), imp.path(node), "a slice with a step needs a dim of known size")
+        where = range(start, min(end, size), step)
+        return _strided_scatter(imp, node, x, src, dim, where) if len(where) else x
     pieces = [src]
     if start != 0:
         pieces.insert(0, imp.emit(node, Op.SLICE, [x], {"dim": dim, "start": 0, "end": start}))
     if end != size:
         pieces.append(imp.emit(node, Op.SLICE, [x], {"dim": dim, "start": end, "end": size}))
     return pieces[0] if len(pieces) == 1 else imp.emit(node, Op.CONCAT, pieces, {"dim": dim})
+
+
+def _select_scatter(imp, node, kw):
+    """``self`` with ``src`` (one rank less) in place of ``self.select(dim, index)``: a slice scatter of one row."""
+    out = _out(imp, node)
+    x, src = imp.cast(imp.value(kw["self"]), out.dtype), imp.cast(imp.value(kw["src"]), out.dtype)
+    t = imp.b.types[x]
+    dim, index = kw["dim"] % t.rank, _dim_value(imp, kw["index"])
+    if not isinstance(index, int) or not isinstance(t.shape[dim], int):
+        raise UnsupportedOpError(op_name(node), imp.path(node), "only a constant index along a dim of known size")
+    index %= t.shape[dim]
+    shape = list(imp.b.types[src].shape)
+    shape.insert(dim, 1)
+    row = imp.emit(node, Op.RESHAPE, [src], {"shape": shape})
+    end = index + 1
+    pieces = [row]
+    if index != 0:
+        pieces.insert(0, imp.emit(node, Op.SLICE, [x], {"dim": dim, "start": 0, "end": index}))
+    if end != t.shape[dim]:
+        pieces.append(imp.emit(node, Op.SLICE, [x], {"dim": dim, "start": end, "end": t.shape[dim]}))
+    return pieces[0] if len(pieces) == 1 else imp.emit(node, Op.CONCAT, pieces, {"dim": dim})
+
+
+def _strided_scatter(imp, node, x: str, src: str, dim: int, where: range) -> str:
+    """``x`` with row ``i`` of ``src`` (along ``dim``) at index ``where[i]``: where(mask, src[spread], x)."""
+    t = imp.b.types[x]
+    size = t.shape[dim]
+    spread = [min(max(j - where.start, 0) // where.step, len(where) - 1) for j in range(size)]
+    index = imp.b.add(Op.CONSTANT, [], {"value": tuple(spread), "dtype": DType.I64, "shape": (size,)},
+                      types=[TensorType(DType.I64, (size,))], name="spread")
+    spread_src = _select_rows(imp, node, src, dim, index)
+    shape = tuple(size if d == dim else 1 for d in range(t.rank))
+    mask = imp.b.add(Op.CONSTANT, [], {"value": tuple(int(j in where) for j in range(size)), "dtype": DType.BOOL,
+                                       "shape": shape}, types=[TensorType(DType.BOOL, shape)], name="in_slice")
+    return imp.emit(node, Op.WHERE, [mask, spread_src, x])
 
 
 def _select(imp, node, kw):
@@ -384,6 +428,19 @@ def _split(imp, node, kw):
     dim = kw.get("dim", 0) % t.rank
     sizes = [imp.symbols.dim(v.shape[dim]) for v in node.meta["val"]]
     return imp.emit(node, Op.SPLIT, [x], {"dim": dim, "sizes": sizes})
+
+
+def _unbind(imp, node, kw):
+    """``x.unbind(dim)`` along a dim of known size: a split into rows of one, each reshaped without the dim."""
+    x = imp.value(kw["self"])
+    t = imp.b.types[x]
+    dim = kw.get("dim", 0) % t.rank
+    if not isinstance(t.shape[dim], int):
+        raise UnsupportedOpError(op_name(node), imp.path(node), "only along a dim of known size")
+    rows = imp.emit(node, Op.SPLIT, [x], {"dim": dim, "sizes": [1] * t.shape[dim]})
+    rows = [rows] if isinstance(rows, str) else rows
+    shape = [d for i, d in enumerate(t.shape) if i != dim]
+    return tuple(imp.emit(node, Op.RESHAPE, [r], {"shape": shape}) for r in rows)
 
 
 def _sort(imp, node, kw):
@@ -423,7 +480,6 @@ def _addmm(imp, node, kw):
                                  "alpha 1) imports, as a linear")
     mat2 = kw["mat2"]
     if isinstance(mat2, fx.Node) and imp.placeholders.get(mat2, ("",))[0] == "PARAMETER":
-        from lowerlm.ir.types import TensorType
         from lowerlm.ir.weights import Param, Transpose
 
         w = imp.b.add(Op.WEIGHT, [], {"expr": Transpose(Param(imp.param_name(mat2)))}, name=w + "_t",
@@ -491,16 +547,19 @@ def _arange(imp, node, kw):
 
 
 def _index_select(imp, node, kw):
-    """``x.index_select(dim, idx)``: the dim moved first, an embedding lookup over rows, moved back."""
     x = imp.value(kw["self"])
+    return _select_rows(imp, node, x, kw["dim"] % imp.b.types[x].rank, imp.value(kw["index"]))
+
+
+def _select_rows(imp, node, x: str, dim: int, index: str) -> str:
+    """``x.index_select(dim, index)``: the dim moved first, an embedding lookup over rows, moved back."""
     t = imp.b.types[x]
-    dim = kw["dim"] % t.rank
     perm = [dim] + [d for d in range(t.rank) if d != dim]
     if dim:
         x = imp.emit(node, Op.TRANSPOSE, [x], {"perm": perm})
     moved = imp.b.types[x].shape
     rows = imp.emit(node, Op.RESHAPE, [x], {"shape": [moved[0], numel(moved[1:])]})
-    found = imp.emit(node, Op.EMBEDDING, [rows, imp.value(kw["index"])])
+    found = imp.emit(node, Op.EMBEDDING, [rows, index])
     found = imp.emit(node, Op.RESHAPE, [found], {"shape": [imp.b.types[found].shape[0], *moved[1:]]})
     if dim:
         found = imp.emit(node, Op.TRANSPOSE, [found], {"perm": [perm.index(d) for d in range(t.rank)]})
@@ -573,8 +632,9 @@ ATEN = {
     "view": _reshape, "_unsafe_view": _reshape, "reshape": _reshape, "unsqueeze": _reshape, "squeeze": _reshape,
     "flatten": _reshape,
     "expand": _expand, "transpose": _transpose, "permute": _permute, "t": _t,
-    "slice": _slice, "select": _select, "slice_scatter": _slice_scatter, "copy": _copy, "cat": _cat, "concat": _cat,
-    "split_with_sizes": _split, "split": _split,
+    "slice": _slice, "select": _select, "slice_scatter": _slice_scatter, "select_scatter": _select_scatter,
+    "copy": _copy, "cat": _cat, "concat": _cat,
+    "split_with_sizes": _split, "split": _split, "unbind": _unbind,
     "topk": _topk, "sort": _sort, "argmax": _argmax, "mm": _matmul, "bmm": _matmul, "matmul": _matmul,
     "linear": _linear, "embedding": _embedding, "gather": _gather, "scatter": _scatter,
     "scalar_tensor": _scalar_tensor, "full": _filled(), "full_like": _filled(), "new_full": _filled(),

@@ -440,6 +440,26 @@ def test_issue_22_router_ops_compile(backend):
     _assert_matches_eager(cm, model)
 
 
+def _scatter_ops_act(a):
+    """The aten ops issue 22's families bring outside their routers, token by token (the width kept): a strided
+    slice assignment (slice_scatter with a step: Qwen3.5's interleaved multimodal RoPE), a one-row assignment
+    (select_scatter) and unbind (HY-V4's hyper-connections)."""
+    y = a.clone()
+    y[..., 1:40:3] = a[..., 2:41:3] * 2.0
+    y[..., 5] = a[..., 7] - 1.0
+    parts = y.unflatten(-1, (4, -1)).unbind(-2)
+    return torch.cat([parts[0] * 0.5, parts[1], parts[3], parts[2] + parts[0]], -1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
+def test_strided_slice_and_row_assignments_and_unbind_compile(backend):
+    model = _nano_gpt(act=_scatter_ops_act)
+    cm = lowerlm.compile_model(model, backend=backend, max_seq_len=64, use_cache=False)
+    ops = [n.op for n in cm.imported.graphs[0].nodes]
+    assert ops.count(Op.WHERE) >= 2 and ops.count(Op.SPLIT) >= 2  # the strided scatter, unbind (one per layer)
+    _assert_matches_eager(cm, model)
+
+
 @pytest.mark.parametrize("backend", ["reference", "onnx", "triton"])
 def test_a_relu_mlp_compiles(backend):
     """ReLU (the op added as issue 20's proof that a new element-wise op is its row plus one line per backend):
