@@ -57,8 +57,10 @@ TINY = dict(
     mlp_only_intermediate_size=64, first_k_dense_replace=1, num_dense_layers=1, interleave_moe_layer_step=2,
     # multi-head latent attention (DeepSeek-V2 and its kin): latent ranks and per-head q/k/v dims that fit together
     q_lora_rank=16, kv_lora_rank=16, o_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-    # sparse-attention indexers (DeepSeek-V3.2 and its kin): small, and keeping fewer keys than the test has
-    index_head_dim=8, index_n_heads=2, index_num_heads=2, index_topk=4,
+    # sparse-attention indexers (DeepSeek-V3.2 and its kin): small heads; index_topk the real models' 2048, since
+    # lowerlm computes DSA exactly up to index_topk keys and refuses a longer max_seq_len (the limit and the
+    # refusal are tested with a small index_topk in tests/test_sparse_attention.py)
+    index_head_dim=8, index_n_heads=2, index_num_heads=2, index_topk=2048,
     # linear-attention (Gated DeltaNet, ...) and state-space (Mamba) layers: heads x head dim = expand (2) x hidden
     linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
     linear_head_dim=8, linear_num_heads=4, mamba_n_heads=8, mamba_num_heads=8, mamba_d_head=8, mamba_head_dim=8,

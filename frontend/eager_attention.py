@@ -17,6 +17,7 @@ import functools
 
 import torch
 
+from lowerlm.frontend.sparse_attention import ALL_KEYS
 from lowerlm.ir.errors import UnsupportedOpError
 
 NAME = "lowerlm"  # the attention implementation's name in transformers' registries
@@ -57,6 +58,10 @@ def forward(module, query, key, value, attention_mask, dropout: float = 0.0, sca
     if position_bias is not None:
         raise UnsupportedOpError("position_bias", type(module).__name__, "an additive position bias on the attention "
                                  "scores has no IR form yet")
+    selected = kwargs.get("indices")  # a selection of keys (frontend/sparse_attention.py), or every key
+    if selected is not None and selected is not ALL_KEYS:
+        raise UnsupportedOpError("sparse attention indices", type(module).__name__, "attention over a selection of "
+                                 "keys has no IR form; lowerlm runs DeepSeek sparse attention up to index_topk keys")
     if dropout and module.training:
         raise UnsupportedOpError("attention dropout", type(module).__name__, "compile the model in eval mode")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from lowerlm.frontend import complex_rope, linear_attention, mla
+from lowerlm.frontend import complex_rope, linear_attention, mla, sparse_attention
 from lowerlm.frontend.importer import ExportInfo
 from lowerlm.ir.abi import BATCH, INPUT_IDS, SEQ
 from lowerlm.ir.errors import CompileError, LowerlmError, UnsupportedOpError
@@ -191,6 +191,11 @@ def _traceable_attention(path: str, model) -> str | None:
     which the frontend raises where it can. A model without attention (Mamba, xLSTM, other state-space or
     recurrent LMs) cannot be switched, and lowerlm cannot compile it."""
     before = getattr(model.config, "_attn_implementation", "sdpa")
+    if sparse_attention.indexers(model):  # DSA: an implementation other than eager/sdpa takes the unmasked path
+        from lowerlm.frontend import eager_attention
+
+        model.set_attn_implementation(eager_attention.register())
+        return before
     if before == "sdpa":
         return None
     try:
@@ -262,7 +267,8 @@ def _export(model: torch.nn.Module, hf: list, vocab_size: int | None):
         args = (ids, example["position_ids"])
     wrapper = _Wrapper(model, with_positions)
     with warnings.catch_warnings(), torch.no_grad(), _sdpa_with_gqa(), _without_kv_cache(hf), \
-            linear_attention.swapped(), mla.traceable(model), complex_rope.real(model):
+            linear_attention.swapped(), mla.traceable(model), complex_rope.real(model), \
+            sparse_attention.dense(model):
         warnings.simplefilter("ignore")
         if with_positions:  # the positions input must mean what the model's own numbering means
             check_position_numbering(wrapper, ids, example["position_ids"],

@@ -34,13 +34,13 @@ from lowerlm.cli_checks import (
     _check_layer,
     _check_max_seq_len,
     _check_prompt_ids,
+    _context_limit,
     _existing_ancestor,
     _export_out,
     _figure_out,
     _hf_config,
     _ir_text,
     _loaded_config,
-    _max_positions,
     _model,
     _need_tokenizer,
     _Parser,
@@ -314,7 +314,7 @@ def _note_sequence_limit(cm, prompts, outputs, args, cfg, progress) -> None:
         if reason != "max_seq_len":
             continue
         need = len(prompts[i]) + args.max_new_tokens - 1  # the last new token is never written to the cache
-        limit = _max_positions(cfg)
+        limit = _context_limit(cfg)
         how = (f"pass --max-seq-len {need} or more for all {args.max_new_tokens}" if limit is None or need <= limit
                else f"the model holds at most {limit} positions: shorten the prompt")
         which = "" if len(prompts) == 1 else f"prompt {i}: "
@@ -380,7 +380,7 @@ def _cmd_export_onnx(args, progress) -> int:
     _quiet_onnxruntime()
     model, cfg = _load(args.model, progress, lambda cfg: _check_max_seq_len(args.max_seq_len, cfg, args.model))
     # by default the caches hold 2048 positions, or all the model has if fewer
-    max_seq_len = args.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, _max_positions(cfg) or DEFAULT_MAX_SEQ_LEN)
+    max_seq_len = args.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, _context_limit(cfg) or DEFAULT_MAX_SEQ_LEN)
     cm = lowerlm.compile_model(model, backend="onnx", max_seq_len=max_seq_len, progress=progress, tokenizer=False)
     from lowerlm.codegen.onnx.export import export
 

@@ -286,6 +286,18 @@ def _max_positions(cfg: dict) -> int | None:
     return None
 
 
+def _index_topk(cfg: dict) -> int | None:
+    """DeepSeek sparse attention's index_topk: lowerlm computes it exactly (densely) up to that many tokens."""
+    value = cfg.get("index_topk")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _context_limit(cfg: dict) -> int | None:
+    """The most tokens lowerlm runs the model for: its positions, and DSA's index_topk."""
+    limits = [v for v in (_max_positions(cfg), _index_topk(cfg)) if v is not None]
+    return min(limits) if limits else None
+
+
 def _check_max_seq_len(max_seq_len: int | None, cfg: dict, model: str) -> None:
     from lowerlm.errors import InputError
 
@@ -293,6 +305,11 @@ def _check_max_seq_len(max_seq_len: int | None, cfg: dict, model: str) -> None:
     if max_seq_len is not None and limit is not None and max_seq_len > limit:
         raise InputError(f"--max-seq-len {max_seq_len} is more than the {limit} positions {model} was made for "
                          f"(max_position_embeddings in its config); pass --max-seq-len {limit} or less")
+    topk = _index_topk(cfg)
+    if max_seq_len is not None and topk is not None and max_seq_len > topk:
+        raise InputError(f"--max-seq-len {max_seq_len} is more than {model}'s sparse attention selects (index_topk "
+                         f"{topk} in its config): lowerlm computes it exactly as dense attention up to there; pass "
+                         f"--max-seq-len {topk} or less")
 
 
 def _check_prompt_ids(prompts: list, cfg: dict, max_seq_len: int | None) -> None:

@@ -13,6 +13,7 @@ import torch
 from lowerlm.codegen.program import BACKENDS as BACKENDS  # the registry's names, re-exported
 from lowerlm.codegen.program import DEFAULT_MAX_SEQ_LEN, build_program, check_backend, fusing_backend, preferred
 from lowerlm.errors import CompileError, InputError
+from lowerlm.frontend import sparse_attention
 from lowerlm.ir.abi import BATCH, CACHE_LEN, DECODE, FORWARD, INPUT_IDS, LOGIT_INDEX, POSITIONS, PREFILL, SEQ_LENS
 from lowerlm.ir.dtypes import DType
 from lowerlm.ir.graph import Module
@@ -30,7 +31,8 @@ class CompiledModel:
 
     def __init__(self, imported: Module, records: list, weights: dict, program, vocab_size: int | None,
                  max_seq_len: int, max_batch: int, tokenizer=None, stop_ids=(), logits_dtype=None,
-                 position_table: tuple | None = None, skip_token: int | None = None):
+                 position_table: tuple | None = None, skip_token: int | None = None,
+                 context_limit: tuple | None = None):
         self.imported = imported
         self.records = records  # one PassRecord per pass, in order
         self.weights = weights
@@ -44,6 +46,7 @@ class CompiledModel:
         self.logits_dtype = logits_dtype  # what ``cm(input_ids)`` returns (the model's own, when auto upcast it)
         self.position_table = position_table  # (name, rows) of a learned position embedding, or None
         self.skip_token = skip_token  # the padding token the model's position numbering skips, or None
+        self.context_limit = context_limit  # (what, tokens): the most keys lowerlm computes exactly, or None
 
     @property
     def ir(self) -> Module:
@@ -142,6 +145,10 @@ class CompiledModel:
             name, rows = self.position_table
             raise InputError(f"position {positions.max().item()} is past the {rows} positions of the model's position "
                              f"embedding '{name}'")
+        if self.context_limit is not None and positions.max() >= self.context_limit[1]:
+            what, tokens = self.context_limit
+            raise InputError(f"position {positions.max().item()} is past the {tokens} tokens {what} lets lowerlm "
+                             "compute exactly")
         return ids, positions, seq_lens
 
     # ---- generation -----------------------------------------------------------------------------------------
@@ -259,11 +266,17 @@ def skipped_token(module: Module) -> int | None:
     return next((t for node in g.nodes if (t := _skipping(g, node)) is not None), None)
 
 
-def fit_max_seq_len(table: tuple | None, max_seq_len: int | None) -> int:
-    """``max_seq_len``, by default 2048 or the rows of the learned position ``table`` (``position_table``) if
-    fewer; more than those rows is refused."""
+def fit_max_seq_len(table: tuple | None, max_seq_len: int | None, limit: tuple | None = None) -> int:
+    """``max_seq_len``, by default 2048, or fewer: the rows of the learned position ``table``
+    (``position_table``) and the context ``limit`` (what, tokens: frontend/sparse_attention.py's
+    ``context_limit``); more than either is refused."""
+    if limit is not None and max_seq_len is not None and max_seq_len > limit[1]:
+        raise CompileError(f"max_seq_len {max_seq_len} is more than the {limit[1]} tokens {limit[0]} lets lowerlm "
+                           f"compute exactly (dense attention up to there; the sparse selection beyond has no IR "
+                           f"form); pass max_seq_len={limit[1]} or less")
     if max_seq_len is None:
-        return min(DEFAULT_MAX_SEQ_LEN, table[1]) if table else DEFAULT_MAX_SEQ_LEN
+        limits = [DEFAULT_MAX_SEQ_LEN] + [t[1] for t in (table, limit) if t]
+        return min(limits)
     if table is not None and max_seq_len > table[1]:
         raise CompileError(f"max_seq_len {max_seq_len} is more than the {table[1]} positions of the model's "
                            f"position embedding '{table[0]}'; pass max_seq_len={table[1]} or less")
@@ -389,9 +402,11 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     if max_seq_len is not None and max_seq_len < 2 or max_batch < 1:
         raise CompileError(f"max_seq_len must be >= 2 and max_batch >= 1, got {max_seq_len} and {max_batch}")
     state_device = _state_device(backend, device)  # before tracing: Triton without a GPU is refused here
+    limit = sparse_attention.context_limit(model)
+    fit_max_seq_len(None, max_seq_len, limit)  # refused before tracing
     imported = trace_model(model, use_cache=use_cache, progress=progress, captures=captures)
     table = position_table(imported)
-    max_seq_len = fit_max_seq_len(table, max_seq_len)
+    max_seq_len = fit_max_seq_len(table, max_seq_len, limit)
     records: list[PassRecord] = []
     if progress:
         progress("running the passes")
@@ -411,4 +426,4 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
                             progress=progress)
     return CompiledModel(imported, records, weights, program, vocab, max_seq_len, max_batch, tokenizer,
                          stop_token_ids(model, tokenizer), logits_dtype=model_dtype if dtype is None else compute,
-                         position_table=table, skip_token=skipped_token(imported))
+                         position_table=table, skip_token=skipped_token(imported), context_limit=limit)

@@ -62,6 +62,8 @@ def world(tmp_path_factory):
     char_tokenizer().save_pretrained(m / "tok")
     tiny.config.save_pretrained(m / "trap")  # a tiny Llama's config, weights that cannot load
     (m / "trap" / "model.safetensors").write_bytes(b"not safetensors" * 64)
+    transformers.DeepseekV32Config(index_topk=12).save_pretrained(m / "dsatrap")  # DSA's config, no weights
+    (m / "dsatrap" / "model.safetensors").write_bytes(b"not safetensors" * 64)
     tiny_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
                ).save_pretrained(m / "dynamic")
     torch.manual_seed(0)
@@ -118,6 +120,8 @@ ERRORS = [
     ("seed-float", GT + ("--temperature", "1", "--seed", "1.5", "1,2"), "expected an integer, got '1.5'", PRE),
     ("max-seq-len-huge", GT + ("--max-seq-len", "1000000000", "1,2"),
      "--max-seq-len 1000000000 is more than the 128 positions", PRE),
+    ("max-seq-len-index-topk", ("generate", "--model", "{dsatrap}", "--token-ids", "--max-seq-len", "13", "1,2"),
+     "'s sparse attention selects (index_topk 12 in its config)", PRE),
     ("max-seq-len-1", GT + ("--max-seq-len", "1", "1,2"), "argument --max-seq-len: must be >= 2, got 1", PRE),
     ("max-seq-len-word", GT + ("--max-seq-len", "long", "1,2"), "expected an integer, got 'long'", PRE),
     ("max-new-tokens-0", GT + ("--max-new-tokens", "0", "1,2"), "argument --max-new-tokens: must be >= 1", PRE),
