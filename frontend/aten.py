@@ -690,10 +690,12 @@ def convert(imp, node: fx.Node):
     packet = getattr(getattr(target, "overloadpacket", None), "__name__", None)
     conv = ATEN.get(packet) if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten" else None
     if conv is None:
-        from lowerlm.frontend import linear_attention
+        from lowerlm.frontend import linear_attention, mla
         from lowerlm.frontend.capture import convert_captured
 
         out = linear_attention.convert(imp, node)
+        if out is None:
+            out = mla.convert(imp, node)
         if out is not None:
             return out
         out = convert_captured(imp, node)

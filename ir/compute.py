@@ -127,6 +127,55 @@ def cached_attention(q, k_cache, v_cache, positions, seq_lens, sinks, scale, cau
     return _attend(_heads(q, q.shape[2] // d), k_cache, v_cache, vis, scale, softcap, sinks)
 
 
+# ---- multi-head latent attention -------------------------------------------------------------------------------
+def mla_expand(c, k_pe, w, heads: int, nope: int):
+    """Keys [B,S,H*(P+R)] and values [B,S,H*V] from the latent c [B,S,L], the shared rotary key k_pe [B,S,R] and
+    kv_b's weight w [H*(P+V), L] (per head: P key rows, then V value rows), as transformers' ``expand_kv``."""
+    b, s, _ = c.shape
+    kv = F.linear(c, w.to(c.dtype)).view(b, s, heads, -1)
+    k_nope, v = kv.split([nope, kv.shape[-1] - nope], -1)
+    k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, s, heads, -1).to(c.dtype)], -1)
+    return k.reshape(b, s, -1), v.reshape(b, s, -1)
+
+
+def mla_attention(q, c, k_pe, w, positions, seq_lens, heads: int, nope: int, scale: float):
+    k, v = mla_expand(c, k_pe, w, heads, nope)
+    return attention(q, k, v, positions, seq_lens, None, (heads, heads), scale, True, 0)
+
+
+def cached_mla_attention(q, c_cache, k_pe_cache, w, positions, seq_lens, heads: int, nope: int, scale: float):
+    """Attention over the latent caches c [B,1,T,L] and k_pe [B,1,T,R]: the naive form (keys and values expanded
+    from the cached latents) for several tokens, the absorbed form for one token per row (decode)."""
+    if q.shape[1] == 1:
+        return mla_absorbed(q, c_cache, k_pe_cache, w, positions, seq_lens, heads, nope, scale)
+    b, _, t, _ = c_cache.shape
+    t = max(1, min(t, int(seq_lens.max()) if seq_lens.numel() else 1))  # slots past every row: never visible
+    k, v = mla_expand(c_cache[:, 0, :t], k_pe_cache[:, 0, :t], w, heads, nope)
+    k, v = (x.view(b, t, heads, -1).transpose(1, 2) for x in (k, v))
+    return cached_attention(q, k, v, positions, seq_lens, None, scale, True, 0)
+
+
+def mla_absorbed(q, c_cache, k_pe_cache, w, positions, seq_lens, heads: int, nope: int, scale: float):
+    """The absorbed form: W_UK folded into the query (q_nope_h @ W_UK_h scores against the latents), the softmax
+    over the latent and rotary scores (in f32), the latent output through W_UV -- no key or value expanded."""
+    b, s, _ = q.shape
+    _, _, t, lat = c_cache.shape
+    t = max(1, min(t, int(seq_lens.max()) if seq_lens.numel() else 1))
+    c, kpe = c_cache[:, 0, :t], k_pe_cache[:, 0, :t]
+    wh = w.to(q.dtype).view(heads, -1, lat)
+    w_uk, w_uv = wh[:, :nope], wh[:, nope:]  # [H, P, L], [H, V, L]
+    q4 = q.view(b, s, heads, -1)
+    q_lat = torch.einsum("bshp,hpl->bhsl", q4[..., :nope], w_uk)
+    scores = torch.einsum("bhsl,btl->bhst", q_lat, c) + torch.einsum("bshr,btr->bhst", q4[..., nope:], kpe)
+    slots = torch.arange(t)[None, :].expand(b, -1)
+    vis = _visible(positions, slots, slots < seq_lens[:, None].long(), True, 0)  # [B, S, t]
+    probs = torch.softmax((scores * scale).float().masked_fill(~vis[:, None], float("-inf")), -1)
+    o_lat = torch.einsum("bhst,btl->bhsl", probs.to(q.dtype), c)
+    out = torch.einsum("bhsl,hvl->bshv", o_lat, w_uv)
+    out = torch.where(vis.any(-1)[:, :, None, None], out, torch.zeros((), dtype=out.dtype))
+    return out.reshape(b, s, -1)
+
+
 # ---- linear attention: short convolution and the delta rule ------------------------------------------------------
 def short_conv(x, weight, bias, act: str):
     # x [B, S, C]: the causal depthwise convolution of a sequence that starts here (zeros before its first token)

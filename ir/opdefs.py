@@ -149,6 +149,8 @@ _CONV = {"act": AttrSpec(K.STR, "none", ("none", SILU))}
 _DELTA = {"heads": AttrSpec(K.INT), "scale": AttrSpec(K.FLOAT), "l2norm": AttrSpec(K.BOOL, False),
           "eps": AttrSpec(K.FLOAT, 1e-6)}
 _POS = ("positions", "seq_lens")
+_MLA = {"heads": AttrSpec(K.INT), "nope": AttrSpec(K.INT)}
+_MLA_ATTN = dict(_MLA, scale=AttrSpec(K.FLOAT))
 
 OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
     _d(Op.PARAM, (), None, "an entry of the weight table", {"name": AttrSpec(K.STR)}, traits=(T.LEAF, T.WEIGHT)),
@@ -260,6 +262,13 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
        "[B,S,H*K]: per key channel, as KDA; [B,S,H]: per head, as gated DeltaNet), S <- S + k (beta (v - S^T k))^T "
        "(beta [B,S,H]), o = S^T q; result [B,S,H*V] in q's dtype", _DELTA, impl=c.delta_rule,
        traits=(T.MIXES_TOKENS,), stateful=sf.delta_rule),
+    _d(Op.MLA_EXPAND, ("c", "k_pe", "w"), r.mla_expand,
+       "MLA's keys and values from the latent c [B,S,L] and the shared rotary key k_pe [B,S,R]: per head h, "
+       "[k_nope_h | v_h] = c @ w_h.T (w [H*(P+V), L]: head h's P key rows, then its V value rows) and key_h = "
+       "[k_nope_h | k_pe]: (k [B,S,H*(P+R)], v [B,S,H*V])", _MLA, impl=c.mla_expand),
+    _d(Op.MLA_ATTENTION, ("q", "c", "k_pe", "w") + _POS, r.mla_attention,
+       "causal attention (as attention, H query and key heads) of q [B,S,H*(P+R)] over mla_expand(c, k_pe, w): "
+       "result [B,S,H*V]", _MLA_ATTN, impl=c.mla_attention, traits=(T.MIXES_TOKENS,), stateful=sf.mla_attention),
     _d(Op.RMS_NORM_LINEAR, ("x", "norm_weight", "weight", I("bias", optional=True), I("residual", optional=True)),
        r.rms_norm_linear,
        "r = x (+ residual); split(rms_norm(r) @ weight.T (+ bias), splits) -- or act(gate) * up with a swiglu "
@@ -320,6 +329,12 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
        "delta_rule continuing each sequence from state f32[B,H,K,V]; tokens at or past seq_lens leave it as it is "
        "(gate 0, beta 0): (result, new state)", _DELTA, writes={5: 1}, impl=c.cached_delta_rule,
        traits=(T.MIXES_TOKENS,), state=RECURRENT),
+    _d(Op.CACHED_MLA_ATTENTION, ("q", "c_cache", "k_pe_cache", "w") + _POS, r.cached_mla_attention,
+       "mla_attention of q [B,S,H*(P+R)] over the latent caches c [B,1,T,L] and k_pe [B,1,T,R] at slots t < seq_lens "
+       "and t <= pos_i: naive (keys and values expanded from the cache) or absorbed (q_nope_h @ W_UK_h scored "
+       "against c, the softmax in f32, the latent output times W_UV_h.T; W_UK_h, W_UV_h: head h's key and value "
+       "rows of w), the same math; result [B,S,H*V]", _MLA_ATTN, impl=c.cached_mla_attention,
+       traits=(T.MIXES_TOKENS,)),
     _d(Op.ROPE_CACHE_WRITE, ("q", "k", "v", "positions", I("k_cache", state=True), I("v_cache", state=True)),
        r.rope_cache_write,
        "rope(q, k) at positions, then rotated k and v written into the caches: (rotated q, new k cache, "

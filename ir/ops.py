@@ -68,6 +68,9 @@ class Op(enum.Enum):
     # ---- linear attention (KDA, gated delta nets): the parts the frontend captures from transformers' functions
     SHORT_CONV = "short_conv"
     DELTA_RULE = "delta_rule"
+    # ---- multi-head latent attention: the expansion the frontend captures, the attention raise_mla makes of it
+    MLA_EXPAND = "mla_expand"
+    MLA_ATTENTION = "mla_attention"
     # ---- blocks captured whole by the frontend
     MOE = "moe"
     EXPERTS = "experts"
@@ -85,6 +88,7 @@ class Op(enum.Enum):
     CACHED_ATTENTION = "cached_attention"
     CACHED_SHORT_CONV = "cached_short_conv"
     CACHED_DELTA_RULE = "cached_delta_rule"
+    CACHED_MLA_ATTENTION = "cached_mla_attention"
     # ---- backend fusions: made by a backend's tail passes (passes/backend.py)
     ROPE_CACHE_WRITE = "rope_cache_write"
     ROPE_CACHED_ATTENTION = "rope_cached_attention"

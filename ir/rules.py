@@ -617,3 +617,60 @@ def rms_norm_moe_route(ts, a):
     (normed,) = rms_norm([x, w], a)
     return [normed, *moe_route([normed, router, bias], a)]
 
+
+
+# ---- multi-head latent attention ----------------------------------------------------------------------------------
+def _mla(c, k_pe, w, a, what: str):
+    """(b, s, heads, nope, rope, v_dim) of the latent c [B,S,L], the shared rotary key k_pe [B,S,R] and kv_b's
+    weight w [H*(P+V), L]."""
+    b, s, lat = _tokens(c, f"{what} c")
+    if _tokens(k_pe, f"{what} k_pe")[:2] != (b, s):
+        _fail(f"{what} k_pe {k_pe} differs from c {c} in batch or sequence")
+    h, p = a["heads"], a["nope"]
+    rows = w.shape[0] if w.rank == 2 else None
+    if w.rank != 2 or w.shape[1] != lat or not isinstance(rows, int) or h < 1 or rows % h or rows // h <= p or p < 0:
+        _fail(f"{what} w {w} must be [heads*(nope+v), {lat}] with heads {h} and nope {p} < its rows per head")
+    _float(c, f"{what} c")
+    _same_dtype(c, k_pe, w)
+    return b, s, h, p, k_pe.shape[2], rows // h - p
+
+
+def mla_expand(ts, a):
+    c, k_pe, w = ts
+    b, s, h, p, r, v = _mla(c, k_pe, w, a, "mla_expand")
+    return [c.with_shape((b, s, h * (p + r))), c.with_shape((b, s, h * v))]
+
+
+def _mla_query(q, b, s, h, p, r, c, what: str):
+    if q.shape != (b, s, h * (p + r)):
+        _fail(f"{what} q {q} must be [{b}, {s}, {h * (p + r)}] (heads x (nope + rope))")
+    _same_dtype(q, c)
+
+
+def mla_attention(ts, a):
+    q, c, k_pe, w, pos, lens = ts
+    b, s, h, p, r, v = _mla(c, k_pe, w, a, "mla_attention")
+    _mla_query(q, b, s, h, p, r, c, "mla_attention")
+    _positions(pos, b, s)
+    _seq_lens(lens, b)
+    return [q.with_shape((b, s, h * v))]
+
+
+def cached_mla_attention(ts, a):
+    q, cc, kc, w, pos, lens = ts
+    b, one, t, lat = _cache(cc, "latent cache")
+    kb, kone, kt, r = _cache(kc, "k_pe cache")
+    if one != 1 or kone != 1 or (kb, kt) != (b, t):
+        _fail(f"latent cache {cc} and k_pe cache {kc} must be [B, 1, T, L] and [B, 1, T, R] alike")
+    qb, s, _ = _tokens(q, "cached_mla_attention q")
+    if qb != b:
+        _fail(f"q {q} and cache {cc} differ in batch")
+    h, p = a["heads"], a["nope"]
+    rows = w.shape[0] if w.rank == 2 else None
+    if w.rank != 2 or w.shape[1] != lat or not isinstance(rows, int) or h < 1 or rows % h or rows // h <= p:
+        _fail(f"cached_mla_attention w {w} must be [heads*(nope+v), {lat}] with heads {h} and nope {p}")
+    _mla_query(q, b, s, h, p, r, cc, "cached_mla_attention")
+    _same_dtype(q, cc, kc, w)
+    _positions(pos, b, s)
+    _seq_lens(lens, b)
+    return [q.with_shape((b, s, h * (rows // h - p)))]

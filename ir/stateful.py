@@ -66,3 +66,21 @@ def delta_rule(b, node, positions, seq_lens) -> list:
     _, new = b.add(Op.CACHED_DELTA_RULE, [q, k, v, g, beta, state, positions, seq_lens], node.attrs,
                    source=node.source, names=[node.result_names[0], state + "1"])
     return [new]
+
+
+def mla_attention(b, node, positions, seq_lens) -> list:
+    """``mla_attention`` -> ``kv_cache_write`` of the latent c into ``[B, 1, T, L]`` and of the shared rotary key
+    k_pe into ``[B, 1, T, R]`` + ``cached_mla_attention`` over the new versions: the cache holds L+R numbers per
+    token, not the heads' expanded keys and values."""
+    q, c, k_pe, w, pos, lens = node.inputs
+    caches = []
+    for which, x in (("ccache", c), ("kpecache", k_pe)):
+        t = b.types[x]
+        spec = TensorType(t.dtype, (t.shape[0], 1, sym(CACHE_LEN), t.shape[2]))
+        caches.append(b.add_state(_hint(node, ".self_attn", which), spec, _owner(node), KV))
+    cc, kc = (b.add(Op.KV_CACHE_WRITE, [s, x, pos], name=s + "1", source=node.source)
+              for s, x in zip(caches, (c, k_pe)))
+    b.release(node.result_names)
+    b.add(Op.CACHED_MLA_ATTENTION, [q, cc, kc, w, pos, lens], dict(node.attrs), source=node.source,
+          names=node.result_names)
+    return [cc, kc]

@@ -37,6 +37,7 @@ from lowerlm.passes.fuse_swiglu import fuse_swiglu
 from lowerlm.passes.insert_state import insert_state
 from lowerlm.passes.moe_dispatch import moe_dispatch
 from lowerlm.passes.pattern import Pass
+from lowerlm.passes.raise_mla import raise_mla
 from lowerlm.passes.raise_moe_route import raise_moe_route
 from lowerlm.passes.select_logits import select_logits
 from lowerlm.passes.specialize import specialize
@@ -52,6 +53,7 @@ PIPELINE: list[tuple[str, PassFn | None]] = [
     ("canonicalize", canonicalize),  # one canonical form first: no-op views/casts gone, constants folded, CSE, DCE
     ("arm", None),  # with calibration data only: gate and up must still be apart, so before the fusions
     ("raise_moe_route", raise_moe_route),  # a traced softmax / sigmoid-group router feeding experts -> moe_route
+    ("raise_mla", raise_mla),  # attention over one mla_expand's keys and values -> mla_attention over the latent
     ("fuse_linear_residual", fuse_linear_residual),  # o_proj/down take the residual add: the norm then reads them
     ("fuse_rmsnorm_linear", fuse_rmsnorm_linear),  # norm in the prologue of q|k|v, gate|up, lm_head
     ("fuse_swiglu", fuse_swiglu),  # act(gate)*up as the epilogue of the gate|up rms_norm_linear

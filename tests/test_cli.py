@@ -29,10 +29,10 @@ def test_passes_lists_the_pipeline():
                                                         ["arm", "data"]]
     assert "upcast: a bf16 or f16 model computed in f32" in lines[0]
     # whole first sentences, one line per pass when stdout is not a terminal
-    assert len(lines) == 16 and all(line.endswith(".") for line in lines)
-    assert lines[5].endswith("x is read once and normalised in the matmul's prologue.")
+    assert len(lines) == 17 and all(line.endswith(".") for line in lines)
+    assert lines[6].endswith("x is read once and normalised in the matmul's prologue.")
     # then each backend's tail, on the same screen
-    assert [line.split()[:2] for line in lines[11:]] == [
+    assert [line.split()[:2] for line in lines[12:]] == [
         ["fuse_gqa_attention", "onnx"], ["fuse_decode_attention", "triton"], ["fuse_rope_cache_write", "triton"],
         ["fuse_route_norm", "triton"], ["fuse_ew_chains", "triton"]]
 

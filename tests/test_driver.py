@@ -43,8 +43,9 @@ def test_dump_after_named_pass_with_rewrite_count():
     assert text.startswith("// after canonicalize (5 rewrites)\n")
     assert "graph forward(" in text
     assert [(r.name, r.rewrites) for r in records] == [
-        ("canonicalize", 5), ("raise_moe_route", 0), ("fuse_linear_residual", 2), ("fuse_rmsnorm_linear", 3),
-        ("fuse_swiglu", 1), ("moe_dispatch", 0), ("insert_state", 1), ("specialize", 2), ("select_logits", 1)]
+        ("canonicalize", 5), ("raise_moe_route", 0), ("raise_mla", 0), ("fuse_linear_residual", 2),
+        ("fuse_rmsnorm_linear", 3), ("fuse_swiglu", 1), ("moe_dispatch", 0), ("insert_state", 1), ("specialize", 2),
+        ("select_logits", 1)]
 
 
 def test_dump_from_environment(monkeypatch, capsys):

@@ -286,7 +286,8 @@ _T = {
     "order": "i32[2*B*S]", "offsets": "i32[5]", "ew": "f32[4,6,4]", "rw": "f32[B,S,2]", "wgm": "f32[10,4]",
     "up": "f32[6,4]", "wd": "f32[4,6]", "v6": "f32[6]", "mask": "bool[B,S,1]", "v2": "f32[2]",
     "tok": "f32[T,4]", "tids": "i64[T,2]", "tw": "f32[T,2]", "gub": "f32[4,6]", "db": "f32[4,4]",
-    "cw": "f32[4,3]", "cst": "f32[B,2,4]", "bh": "f32[B,S,2]", "dst": "f32[B,2,2,2]",
+    "cw": "f32[4,3]", "cst": "f32[B,2,4]", "bh": "f32[B,S,2]", "dst": "f32[B,2,2,2]", "q6": "f32[B,S,6]",
+    "kpec": "f32[B,1,T,2]",
 }
 # per op: the example type of each input (by _T key) and attributes that make the result rule accept them
 VERIFIED_EXAMPLES = {
@@ -338,6 +339,10 @@ VERIFIED_EXAMPLES = {
     Op.DELTA_RULE: (("x", "x", "x", "x", "bh"), {"heads": 2, "scale": 0.5, "l2norm": True}),
     Op.CACHED_SHORT_CONV: (("x", "cw", "v4", "cst", "pos", "lens"), {}),
     Op.CACHED_DELTA_RULE: (("x", "x", "x", "bh", "bh", "dst", "pos", "lens"), {"heads": 2, "scale": 0.5}),
+    # MLA: latent 4, rotary 2, 2 heads of nope 1 and values 2 (kv_b's weight [2 * (1 + 2), 4])
+    Op.MLA_EXPAND: (("x", "bh", "up"), {"heads": 2, "nope": 1}),
+    Op.MLA_ATTENTION: (("q6", "x", "bh", "up", "pos", "lens"), {"heads": 2, "nope": 1, "scale": 0.5}),
+    Op.CACHED_MLA_ATTENTION: (("q6", "cache", "kpec", "up", "pos", "lens"), {"heads": 2, "nope": 1, "scale": 0.5}),
     Op.KV_CACHE_WRITE: (("cache", "x", "pos"), {}),
     Op.CACHED_ATTENTION: (("q", "cache", "cache", "pos", "lens", "v2"), {"scale": 0.5}),
     Op.ROPE_CACHE_WRITE: (("q", "x", "x", "pos", "cache", "cache"), {"heads": [2, 1], "inv_freq": [1.0, 0.1]}),
