@@ -34,6 +34,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lowerlm.codegen.onnx import linear_attention as la
+from lowerlm.codegen.onnx import mla
 from lowerlm.ir.abi import GELU_TANH, SEQ, SILU
 from lowerlm.ir.body import steps, types
 from lowerlm.ir.dtypes import DType
@@ -873,6 +874,9 @@ LOWERINGS: dict[Op, Callable] = {
     Op.CACHED_SHORT_CONV: la.cached_short_conv,
     Op.DELTA_RULE: la.delta_rule,
     Op.CACHED_DELTA_RULE: la.cached_delta_rule,
+    Op.MLA_EXPAND: mla.mla_expand,
+    Op.MLA_ATTENTION: mla.mla_attention,
+    Op.CACHED_MLA_ATTENTION: mla.cached_mla_attention,
     Op.ROPE_CACHED_ATTENTION: L.rope_cached_attention,
     Op.RMS_NORM_MOE_ROUTE: L.rms_norm_moe_route,
     Op.EW_CHAIN: L.ew_chain,
