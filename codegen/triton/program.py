@@ -6,9 +6,11 @@ device (``lowerlm.ir.fold.run_op``). The fusions the kernels take are IR ops the
 (passes/backend.py: ``rope_cache_write``, ``rope_cached_attention``, ``rms_norm_moe_route``, ``ew_chain``), so
 what runs is what ``lowerlm dump-ir`` shows. Linear attention (Kimi's KDA, gated DeltaNet) has kernels too
 (delta_rule.py): ``short_conv``, ``delta_rule`` and their cached forms, the delta rule recurrent for decode and
-chunked for prefill. Weights are evaluated once (weight expressions included) and kept on the program's device.
-With ``inplace`` state writes land in the given buffers (the runtime owns them); without it a launcher writes
-copies, as the reference backend does.
+chunked for prefill. So has multi-head latent attention over its latent cache (mla.py: ``cached_mla_attention``,
+the absorbed form split-K for decode, the flash kernel over keys and values expanded from the cache for prefill).
+Weights are evaluated once (weight expressions included) and kept on the program's device. With ``inplace`` state
+writes land in the given buffers (the runtime owns them); without it a launcher writes copies, as the reference
+backend does.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from lowerlm.codegen.triton import (
     delta_rule,
     embedding,
     gemv,
+    mla,
     moe,
     rms_norm,
     rope,
@@ -179,6 +182,7 @@ LAUNCHERS: dict[Op, Callable[[Call], object]] = {
     Op.CACHED_SHORT_CONV: _cached_short_conv,
     Op.DELTA_RULE: lambda c: delta_rule.delta_rule(*c.x, c.a["heads"], c.a["scale"], c.a["l2norm"], c.a["eps"]),
     Op.CACHED_DELTA_RULE: _cached_delta_rule,
+    Op.CACHED_MLA_ATTENTION: lambda c: mla.cached_mla_attention(*c.x, c.a["heads"], c.a["nope"], c.a["scale"]),
     Op.MOE_ROUTE: lambda c: moe.moe_route(*c.x, **route_attrs(c.a)),
     Op.RMS_NORM_MOE_ROUTE: lambda c: moe.moe_route(c.x[0], *c.x[2:], **route_attrs(c.a), norm=(c.x[1], c.a["eps"])),
     Op.MOE_SORT: _moe_sort,
