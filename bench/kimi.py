@@ -4,9 +4,12 @@ KDA:MLA pattern, 16 heads, 32 experts of 256 (top 4) + 1 shared, the first layer
 
     python bench/kimi.py            # batch-1 greedy decode (prompt 64, 32 new tokens) and a 512-token prefill
     python bench/kimi.py --smoke    # tiny shapes: checks the script runs (no speed claim)
+    python bench/kimi.py --expanded --prompt 1024   # also lowerlm without raise_mla: MLA's cache expanded, as before
 
-Decode: ms per token = (time for n tokens - time for 1) / (n - 1), each peer measured in alternation, median of
-the rounds. Prefill: one forward over the prompt, every row's logits, alternating, median.
+Decode: ms per token = (time the last of n tokens arrived - time the first arrived) / (n - 1), taken from each
+peer's own stream of tokens (transformers: a streamer; lowerlm: generate_ids), so the prompt's prefill and its
+noise stay out; the peers in alternation, median of the rounds. Prefill: one forward over the prompt, every row's
+logits, alternating, median.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script runs")
+    p.add_argument("--expanded", action="store_true",
+                   help="a third peer: lowerlm without raise_mla (MLA's keys and values expanded into the cache)")
     args = p.parse_args(argv)
     shape = "tiny" if args.smoke else "kimi-8l"
     if args.smoke:
@@ -85,26 +90,65 @@ def main(argv=None) -> int:
     cm.generator  # noqa: B018  (state buffers)
     print(f"compile (auto): {time.perf_counter() - start:.1f} s")
     ids = prompt[0].tolist()
+    peers = {"transformers eager": None, "lowerlm auto": cm}
+    if args.expanded:
+        from lowerlm.codegen.program import fusing_backend
+        from lowerlm.passes import PIPELINE, TAILS
 
-    def eager(k):
+        names = [n for n, fn in PIPELINE if fn is not None and n != "raise_mla"]
+        names += [n for n, _ in TAILS.get(fusing_backend("auto", None), [])]
+        peers["lowerlm auto, MLA cache expanded"] = lowerlm.compile_model(
+            model, backend="auto", max_batch=1, max_seq_len=cm.max_seq_len, passes=names)
+
+    class _Clock:
+        """A transformers streamer noting when each new token arrives (its first ``put`` is the prompt)."""
+
+        def __init__(self):
+            self.times, self.prompt = [], True
+
+        def put(self, value):
+            if not self.prompt:
+                self.times.append(time.perf_counter())
+            self.prompt = False
+
+        def end(self):
+            pass
+
+    def eager(k, times=None):
+        clock = _Clock()
         with torch.no_grad():
             # an explicit mask: generate would take the padding token's id inside a random prompt for padding
-            return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=k, min_new_tokens=k,
-                                  do_sample=False)[0, args.prompt:]
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=k, min_new_tokens=k,
+                                 do_sample=False, streamer=clock)[0, args.prompt:].tolist()
+        if times is not None:
+            times += clock.times
+        return out
 
-    def ours(k):
-        return [s[0] for s in cm.generate_ids([ids], k, stop_ids=[])]
+    def ours(compiled):
+        def run(k, times=None):
+            out = []
+            for step in compiled.generate_ids([ids], k, stop_ids=[]):
+                out.append(step[0])
+                if times is not None:
+                    times.append(time.perf_counter())
+            return out
+        return run
 
-    assert eager(args.new_tokens).tolist() == ours(args.new_tokens), "greedy tokens differ"
+    runs = {name: eager if c is None else ours(c) for name, c in peers.items()}
+    want = eager(args.new_tokens)
+    for name, fn in runs.items():
+        assert fn(args.new_tokens) == want, f"{name}: greedy tokens differ"
     n = args.new_tokens
-    decode = {"transformers eager": [], "lowerlm auto": []}
-    prefill = {"transformers eager": [], "lowerlm auto": []}
-    for _ in range(args.rounds):  # alternating: both peers see the same machine state
-        for name, fn in (("transformers eager", eager), ("lowerlm auto", ours)):
-            decode[name].append((_timed(lambda fn=fn: fn(n)) - _timed(lambda fn=fn: fn(1))) / (n - 1))
-        with torch.no_grad():
-            prefill["transformers eager"].append(_timed(lambda: model(long, use_cache=False)))
-        prefill["lowerlm auto"].append(_timed(lambda: cm(long)))
+    decode = {name: [] for name in peers}
+    prefill = {name: [] for name in peers}
+    for _ in range(args.rounds):  # alternating: the peers see the same machine state
+        for name, fn in runs.items():
+            times = []
+            fn(n, times)
+            decode[name].append((times[-1] - times[0]) / (n - 1))
+        for name, c in peers.items():
+            with torch.no_grad():
+                prefill[name].append(_timed(lambda c=c: model(long, use_cache=False) if c is None else c(long)))
     base_d, base_p = (statistics.median(decode["transformers eager"]), statistics.median(prefill["transformers eager"]))
     print(f"\n| peer | decode ms/token (prompt {args.prompt}, {n} new) | vs eager | prefill {args.prefill} tokens, s "
           "| vs eager |\n|---|---|---|---|---|")
