@@ -73,7 +73,11 @@ def _tokens(cm, prompts: list, n: int, stops) -> list:
 
 def _check(cm, model, want, greedy, n: int = 32, cached: bool = True, stops=()):
     close(cm(IDS), want)
-    if not cached:  # Triton in its interpreter: the logits and the greedy tokens (prefill and decode) only
+    if not cached:  # Triton in its interpreter: the logits, a short continuation with cache, the greedy tokens
+        state = rt.allocate_state(cm.ir, 2, 32, cm.program.device)
+        close(rt.prefill(cm.program, state, IDS[:, :3], torch.tensor([3, 3])), want[:, 2])
+        close(rt.prefill_once(cm.program, state, IDS[:, 3:9], 3, torch.tensor([9, 9])), want[:, 8])
+        close(rt.decode_one(cm.program, state, IDS[:, 9], torch.tensor([9, 9])), want[:, 9])
         prompt = IDS[0, :11].tolist()
         assert _tokens(cm, [prompt], n, stops)[0] == greedy(model, prompt, n)
         return
