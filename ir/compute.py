@@ -176,6 +176,25 @@ def mla_absorbed(q, c_cache, k_pe_cache, w, positions, seq_lens, heads: int, nop
     return out.reshape(b, s, -1)
 
 
+# ---- tensor parallelism ------------------------------------------------------------------------------------------
+def allreduce(x, world: int):
+    """The sum of x over the ranks of torch.distributed's default group, which must have ``world`` ranks."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != world:
+        have = dist.get_world_size() if dist.is_available() and dist.is_initialized() else "no"
+        raise RuntimeError(f"allreduce over {world} ranks needs torch.distributed initialized with {world} ranks "
+                           f"({have} here)")
+    out = x.clone()
+    dist.all_reduce(out)
+    return out
+
+
+def allreduce_add_rms_norm(x, residual, weight, world: int, eps: float):
+    r = allreduce(x, world) + residual
+    return rms_norm(r, weight, eps), r
+
+
 # ---- linear attention: short convolution and the delta rule ------------------------------------------------------
 def short_conv(x, weight, bias, act: str):
     # x [B, S, C]: the causal depthwise convolution of a sequence that starts here (zeros before its first token)

@@ -335,6 +335,12 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
        "against c, the softmax in f32, the latent output times W_UV_h.T; W_UK_h, W_UV_h: head h's key and value "
        "rows of w), the same math; result [B,S,H*V]", _MLA_ATTN, impl=c.cached_mla_attention,
        traits=(T.MIXES_TOKENS,)),
+    _d(Op.ALLREDUCE, ("x",), r.allreduce,
+       "the sum of x over the world ranks of the tensor-parallel group (torch.distributed's default group: gloo on "
+       "CPUs, NCCL on GPUs), the same on every rank", {"world": AttrSpec(K.INT)}, impl=c.allreduce),
+    _d(Op.ALLREDUCE_ADD_RMS_NORM, ("x", "residual", "weight"), r.allreduce_add_rms_norm,
+       "r = allreduce(x) + residual; (rms_norm(r) * weight (as rms_norm), r): the reduction, the residual add and "
+       "the next norm in one", {"world": AttrSpec(K.INT), "eps": AttrSpec(K.FLOAT)}, impl=c.allreduce_add_rms_norm),
     _d(Op.ROPE_CACHE_WRITE, ("q", "k", "v", "positions", I("k_cache", state=True), I("v_cache", state=True)),
        r.rope_cache_write,
        "rope(q, k) at positions, then rotated k and v written into the caches: (rotated q, new k cache, "

@@ -89,6 +89,9 @@ class Op(enum.Enum):
     CACHED_SHORT_CONV = "cached_short_conv"
     CACHED_DELTA_RULE = "cached_delta_rule"
     CACHED_MLA_ATTENTION = "cached_mla_attention"
+    # ---- tensor parallelism: collectives (passes/tensor_parallel.py) and their fusion
+    ALLREDUCE = "allreduce"
+    ALLREDUCE_ADD_RMS_NORM = "allreduce_add_rms_norm"
     # ---- backend fusions: made by a backend's tail passes (passes/backend.py)
     ROPE_CACHE_WRITE = "rope_cache_write"
     ROPE_CACHED_ATTENTION = "rope_cached_attention"

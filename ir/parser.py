@@ -14,7 +14,7 @@ from lowerlm.ir.opdefs import OPDEFS, AttrKind
 from lowerlm.ir.ops import Op
 from lowerlm.ir.shapes import Sym
 from lowerlm.ir.types import KV, STATE_KINDS, StateSpec, TensorType, Value
-from lowerlm.ir.weights import Cast, Concat, Data, Deinterleave, MatMul, Param, Scale, Transpose
+from lowerlm.ir.weights import Cast, Concat, Data, Deinterleave, MatMul, Param, Scale, Slice, Transpose
 
 _TOKEN = re.compile(r"""
     (?P<ws>[ \t\r\n]+)
@@ -459,6 +459,16 @@ class _Parser:
                 out = Scale(*self.arity(args, 2, tok), arg)
             else:
                 out = Cast(*self.arity(args, 1, tok), arg)
+        elif head == "slice":
+            self.expect("[")
+            bounds = [self.number()]
+            for _ in range(2):
+                self.expect(",")
+                bounds.append(self.number())
+            if not all(isinstance(v, int) for v in bounds):
+                raise self.error("slice needs an integer axis, start and end", tok)
+            self.expect("]")
+            out = Slice(*self.arity(self.weight_args(), 1, tok), *bounds)
         elif head == "transpose":
             out = Transpose(*self.arity(self.weight_args(), 1, tok))
         elif head == "matmul":

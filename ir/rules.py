@@ -674,3 +674,26 @@ def cached_mla_attention(ts, a):
     _positions(pos, b, s)
     _seq_lens(lens, b)
     return [q.with_shape((b, s, h * (rows // h - p)))]
+
+
+# ---- tensor parallelism -------------------------------------------------------------------------------------------
+def _world(a):
+    if a["world"] < 2:
+        _fail(f"a collective needs a world of 2 or more ranks, got {a['world']}")
+
+
+def allreduce(ts, a):
+    _world(a)
+    _float(ts[0], "allreduce operand")
+    return [ts[0]]
+
+
+def allreduce_add_rms_norm(ts, a):
+    x, residual, w = ts
+    _world(a)
+    _float(x, "allreduce_add_rms_norm input")
+    if residual != x or x.rank < 1 or w.shape != (x.shape[-1],):
+        _fail(f"allreduce_add_rms_norm of {x} with residual {residual} and norm weight {w} (expected one type and "
+              f"[{x.shape[-1] if x.rank else '?'}])")
+    _same_dtype(x, w)
+    return [x, x]

@@ -67,6 +67,17 @@ class Deinterleave:
 
 
 @dataclass(frozen=True)
+class Slice:
+    """Entries ``start`` to ``end`` (exclusive) along ``axis``: one rank's shard of a weight (tensor parallelism), so
+    a rank evaluates only its part."""
+
+    arg: WeightExpr
+    axis: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
 class MatMul:
     """Matrix product of two matrices."""
 
@@ -91,13 +102,13 @@ class Cast:
     dtype: DType
 
 
-WeightExpr = Union[Param, Data, Concat, Transpose, Deinterleave, MatMul, Scale, Cast]
+WeightExpr = Union[Param, Data, Concat, Transpose, Deinterleave, Slice, MatMul, Scale, Cast]
 
 
 def children(expr: WeightExpr) -> tuple:
     if isinstance(expr, Concat):
         return expr.args
-    if isinstance(expr, (Transpose, Deinterleave, Cast)):
+    if isinstance(expr, (Transpose, Deinterleave, Slice, Cast)):
         return (expr.arg,)
     if isinstance(expr, MatMul):
         return (expr.lhs, expr.rhs)
@@ -146,6 +157,12 @@ def weight_type(expr: WeightExpr, params: Mapping[str, TensorType]) -> TensorTyp
         if not 0 <= expr.axis < a.rank or not isinstance(a.shape[expr.axis], int) or a.shape[expr.axis] % 2:
             raise ShapeError(f"weight deinterleave along axis {expr.axis} needs an even length there, got {a}")
         return a
+    if isinstance(expr, Slice):
+        (a,) = kids
+        if not 0 <= expr.axis < a.rank or not isinstance(a.shape[expr.axis], int) or \
+                not 0 <= expr.start < expr.end <= a.shape[expr.axis]:
+            raise ShapeError(f"weight slice [{expr.start}:{expr.end}] along axis {expr.axis} does not fit {a}")
+        return a.with_shape(a.shape[:expr.axis] + (expr.end - expr.start,) + a.shape[expr.axis + 1:])
     if isinstance(expr, MatMul):
         a, b = kids
         if a.rank != 2 or b.rank != 2 or a.shape[1] != b.shape[0] or a.dtype != b.dtype:
@@ -189,6 +206,8 @@ def evaluate_weight(expr: WeightExpr, get_param: Callable[[str], object]):
     if isinstance(expr, Deinterleave):
         a, lead = kids[0], (slice(None),) * expr.axis
         return torch.cat([a[lead + (slice(0, None, 2),)], a[lead + (slice(1, None, 2),)]], dim=expr.axis)
+    if isinstance(expr, Slice):
+        return kids[0].narrow(expr.axis, expr.start, expr.end - expr.start).contiguous()
     if isinstance(expr, MatMul):
         return kids[0] @ kids[1]
     if isinstance(expr, Scale):
@@ -215,6 +234,8 @@ def expr_str(expr: WeightExpr) -> str:
         return f"transpose({expr_str(expr.arg)})"
     if isinstance(expr, Deinterleave):
         return f"deinterleave[{expr.axis}]({expr_str(expr.arg)})"
+    if isinstance(expr, Slice):
+        return f"slice[{expr.axis},{expr.start},{expr.end}]({expr_str(expr.arg)})"
     if isinstance(expr, MatMul):
         return f"matmul({expr_str(expr.lhs)}, {expr_str(expr.rhs)})"
     if isinstance(expr, Scale):

@@ -130,6 +130,7 @@ def _stages(args, progress) -> list:
     from lowerlm.ir import parse_module
     from lowerlm.passes import dump_header, run_pipeline
 
+    shard = (args.rank, args.tp) if args.tp > 1 else None
     if args.ir:
         from lowerlm.errors import InputError, LowerlmError
         from lowerlm.ir import verify_module
@@ -140,13 +141,20 @@ def _stages(args, progress) -> list:
         except LowerlmError as e:  # the file named, with the line:col the parser gives
             raise InputError(f"IR file '{path}': {e}") from None
         records: list = []
-        run_pipeline(module, dump=set(), on_pass=records.append, backend=fusing_backend(args.backend))
+        run_pipeline(module, dump=set(), on_pass=records.append, backend=fusing_backend(args.backend), tp=shard)
         return [("// imported", module)] + [(dump_header(r), r.module) for r in records]
     import lowerlm
 
     if args.backend in ("onnx", "auto"):
         _quiet_onnxruntime()
     model, _ = _load(args.model, progress, lambda cfg: None)
+    if shard is not None:  # one rank's passes, without a process group: the IR only, no program built
+        from lowerlm.frontend.trace import trace_model
+
+        module = trace_model(model, progress=progress)
+        records = []
+        run_pipeline(module, dump=set(), on_pass=records.append, backend=fusing_backend(args.backend), tp=shard)
+        return [("// imported", module)] + [(dump_header(r), r.module) for r in records]
     cm = lowerlm.compile_model(model, backend=args.backend, progress=progress, tokenizer=False)
     stages = cm.stages()
     if args.backend == "auto":  # AutoProgram: which backend runs each partition
@@ -167,6 +175,9 @@ def _cmd_dump_ir(args, progress) -> int:
     if owners and args.after not in dict(tail):  # before any loading: it would print nothing
         raise InputError(f"--after {args.after}: that pass is in the {' and '.join(owners)} backend's tail, not "
                          f"{args.backend}'s; add --backend {owners[0]}")
+    if args.rank >= args.tp:  # before any loading
+        raise InputError(f"--rank {args.rank} is not one of the {args.tp} ranks of --tp {args.tp}; give --rank 0 to "
+                         f"{args.tp - 1}")
     stages = _stages(args, progress)
     progress.done()
 
@@ -240,6 +251,16 @@ def _check_generate_flags(args) -> None:
                          "model's own precision (use --backend onnx or auto)")
 
 
+def _generate_rank(rank: int, world: int, argv: list) -> None:
+    """One rank of ``generate --tp``: the same command in a process of the group; rank 0 alone writes."""
+    if rank:
+        sys.stdout = open(os.devnull, "w")
+        argv = ["--quiet", *argv]
+    code = main(argv)
+    if code:
+        raise SystemExit(code)
+
+
 def _cmd_generate(args, progress) -> int:
     import time
 
@@ -248,6 +269,14 @@ def _cmd_generate(args, progress) -> int:
 
     _check_generate_flags(args)
     token_prompts = _token_prompts(args)
+    if args.tp > 1:
+        import torch.distributed as dist
+
+        from lowerlm.runtime.distributed import init_from_env, launch
+
+        if not (dist.is_available() and dist.is_initialized()) and not init_from_env(args.tp):
+            launch(_generate_rank, args.tp, args.argv)  # each rank runs this command; rank 0 writes the text
+            return 0
 
     def check(cfg):
         _check_max_seq_len(args.max_seq_len, cfg, args.model)
@@ -271,7 +300,7 @@ def _cmd_generate(args, progress) -> int:
         prompts = [encode(tokenizer, p, chat=not args.raw) for p in args.prompt]
         _check_prompt_ids(prompts, cfg, args.max_seq_len)
     cm = lowerlm.compile_model(model, backend=args.backend, max_seq_len=args.max_seq_len, weight_bits=args.weight_bits,
-                               max_batch=args.max_batch, progress=progress,
+                               max_batch=args.max_batch, progress=progress, tp=args.tp,
                                tokenizer=tokenizer if tokenizer is not None else False)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     progress("preparing the backend's programs")
@@ -437,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--after", default="all", type=_after, help="'all', 'none' (as imported) or a pass name")
     d.add_argument("--format", choices=("text", "dot"), default="text")
     d.add_argument("--diff", action="store_true", help="show each stage as a diff against the one before")
+    d.add_argument("--tp", type=_at_least(1), default=1, help="tensor parallelism: the passes of one rank's shard "
+                   "out of this many (tensor_parallel, fuse_allreduce_norm)")
+    d.add_argument("--rank", type=_at_least(0), default=0, help="with --tp: which rank's shard (default 0)")
     d.add_argument("--backend", default="reference", choices=BACKENDS, help="the backend whose pass tail runs after "
                    "the pipeline, and with --model the one to compile for (default reference: no tail; 'auto' also "
                    "prints which backend runs each graph)")
@@ -447,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Triton on a GPU, the ops they lack on the reference backend), 'onnx', 'triton' or 'reference' "
                    "(plain torch, the oracle)")
     g.add_argument("--max-new-tokens", type=_at_least(1), default=64)
+    g.add_argument("--tp", type=_at_least(1), default=1, help="tensor parallelism: run N ranks (processes over "
+                   "torch.distributed), each holding a shard of the weights; rank 0 writes the text")
     g.add_argument("--temperature", type=_temperature, default=0.0, help="0: greedy")
     g.add_argument("--top-k", type=_at_least(0, " (0: off)"), default=0, help="0: off")
     g.add_argument("--top-p", type=_top_p, default=1.0, help="1: off")
@@ -498,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(enabled=False)
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what a rank of --tp runs again
         progress = Progress.for_terminal(quiet=getattr(args, "quiet", False))
         _route_warnings(progress)
         code = args.fn(args, progress)

@@ -266,6 +266,28 @@ def skipped_token(module: Module) -> int | None:
     return next((t for node in g.nodes if (t := _skipping(g, node)) is not None), None)
 
 
+def tp_rank(tp: int, backend: str) -> tuple | None:
+    """(rank, world) of this process for ``tp`` ranks, or None for tp = 1: torch.distributed's default group must
+    hold exactly ``tp`` ranks (torchrun, or ``lowerlm generate --tp``)."""
+    if not isinstance(tp, int) or tp < 1:
+        raise CompileError(f"tp must be a positive integer, got {tp!r}")
+    if tp == 1:
+        return None
+    import torch.distributed as dist
+
+    from lowerlm.runtime.distributed import init_from_env
+
+    init_from_env(tp)  # under torchrun, from its variables, when the script did not
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != tp:
+        have = f"{dist.get_world_size()} ranks" if dist.is_available() and dist.is_initialized() else "none"
+        raise CompileError(f"tp={tp} needs torch.distributed initialized with {tp} ranks (here: {have}): run the "
+                           f"script under `torchrun --nproc-per-node {tp}`")
+    if backend not in ("reference", "auto"):
+        raise CompileError(f"tensor parallelism runs on the reference backend and auto (ONNX with the collectives "
+                           f"between its sessions) so far, not on {backend}")
+    return dist.get_rank(), tp
+
+
 def fit_max_seq_len(table: tuple | None, max_seq_len: int | None, limit: tuple | None = None) -> int:
     """``max_seq_len``, by default 2048, or fewer: the rows of the learned position ``table``
     (``position_table``) and the context ``limit`` (what, tokens: frontend/sparse_attention.py's
@@ -388,8 +410,7 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     from lowerlm.runtime.text import load_tokenizer
 
     check_backend(backend, weight_bits=weight_bits)
-    if tp != 1:
-        raise CompileError("tensor parallelism is not available yet (tp=1)")
+    shard = tp_rank(tp, backend)
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"compile_model takes a torch.nn.Module, got {type(model).__name__}")
     first = next(model.parameters(), None)
@@ -411,7 +432,7 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     if progress:
         progress("running the passes")
     run_pipeline(imported, passes=passes, on_pass=records.append, arm=arm, backend=fusing_backend(backend, device),
-                 upcast_from=DType.from_torch(model_dtype) if compute != model_dtype else None)
+                 upcast_from=DType.from_torch(model_dtype) if compute != model_dtype else None, tp=shard)
     final = records[-1].module if records else imported
     check_state_fits(final, max_batch, max_seq_len, state_device)
     weights = model_weights(model)

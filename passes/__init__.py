@@ -107,12 +107,17 @@ class PassRecord:
 
 
 def resolve(passes: str | Iterable[str | tuple] = "default", arm=None, upcast_from=None,
-            backend: str | None = None) -> list[tuple[str, PassFn]]:
+            backend: str | None = None, tp: tuple | None = None) -> list[tuple[str, PassFn]]:
     """The (name, function) list for ``"default"``, ``"none"`` or a list of names (or (name, fn) pairs). ``arm``
     (an ``ArmCalibration``) turns the arm pass on. ``upcast_from`` (bf16 or f16, a DType) puts the upcast pass
     first, whatever ``passes`` says: the program computes in f32 only if every graph does. ``backend`` (a key of
     ``TAILS``) appends that backend's tail to ``"default"``; a list names tail passes itself if it wants them."""
     out = _resolve(passes, arm)
+    if tp is not None and tp[1] > 1:  # (rank, world): the shard right after canonicalize, its fusion after it
+        from lowerlm.passes.tensor_parallel import fuse_allreduce_norm, tensor_parallel
+
+        at = next((i + 1 for i, (name, _) in enumerate(out) if name == "canonicalize"), 0)
+        out[at:at] = [("tensor_parallel", tensor_parallel(*tp)), ("fuse_allreduce_norm", fuse_allreduce_norm)]
     if upcast_from is not None:
         out.insert(0, ("upcast", upcast(upcast_from)))
     if passes == "default" and backend is not None:
@@ -181,14 +186,14 @@ def dump_header(record: PassRecord) -> str:
 
 def run_pipeline(module: Module, passes="default", verify: bool = True, dump: set | None = None,
                  out: TextIO | None = None, on_pass: Callable[[PassRecord], None] | None = None,
-                 arm=None, upcast_from=None, backend: str | None = None) -> Module:
+                 arm=None, upcast_from=None, backend: str | None = None, tp: tuple | None = None) -> Module:
     """Run the passes in order, and ``backend``'s tail after the default pipeline. ``dump`` (default: from
     LOWERLM_DUMP) names the passes whose result is printed to ``out`` (default stderr); ``on_pass`` receives each
     PassRecord."""
     dump = _dump_names() if dump is None else dump
     if verify:
         verify_module(module)
-    for name, fn in resolve(passes, arm, upcast_from, backend):
+    for name, fn in resolve(passes, arm, upcast_from, backend, tp):
         record = run_pass(name, fn, module, verify)
         module = record.module
         if "all" in dump or name in dump:

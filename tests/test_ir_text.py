@@ -341,6 +341,8 @@ VERIFIED_EXAMPLES = {
     Op.CACHED_DELTA_RULE: (("x", "x", "x", "bh", "bh", "dst", "pos", "lens"), {"heads": 2, "scale": 0.5}),
     # MLA: latent 4, rotary 2, 2 heads of nope 1 and values 2 (kv_b's weight [2 * (1 + 2), 4])
     Op.MLA_EXPAND: (("x", "bh", "up"), {"heads": 2, "nope": 1}),
+    Op.ALLREDUCE: (("x",), {"world": 2}),
+    Op.ALLREDUCE_ADD_RMS_NORM: (("x", "x", "v4"), {"world": 2, "eps": 1e-6}),
     Op.MLA_ATTENTION: (("q6", "x", "bh", "up", "pos", "lens"), {"heads": 2, "nope": 1, "scale": 0.5}),
     Op.CACHED_MLA_ATTENTION: (("q6", "cache", "kpec", "up", "pos", "lens"), {"heads": 2, "nope": 1, "scale": 0.5}),
     Op.KV_CACHE_WRITE: (("cache", "x", "pos"), {}),

@@ -884,7 +884,9 @@ LOWERINGS: dict[Op, Callable] = {
 """Op -> ``lowering(lw, call)``: the ONNX name of the result, or a list of them."""
 
 # whole MoE blocks and captured experts: moe_dispatch splits them into ops with lowerings
-NOT_LOWERED = frozenset({Op.MOE, Op.EXPERTS})
+# the collectives run between ONNX Runtime sessions (auto puts them on the reference backend, which calls
+# torch.distributed), never inside one
+NOT_LOWERED = frozenset({Op.MOE, Op.EXPERTS, Op.ALLREDUCE, Op.ALLREDUCE_ADD_RMS_NORM})
 
 
 def _chain(a: dict) -> str | None:

@@ -1,0 +1,257 @@
+"""tensor_parallel: rank r's shard of a graph for tensor parallelism over N ranks (Megatron's layout).
+
+    attention  q/k/v linear: their rows by head (column-parallel; rank r keeps heads r*H/N .. (r+1)*H/N - 1 of the
+               queries and of the kv heads, so each rank holds whole GQA groups), the ops between them and the
+               attention on H/N heads, o_proj: its columns (row-parallel), then ``allreduce`` of the partial sums
+               and o_proj's bias after it
+    gated MLP  gate and up linear: their rows (column-parallel), down: its columns, then ``allreduce`` (+ bias)
+
+Weights become ``weight slice[axis,start,end](param ...)`` expressions, so a rank evaluates only its shard. Every
+other value stays replicated: the embedding, the norms, the lm_head, routers and experts, any block whose form is
+not recognised (computed whole on every rank: correct, only not split). An attention whose query or kv heads do
+not divide by N is replicated and only its MLP is sharded (SmolLM2: 9 heads and 3 kv heads at N = 2): splitting
+GQA groups unevenly would leave ranks with different shapes and the slowest rank setting the pace, while the
+MLP holds most of a layer's weights; the note in docs/passes.md gives the numbers.
+
+A recognised attention: each of q, k, v comes from a bias-optional ``linear`` through ``reshape`` (to or from
+[..., heads, head_dim]), per-head ``rms_norm`` (Qwen3's q/k norms), ``rope`` and ``cast`` only; its result reaches
+o_proj through reshapes only; an attention with sinks is replicated. A recognised MLP: ``linear(mul(act(linear(x, Wg)),
+linear(x, Wu)), Wd)`` with act an element-wise unary op. Runs right after canonicalize, before the passes that
+fuse projections (their concatenated weights would mix shards).
+"""
+
+from __future__ import annotations
+
+from lowerlm.ir.errors import PassError
+from lowerlm.ir.graph import Graph, Node, infer_types
+from lowerlm.ir.ops import UNARY, Op
+from lowerlm.ir.types import Value
+from lowerlm.ir.weights import Param, Slice
+from lowerlm.passes.canonicalize import dce
+from lowerlm.passes.pattern import Pass, Pat, merge_sources, rewrite, single_use
+
+_HEAD_OPS = (Op.RESHAPE, Op.RMS_NORM, Op.ROPE, Op.CAST)
+
+
+class _Plan:
+    """What to change: weights to slice (value -> (axis, start, end)), nodes on H/N heads, partial linears."""
+
+    def __init__(self):
+        self.slices: dict = {}  # the weight/bias value a linear reads -> (axis, start, end)
+        self.heads: dict = {}  # node name -> divisor (attention, rope, reshape on the head path)
+        self.partial: dict = {}  # row-parallel linear's name -> its bias (added after the reduction) or None
+
+
+def _maps(g: Graph):
+    producer = {r.name: n for n in g.nodes for r in n.results}
+    users: dict = {}
+    for n in g.nodes:
+        for v in n.inputs:
+            if v is not None:
+                users.setdefault(v, []).append(n)
+    return producer, users
+
+
+def _only_user(users, v: str):
+    us = users.get(v, [])
+    return us[0] if len(us) == 1 else None
+
+
+def _head_path(producer, v: str, path: list):
+    """The linear at the top of q, k or v's head path (appending the head ops passed), or None."""
+    while True:
+        n = producer.get(v)
+        if n is None:
+            return None
+        if n.op is Op.LINEAR:
+            return n if n.inputs[3] is None else None
+        if n.op not in _HEAD_OPS:
+            return None
+        path.append(n)
+        v = n.inputs[[r.name for r in n.results].index(v)] if n.op is Op.ROPE else n.inputs[0]
+
+
+def _plan_attention(g, producer, users, a: Node, rank: int, world: int, plan: _Plan) -> bool:
+    hq, hk = a.attr("heads")
+    if hq % world or hk % world or a.inputs[5] is not None:  # sinks (one logit per head) stay whole: replicated
+        return False
+    q, k, v = a.inputs[:3]
+    path: list = []
+    lins = [_head_path(producer, x, path) for x in (q, k, v)]
+    if any(lin is None for lin in lins) or len({id(n) for n in lins}) != 3:
+        return False
+    out, reshapes = a.results[0].name, []
+    o = _only_user(users, out)
+    while o is not None and o.op is Op.RESHAPE:
+        reshapes.append(o)
+        o = _only_user(users, o.results[0].name)
+    if o is None or o.op is not Op.LINEAR or o.inputs[3] is not None:
+        return False
+    for lin in lins:
+        rows = lin.results[0].type.shape[-1]
+        per = rows // world
+        plan.slices[(lin.name, 1)] = (0, rank * per, (rank + 1) * per)
+        if lin.inputs[2] is not None:
+            plan.slices[(lin.name, 2)] = (0, rank * per, (rank + 1) * per)
+    per = producer[o.inputs[1]].results[0].type.shape[1] // world
+    plan.slices[(o.name, 1)] = (1, rank * per, (rank + 1) * per)
+    plan.partial[o.name] = o.inputs[2]
+    for n in path + [a] + reshapes:
+        plan.heads[n.name] = world
+    return True
+
+
+def _plan_mlp(g, producer, users, down: Node, rank: int, world: int, plan: _Plan) -> bool:
+    mul = producer.get(down.inputs[0])
+    if mul is None or mul.op is not Op.MUL or down.inputs[3] is not None:
+        return False
+    a, b = (producer.get(x) for x in mul.inputs[:2])
+    for act, up in ((a, b), (b, a)):
+        if act is None or up is None or act.op not in UNARY or up.op is not Op.LINEAR:
+            continue
+        gate = producer.get(act.inputs[0])
+        if gate is None or gate.op is not Op.LINEAR or gate.inputs[0] != up.inputs[0] or \
+                gate.results[0].type != up.results[0].type or gate.inputs[3] is not None or up.inputs[3] is not None:
+            continue
+        inter = gate.results[0].type.shape[-1]
+        if not isinstance(inter, int) or inter % world:
+            return False
+        per = inter // world
+        for lin in (gate, up):
+            plan.slices[(lin.name, 1)] = (0, rank * per, (rank + 1) * per)
+            if lin.inputs[2] is not None:
+                plan.slices[(lin.name, 2)] = (0, rank * per, (rank + 1) * per)
+        plan.slices[(down.name, 1)] = (1, rank * per, (rank + 1) * per)
+        plan.partial[down.name] = down.inputs[2]
+        for n in (act, mul):
+            plan.heads[n.name] = 1  # element-wise: its type follows its inputs
+        return True
+    return False
+
+
+def _reshape(n: Node, in_type, world: int) -> list:
+    """A head-path reshape's new shape: [.., H, D] -> [.., H/N, D], or [.., H*D] -> [.., H*D/N]."""
+    shape = list(n.attr("shape"))
+    if len(shape) >= 2 and in_type.rank == len(shape) - 1:  # a split of the last dim into heads x head_dim
+        shape[-2] = shape[-2] // world
+    elif in_type.rank == len(shape) + 1:  # a merge of heads x head_dim
+        shape[-1] = shape[-1] // world
+    elif in_type.rank == len(shape):  # same rank: the heads dim is the one that changed
+        shape = list(in_type.shape)
+    else:
+        raise PassError(f"tensor_parallel: cannot shard the reshape '{n.name}' on a head path")
+    return shape
+
+
+def tensor_parallel(rank: int, world: int) -> Pass:
+    """The pass making ``rank``'s shard of each graph for ``world`` ranks."""
+    if world < 1 or not 0 <= rank < world:
+        raise PassError(f"tensor_parallel: rank {rank} of {world} ranks")
+
+    @Pass
+    def tensor_parallel_pass(g: Graph) -> tuple:
+        if world == 1:
+            return g, 0
+        producer, users = _maps(g)
+        plan = _Plan()
+        count = 0
+        for n in g.nodes:
+            if n.op is Op.ATTENTION:
+                count += _plan_attention(g, producer, users, n, rank, world, plan)
+            elif n.op is Op.LINEAR:
+                count += _plan_mlp(g, producer, users, n, rank, world, plan)
+        if not count:
+            return g, 0
+        return dce(_apply(g, plan, rank, world))[0], count
+
+    return tensor_parallel_pass
+
+
+def _apply(g: Graph, plan: _Plan, rank: int, world: int) -> Graph:
+    types = {v.name: v.type for v in g.inputs} | {s.name: s.type for s in g.state}
+    params = {}
+    nodes: list = []
+    taken = {r.name for n in g.nodes for r in n.results} | set(types)
+
+    def fresh(hint: str) -> str:
+        i, name = 1, hint
+        while name in taken:
+            i, name = i + 1, f"{hint}{i}"
+        taken.add(name)
+        return name
+
+    def add(op, inputs, attrs, names, source):
+        result_types = infer_types(op, [types[x] if x is not None else None for x in inputs], attrs)
+        node = Node.make(op, inputs, [Value(nm, t) for nm, t in zip(names, result_types)], attrs, source)
+        nodes.append(node)
+        types.update({r.name: r.type for r in node.results})
+        return node
+
+    producer = {r.name: n for n in g.nodes for r in n.results}
+    for n in g.nodes:
+        if n.op in (Op.PARAM, Op.WEIGHT):
+            nodes.append(n)
+            types[n.results[0].name] = n.results[0].type
+            params[n.results[0].name] = n
+            continue
+        inputs = list(n.inputs)
+        for slot in (1, 2):
+            cut = plan.slices.get((n.name, slot))
+            if cut is None or inputs[slot] is None:
+                continue
+            src = producer[inputs[slot]]
+            expr = Param(src.attrs["name"]) if src.op is Op.PARAM else src.attrs["expr"]
+            t = src.results[0].type
+            axis, start, end = cut
+            shape = list(t.shape)
+            shape[axis] = end - start
+            name = fresh(f"{inputs[slot]}.shard")
+            w = Node.make(Op.WEIGHT, (), [Value(name, t.with_shape(tuple(shape)))],
+                          {"expr": Slice(expr, axis, start, end)}, src.source)
+            nodes.append(w)
+            types[name] = w.results[0].type
+            inputs[slot] = name
+        attrs = dict(n.attrs)
+        if n.name in plan.heads and n.op in (Op.ATTENTION, Op.ROPE):
+            attrs["heads"] = [h // world for h in n.attr("heads")]
+        elif n.name in plan.heads and n.op is Op.RESHAPE:
+            attrs["shape"] = _reshape(n, types[inputs[0]], world)
+        if n.name in plan.partial:
+            bias = plan.partial[n.name]
+            inputs[2] = None
+            partial = fresh(f"{n.name}.partial")
+            add(Op.LINEAR, inputs, attrs, [partial], n.source)
+            if bias is None:
+                add(Op.ALLREDUCE, [partial], {"world": world}, [n.name], n.source)
+            else:
+                summed = fresh(f"{n.name}.sum")
+                add(Op.ALLREDUCE, [partial], {"world": world}, [summed], n.source)
+                add(Op.ADD, [summed, bias], {}, [n.name], n.source)
+            continue
+        add(n.op, inputs, attrs, [r.name for r in n.results], n.source)
+    return Graph(g.name, g.inputs, g.state, tuple(nodes), g.outputs, g.state_outputs)
+
+
+# ---- fuse_allreduce_norm ------------------------------------------------------------------------------------------
+def _fused(ctx, root, add, ar, other, w):
+    """rms_norm(add(allreduce(p), r)) -> allreduce_add_rms_norm(p, r): the norm's result and the new residual
+    stream (the add's name, for its other readers)."""
+    if ctx.type_of(other) != ctx.type_of(ar.name) or not ctx.replace(add, ar):
+        return None
+    normed, _ = ctx.add(Op.ALLREDUCE_ADD_RMS_NORM, [ar.args[0], other, w],
+                        {"world": ar.attr("world"), "eps": root.attr("eps")}, names=[root.name, add.name],
+                        source=merge_sources(ar, add, root))
+    return normed
+
+
+_REDUCED = Pat(Op.ALLREDUCE, name="ar", where=single_use)
+FUSE_RULES = [(Pat(Op.RMS_NORM, (Pat(Op.ADD, (_REDUCED, Pat(name="other")), commutative=True, name="add"),
+                                 Pat(name="w")), name="root"), _fused)]
+
+
+@Pass
+def fuse_allreduce_norm(g: Graph) -> tuple:
+    """allreduce -> residual add -> rms_norm becomes one allreduce_add_rms_norm (the reduction, the add and the next
+    layer's norm in one op, as serving engines fuse them)."""
+    g, n = rewrite(g, FUSE_RULES, name="fuse_allreduce_norm")
+    return (dce(g)[0] if n else g), n
