@@ -18,7 +18,7 @@ import socket
 
 import torch
 
-from lowerlm.errors import CompileError, LowerlmError
+from lowerlm.ir.errors import CompileError, LowerlmError
 
 
 def timeout() -> datetime.timedelta:
