@@ -274,8 +274,11 @@ def _ctrl_c(w):
 
     env = dict(w["env"], LOWERLM_CACHE_DIR=str(w["root"] / "cache-ctrl-c"))  # a cold cache: the trace runs
     master, slave = pty.openpty()
+    # the child gets SIGINT's default disposition, as from a terminal: a process that starts with SIGINT ignored
+    # (inherited from whatever ran the suite) never turns it into KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "lowerlm", "dump-ir", "--model", fill(("{tiny}",), w)[0]],
-                            cwd=w["work"], env=env, stdout=subprocess.DEVNULL, stderr=slave)
+                            cwd=w["work"], env=env, stdout=subprocess.DEVNULL, stderr=slave,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(slave)
     seen = b""
 
