@@ -65,8 +65,8 @@ def _head_path(producer, v: str, path: list):
             return None
         if n.op is Op.LINEAR:
             return n if n.inputs[3] is None else None
-        if n.op not in _HEAD_OPS:
-            return None
+        if n.op not in _HEAD_OPS or (n.op is Op.RMS_NORM and n.results[0].type.rank < 4):
+            return None  # a norm over all heads at once (not per head) would change with the shard
         path.append(n)
         v = n.inputs[[r.name for r in n.results].index(v)] if n.op is Op.ROPE else n.inputs[0]
 
@@ -87,6 +87,9 @@ def _plan_attention(g, producer, users, a: Node, rank: int, world: int, plan: _P
         o = _only_user(users, o.results[0].name)
     if o is None or o.op is not Op.LINEAR or o.inputs[3] is not None:
         return False
+    region = {id(n) for n in path + lins + [a]}
+    if not all(id(u) in region for n in path + lins for r in n.results for u in users.get(r.name, [])):
+        return False  # a sharded value read outside the attention: keep it whole
     for lin in lins:
         rows = lin.results[0].type.shape[-1]
         per = rows // world
@@ -114,8 +117,10 @@ def _plan_mlp(g, producer, users, down: Node, rank: int, world: int, plan: _Plan
                 gate.results[0].type != up.results[0].type or gate.inputs[3] is not None or up.inputs[3] is not None:
             continue
         inter = gate.results[0].type.shape[-1]
-        if not isinstance(inter, int) or inter % world:
-            return False
+        if not isinstance(inter, int) or inter % world or not all(
+                _only_user(users, n.results[0].name) is want for n, want in ((gate, act), (act, mul), (up, mul),
+                                                                             (mul, down))):
+            return False  # a partial value read anywhere else: keep the MLP whole
         per = inter // world
         for lin in (gate, up):
             plan.slices[(lin.name, 1)] = (0, rank * per, (rank + 1) * per)

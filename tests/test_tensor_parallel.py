@@ -209,3 +209,15 @@ def test_generate_tp_2_gives_the_single_rank_tokens(tmp_path):
     assert one.returncode == two.returncode == 0, two.stderr
     assert two.stdout.splitlines()[0] == one.stdout.splitlines()[0]  # the tokens, written once (by rank 0)
     assert two.stdout.count("[0]") == 1
+
+
+def test_a_partial_value_read_elsewhere_keeps_its_block_whole():
+    """Must not fire on the MLP when its gate projection is read outside it (a shard would be read whole there):
+    only the attention is sharded."""
+    act = "  %act = silu(%g) : f32[B,S,32]  # model.layers.0.mlp.act_fn\n"
+    text = example_text().replace(act, act + "  %seen = neg(%g) : f32[B,S,32]\n")
+    text = text.replace("return %logits", "return %logits, %seen")
+    _, record = _sharded(0, 2, text)
+    assert record.rewrites == 1
+    assert [line.split(" =")[0] for line in _lines(record.module, "= weight ")] == [
+        "%wq.shard", "%wk.shard", "%wv.shard", "%wo.shard"]
