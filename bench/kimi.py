@@ -137,7 +137,8 @@ def main(argv=None) -> int:
     runs = {name: eager if c is None else ours(c) for name, c in peers.items()}
     want = eager(args.new_tokens)
     for name, fn in runs.items():
-        assert fn(args.new_tokens) == want, f"{name}: greedy tokens differ"
+        if fn is not eager:  # eager's own tokens are the reference
+            assert fn(args.new_tokens) == want, f"{name}: greedy tokens differ"
     n = args.new_tokens
     decode = {name: [] for name in peers}
     prefill = {name: [] for name in peers}

@@ -362,7 +362,14 @@ def _slice_scatter(imp, node, kw):
             raise UnsupportedOpError(op_name(node), imp.path(node), "a slice with a step needs a dim of known size")
         where = range(start, min(end, size), step)
         return _strided_scatter(imp, node, x, src, dim, where) if len(where) else x
-    pieces = [src]
+    return _in_place_of(imp, node, x, src, dim, start, end)
+
+
+def _in_place_of(imp, node, x: str, piece: str, dim: int, start, end) -> str:
+    """``x`` with ``piece`` in place of ``x[start:end]`` along dim: the parts before and after concatenated around
+    it."""
+    size = imp.b.types[x].shape[dim]
+    pieces = [piece]
     if start != 0:
         pieces.insert(0, imp.emit(node, Op.SLICE, [x], {"dim": dim, "start": 0, "end": start}))
     if end != size:
@@ -382,13 +389,7 @@ def _select_scatter(imp, node, kw):
     shape = list(imp.b.types[src].shape)
     shape.insert(dim, 1)
     row = imp.emit(node, Op.RESHAPE, [src], {"shape": shape})
-    end = index + 1
-    pieces = [row]
-    if index != 0:
-        pieces.insert(0, imp.emit(node, Op.SLICE, [x], {"dim": dim, "start": 0, "end": index}))
-    if end != t.shape[dim]:
-        pieces.append(imp.emit(node, Op.SLICE, [x], {"dim": dim, "start": end, "end": t.shape[dim]}))
-    return pieces[0] if len(pieces) == 1 else imp.emit(node, Op.CONCAT, pieces, {"dim": dim})
+    return _in_place_of(imp, node, x, row, dim, index, index + 1)
 
 
 def _strided_scatter(imp, node, x: str, src: str, dim: int, where: range) -> str:

@@ -148,11 +148,17 @@ def cached_mla_attention(q, c_cache, k_pe_cache, w, positions, seq_lens, heads: 
     from the cached latents) for several tokens, the absorbed form for one token per row (decode)."""
     if q.shape[1] == 1:
         return mla_absorbed(q, c_cache, k_pe_cache, w, positions, seq_lens, heads, nope, scale)
-    b, _, t, _ = c_cache.shape
-    t = max(1, min(t, int(seq_lens.max()) if seq_lens.numel() else 1))  # slots past every row: never visible
-    k, v = mla_expand(c_cache[:, 0, :t], k_pe_cache[:, 0, :t], w, heads, nope)
-    k, v = (x.view(b, t, heads, -1).transpose(1, 2) for x in (k, v))
+    k, v = mla_expand_cache(c_cache, k_pe_cache, w, seq_lens, heads, nope)
     return cached_attention(q, k, v, positions, seq_lens, None, scale, True, 0)
+
+
+def mla_expand_cache(c_cache, k_pe_cache, w, seq_lens, heads: int, nope: int):
+    """Keys [B,H,t,P+R] and values [B,H,t,V] expanded from the latent caches' first t = max(seq_lens) slots (the
+    slots past every row are never visible; T may be large): the naive form's operands."""
+    b, _, t, _ = c_cache.shape
+    t = max(1, min(t, int(seq_lens.max()) if seq_lens.numel() else 1))
+    k, v = mla_expand(c_cache[:, 0, :t], k_pe_cache[:, 0, :t], w, heads, nope)
+    return tuple(x.view(b, t, heads, -1).transpose(1, 2) for x in (k, v))
 
 
 def mla_absorbed(q, c_cache, k_pe_cache, w, positions, seq_lens, heads: int, nope: int, scale: float):

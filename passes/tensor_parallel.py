@@ -34,11 +34,11 @@ _HEAD_OPS = (Op.RESHAPE, Op.RMS_NORM, Op.ROPE, Op.CAST)
 
 
 class _Plan:
-    """What to change: weights to slice (value -> (axis, start, end)), nodes on H/N heads, partial linears."""
+    """What to change: weights to slice, nodes on H/N heads, partial linears."""
 
     def __init__(self):
-        self.slices: dict = {}  # the weight/bias value a linear reads -> (axis, start, end)
-        self.heads: dict = {}  # node name -> divisor (attention, rope, reshape on the head path)
+        self.slices: dict = {}  # (linear's name, input slot of its weight or bias) -> (axis, start, end)
+        self.heads: set = set()  # names of the nodes on H/N heads (attention, rope, reshapes on the head path)
         self.partial: dict = {}  # row-parallel linear's name -> its bias (added after the reduction) or None
 
 
@@ -71,7 +71,7 @@ def _head_path(producer, v: str, path: list):
         v = n.inputs[[r.name for r in n.results].index(v)] if n.op is Op.ROPE else n.inputs[0]
 
 
-def _plan_attention(g, producer, users, a: Node, rank: int, world: int, plan: _Plan) -> bool:
+def _plan_attention(producer, users, a: Node, rank: int, world: int, plan: _Plan) -> bool:
     hq, hk = a.attr("heads")
     if hq % world or hk % world or a.inputs[5] is not None:  # sinks (one logit per head) stay whole: replicated
         return False
@@ -93,18 +93,17 @@ def _plan_attention(g, producer, users, a: Node, rank: int, world: int, plan: _P
     for lin in lins:
         rows = lin.results[0].type.shape[-1]
         per = rows // world
-        plan.slices[(lin.name, 1)] = (0, rank * per, (rank + 1) * per)
+        plan.slices[(lin.name, 1)] = (0, *_shard(rank, per))
         if lin.inputs[2] is not None:
-            plan.slices[(lin.name, 2)] = (0, rank * per, (rank + 1) * per)
+            plan.slices[(lin.name, 2)] = (0, *_shard(rank, per))
     per = producer[o.inputs[1]].results[0].type.shape[1] // world
-    plan.slices[(o.name, 1)] = (1, rank * per, (rank + 1) * per)
+    plan.slices[(o.name, 1)] = (1, *_shard(rank, per))
     plan.partial[o.name] = o.inputs[2]
-    for n in path + [a] + reshapes:
-        plan.heads[n.name] = world
+    plan.heads.update(n.name for n in path + [a] + reshapes)
     return True
 
 
-def _plan_mlp(g, producer, users, down: Node, rank: int, world: int, plan: _Plan) -> bool:
+def _plan_mlp(producer, users, down: Node, rank: int, world: int, plan: _Plan) -> bool:
     mul = producer.get(down.inputs[0])
     if mul is None or mul.op is not Op.MUL or down.inputs[3] is not None:
         return False
@@ -123,15 +122,17 @@ def _plan_mlp(g, producer, users, down: Node, rank: int, world: int, plan: _Plan
             return False  # a partial value read anywhere else: keep the MLP whole
         per = inter // world
         for lin in (gate, up):
-            plan.slices[(lin.name, 1)] = (0, rank * per, (rank + 1) * per)
+            plan.slices[(lin.name, 1)] = (0, *_shard(rank, per))
             if lin.inputs[2] is not None:
-                plan.slices[(lin.name, 2)] = (0, rank * per, (rank + 1) * per)
-        plan.slices[(down.name, 1)] = (1, rank * per, (rank + 1) * per)
+                plan.slices[(lin.name, 2)] = (0, *_shard(rank, per))
+        plan.slices[(down.name, 1)] = (1, *_shard(rank, per))
         plan.partial[down.name] = down.inputs[2]
-        for n in (act, mul):
-            plan.heads[n.name] = 1  # element-wise: its type follows its inputs
         return True
     return False
+
+
+def _shard(rank: int, per: int) -> tuple:
+    return rank * per, (rank + 1) * per
 
 
 def _reshape(n: Node, in_type, world: int) -> list:
@@ -162,19 +163,18 @@ def tensor_parallel(rank: int, world: int) -> Pass:
         count = 0
         for n in g.nodes:
             if n.op is Op.ATTENTION:
-                count += _plan_attention(g, producer, users, n, rank, world, plan)
+                count += _plan_attention(producer, users, n, rank, world, plan)
             elif n.op is Op.LINEAR:
-                count += _plan_mlp(g, producer, users, n, rank, world, plan)
+                count += _plan_mlp(producer, users, n, rank, world, plan)
         if not count:
             return g, 0
-        return dce(_apply(g, plan, rank, world))[0], count
+        return dce(_apply(g, plan, producer, world))[0], count
 
     return tensor_parallel_pass
 
 
-def _apply(g: Graph, plan: _Plan, rank: int, world: int) -> Graph:
+def _apply(g: Graph, plan: _Plan, producer: dict, world: int) -> Graph:
     types = {v.name: v.type for v in g.inputs} | {s.name: s.type for s in g.state}
-    params = {}
     nodes: list = []
     taken = {r.name for n in g.nodes for r in n.results} | set(types)
 
@@ -192,12 +192,10 @@ def _apply(g: Graph, plan: _Plan, rank: int, world: int) -> Graph:
         types.update({r.name: r.type for r in node.results})
         return node
 
-    producer = {r.name: n for n in g.nodes for r in n.results}
     for n in g.nodes:
         if n.op in (Op.PARAM, Op.WEIGHT):
             nodes.append(n)
             types[n.results[0].name] = n.results[0].type
-            params[n.results[0].name] = n
             continue
         inputs = list(n.inputs)
         for slot in (1, 2):

@@ -15,6 +15,7 @@ from lowerlm.errors import CompileError, InputError
 from lowerlm.frontend import eager_attention, sparse_attention
 from lowerlm.ir.errors import UnsupportedOpError
 
+from .test_kda import eager_greedy
 from .test_mla import _randomize
 
 TOPK = 12
@@ -40,14 +41,6 @@ def model():
     return deepseek_v32()
 
 
-def _greedy(model, prompt: list, n: int) -> list:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
 def test_the_indexers_and_the_context_limit_are_found(model):
     found = sparse_attention.indexers(model)
     assert [p for p, _ in found] == ["model.layers.0.self_attn.indexer", "model.layers.1.self_attn.indexer"]
@@ -65,7 +58,7 @@ def test_deepseek_v32_matches_eager_up_to_index_topk_keys(model, backend):
     assert (cm(ids) - want).abs().max() <= 1e-4 * want.abs().max()
     prompt = [5, 7, 9, 11, 3]
     n = TOPK - len(prompt) - 1  # prefill, then cached decode steps up to the last cache slot
-    assert [s[0] for s in cm.generate_ids([prompt], n, stop_ids=[])] == _greedy(model, prompt, n)
+    assert [s[0] for s in cm.generate_ids([prompt], n, stop_ids=[])] == eager_greedy(model, prompt, n)
     with pytest.raises(InputError, match=f"position {TOPK} is past the {TOPK} tokens"):
         cm(torch.randint(0, 64, (1, TOPK + 1)))
 

@@ -5,16 +5,15 @@ ranks over gloo on this CPU giving the single-rank logits and greedy tokens."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import lowerlm
 import lowerlm.ir as ir
 from lowerlm.passes import PASSES, run_pass
 from lowerlm.passes.tensor_parallel import fuse_allreduce_norm, tensor_parallel
+from lowerlm.runtime.distributed import launch
 
 from .conftest import example_text, tiny_model
 
@@ -102,30 +101,17 @@ def test_one_rank_is_the_identity():
 
 
 # ---- two ranks over gloo ---------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank(rank: int, world: int, port: int, family: str, backend: str, out: str):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = tiny_model(family)
-        cm = lowerlm.compile_model(model, backend=backend, max_batch=2, max_seq_len=64, tp=world, tokenizer=False)
-        ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-        logits = cm(ids)
-        tokens = [s[0] for s in cm.generate_ids([[5, 7, 9, 11, 3]], 32, stop_ids=[])]
-        ops = sorted({n.op.value for g in cm.ir.graphs for n in g.nodes})
-        plan = cm.program.plan() if hasattr(cm.program, "plan") else {}
-        parts = {g: [p.backend for p in pl.parts] for g, pl in plan.items()}
-        torch.save({"logits": logits, "tokens": tokens, "ops": ops, "parts": parts}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _rank(rank: int, world: int, family: str, backend: str, out: str):
+    """One rank under runtime/distributed.py's ``launch`` (its gloo group already joined)."""
+    model = tiny_model(family)
+    cm = lowerlm.compile_model(model, backend=backend, max_batch=2, max_seq_len=64, tp=world, tokenizer=False)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    logits = cm(ids)
+    tokens = [s[0] for s in cm.generate_ids([[5, 7, 9, 11, 3]], 32, stop_ids=[])]
+    ops = sorted({n.op.value for g in cm.ir.graphs for n in g.nodes})
+    plan = cm.program.plan() if hasattr(cm.program, "plan") else {}
+    parts = {g: [p.backend for p in pl.parts] for g, pl in plan.items()}
+    torch.save({"logits": logits, "tokens": tokens, "ops": ops, "parts": parts}, f"{out}.{rank}")
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
@@ -137,7 +123,7 @@ def test_two_ranks_give_the_single_rank_logits_and_tokens(family, backend, tmp_p
     want = single(ids)
     want_tokens = [s[0] for s in single.generate_ids([[5, 7, 9, 11, 3]], 32, stop_ids=[])]
     out = str(tmp_path / "rank")
-    mp.start_processes(_rank, args=(2, _free_port(), family, backend, out), nprocs=2, join=True, start_method="spawn")
+    launch(_rank, 2, family, backend, out)
     results = [torch.load(f"{out}.{r}") for r in range(2)]
     for r in results:
         assert "allreduce_add_rms_norm" in r["ops"]
@@ -187,7 +173,6 @@ def test_a_rank_that_raises_or_is_killed_ends_every_rank(how, message, monkeypat
     import time
 
     from lowerlm.errors import LowerlmError
-    from lowerlm.runtime.distributed import launch
 
     monkeypatch.setenv("LOWERLM_TP_TIMEOUT", "60")
     start = time.perf_counter()

@@ -187,8 +187,5 @@ def cached_mla_attention(q, c_cache, k_pe_cache, w, positions, seq_lens, heads: 
     valid slots (torch) and attention.py's flash kernel over them."""
     if q.shape[1] == 1:
         return mla_decode(q, c_cache, k_pe_cache, w, positions, seq_lens, heads, nope, scale, splits)
-    b, _, t, _ = c_cache.shape
-    t = max(1, min(t, int(seq_lens.max()) if seq_lens.numel() else 1))  # slots past every row: never visible
-    k, v = compute.mla_expand(c_cache[:, 0, :t], k_pe_cache[:, 0, :t], w, heads, nope)
-    k, v = (x.view(b, t, heads, -1).transpose(1, 2) for x in (k, v))  # [B, H, t, D] views
+    k, v = compute.mla_expand_cache(c_cache, k_pe_cache, w, seq_lens, heads, nope)  # [B, H, t, D] views
     return cached_attention(q, k, v, positions, seq_lens, scale, causal=True)
