@@ -20,6 +20,7 @@ from lowerlm.codegen.reference import bind_inputs
 from lowerlm.ir.abi import PREFILL
 from lowerlm.ir.errors import CompileError
 from lowerlm.ir.graph import Module
+from lowerlm.ir.ops import COLLECTIVES
 
 
 def _reason(backend: str, graph):
@@ -32,6 +33,16 @@ def _reason(backend: str, graph):
     return lambda node: None
 
 
+def _refuse_off_onnx(plan: Plan) -> None:
+    """The ONNX backend's refusal of the first node other than a collective that a plan puts off ONNX."""
+    for p in plan.parts:
+        for node in p.nodes:
+            if p.backend != "onnx" and node.op not in COLLECTIVES:
+                raise CompileError(f"the ONNX backend cannot run {node.op} ('{node.name}'): "
+                                   f"{p.reasons.get(node.name, 'no lowering')}; use backend='auto', which runs it on "
+                                   "the reference backend")
+
+
 class AutoProgram:
     """Runs each graph's partitions on their programs; they share the weights and the runtime's state buffers. A
     ``Program`` (codegen/program.py)."""
@@ -39,16 +50,18 @@ class AutoProgram:
     device_sampling = False  # set per instance: the preferred program's, when no partition falls back
 
     def __init__(self, module: Module, weights, device=None, exclude=None, weight_bits: int | None = None,
-                 cache: bool = True, progress: Callable[[str], None] | None = None):
+                 cache: bool = True, progress: Callable[[str], None] | None = None, collectives_only: bool = False):
         """``exclude(node)``: a reason to keep a node off the preferred backend, or None (to work around a
         backend's problem with one op, or to test partitioning). ``weight_bits``: the ONNX backend's quantized
         weights (ONNX only). ``cache``: the ONNX backend's compile cache. ``progress(message)``: passed to the ONNX
-        program, which reports each graph it lowers (not those it loads from the cache)."""
+        program, which reports each graph it lowers (not those it loads from the cache). ``collectives_only``:
+        ``backend="onnx"`` of a tensor-parallel shard: the collectives alone run off ONNX (between its sessions),
+        and any other op ONNX cannot run is refused as the ONNX backend refuses it."""
         self.module = module
         self.weight_bits = weight_bits
         self.cache = cache
         self.progress = progress
-        self.backend = preferred(device)
+        self.backend = "onnx" if collectives_only else preferred(device)
         if weight_bits is not None and self.backend != "onnx":
             raise CompileError("weight_bits quantizes weights for the ONNX backend; on a GPU auto prefers Triton, "
                                "which runs the model's own precision")
@@ -67,6 +80,8 @@ class AutoProgram:
         devices = {"": self.device, self.backend: self.device, "reference": self.device}
         for plan in self.plans.values():
             build(plan, devices)
+            if collectives_only:
+                _refuse_off_onnx(plan)
         main_graphs = [p.graph for plan in self.plans.values() for p in plan.parts if p.backend == self.backend]
         self.main = self._program(self.backend, main_graphs, weights)
         if self.backend == "onnx":  # a partition ONNX Runtime rejects as a whole (a shape it cannot read) falls back
@@ -76,6 +91,8 @@ class AutoProgram:
                         try:
                             self.main.session(p.graph.name)
                         except CompileError as e:  # the lowering's own reason, without the hint to use auto
+                            if collectives_only:
+                                raise
                             p.backend = "reference"
                             p.reasons = {n.name: str(e.__cause__ or e) for n in p.nodes}
         ref_graphs = [p.graph for plan in self.plans.values() for p in plan.parts if p.backend == "reference"]

@@ -78,11 +78,18 @@ def build_program(backend: str, module: Module, weights: Mapping, device=None, *
     picks its preferred backend by it; ONNX Runtime is bound to host memory and ignores it). ``weight_bits``: 4 or 8,
     quantized weights (onnx and auto only). ``cache``: the ONNX compile cache and Triton's generated kernel sources.
     ``progress(message)``: told about each graph ONNX lowers (onnx and auto)."""
+    from lowerlm.ir.ops import COLLECTIVES
+
     check_backend(backend, weight_bits=weight_bits)
     if backend == "auto":
         from lowerlm.codegen.auto import AutoProgram
 
         return AutoProgram(module, weights, device, weight_bits=weight_bits, cache=cache, progress=progress)
+    if backend == "onnx" and any(n.op in COLLECTIVES for g in module.graphs for n in g.nodes):
+        from lowerlm.codegen.auto import AutoProgram  # a tensor-parallel shard: ONNX sessions, collectives between
+
+        return AutoProgram(module, weights, "cpu", weight_bits=weight_bits, cache=cache, progress=progress,
+                           collectives_only=True)
     if backend == "onnx":
         from lowerlm.codegen.onnx.program import OnnxProgram
 

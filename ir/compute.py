@@ -183,17 +183,29 @@ def mla_absorbed(q, c_cache, k_pe_cache, w, positions, seq_lens, heads: int, nop
 
 
 # ---- tensor parallelism ------------------------------------------------------------------------------------------
-def allreduce(x, world: int):
-    """The sum of x over the ranks of torch.distributed's default group, which must have ``world`` ranks."""
+def _group(op: str, world: int):
+    """torch.distributed, checked to hold ``world`` ranks in its default group."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != world:
         have = dist.get_world_size() if dist.is_available() and dist.is_initialized() else "no"
-        raise RuntimeError(f"allreduce over {world} ranks needs torch.distributed initialized with {world} ranks "
+        raise RuntimeError(f"{op} over {world} ranks needs torch.distributed initialized with {world} ranks "
                            f"({have} here)")
+    return dist
+
+
+def allreduce(x, world: int):
+    """The sum of x over the ranks of torch.distributed's default group, which must have ``world`` ranks."""
     out = x.clone()
-    dist.all_reduce(out)
+    _group("allreduce", world).all_reduce(out)
     return out
+
+
+def allgather(x, world: int):
+    """Every rank's x side by side along the last axis, in rank order."""
+    parts = [torch.empty_like(x) for _ in range(world)]
+    _group("allgather", world).all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)
 
 
 def allreduce_add_rms_norm(x, residual, weight, world: int, eps: float):

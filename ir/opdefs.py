@@ -51,6 +51,7 @@ class Trait(enum.Enum):
     FOLDS = "folds"  # a core op: canonicalize folds it on constants with its impl
     RESIDUAL_EPILOGUE = "residual_epilogue"  # an optional ``residual`` input added to the result
     MIXES_TOKENS = "mixes_tokens"  # a token's result reads other tokens (attention)
+    COLLECTIVE = "collective"  # exchanges values with the other ranks of the tensor-parallel group
 
 
 REQUIRED = object()
@@ -337,10 +338,16 @@ OPDEFS: dict[Op, OpDef] = {d.op: d for d in [
        traits=(T.MIXES_TOKENS,)),
     _d(Op.ALLREDUCE, ("x",), r.allreduce,
        "the sum of x over the world ranks of the tensor-parallel group (torch.distributed's default group: gloo on "
-       "CPUs, NCCL on GPUs), the same on every rank", {"world": AttrSpec(K.INT)}, impl=c.allreduce),
+       "CPUs, NCCL on GPUs), the same on every rank", {"world": AttrSpec(K.INT)}, impl=c.allreduce,
+       traits=(T.COLLECTIVE,)),
     _d(Op.ALLREDUCE_ADD_RMS_NORM, ("x", "residual", "weight"), r.allreduce_add_rms_norm,
        "r = allreduce(x) + residual; (rms_norm(r) * weight (as rms_norm), r): the reduction, the residual add and "
-       "the next norm in one", {"world": AttrSpec(K.INT), "eps": AttrSpec(K.FLOAT)}, impl=c.allreduce_add_rms_norm),
+       "the next norm in one", {"world": AttrSpec(K.INT), "eps": AttrSpec(K.FLOAT)}, impl=c.allreduce_add_rms_norm,
+       traits=(T.COLLECTIVE,)),
+    _d(Op.ALLGATHER, ("x",), r.allgather,
+       "every rank's x [..., N] side by side along the last axis, in rank order ([..., world*N]; a vocab-parallel "
+       "lm_head's logits), the same on every rank", {"world": AttrSpec(K.INT)}, impl=c.allgather,
+       traits=(T.COLLECTIVE,)),
     _d(Op.ROPE_CACHE_WRITE, ("q", "k", "v", "positions", I("k_cache", state=True), I("v_cache", state=True)),
        r.rope_cache_write,
        "rope(q, k) at positions, then rotated k and v written into the caches: (rotated q, new k cache, "

@@ -92,6 +92,7 @@ class Op(enum.Enum):
     # ---- tensor parallelism: collectives (passes/tensor_parallel.py) and their fusion
     ALLREDUCE = "allreduce"
     ALLREDUCE_ADD_RMS_NORM = "allreduce_add_rms_norm"
+    ALLGATHER = "allgather"
     # ---- backend fusions: made by a backend's tail passes (passes/backend.py)
     ROPE_CACHE_WRITE = "rope_cache_write"
     ROPE_CACHED_ATTENTION = "rope_cached_attention"
@@ -105,7 +106,7 @@ class Op(enum.Enum):
 # Op sets by trait, derived from the op table's rows (``ir/opdefs.py``), looked up on first use.
 _BY_TRAIT = {"BINARY": ("BINARY",), "UNARY": ("UNARY",), "ELEMENTWISE": ("BINARY", "UNARY"), "REDUCE": ("REDUCE",),
              "VIEW": ("VIEW",), "LEAF": ("LEAF",), "RESIDUAL_EPILOGUE": ("RESIDUAL_EPILOGUE",),
-             "WEIGHT_LEAF": ("WEIGHT",)}
+             "WEIGHT_LEAF": ("WEIGHT",), "COLLECTIVES": ("COLLECTIVE",)}
 
 
 def __getattr__(name: str) -> frozenset:

@@ -688,6 +688,14 @@ def allreduce(ts, a):
     return [ts[0]]
 
 
+def allgather(ts, a):
+    _world(a)
+    x = ts[0]
+    if x.rank < 1:
+        _fail(f"allgather of a scalar {x}")
+    return [x.with_shape(x.shape[:-1] + (x.shape[-1] * a["world"],))]
+
+
 def allreduce_add_rms_norm(ts, a):
     x, residual, w = ts
     _world(a)

@@ -231,8 +231,6 @@ def _check_generate_flags(args) -> None:
 
     if any(not p.strip() for p in args.prompt) and not args.token_ids:
         raise InputError("the prompt is empty; give the text to generate from")
-    if args.tp > 1 and args.backend not in ("reference", "auto"):
-        raise InputError(f"--tp {args.tp} runs on --backend auto or reference so far, not {args.backend}")
     if len(args.prompt) > args.max_batch:
         raise InputError(f"{len(args.prompt)} prompts are more than --max-batch {args.max_batch}; pass --max-batch "
                          f"{len(args.prompt)}")

@@ -3,6 +3,7 @@ the runtime (logits for a batch, or streamed generation)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import warnings
@@ -266,7 +267,23 @@ def skipped_token(module: Module) -> int | None:
     return next((t for node in g.nodes if (t := _skipping(g, node)) is not None), None)
 
 
-def tp_rank(tp: int, backend: str) -> tuple | None:
+def rank_digests(model: torch.nn.Module, captures, options: dict) -> dict:
+    """What every rank of tp must agree on (runtime/distributed.py's ``agree``): the model (its classes' source,
+    config and parameter shapes: the trace key), its weights (a strided sample of each parameter's values: another
+    checkpoint of the same architecture differs there) and the compile options."""
+    from lowerlm.frontend.trace import trace_key
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 64)].double()
+            h.update(f"{name}:{float(sample.sum())!r}:{float(sample.abs().sum())!r};".encode())
+    return {"model structure or config": trace_key(model, captures), "weights": h.hexdigest(),
+            "compile options": repr(sorted(options.items()))}
+
+
+def tp_rank(tp: int) -> tuple | None:
     """(rank, world) of this process for ``tp`` ranks, or None for tp = 1: torch.distributed's default group must
     hold exactly ``tp`` ranks (torchrun, or ``lowerlm generate --tp``)."""
     if not isinstance(tp, int) or tp < 1:
@@ -282,9 +299,6 @@ def tp_rank(tp: int, backend: str) -> tuple | None:
         have = f"{dist.get_world_size()} ranks" if dist.is_available() and dist.is_initialized() else "none"
         raise CompileError(f"tp={tp} needs torch.distributed initialized with {tp} ranks (here: {have}): run the "
                            f"script under `torchrun --nproc-per-node {tp}`")
-    if backend not in ("reference", "auto"):
-        raise CompileError(f"tensor parallelism runs on the reference backend and auto (ONNX with the collectives "
-                           f"between its sessions) so far, not on {backend}")
     return dist.get_rank(), tp
 
 
@@ -410,7 +424,7 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     from lowerlm.runtime.text import load_tokenizer
 
     check_backend(backend, weight_bits=weight_bits)
-    shard = tp_rank(tp, backend)
+    shard = tp_rank(tp)
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"compile_model takes a torch.nn.Module, got {type(model).__name__}")
     first = next(model.parameters(), None)
@@ -425,6 +439,14 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     state_device = _state_device(backend, device)  # before tracing: Triton without a GPU is refused here
     limit = sparse_attention.context_limit(model)
     fit_max_seq_len(None, max_seq_len, limit)  # refused before tracing
+    if shard is not None:  # ranks built from different models or options refuse to start, before tracing
+        from lowerlm.runtime.distributed import agree
+
+        agree(rank_digests(model, captures, dict(backend=backend, dtype=str(dtype), max_seq_len=max_seq_len,
+                                                 max_batch=max_batch, arm=arm is not None,
+                                                 passes=passes if isinstance(passes, str) or passes is None
+                                                 else [p if isinstance(p, str) else p[0] for p in passes],
+                                                 weight_bits=weight_bits)))
     imported = trace_model(model, use_cache=use_cache, progress=progress, captures=captures)
     table = position_table(imported)
     max_seq_len = fit_max_seq_len(table, max_seq_len, limit)

@@ -27,6 +27,8 @@ def _head(g: Graph):
     if g.name != PREFILL or len(g.outputs) != 1 or any(v.name == LOGIT_INDEX for v in g.inputs):
         return None
     head = g.producer(g.outputs[0])
+    if head is not None and head.op is Op.ALLGATHER:  # a vocab-parallel lm_head: its slices put side by side
+        head = g.producer(head.inputs[0])
     if head is None or head.op not in (Op.LINEAR, Op.RMS_NORM_LINEAR) or len(head.results) != 1:
         return None
     if head.inputs[[s.name for s in OPDEFS[head.op].inputs].index("residual")] is not None:
@@ -56,6 +58,10 @@ def select_logits(g: Graph) -> tuple:
     b = GraphBuilder.rebuild(g)
     index = b.input(LOGIT_INDEX, TensorType(DType.I64, (b_dim, rows)))
     for n in g.nodes:
+        if n.op is Op.ALLGATHER and n.inputs[0] == head.results[0].name:  # after the head: [B, L, V]
+            out = n.results[0]
+            b.append(n.with_(results=(Value(out.name, out.type.with_shape((b_dim, rows) + out.type.shape[2:])),)))
+            continue
         if n is not head:
             b.append(n)
             continue

@@ -26,7 +26,7 @@ from lowerlm.ir.errors import PassError
 from lowerlm.ir.graph import Graph, Node, infer_types
 from lowerlm.ir.ops import UNARY, Op
 from lowerlm.ir.types import Value
-from lowerlm.ir.weights import Param, Slice
+from lowerlm.ir.weights import Concat, Param, Slice
 from lowerlm.passes.canonicalize import dce
 from lowerlm.passes.pattern import Pass, Pat, merge_sources, rewrite, single_use
 
@@ -37,9 +37,12 @@ class _Plan:
     """What to change: weights to slice, nodes on H/N heads, partial linears."""
 
     def __init__(self):
-        self.slices: dict = {}  # (linear's name, input slot of its weight or bias) -> (axis, start, end)
+        self.slices: dict = {}  # (node's name, input slot of a weight or bias) -> (axis, ((start, end), ...))
+        self.dropped: set = set()  # (node's name, input slot): a bias only rank 0 adds (inside a partial sum)
         self.heads: set = set()  # names of the nodes on H/N heads (attention, rope, reshapes on the head path)
-        self.partial: dict = {}  # row-parallel linear's name -> its bias (added after the reduction) or None
+        self.partial: dict = {}  # name of a node whose result is this rank's part of a sum -> a linear's bias
+        #                          (added after the reduction) or None
+        self.gathered: set = set()  # names of the lm_heads computing this rank's slice of the vocabulary
 
 
 def _maps(g: Graph):
@@ -87,17 +90,19 @@ def _plan_attention(producer, users, a: Node, rank: int, world: int, plan: _Plan
         o = _only_user(users, o.results[0].name)
     if o is None or o.op is not Op.LINEAR or o.inputs[3] is not None:
         return False
+    if not all(_weights_of(producer, lin) for lin in lins + [o]):
+        return False
     region = {id(n) for n in path + lins + [a]}
     if not all(id(u) in region for n in path + lins for r in n.results for u in users.get(r.name, [])):
         return False  # a sharded value read outside the attention: keep it whole
     for lin in lins:
         rows = lin.results[0].type.shape[-1]
         per = rows // world
-        plan.slices[(lin.name, 1)] = (0, *_shard(rank, per))
+        plan.slices[(lin.name, 1)] = (0, (_shard(rank, per),))
         if lin.inputs[2] is not None:
-            plan.slices[(lin.name, 2)] = (0, *_shard(rank, per))
+            plan.slices[(lin.name, 2)] = (0, (_shard(rank, per),))
     per = producer[o.inputs[1]].results[0].type.shape[1] // world
-    plan.slices[(o.name, 1)] = (1, *_shard(rank, per))
+    plan.slices[(o.name, 1)] = (1, (_shard(rank, per),))
     plan.partial[o.name] = o.inputs[2]
     plan.heads.update(n.name for n in path + [a] + reshapes)
     return True
@@ -116,19 +121,73 @@ def _plan_mlp(producer, users, down: Node, rank: int, world: int, plan: _Plan) -
                 gate.results[0].type != up.results[0].type or gate.inputs[3] is not None or up.inputs[3] is not None:
             continue
         inter = gate.results[0].type.shape[-1]
-        if not isinstance(inter, int) or inter % world or not all(
+        if not isinstance(inter, int) or inter % world or not all(map(_weights_of, [producer] * 3, (gate, up, down))) \
+                or not all(
                 _only_user(users, n.results[0].name) is want for n, want in ((gate, act), (act, mul), (up, mul),
                                                                              (mul, down))):
             return False  # a partial value read anywhere else: keep the MLP whole
         per = inter // world
         for lin in (gate, up):
-            plan.slices[(lin.name, 1)] = (0, *_shard(rank, per))
+            plan.slices[(lin.name, 1)] = (0, (_shard(rank, per),))
             if lin.inputs[2] is not None:
-                plan.slices[(lin.name, 2)] = (0, *_shard(rank, per))
-        plan.slices[(down.name, 1)] = (1, *_shard(rank, per))
+                plan.slices[(lin.name, 2)] = (0, (_shard(rank, per),))
+        plan.slices[(down.name, 1)] = (1, (_shard(rank, per),))
         plan.partial[down.name] = down.inputs[2]
         return True
     return False
+
+
+def _plan_experts(producer, n: Node, rank: int, world: int, plan: _Plan) -> bool:
+    """Experts (or a whole ``moe`` block) tensor-parallel: each expert's intermediate units split over the ranks
+    (gate_up [E, 2I, H]: rows r*I/N.. of the gate half and the same of the up half; down [E, H, I]: those columns),
+    so every rank runs each routed token through its slice of the token's experts, and the sum over the ranks is the
+    experts' output. The router stays replicated (every rank routes alike); a ``moe`` block's shared expert is split
+    like a gated MLP; the experts' down bias, inside the routing-weighted sum, is added by rank 0 alone."""
+    slots = (3, 4, 5, 6, 7) if n.op is Op.MOE else (3, 4, 5, 6)
+    if not all(n.inputs[i] is None or _is_weight(producer, n.inputs[i]) for i in slots):
+        return False  # weights computed at run time: not sliced
+    inter = producer[n.inputs[4]].results[0].type.shape[2]
+    shared = producer[n.inputs[5]].results[0].type.shape[0] if n.op is Op.MOE and n.inputs[5] is not None else 0
+    if not isinstance(inter, int) or not isinstance(shared, int) or inter % world or shared % world:
+        return False
+    lo, hi = _shard(rank, inter // world)
+    halves = ((lo, hi), (inter + lo, inter + hi))
+    plan.slices[(n.name, 3)] = (1, halves)
+    plan.slices[(n.name, 4)] = (2, ((lo, hi),))
+    if n.op is Op.EXPERTS:
+        if n.inputs[5] is not None:
+            plan.slices[(n.name, 5)] = (1, halves)
+        if n.inputs[6] is not None and rank:
+            plan.dropped.add((n.name, 6))
+    elif n.inputs[5] is not None:
+        part = (_shard(rank, shared // world),)
+        plan.slices.update({(n.name, 5): (0, part), (n.name, 6): (0, part), (n.name, 7): (1, part)})
+    plan.partial[n.name] = None
+    return True
+
+
+def _is_weight(producer, v: str) -> bool:
+    n = producer.get(v)
+    return n is not None and n.op in (Op.PARAM, Op.WEIGHT)
+
+
+def _weights_of(producer, lin: Node) -> bool:
+    """A linear whose weight and bias (if any) are weights, not values computed at run time: sliceable."""
+    return all(v is None or _is_weight(producer, v) for v in lin.inputs[1:3])
+
+
+def _plan_lm_head(producer, n: Node, rank: int, world: int, plan: _Plan) -> bool:
+    """A graph output made by a linear (the lm_head): vocab-parallel, rank r computes the logits of its V/N rows of
+    the weight, then ``allgather`` puts the slices side by side (every rank then samples from the same logits)."""
+    vocab = n.results[0].type.shape[-1]
+    if n.inputs[3] is not None or not _weights_of(producer, n) or not isinstance(vocab, int) or vocab % world:
+        return False
+    part = (_shard(rank, vocab // world),)
+    plan.slices[(n.name, 1)] = (0, part)
+    if n.inputs[2] is not None:
+        plan.slices[(n.name, 2)] = (0, part)
+    plan.gathered.add(n.name)
+    return True
 
 
 def _shard(rank: int, per: int) -> tuple:
@@ -164,11 +223,16 @@ def tensor_parallel(rank: int, world: int) -> Pass:
         for n in g.nodes:
             if n.op is Op.ATTENTION:
                 count += _plan_attention(producer, users, n, rank, world, plan)
+            elif n.op is Op.LINEAR and n.results[0].name in g.outputs:
+                count += _plan_lm_head(producer, n, rank, world, plan)
             elif n.op is Op.LINEAR:
                 count += _plan_mlp(producer, users, n, rank, world, plan)
+            elif n.op in (Op.EXPERTS, Op.MOE):
+                count += _plan_experts(producer, n, rank, world, plan)
         if not count:
             return g, 0
-        return dce(_apply(g, plan, producer, world))[0], count
+        g = dce(_apply(g, plan, producer, world))[0]
+        return rewrite(g, SINK_RULES, name="tensor_parallel")[0], count
 
     return tensor_parallel_pass
 
@@ -198,19 +262,22 @@ def _apply(g: Graph, plan: _Plan, producer: dict, world: int) -> Graph:
             types[n.results[0].name] = n.results[0].type
             continue
         inputs = list(n.inputs)
-        for slot in (1, 2):
+        for slot, v in enumerate(n.inputs):
+            if (n.name, slot) in plan.dropped:
+                inputs[slot] = None
             cut = plan.slices.get((n.name, slot))
-            if cut is None or inputs[slot] is None:
+            if cut is None or v is None:
                 continue
-            src = producer[inputs[slot]]
+            src = producer[v]
             expr = Param(src.attrs["name"]) if src.op is Op.PARAM else src.attrs["expr"]
             t = src.results[0].type
-            axis, start, end = cut
+            axis, ranges = cut
+            pieces = tuple(Slice(expr, axis, start, end) for start, end in ranges)
             shape = list(t.shape)
-            shape[axis] = end - start
-            name = fresh(f"{inputs[slot]}.shard")
+            shape[axis] = sum(end - start for start, end in ranges)
+            name = fresh(f"{v}.shard")
             w = Node.make(Op.WEIGHT, (), [Value(name, t.with_shape(tuple(shape)))],
-                          {"expr": Slice(expr, axis, start, end)}, src.source)
+                          {"expr": pieces[0] if len(pieces) == 1 else Concat(pieces, axis)}, src.source)
             nodes.append(w)
             types[name] = w.results[0].type
             inputs[slot] = name
@@ -219,11 +286,17 @@ def _apply(g: Graph, plan: _Plan, producer: dict, world: int) -> Graph:
             attrs["heads"] = [h // world for h in n.attr("heads")]
         elif n.name in plan.heads and n.op is Op.RESHAPE:
             attrs["shape"] = _reshape(n, types[inputs[0]], world)
+        if n.name in plan.gathered:
+            part = fresh(f"{n.name}.part")
+            add(n.op, inputs, attrs, [part], n.source)
+            add(Op.ALLGATHER, [part], {"world": world}, [n.results[0].name], n.source)
+            continue
         if n.name in plan.partial:
             bias = plan.partial[n.name]
-            inputs[2] = None
+            if bias is not None:
+                inputs[2] = None
             partial = fresh(f"{n.name}.partial")
-            add(Op.LINEAR, inputs, attrs, [partial], n.source)
+            add(n.op, inputs, attrs, [partial], n.source)
             if bias is None:
                 add(Op.ALLREDUCE, [partial], {"world": world}, [n.name], n.source)
             else:
@@ -233,6 +306,33 @@ def _apply(g: Graph, plan: _Plan, producer: dict, world: int) -> Graph:
             continue
         add(n.op, inputs, attrs, [r.name for r in n.results], n.source)
     return Graph(g.name, g.inputs, g.state, tuple(nodes), g.outputs, g.state_outputs)
+
+
+# ---- reductions moved down: past views and scalings, two of them added become one ---------------------------------
+def _sink_unary(ctx, root, ar):
+    """reshape(allreduce(p)) -> allreduce(reshape(p)), and mul by a replicated value alike (a product is linear in
+    each factor): the reduction moves towards the residual add it can fuse with, or another reduction."""
+    if (root.op is Op.MUL and root.results[0].type != ctx.type_of(ar.name)) or not ctx.replace(ar):
+        return None  # a product broadcast beyond the reduced value: reducing after it would move more data
+    moved = ctx.add(root.op, [ar.args[0] if x == ar.name else x for x in root.inputs], root.attrs,
+                    name=f"{root.name}.partial")
+    return ctx.add(Op.ALLREDUCE, [moved], ar.attrs, names=[root.name], source=ar.source)
+
+
+def _sink_add(ctx, root, a, b):
+    """add(allreduce(p), allreduce(q)) -> allreduce(add(p, q)): routed and shared experts, one reduction."""
+    p, q = a.args[0], b.args[0]
+    if not ctx.type_of(p) == ctx.type_of(q) == root.results[0].type or not ctx.replace(a, b):
+        return None
+    summed = ctx.add(Op.ADD, [p, q], name=f"{root.name}.partial")
+    return ctx.add(Op.ALLREDUCE, [summed], a.attrs, names=[root.name], source=merge_sources(a, b))
+
+
+_ONE_READER = Pat(Op.ALLREDUCE, name="ar", where=single_use)
+SINK_RULES = [(Pat(Op.RESHAPE, (_ONE_READER,), name="root"), _sink_unary),
+              (Pat(Op.MUL, (_ONE_READER, Pat()), commutative=True, name="root"), _sink_unary),
+              (Pat(Op.ADD, (Pat(Op.ALLREDUCE, name="a", where=single_use),
+                            Pat(Op.ALLREDUCE, name="b", where=single_use)), name="root"), _sink_add)]
 
 
 # ---- fuse_allreduce_norm ------------------------------------------------------------------------------------------

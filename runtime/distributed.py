@@ -40,8 +40,32 @@ def init_from_env(tp: int) -> bool:
     if world != tp:
         raise CompileError(f"tp={tp} but torchrun started {world} ranks (WORLD_SIZE); give tp={world} or "
                            f"--nproc-per-node {tp}")
+    set_device(int(os.environ.get("RANK", "0")))
     dist.init_process_group(_backend(), timeout=timeout())
     return True
+
+
+def agree(digests: dict) -> None:
+    """Refuse ranks that were not given the same thing: ``digests`` (what -> a digest of it, e.g. the model and the
+    compile options) is gathered from every rank of the default group and compared with rank 0's; a difference is
+    one ``CompileError`` on every rank, naming what differs and on which ranks."""
+    import torch.distributed as dist
+
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, digests)
+    for what in digests:
+        others = [r for r, d in enumerate(gathered) if d.get(what) != gathered[0].get(what)]
+        if others:
+            ranks = ", ".join(map(str, others))
+            raise CompileError(f"rank{'s' * (len(others) > 1)} {ranks} of {len(gathered)} got different {what} from "
+                               f"rank 0: every rank of tp={len(gathered)} must compile the same model with the same "
+                               "options")
+
+
+def set_device(rank: int) -> None:
+    """A rank's own GPU (CUDA device LOCAL_RANK, or ``rank``), where there are GPUs: NCCL needs one per rank."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
 
 
 def _free_port() -> int:
@@ -65,6 +89,7 @@ def _worker(rank: int, world: int, port: int, fn, args: tuple, errors: str) -> N
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the machine's cores shared out
     try:
+        set_device(rank)
         dist.init_process_group(_backend(), rank=rank, world_size=world, timeout=timeout())
         fn(rank, world, *args)
     except BaseException as e:  # noted before the group closes (which fails the peers' collectives)

@@ -122,8 +122,6 @@ ERRORS = [
      "--max-seq-len 1000000000 is more than the 128 positions", PRE),
     ("max-seq-len-index-topk", ("generate", "--model", "{dsatrap}", "--token-ids", "--max-seq-len", "13", "1,2"),
      "'s sparse attention selects (index_topk 12 in its config)", PRE),
-    ("tp-onnx", GT + ("--tp", "2", "--backend", "onnx", "1,2"), "--tp 2 runs on --backend auto or reference so far, "
-     "not onnx", PRE),
     ("max-seq-len-1", GT + ("--max-seq-len", "1", "1,2"), "argument --max-seq-len: must be >= 2, got 1", PRE),
     ("max-seq-len-word", GT + ("--max-seq-len", "long", "1,2"), "expected an integer, got 'long'", PRE),
     ("max-new-tokens-0", GT + ("--max-new-tokens", "0", "1,2"), "argument --max-new-tokens: must be >= 1", PRE),

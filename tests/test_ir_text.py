@@ -343,6 +343,7 @@ VERIFIED_EXAMPLES = {
     Op.MLA_EXPAND: (("x", "bh", "up"), {"heads": 2, "nope": 1}),
     Op.ALLREDUCE: (("x",), {"world": 2}),
     Op.ALLREDUCE_ADD_RMS_NORM: (("x", "x", "v4"), {"world": 2, "eps": 1e-6}),
+    Op.ALLGATHER: (("x",), {"world": 2}),
     Op.MLA_ATTENTION: (("q6", "x", "bh", "up", "pos", "lens"), {"heads": 2, "nope": 1, "scale": 0.5}),
     Op.CACHED_MLA_ATTENTION: (("q6", "cache", "kpec", "up", "pos", "lens"), {"heads": 2, "nope": 1, "scale": 0.5}),
     Op.KV_CACHE_WRITE: (("cache", "x", "pos"), {}),

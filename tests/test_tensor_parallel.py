@@ -31,8 +31,8 @@ def _lines(m, *words) -> list:
 
 def test_sharding_golden_rank_1_of_2():
     _, record = _sharded(1, 2)
-    assert record.rewrites == 2  # the attention and the MLP
-    assert _lines(record.module, "= weight ", "allreduce(", "attention(", "rope(") == [
+    assert record.rewrites == 3  # the attention, the MLP, the lm_head
+    assert _lines(record.module, "= weight ", "allreduce(", "attention(", "rope(", "lm_head") == [
         '%wq.shard = weight slice[0,8,16](param "model.layers.0.self_attn.q_proj.weight") : f32[8,16]',
         '%wk.shard = weight slice[0,4,8](param "model.layers.0.self_attn.k_proj.weight") : f32[4,16]',
         '%wv.shard = weight slice[0,4,8](param "model.layers.0.self_attn.v_proj.weight") : f32[4,16]',
@@ -45,7 +45,10 @@ def test_sharding_golden_rank_1_of_2():
         '%wg.shard = weight slice[0,16,32](param "model.layers.0.mlp.gate_proj.weight") : f32[16,16]',
         '%wu.shard = weight slice[0,16,32](param "model.layers.0.mlp.up_proj.weight") : f32[16,16]',
         '%wd.shard = weight slice[1,16,32](param "model.layers.0.mlp.down_proj.weight") : f32[16,16]',
-        "%d = allreduce(%d.partial) {world=2} : f32[B,S,16]  # model.layers.0.mlp.down_proj"]
+        "%d = allreduce(%d.partial) {world=2} : f32[B,S,16]  # model.layers.0.mlp.down_proj",
+        '%embed.shard = weight slice[0,32,64](param "model.embed_tokens.weight") : f32[32,16]',
+        "%logits.part = linear(%hf, %embed.shard) : f32[B,S,32]  # lm_head",
+        "%logits = allgather(%logits.part) {world=2} : f32[B,S,64]  # lm_head"]
     assert ir.parse_module(ir.print_module(record.module)) == record.module
 
 
@@ -81,7 +84,7 @@ def test_heads_that_do_not_divide_keep_the_attention_whole():
     """Must not fire on an attention whose kv heads do not divide (one kv head over 2 ranks): it stays whole
     (replicated on both) and only the MLP is sharded; over 3 ranks nothing divides (nor the MLP's 32 rows)."""
     before, record = _sharded(0, 2, _one_kv_head())
-    assert record.rewrites == 1
+    assert record.rewrites == 2  # the MLP and the lm_head
     assert _lines(record.module, "attention(", "allreduce(") == [
         "%o = attention(%qr, %kr, %v, %positions, %seq_lens) {heads=[4,1], scale=0.5} : f32[B,S,16]  "
         "# model.layers.0.self_attn",
@@ -89,7 +92,8 @@ def test_heads_that_do_not_divide_keep_the_attention_whole():
     assert _lines(record.module, "= weight ") == [
         '%wg.shard = weight slice[0,0,16](param "model.layers.0.mlp.gate_proj.weight") : f32[16,16]',
         '%wu.shard = weight slice[0,0,16](param "model.layers.0.mlp.up_proj.weight") : f32[16,16]',
-        '%wd.shard = weight slice[1,0,16](param "model.layers.0.mlp.down_proj.weight") : f32[16,16]']
+        '%wd.shard = weight slice[1,0,16](param "model.layers.0.mlp.down_proj.weight") : f32[16,16]',
+        '%embed.shard = weight slice[0,0,32](param "model.embed_tokens.weight") : f32[32,16]']
     before, three = _sharded(0, 3)
     assert three.rewrites == 0 and three.module == before
     assert run_pass("fuse_allreduce_norm", fuse_allreduce_norm, before).rewrites == 0  # no allreduce: no fusion
@@ -101,38 +105,60 @@ def test_one_rank_is_the_identity():
 
 
 # ---- two ranks over gloo ---------------------------------------------------------------------------------------
-def _rank(rank: int, world: int, family: str, backend: str, out: str):
-    """One rank under runtime/distributed.py's ``launch`` (its gloo group already joined)."""
-    model = tiny_model(family)
-    cm = lowerlm.compile_model(model, backend=backend, max_batch=2, max_seq_len=64, tp=world, tokenizer=False)
+FAMILIES = ["llama", "qwen3", "mixtral", "kimi"]
+
+
+def _family(family: str):
+    if family == "kimi":  # KDA then MLA layers; a dense MLP, then MoE with a shared expert
+        from .test_kda import kimi
+
+        return kimi(layer_types=("linear_attention", "full_attention"), mlp_types=("dense", "sparse"))
+    return tiny_model(family)
+
+
+def _run(cm, tokens: int) -> dict:
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-    logits = cm(ids)
-    tokens = [s[0] for s in cm.generate_ids([[5, 7, 9, 11, 3]], 32, stop_ids=[])]
-    ops = sorted({n.op.value for g in cm.ir.graphs for n in g.nodes})
     plan = cm.program.plan() if hasattr(cm.program, "plan") else {}
-    parts = {g: [p.backend for p in pl.parts] for g, pl in plan.items()}
-    torch.save({"logits": logits, "tokens": tokens, "ops": ops, "parts": parts}, f"{out}.{rank}")
+    return {"logits": cm(ids).cpu(), "tokens": [s[0] for s in cm.generate_ids([[5, 7, 9, 11, 3]], tokens, stop_ids=[])],
+            "ops": sorted({n.op.value for g in cm.ir.graphs for n in g.nodes}),
+            "parts": {g: [p.backend for p in pl.parts] for g, pl in plan.items()}}
 
 
-@pytest.mark.parametrize("backend", ["reference", "auto"])
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_two_ranks_give_the_single_rank_logits_and_tokens(family, backend, tmp_path):
-    model = tiny_model(family)
-    single = lowerlm.compile_model(model, backend=backend, max_batch=2, max_seq_len=64, tokenizer=False)
-    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-    want = single(ids)
-    want_tokens = [s[0] for s in single.generate_ids([[5, 7, 9, 11, 3]], 32, stop_ids=[])]
+def _rank(rank: int, world: int, backend: str, families: list, tokens: int, out: str):
+    """One rank under runtime/distributed.py's ``launch`` (its gloo group already joined): each family compiled
+    whole (tp=1, on rank 0) and as this rank's shard (tp=2)."""
+    results = {}
+    for family in families:
+        model = _family(family)
+        opts = dict(backend=backend, max_batch=2, max_seq_len=64, tokenizer=False)
+        results[family] = {"tp": _run(lowerlm.compile_model(model, tp=world, **opts), tokens)}
+        if rank == 0:
+            results[family]["one"] = _run(lowerlm.compile_model(model, **opts), tokens)
+    torch.save(results, f"{out}.{rank}")
+
+
+# Triton runs in its interpreter here (the collectives as torch ops between its kernels): one family, 8 tokens
+@pytest.mark.parametrize("backend, families, tokens", [("reference", FAMILIES, 32), ("onnx", FAMILIES, 32),
+                                                       ("triton", ["llama"], 8)])
+def test_two_ranks_give_the_single_rank_logits_and_tokens(backend, families, tokens, tmp_path):
+    """Tiny Llama, Qwen3, Mixtral and Kimi Linear over two gloo ranks: the single-rank logits within 1e-5 of their
+    largest magnitude, and the same 32 greedy tokens; every rank computes the same logits."""
     out = str(tmp_path / "rank")
-    launch(_rank, 2, family, backend, out)
+    launch(_rank, 2, backend, families, tokens, out)
     results = [torch.load(f"{out}.{r}") for r in range(2)]
-    for r in results:
-        assert "allreduce_add_rms_norm" in r["ops"]
-        if backend == "auto":  # ONNX sessions, the collectives between them on the reference backend
-            assert r["parts"]["decode"][:3] == ["onnx", "reference", "onnx"], r["parts"]
-        # the partial sums are added in another order than one rank's GEMM: equal within f32 rounding
-        assert (r["logits"] - want).abs().max() <= 1e-5 * want.abs().max()
-        assert r["tokens"] == want_tokens
-    assert torch.equal(results[0]["logits"], results[1]["logits"])  # every rank computes the same logits
+    for family in families:
+        want = results[0][family]["one"]
+        for rank, r in enumerate(results):
+            got = r[family]["tp"]
+            assert "allreduce_add_rms_norm" in got["ops"], family
+            if backend == "onnx":  # ONNX sessions, the collectives between them on the reference backend
+                assert got["parts"]["decode"][:3] == ["onnx", "reference", "onnx"], (family, got["parts"])
+            # the partial sums are added in another order than one rank's GEMM: equal within f32 rounding
+            err = (got["logits"] - want["logits"]).abs().max() / want["logits"].abs().max()
+            assert err <= 1e-5, (family, rank, float(err))
+            print(f"{backend} {family} rank {rank}: max abs error / max |logit| = {float(err):.2e}")
+            assert got["tokens"] == want["tokens"], (family, rank)
+        assert torch.equal(results[0][family]["tp"]["logits"], results[1][family]["tp"]["logits"]), family
 
 
 def test_dump_ir_shows_one_ranks_shard_and_refuses_a_rank_outside_the_world():
@@ -198,11 +224,128 @@ def test_generate_tp_2_gives_the_single_rank_tokens(tmp_path):
 
 def test_a_partial_value_read_elsewhere_keeps_its_block_whole():
     """Must not fire on the MLP when its gate projection is read outside it (a shard would be read whole there):
-    only the attention is sharded."""
+    only the attention (and the lm_head) is sharded."""
     act = "  %act = silu(%g) : f32[B,S,32]  # model.layers.0.mlp.act_fn\n"
     text = example_text().replace(act, act + "  %seen = neg(%g) : f32[B,S,32]\n")
     text = text.replace("return %logits", "return %logits, %seen")
     _, record = _sharded(0, 2, text)
-    assert record.rewrites == 1
+    assert record.rewrites == 2
     assert [line.split(" =")[0] for line in _lines(record.module, "= weight ")] == [
-        "%wq.shard", "%wk.shard", "%wv.shard", "%wo.shard"]
+        "%wq.shard", "%wk.shard", "%wv.shard", "%wo.shard", "%embed.shard"]
+
+
+def _moe_text() -> str:
+    """The example layer with a MoE MLP: a router, 4 experts of 8 units, and its MLP as a shared expert scaled by a
+    sigmoid gate (Qwen2-MoE's form), added to the routed experts."""
+    text = example_text().replace(".mlp.gate_proj", ".mlp.shared_expert.gate_proj").replace(
+        ".mlp.up_proj", ".mlp.shared_expert.up_proj").replace(".mlp.down_proj", ".mlp.shared_expert.down_proj")
+    params = ('  "model.layers.0.mlp.gate.weight": f32[4,16]\n'
+              '  "model.layers.0.mlp.experts.gate_up_proj": f32[4,16,16]\n'
+              '  "model.layers.0.mlp.experts.down_proj": f32[4,16,8]\n'
+              '  "model.layers.0.mlp.shared_expert_gate.weight": f32[1,16]\n')
+    text = text.replace('  "model.norm.weight"', params + '  "model.norm.weight"')
+    routed = """  %flat = reshape(%h2) {shape=[B*S,16]} : f32[B*S,16]  # model.layers.0.mlp
+  %router = param "model.layers.0.mlp.gate.weight" : f32[4,16]
+  %ids, %rw = moe_route(%flat, %router) {top_k=2} : i32[B*S,2], f32[B*S,2]  # model.layers.0.mlp.gate
+  %egu = param "model.layers.0.mlp.experts.gate_up_proj" : f32[4,16,16]
+  %edn = param "model.layers.0.mlp.experts.down_proj" : f32[4,16,8]
+  %e = experts(%flat, %ids, %rw, %egu, %edn) : f32[B*S,16]  # model.layers.0.mlp.experts
+  %e3 = reshape(%e) {shape=[B,S,16]} : f32[B,S,16]  # model.layers.0.mlp
+"""
+    shared_gate = """  %wsg = param "model.layers.0.mlp.shared_expert_gate.weight" : f32[1,16]
+  %sg = linear(%h2, %wsg) : f32[B,S,1]  # model.layers.0.mlp.shared_expert_gate
+  %sgs = sigmoid(%sg) : f32[B,S,1]  # model.layers.0.mlp
+  %ds = mul(%d, %sgs) : f32[B,S,16]  # model.layers.0.mlp
+  %m = add(%e3, %ds) : f32[B,S,16]  # model.layers.0.mlp
+  %r2 = add(%r1, %m) : f32[B,S,16]  # model.layers.0
+"""
+    old = "  %r2 = add(%r1, %d) : f32[B,S,16]  # model.layers.0\n"
+    assert old in text
+    text = text.replace(old, shared_gate)
+    first = "  %wg = param"
+    return text.replace(first, routed + first)
+
+
+def test_moe_sharding_golden_one_reduction_after_routed_and_shared():
+    """Experts tensor-parallel: each expert's units split (gate and up halves alike), the router whole; the shared
+    expert split like an MLP; its gate's scaling and the add of the two moved before one reduction."""
+    _, record = _sharded(1, 2, _moe_text())
+    assert record.rewrites == 4  # the attention, the experts, the shared expert's MLP, the lm_head
+    fused = run_pass("fuse_allreduce_norm", fuse_allreduce_norm, record.module).module
+    assert _lines(fused, "experts", "allreduce_add_rms_norm(%m", "moe_route", "%e3", "%ds", "%m ",
+                  "%wg.shard =", "%wu.shard =", "%wd.shard =") == [
+        "%ids, %rw = moe_route(%flat, %router) {top_k=2} : i32[B*S,2], f32[B*S,2]  # model.layers.0.mlp.gate",
+        '%egu.shard = weight concat[1](slice[1,4,8](param "model.layers.0.mlp.experts.gate_up_proj"), '
+        'slice[1,12,16](param "model.layers.0.mlp.experts.gate_up_proj")) : f32[4,8,16]',
+        '%edn.shard = weight slice[2,4,8](param "model.layers.0.mlp.experts.down_proj") : f32[4,16,4]',
+        "%e.partial = experts(%flat, %ids, %rw, %egu.shard, %edn.shard) : f32[B*S,16]  # model.layers.0.mlp.experts",
+        "%e3.partial = reshape(%e.partial) {shape=[B,S,16]} : f32[B,S,16]  # model.layers.0.mlp",
+        '%wg.shard = weight slice[0,16,32](param "model.layers.0.mlp.shared_expert.gate_proj.weight") : f32[16,16]',
+        '%wu.shard = weight slice[0,16,32](param "model.layers.0.mlp.shared_expert.up_proj.weight") : f32[16,16]',
+        '%wd.shard = weight slice[1,16,32](param "model.layers.0.mlp.shared_expert.down_proj.weight") : f32[16,16]',
+        "%ds.partial = mul(%d.partial, %sgs) : f32[B,S,16]  # model.layers.0.mlp",
+        "%m.partial = add(%e3.partial, %ds.partial) : f32[B,S,16]  # model.layers.0.mlp",
+        "%hf, %r2 = allreduce_add_rms_norm(%m.partial, %r1, %lnf) {world=2, eps=1e-05} : f32[B,S,16], f32[B,S,16]  "
+        "# model.layers.0.mlp.experts, model.layers.0.mlp.shared_expert.down_proj, model.layers.0, model.norm"]
+    assert sum(line.count("allreduce") for line in _lines(fused, "allreduce")) == 2  # attention, then the MLP
+
+
+def test_experts_whose_units_do_not_divide_stay_whole_and_a_down_bias_is_rank_0s():
+    """Must not fire on experts of 8 units over 3 ranks (nor on anything else of the layer: 4 heads, 32 units).
+    Over 2 ranks an experts' down bias (inside the routing-weighted sum) is rank 0's alone; its gate_up bias is
+    split like the rows."""
+    before, three = _sharded(0, 3, _moe_text())
+    assert three.rewrites == 0 and three.module == before
+    text = _moe_text().replace(
+        '  "model.layers.0.mlp.gate.weight": f32[4,16]\n',
+        '  "model.layers.0.mlp.gate.weight": f32[4,16]\n  "model.layers.0.mlp.experts.gate_up_proj_bias": f32[4,16]\n'
+        '  "model.layers.0.mlp.experts.down_proj_bias": f32[4,16]\n').replace(
+        "  %e = experts(%flat, %ids, %rw, %egu, %edn)",
+        '  %egub = param "model.layers.0.mlp.experts.gate_up_proj_bias" : f32[4,16]\n'
+        '  %ednb = param "model.layers.0.mlp.experts.down_proj_bias" : f32[4,16]\n'
+        "  %e = experts(%flat, %ids, %rw, %egu, %edn, %egub, %ednb)")
+    for rank, bias in ((0, ", down_bias=%ednb)"), (1, ")")):
+        _, record = _sharded(rank, 2, text)
+        lo, hi = (0, 4) if rank == 0 else (4, 8)
+        assert _lines(record.module, "%egub.shard", "%e.partial = ") == [
+            f'%egub.shard = weight concat[1](slice[1,{lo},{hi}](param "model.layers.0.mlp.experts.gate_up_proj_bias"), '
+            f'slice[1,{lo + 8},{hi + 8}](param "model.layers.0.mlp.experts.gate_up_proj_bias")) : f32[4,8]',
+            f"%e.partial = experts(%flat, %ids, %rw, %egu.shard, %edn.shard, gate_up_bias=%egub.shard{bias} : "
+            "f32[B*S,16]  "
+            "# model.layers.0.mlp.experts"]
+
+
+def _rank_given_other_things(rank: int, world: int, out: str) -> None:
+    """Compile calls with another max_seq_len, then other weights, on rank 1: each refused on both ranks."""
+    from lowerlm.errors import CompileError
+
+    said = []
+    for model, seq in ((tiny_model("llama"), 64 + 16 * rank), (tiny_model("llama", seed=rank), 64)):
+        try:
+            lowerlm.compile_model(model, backend="reference", max_seq_len=seq, tp=world, tokenizer=False)
+        except CompileError as e:
+            said.append(str(e))
+    torch.save(said, f"{out}.{rank}")
+
+
+def test_ranks_given_different_models_or_options_refuse_to_start(tmp_path):
+    out = str(tmp_path / "said")
+    launch(_rank_given_other_things, 2, out)
+    for rank in range(2):
+        assert torch.load(f"{out}.{rank}") == [
+            f"rank 1 of 2 got different {what} from rank 0: every rank of tp=2 must compile the same model with the "
+            "same options" for what in ("compile options", "weights")]
+
+
+def test_select_logits_gathers_rows_before_a_vocab_parallel_lm_head():
+    """select_logits looks through the allgather of a vocab-parallel lm_head: the rows are picked before the
+    rank's slice of the projection, and the gathered logits are [B, L, V]."""
+    _, record = _sharded(0, 2)
+    m = record.module
+    for name in ("insert_state", "specialize", "select_logits"):
+        m = run_pass(name, PASSES[name], m).module
+    prefill = ir.print_module(m).split("graph decode")[0]
+    assert [line.strip() for line in prefill.splitlines() if "# lm_head" in line][2:] == [
+        "%hf.picked = gather(%hf, %logit_index.rows) {dim=1} : f32[B,L,16]  # lm_head",
+        "%logits.part = linear(%hf.picked, %embed.shard) : f32[B,L,32]  # lm_head",
+        "%logits = allgather(%logits.part) {world=2} : f32[B,L,64]  # lm_head"]

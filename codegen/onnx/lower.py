@@ -41,7 +41,7 @@ from lowerlm.ir.dtypes import DType
 from lowerlm.ir.errors import CompileError
 from lowerlm.ir.graph import Graph, Node
 from lowerlm.ir.opdefs import OPDEFS
-from lowerlm.ir.ops import Op
+from lowerlm.ir.ops import COLLECTIVES, Op
 from lowerlm.ir.shapes import Sym
 
 OPSET = 24
@@ -886,7 +886,7 @@ LOWERINGS: dict[Op, Callable] = {
 # whole MoE blocks and captured experts: moe_dispatch splits them into ops with lowerings
 # the collectives run between ONNX Runtime sessions (auto puts them on the reference backend, which calls
 # torch.distributed), never inside one
-NOT_LOWERED = frozenset({Op.MOE, Op.EXPERTS, Op.ALLREDUCE, Op.ALLREDUCE_ADD_RMS_NORM})
+NOT_LOWERED = frozenset({Op.MOE, Op.EXPERTS}) | COLLECTIVES
 
 
 def _chain(a: dict) -> str | None:
