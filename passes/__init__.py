@@ -106,6 +106,9 @@ class PassRecord:
     rewrites: int
 
 
+_BEFORE_TP = ("canonicalize", "raise_moe_route", "raise_mla")  # the shard is cut after these (before the fusions)
+
+
 def resolve(passes: str | Iterable[str | tuple] = "default", arm=None, upcast_from=None,
             backend: str | None = None, tp: tuple | None = None) -> list[tuple[str, PassFn]]:
     """The (name, function) list for ``"default"``, ``"none"`` or a list of names (or (name, fn) pairs). ``arm``
@@ -113,10 +116,10 @@ def resolve(passes: str | Iterable[str | tuple] = "default", arm=None, upcast_fr
     first, whatever ``passes`` says: the program computes in f32 only if every graph does. ``backend`` (a key of
     ``TAILS``) appends that backend's tail to ``"default"``; a list names tail passes itself if it wants them."""
     out = _resolve(passes, arm)
-    if tp is not None and tp[1] > 1:  # (rank, world): the shard right after canonicalize, its fusion after it
+    if tp is not None and tp[1] > 1:  # (rank, world): the shard once the LLM ops are raised, its fusion after it
         from lowerlm.passes.tensor_parallel import fuse_allreduce_norm, tensor_parallel
 
-        at = next((i + 1 for i, (name, _) in enumerate(out) if name == "canonicalize"), 0)
+        at = max((i + 1 for i, (name, _) in enumerate(out) if name in _BEFORE_TP), default=0)
         out[at:at] = [("tensor_parallel", tensor_parallel(*tp)), ("fuse_allreduce_norm", fuse_allreduce_norm)]
     if upcast_from is not None:
         out.insert(0, ("upcast", upcast(upcast_from)))

@@ -5,19 +5,32 @@
                attention on H/N heads, o_proj: its columns (row-parallel), then ``allreduce`` of the partial sums
                and o_proj's bias after it
     gated MLP  gate and up linear: their rows (column-parallel), down: its columns, then ``allreduce`` (+ bias)
+    experts    tensor-parallel: units r*I/N .. of every expert (the same rows of gate_up's gate half and of its up
+               half, those columns of down), the router replicated; a ``moe`` block's shared expert likewise
+    lm_head    vocab-parallel: its rows r*V/N .. (a graph output made by a linear), then ``allgather``
 
-Weights become ``weight slice[axis,start,end](param ...)`` expressions, so a rank evaluates only its shard. Every
-other value stays replicated: the embedding, the norms, the lm_head, routers and experts, any block whose form is
-not recognised (computed whole on every rank: correct, only not split). An attention whose query or kv heads do
-not divide by N is replicated and only its MLP is sharded (SmolLM2: 9 heads and 3 kv heads at N = 2): splitting
-GQA groups unevenly would leave ranks with different shapes and the slowest rank setting the pace, while the
-MLP holds most of a layer's weights; the note in docs/passes.md gives the numbers.
+Weights become ``weight slice[axis,start,end](param ...)`` expressions, so a rank evaluates only its shard. Then
+the reductions move down past reshapes and products with a replicated value, and two of them added become one:
+routed and shared experts are reduced once, and each reduction meets the residual add that fuse_allreduce_norm
+joins to the next norm.
+
+Experts are split by unit, not placed whole on ranks (expert parallelism): every rank then routes alike and holds
+the same share of every expert, so a decode step's top-k experts load all ranks evenly (with experts by rank, one
+token's k experts often sit on one rank while the others wait) and the result is one sum, with no exchange of
+tokens; the experts' down bias, inside the routing-weighted sum, is added by rank 0 alone.
+
+Every other value stays replicated: the embedding (a decode step reads one row of it; splitting it would cost a
+reduction for no saved read), the norms, routers, MLA and KDA layers, any block whose form is not recognised
+(computed whole on every rank: correct, only not split). An attention whose query or kv heads do not divide by N is
+replicated and only its MLP is sharded (SmolLM2: 9 heads and 3 kv heads at N = 2): splitting GQA groups unevenly
+would leave ranks with different shapes and the slowest rank setting the pace (docs/passes.md gives the numbers).
 
 A recognised attention: each of q, k, v comes from a bias-optional ``linear`` through ``reshape`` (to or from
 [..., heads, head_dim]), per-head ``rms_norm`` (Qwen3's q/k norms), ``rope`` and ``cast`` only; its result reaches
 o_proj through reshapes only; an attention with sinks is replicated. A recognised MLP: ``linear(mul(act(linear(x, Wg)),
-linear(x, Wu)), Wd)`` with act an element-wise unary op. Runs right after canonicalize, before the passes that
-fuse projections (their concatenated weights would mix shards).
+linear(x, Wu)), Wd)`` with act an element-wise unary op. Only weights (params and weight expressions) are sliced:
+a projection whose weight is computed at run time stays whole. Runs right after canonicalize, before the passes
+that fuse projections (their concatenated weights would mix shards).
 """
 
 from __future__ import annotations
@@ -83,14 +96,8 @@ def _plan_attention(producer, users, a: Node, rank: int, world: int, plan: _Plan
     lins = [_head_path(producer, x, path) for x in (q, k, v)]
     if any(lin is None for lin in lins) or len({id(n) for n in lins}) != 3:
         return False
-    out, reshapes = a.results[0].name, []
-    o = _only_user(users, out)
-    while o is not None and o.op is Op.RESHAPE:
-        reshapes.append(o)
-        o = _only_user(users, o.results[0].name)
-    if o is None or o.op is not Op.LINEAR or o.inputs[3] is not None:
-        return False
-    if not all(_weights_of(producer, lin) for lin in lins + [o]):
+    o, reshapes = _out_proj(producer, users, a)
+    if o is None or not all(_weights_of(producer, lin) for lin in lins):
         return False
     region = {id(n) for n in path + lins + [a]}
     if not all(id(u) in region for n in path + lins for r in n.results for u in users.get(r.name, [])):
@@ -101,10 +108,51 @@ def _plan_attention(producer, users, a: Node, rank: int, world: int, plan: _Plan
         plan.slices[(lin.name, 1)] = (0, (_shard(rank, per),))
         if lin.inputs[2] is not None:
             plan.slices[(lin.name, 2)] = (0, (_shard(rank, per),))
+    _row_parallel(producer, o, rank, world, plan)
+    plan.heads.update(n.name for n in path + [a] + reshapes)
+    return True
+
+
+def _out_proj(producer, users, a: Node) -> tuple:
+    """(o_proj, the reshapes before it): the linear an attention's result reaches through reshapes alone, or
+    (None, ...) when it reaches anything else."""
+    reshapes = []
+    o = _only_user(users, a.results[0].name)
+    while o is not None and o.op is Op.RESHAPE:
+        reshapes.append(o)
+        o = _only_user(users, o.results[0].name)
+    if o is None or o.op is not Op.LINEAR or o.inputs[3] is not None or not _weights_of(producer, o):
+        return None, reshapes
+    return o, reshapes
+
+
+def _row_parallel(producer, o: Node, rank: int, world: int, plan: _Plan) -> None:
+    """o's columns of this rank's heads, its result a partial sum (its bias added after the reduction)."""
     per = producer[o.inputs[1]].results[0].type.shape[1] // world
     plan.slices[(o.name, 1)] = (1, (_shard(rank, per),))
     plan.partial[o.name] = o.inputs[2]
-    plan.heads.update(n.name for n in path + [a] + reshapes)
+
+
+def _plan_mla(producer, users, a: Node, rank: int, world: int, plan: _Plan) -> bool:
+    """Multi-head latent attention by head: q's projection (q_proj, or q_b_proj after the q LoRA) and kv_b's weight
+    keep the rows of this rank's heads, o_proj their columns; the latent c and k_pe (one per token, shared by
+    every head) stay replicated, as does the cache of them."""
+    heads = a.attr("heads")
+    lin = producer.get(a.inputs[0])
+    if heads % world or lin is None or lin.op is not Op.LINEAR or lin.inputs[3] is not None or \
+            not _weights_of(producer, lin) or not _is_weight(producer, a.inputs[3]) or \
+            _only_user(users, a.inputs[0]) is not a:
+        return False
+    o, reshapes = _out_proj(producer, users, a)
+    if o is None:
+        return False
+    rows = lin.results[0].type.shape[-1] // world
+    plan.slices[(lin.name, 1)] = (0, (_shard(rank, rows),))
+    if lin.inputs[2] is not None:
+        plan.slices[(lin.name, 2)] = (0, (_shard(rank, rows),))
+    plan.slices[(a.name, 3)] = (0, (_shard(rank, producer[a.inputs[3]].results[0].type.shape[0] // world),))
+    _row_parallel(producer, o, rank, world, plan)
+    plan.heads.update(n.name for n in [a] + reshapes)
     return True
 
 
@@ -223,6 +271,10 @@ def tensor_parallel(rank: int, world: int) -> Pass:
         for n in g.nodes:
             if n.op is Op.ATTENTION:
                 count += _plan_attention(producer, users, n, rank, world, plan)
+            elif n.op is Op.MLA_ATTENTION:
+                count += _plan_mla(producer, users, n, rank, world, plan)
+            elif n.op is Op.LINEAR and (n.name, 1) in plan.slices:
+                continue  # an o_proj, already planned with its attention
             elif n.op is Op.LINEAR and n.results[0].name in g.outputs:
                 count += _plan_lm_head(producer, n, rank, world, plan)
             elif n.op is Op.LINEAR:
@@ -284,6 +336,8 @@ def _apply(g: Graph, plan: _Plan, producer: dict, world: int) -> Graph:
         attrs = dict(n.attrs)
         if n.name in plan.heads and n.op in (Op.ATTENTION, Op.ROPE):
             attrs["heads"] = [h // world for h in n.attr("heads")]
+        elif n.name in plan.heads and n.op is Op.MLA_ATTENTION:
+            attrs["heads"] = n.attr("heads") // world
         elif n.name in plan.heads and n.op is Op.RESHAPE:
             attrs["shape"] = _reshape(n, types[inputs[0]], world)
         if n.name in plan.gathered:

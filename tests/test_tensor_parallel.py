@@ -161,6 +161,23 @@ def test_two_ranks_give_the_single_rank_logits_and_tokens(backend, families, tok
         assert torch.equal(results[0][family]["tp"]["logits"], results[1][family]["tp"]["logits"]), family
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL between Triton programs)")
+def test_two_gpus_nccl_with_triton_and_cuda_graphs(tmp_path):
+    """Two GPUs, one rank each over NCCL: Triton's kernels with the collectives between them, decode replayed in
+    CUDA graphs (generate_ids captures them on a GPU; NCCL's all_reduce is captured with the step): the single-rank
+    logits and 32 greedy tokens for Llama, Mixtral and Kimi Linear."""
+    out = str(tmp_path / "rank")
+    launch(_rank, 2, "triton", ["llama", "mixtral", "kimi"], 32, out)
+    results = [torch.load(f"{out}.{r}") for r in range(2)]
+    for family in ("llama", "mixtral", "kimi"):
+        want = results[0][family]["one"]
+        for r in results:
+            got = r[family]["tp"]
+            assert (got["logits"] - want["logits"]).abs().max() <= 1e-3 * want["logits"].abs().max(), family
+            assert got["tokens"] == want["tokens"], family
+
+
 def test_dump_ir_shows_one_ranks_shard_and_refuses_a_rank_outside_the_world():
     from .test_cli import lowerlm as cli
 
@@ -220,6 +237,18 @@ def test_generate_tp_2_gives_the_single_rank_tokens(tmp_path):
     assert one.returncode == two.returncode == 0, two.stderr
     assert two.stdout.splitlines()[0] == one.stdout.splitlines()[0]  # the tokens, written once (by rank 0)
     assert two.stdout.count("[0]") == 1
+
+
+@pytest.mark.slow
+def test_generate_tp_2_of_the_default_model_answers_paris_with_eagers_tokens():
+    """SmolLM2-135M-Instruct's real weights over two ranks (its 9 heads do not divide: the attention replicated,
+    the MLPs and the lm_head split): the answer and the same tokens as transformers eager, which the single-rank
+    compile also gives (tests/test_cli.py's demo test)."""
+    from .test_cli import lowerlm as cli
+
+    out = cli("generate", "--tp", "2", "--backend", "reference", "--compare-eager", "What is the capital of France?")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout and "identical tokens" in out.stdout, out.stdout
 
 
 def test_a_partial_value_read_elsewhere_keeps_its_block_whole():
@@ -349,3 +378,40 @@ def test_select_logits_gathers_rows_before_a_vocab_parallel_lm_head():
         "%hf.picked = gather(%hf, %logit_index.rows) {dim=1} : f32[B,L,16]  # lm_head",
         "%logits.part = linear(%hf.picked, %embed.shard) : f32[B,L,32]  # lm_head",
         "%logits = allgather(%logits.part) {world=2} : f32[B,L,64]  # lm_head"]
+
+
+MLA_LAYER = """\
+params {
+  "q_proj.weight": f32[12,16]
+  "kv_b.weight": f32[14,8]
+  "o_proj.weight": f32[16,6]
+}
+
+graph forward(%x: f32[B,S,16], %c: f32[B,S,8], %k_pe: f32[B,S,2], %positions: i64[B,S], %seq_lens: i32[B]) {
+  %wq = param "q_proj.weight" : f32[12,16]
+  %q = linear(%x, %wq) : f32[B,S,12]  # model.layers.0.self_attn.q_proj
+  %w = param "kv_b.weight" : f32[14,8]
+  %o = mla_attention(%q, %c, %k_pe, %w, %positions, %seq_lens) {heads=2, nope=4, scale=0.4} : f32[B,S,6]
+  %wo = param "o_proj.weight" : f32[16,6]
+  %a = linear(%o, %wo) : f32[B,S,16]  # model.layers.0.self_attn.o_proj
+  return %a
+}
+"""
+
+
+def test_mla_sharding_golden_by_head():
+    """MLA by head (latent 8, rotary 2, 2 heads of nope 4 and values 3): q's rows and kv_b's rows of the rank's
+    head, o_proj's columns, then allreduce; the latent inputs stay whole. Must not fire over 3 ranks."""
+    record = run_pass("tensor_parallel", tensor_parallel(1, 2), ir.parse_module(MLA_LAYER))
+    assert record.rewrites == 1
+    assert _lines(record.module, "") == [
+        '%wq.shard = weight slice[0,6,12](param "q_proj.weight") : f32[6,16]',
+        "%q = linear(%x, %wq.shard) : f32[B,S,6]  # model.layers.0.self_attn.q_proj",
+        '%w.shard = weight slice[0,7,14](param "kv_b.weight") : f32[7,8]',
+        "%o = mla_attention(%q, %c, %k_pe, %w.shard, %positions, %seq_lens) {heads=1, nope=4, scale=0.4} : "
+        "f32[B,S,3]",
+        '%wo.shard = weight slice[1,3,6](param "o_proj.weight") : f32[16,3]',
+        "%a.partial = linear(%o, %wo.shard) : f32[B,S,16]  # model.layers.0.self_attn.o_proj",
+        "%a = allreduce(%a.partial) {world=2} : f32[B,S,16]  # model.layers.0.self_attn.o_proj"]
+    three = run_pass("tensor_parallel", tensor_parallel(0, 3), ir.parse_module(MLA_LAYER))
+    assert three.rewrites == 0
