@@ -418,8 +418,10 @@ def compile_model(model: torch.nn.Module, backend: str = "auto", dtype=None, dev
     the trace cache, the ONNX backend's compile cache and the Triton backend's generated kernel sources
     (``~/.cache/lowerlm``, ``LOWERLM_CACHE_DIR``; docs/caches.md); off, nothing is read from or written there.
     ``tokenizer``: the one ``cm.generate`` encodes text with; None loads the model's, False means none (token ids
-    only). ``progress(message)`` is told when a step that can take seconds starts (export, import, the passes, the
-    tokenizer, each ONNX graph lowered); the CLI shows it on a terminal."""
+    only). ``tp``: this process's shard of N tensor-parallel ranks (torch.distributed's default group must hold N:
+    torchrun, or ``lowerlm generate --tp N``; every rank must pass the same model and options, which the ranks
+    check before tracing). ``progress(message)`` is told when a step that can take seconds starts (export, import,
+    the passes, the tokenizer, each ONNX graph lowered); the CLI shows it on a terminal."""
     from lowerlm.frontend.trace import trace_model
     from lowerlm.runtime.text import load_tokenizer
 

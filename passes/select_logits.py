@@ -7,7 +7,7 @@ a batch of long prompts take gigabytes (8 × 2048 × 128256 f32 is 8.4 GB). The 
 ``cm(input_ids)`` for every row. Runs after specialize, on ``prefill`` only: decode's one row is already the last.
 Does not fire on another graph, on a graph that already has the input, or when the graph's one output is not made
 by a ``linear`` or ``rms_norm_linear`` (with no residual input) over [B, S, H]: there is no row-wise head to gather
-before.
+before. A vocab-parallel lm_head's ``allgather`` (tensor parallelism) is looked through.
 """
 
 from __future__ import annotations
