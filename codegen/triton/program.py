@@ -36,7 +36,7 @@ from lowerlm.codegen.triton import (
     swiglu,
 )
 from lowerlm.codegen.triton.elementwise import chain_source, load_kernel, run_chain
-from lowerlm.ir.compute import route_attrs
+from lowerlm.ir.compute import allreduce, route_attrs
 from lowerlm.ir.errors import CompileError
 from lowerlm.ir.fold import by_slot
 from lowerlm.ir.graph import Node
@@ -189,6 +189,10 @@ LAUNCHERS: dict[Op, Callable[[Call], object]] = {
     Op.GROUPED_GEMM: lambda c: moe.grouped_gemm(*c.x, c.a["gather"], c.a["act"], *(c.a[n] for n in GLU)),
     Op.MOE_COMBINE: _moe_combine,
     Op.EW_CHAIN: _ew_chain,
+    # tensor parallelism: the reduction through torch.distributed (NCCL on a GPU), the residual add and the norm in
+    # one launch of the norm kernel (allreduce and allgather alone run as the row's torch implementation)
+    Op.ALLREDUCE_ADD_RMS_NORM: lambda c: rms_norm.rms_norm(allreduce(c.x[0], c.a["world"]), c.x[2], c.a["eps"],
+                                                          residual=c.x[1]),
 }
 
 
