@@ -59,3 +59,14 @@ def test_linear_attention_bench_smoke():
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("1.00x the token Scan") == 2 and "chunked C=64" in out.stdout
+
+
+def test_tp_bench_smoke():
+    """bench/tp.py times tp=1 (the whole machine, one thread) against tp=2 (two ranks over gloo) and checks that
+    tp=2's greedy tokens are tp=1's."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "tp.py"), "--smoke"], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "| peer | decode ms/token (median) | ratio to tp=1 (" in out.stdout
+    assert "| tp=1, 1 thread |" in out.stdout and "| tp=2, " in out.stdout
+    assert "greedy tokens agree: every peer (tp=2 included)" in out.stdout and "MISMATCH" not in out.stdout

@@ -33,6 +33,16 @@ def providers() -> list:
 AUTO_HINT = "; backend='auto' runs such ops on the reference backend and the rest on ONNX"
 
 
+def _rank_threads() -> int | None:
+    """In a tensor-parallel rank, its share of the cores (torch's thread count: ``launch`` sets it, a torchrun
+    script may): ONNX Runtime's default of one thread per core in every rank oversubscribes the cores, and the idle
+    threads of one rank's pool spin while its peer computes. None elsewhere (ONNX Runtime's default)."""
+    import torch
+    import torch.distributed as dist
+
+    return torch.get_num_threads() if dist.is_available() and dist.is_initialized() else None
+
+
 class OnnxProgram(ReferenceProgram):
     """A module ready to run with ONNX Runtime: ``run(graph, inputs, state, inplace=True)``; sessions are built
     on a graph's first run."""
@@ -160,8 +170,9 @@ class OnnxProgram(ReferenceProgram):
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if self.threads:
-            options.intra_op_num_threads = self.threads
+        threads = self.threads or _rank_threads()
+        if threads:
+            options.intra_op_num_threads = threads
         return ort.InferenceSession(source, options, providers=providers())
 
     def run(self, graph, inputs, state=None, symbols=None, inplace=False, observe=None):
