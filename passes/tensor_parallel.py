@@ -7,6 +7,8 @@
     gated MLP  gate and up linear: their rows (column-parallel), down: its columns, then ``allreduce`` (+ bias)
     experts    tensor-parallel: units r*I/N .. of every expert (the same rows of gate_up's gate half and of its up
                half, those columns of down), the router replicated; a ``moe`` block's shared expert likewise
+    MLA        by head: the rows of q's projection and of kv_b's weight for the rank's heads, o_proj's columns;
+               the latent (c, k_pe) and its cache replicated
     lm_head    vocab-parallel: its rows r*V/N .. (a graph output made by a linear), then ``allgather``
 
 Weights become ``weight slice[axis,start,end](param ...)`` expressions, so a rank evaluates only its shard. Then
@@ -20,7 +22,7 @@ token's k experts often sit on one rank while the others wait) and the result is
 tokens; the experts' down bias, inside the routing-weighted sum, is added by rank 0 alone.
 
 Every other value stays replicated: the embedding (a decode step reads one row of it; splitting it would cost a
-reduction for no saved read), the norms, routers, MLA and KDA layers, any block whose form is not recognised
+reduction for no saved read), the norms, routers, KDA layers, any block whose form is not recognised
 (computed whole on every rank: correct, only not split). An attention whose query or kv heads do not divide by N is
 replicated and only its MLP is sharded (SmolLM2: 9 heads and 3 kv heads at N = 2): splitting GQA groups unevenly
 would leave ranks with different shapes and the slowest rank setting the pace (docs/passes.md gives the numbers).
@@ -29,8 +31,9 @@ A recognised attention: each of q, k, v comes from a bias-optional ``linear`` th
 [..., heads, head_dim]), per-head ``rms_norm`` (Qwen3's q/k norms), ``rope`` and ``cast`` only; its result reaches
 o_proj through reshapes only; an attention with sinks is replicated. A recognised MLP: ``linear(mul(act(linear(x, Wg)),
 linear(x, Wu)), Wd)`` with act an element-wise unary op. Only weights (params and weight expressions) are sliced:
-a projection whose weight is computed at run time stays whole. Runs right after canonicalize, before the passes
-that fuse projections (their concatenated weights would mix shards).
+a projection whose weight is computed at run time stays whole. Runs after canonicalize, raise_moe_route and raise_mla
+(the experts and MLA ops it splits are raised), before the passes that fuse projections (their concatenated weights
+would mix shards).
 """
 
 from __future__ import annotations

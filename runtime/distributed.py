@@ -12,6 +12,7 @@ a collective that waits longer than ``LOWERLM_TP_TIMEOUT`` seconds (default 300)
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -42,7 +43,15 @@ def init_from_env(tp: int) -> bool:
                            f"--nproc-per-node {tp}")
     set_device(int(os.environ.get("RANK", "0")))
     dist.init_process_group(_backend(), timeout=timeout())
+    atexit.register(_close)  # the group lowerlm opened, closed before the interpreter tears its threads down
     return True
+
+
+def _close() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def agree(digests: dict) -> None:

@@ -120,6 +120,8 @@ def _run(cm, tokens: int) -> dict:
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     plan = cm.program.plan() if hasattr(cm.program, "plan") else {}
     return {"logits": cm(ids).cpu(), "tokens": [s[0] for s in cm.generate_ids([[5, 7, 9, 11, 3]], tokens, stop_ids=[])],
+            "sampled": [s[0] for s in cm.generate_ids([[5, 7, 9]], 16, temperature=1.0, top_p=0.9, seed=7,
+                                                      stop_ids=[])],
             "ops": sorted({n.op.value for g in cm.ir.graphs for n in g.nodes}),
             "parts": {g: [p.backend for p in pl.parts] for g, pl in plan.items()}}
 
@@ -132,12 +134,14 @@ def _rank(rank: int, world: int, backend: str, families: list, tokens: int, out:
         model = _family(family)
         opts = dict(backend=backend, max_batch=2, max_seq_len=64, tokenizer=False)
         results[family] = {"tp": _run(lowerlm.compile_model(model, tp=world, **opts), tokens)}
-        if rank == 0:
+        if rank == 0:  # Triton's single rank is the reference backend's (tests/test_triton.py): half the interpreter
+            opts["backend"] = "reference" if backend == "triton" else backend
             results[family]["one"] = _run(lowerlm.compile_model(model, **opts), tokens)
     torch.save(results, f"{out}.{rank}")
 
 
-# Triton runs in its interpreter here (the collectives as torch ops between its kernels): one family, 8 tokens
+# Triton runs in its interpreter here (the collectives as torch ops between its kernels): one family, 8 tokens,
+# against the reference backend's single rank
 @pytest.mark.parametrize("backend, families, tokens", [("reference", FAMILIES, 32), ("onnx", FAMILIES, 32),
                                                        ("triton", ["llama"], 8)])
 def test_two_ranks_give_the_single_rank_logits_and_tokens(backend, families, tokens, tmp_path):
@@ -159,6 +163,8 @@ def test_two_ranks_give_the_single_rank_logits_and_tokens(backend, families, tok
             print(f"{backend} {family} rank {rank}: max abs error / max |logit| = {float(err):.2e}")
             assert got["tokens"] == want["tokens"], (family, rank)
         assert torch.equal(results[0][family]["tp"]["logits"], results[1][family]["tp"]["logits"]), family
+        # sampling draws from the same seed on the same logits: every rank samples the same tokens
+        assert results[0][family]["tp"]["sampled"] == results[1][family]["tp"]["sampled"], family
 
 
 @pytest.mark.gpu
@@ -227,18 +233,6 @@ def test_a_rank_that_raises_or_is_killed_ends_every_rank(how, message, monkeypat
     print(f"{how}: every rank ended in {seconds:.1f} s")
 
 
-def test_generate_tp_2_gives_the_single_rank_tokens(tmp_path):
-    from .test_cli import lowerlm as cli
-
-    tiny_model("llama").save_pretrained(tmp_path / "tiny")
-    args = ("generate", "--model", str(tmp_path / "tiny"), "--token-ids", "--max-new-tokens", "16", "--backend",
-            "reference", "5,7,9")
-    one, two = cli(*args), cli(*args, "--tp", "2")
-    assert one.returncode == two.returncode == 0, two.stderr
-    assert two.stdout.splitlines()[0] == one.stdout.splitlines()[0]  # the tokens, written once (by rank 0)
-    assert two.stdout.count("[0]") == 1
-
-
 @pytest.mark.slow
 def test_generate_tp_2_of_the_default_model_answers_paris_with_eagers_tokens():
     """SmolLM2-135M-Instruct's real weights over two ranks (its 9 heads do not divide: the attention replicated,
@@ -249,6 +243,7 @@ def test_generate_tp_2_of_the_default_model_answers_paris_with_eagers_tokens():
     out = cli("generate", "--tp", "2", "--backend", "reference", "--compare-eager", "What is the capital of France?")
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout and "identical tokens" in out.stdout, out.stdout
+    assert out.stdout.count("(lowerlm, reference backend)") == 1  # rank 0 alone writes
 
 
 def test_a_partial_value_read_elsewhere_keeps_its_block_whole():
@@ -415,3 +410,41 @@ def test_mla_sharding_golden_by_head():
         "%a = allreduce(%a.partial) {world=2} : f32[B,S,16]  # model.layers.0.self_attn.o_proj"]
     three = run_pass("tensor_parallel", tensor_parallel(0, 3), ir.parse_module(MLA_LAYER))
     assert three.rewrites == 0
+
+
+TORCHRUN_SCRIPT = """\
+import sys
+
+import torch
+
+import lowerlm
+from tests.conftest import tiny_model
+
+torch.set_num_threads(1)
+cm = lowerlm.compile_model(tiny_model("llama"), backend="reference", max_batch=1, max_seq_len=64, tp=2,
+                           tokenizer=False)  # the group comes from torchrun's variables (init_from_env)
+tokens = [s[0] for s in cm.generate_ids([[5, 7, 9]], 8, stop_ids=[])]
+import torch.distributed as dist
+with open(f"{sys.argv[1]}.{dist.get_rank()}", "w") as f:  # one file per rank: their prints would interleave
+    f.write(f"rank {dist.get_rank()} of {dist.get_world_size()}: {tokens}")
+"""
+
+
+def test_a_users_script_under_torchrun(tmp_path):
+    """``torchrun --standalone --nproc-per-node 2`` on a script calling compile_model(tp=2) with no group of its
+    own: each rank joins from torchrun's variables and generates the single-rank tokens."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    script = tmp_path / "user.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(tmp_path / "said")], capture_output=True, text=True, timeout=180, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    single = lowerlm.compile_model(tiny_model("llama"), backend="reference", max_batch=1, max_seq_len=64,
+                                   tokenizer=False)
+    want = [s[0] for s in single.generate_ids([[5, 7, 9]], 8, stop_ids=[])]
+    assert [(tmp_path / f"said.{r}").read_text() for r in range(2)] == [f"rank {r} of 2: {want}" for r in range(2)]
