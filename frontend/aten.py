@@ -319,16 +319,29 @@ def _dim_value(imp, v):
     return imp.symbols.dim(v)
 
 
+def _below_zero(v) -> bool:
+    """A bound the export's shape environment knows to be negative: a SymInt such as ``-seq_len`` (``x[:, -S:]``,
+    counted from the end like a negative int)."""
+    if isinstance(v, fx.Node):
+        v = v.meta["val"]
+    if not isinstance(v, torch.SymInt):
+        return False
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(v < 0)
+
+
 def _slice(imp, node, kw):
     x = imp.value(kw["self"])
     t = imp.b.types[x]
     dim = kw.get("dim", 0) % t.rank
     size = t.shape[dim]
     start, end, step = kw.get("start"), kw.get("end"), kw.get("step", 1)
+    negative = {"start": _below_zero(start), "end": _below_zero(end)}
     start = 0 if start is None else _dim_value(imp, start)
     end = size if end is None or (isinstance(end, int) and end >= INT64_MAX) else _dim_value(imp, end)
     for name, v in (("start", start), ("end", end)):
-        if isinstance(v, int) and v < 0:
+        if (isinstance(v, int) and v < 0) or negative[name]:
             v = size + v
         if isinstance(v, int) and isinstance(size, int):
             v = max(0, min(v, size))

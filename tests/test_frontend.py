@@ -473,6 +473,33 @@ def test_a_relu_mlp_compiles(backend):
     _assert_matches_eager(cm, model)
 
 
+class _LastRowsBySequenceLength(torch.nn.Module):
+    """Slices bounded by ``-seq_len`` (as transformers 5.17's causal conv cuts its tail, ``x[:, :, -seq_len:]``):
+    torch.export records the bound as the SymInt -S, counted from the end like a negative int."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(64, 8)
+        self.head = torch.nn.Linear(8, 64, bias=False)
+
+    def forward(self, input_ids):
+        x = self.emb(input_ids)
+        y = torch.cat([x * 2, x], 1)  # [B, 2S, 8]
+        s = input_ids.shape[1]
+        return self.head(y[:, -s:] + y[:, :-s])  # x + 2x
+
+
+def test_a_slice_bounded_by_minus_the_sequence_length_counts_from_the_end():
+    model = _LastRowsBySequenceLength().eval()
+    cm = lowerlm.compile_model(model, backend="reference", max_seq_len=32, use_cache=False, tokenizer=False,
+                               passes=["canonicalize"])  # it mixes tokens: logits only, no generation
+    slices = [n for n in cm.imported.graphs[0].nodes if n.op is Op.SLICE]
+    assert [(str(n.attr("start")), str(n.attr("end"))) for n in slices] == [("S", "2*S"), ("0", "S")]
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(cm(ids), model(ids))
+
+
 def test_layer_norm_of_a_bf16_model_is_computed_in_f32():
     """As torch's layer_norm does: the reference backend's bf16 logits are eager bf16's to bf16 rounding."""
     model = _nano_gpt().to(torch.bfloat16)
