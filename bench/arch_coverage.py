@@ -241,7 +241,7 @@ def _tiny_kwargs(cls, base: dict, every_kind: bool) -> dict:
     lm = default.get_text_config(decoder=True)  # every layer kind is needed in the language model only
     for k in fields:
         if isinstance(sub := _attr(default, k), transformers.PreTrainedConfig):
-            spec = cls.sub_configs_defaults.get(k)
+            spec = getattr(cls, "sub_configs_defaults", {}).get(k)  # transformers 5.17 has none
             kwargs[k] = _tiny_config(type(sub), dict(spec.init_kwargs) if spec else {}, every_kind and sub is lm)
     for k in SPECIAL_IDS:  # token ids of the full vocabulary, past the tiny one
         v = _attr(default, k) if k in fields else None
