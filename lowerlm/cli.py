@@ -131,6 +131,12 @@ def _stages(args, progress) -> list:
     from lowerlm.passes import dump_header, run_pipeline
 
     shard = (args.rank, args.tp) if args.tp > 1 else None
+
+    def passes_of(module) -> list:
+        records: list = []
+        run_pipeline(module, dump=set(), on_pass=records.append, backend=fusing_backend(args.backend), tp=shard)
+        return [("// imported", module)] + [(dump_header(r), r.module) for r in records]
+
     if args.ir:
         from lowerlm.errors import InputError, LowerlmError
         from lowerlm.ir import verify_module
@@ -140,9 +146,7 @@ def _stages(args, progress) -> list:
             module = verify_module(parse_module(text))
         except LowerlmError as e:  # the file named, with the line:col the parser gives
             raise InputError(f"IR file '{path}': {e}") from None
-        records: list = []
-        run_pipeline(module, dump=set(), on_pass=records.append, backend=fusing_backend(args.backend), tp=shard)
-        return [("// imported", module)] + [(dump_header(r), r.module) for r in records]
+        return passes_of(module)
     import lowerlm
 
     if args.backend in ("onnx", "auto"):
@@ -151,10 +155,7 @@ def _stages(args, progress) -> list:
     if shard is not None:  # one rank's passes, without a process group: the IR only, no program built
         from lowerlm.frontend.trace import trace_model
 
-        module = trace_model(model, progress=progress)
-        records = []
-        run_pipeline(module, dump=set(), on_pass=records.append, backend=fusing_backend(args.backend), tp=shard)
-        return [("// imported", module)] + [(dump_header(r), r.module) for r in records]
+        return passes_of(trace_model(model, progress=progress))
     cm = lowerlm.compile_model(model, backend=args.backend, progress=progress, tokenizer=False)
     stages = cm.stages()
     if args.backend == "auto":  # AutoProgram: which backend runs each partition

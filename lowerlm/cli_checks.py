@@ -143,10 +143,10 @@ def _ir_text(text: str) -> tuple:
 @_flag
 def _after(text: str) -> str:
     """'all', 'none' or a pass dump-ir can run (upcast and arm need data it does not have: why, and what to do)."""
-    from lowerlm.passes import PASSES
+    from lowerlm.passes import PASSES, TP_PASSES
 
-    if text in ("all", "none") or text in PASSES or text in ("tensor_parallel", "fuse_allreduce_norm"):
-        return text  # the last two run with --tp
+    if text in ("all", "none") or text in PASSES or text in TP_PASSES:  # TP_PASSES: with --tp
+        return text
     if text == "arm":
         raise ValueError("pass 'arm' runs only with calibration data, which dump-ir does not take; use "
                          "lowerlm.compile_model(model, arm=lowerlm.calibrate(model)).dump(after='arm')")

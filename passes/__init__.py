@@ -107,6 +107,7 @@ class PassRecord:
 
 
 _BEFORE_TP = ("canonicalize", "raise_moe_route", "raise_mla")  # the shard is cut after these (before the fusions)
+TP_PASSES = ("tensor_parallel", "fuse_allreduce_norm")  # what resolve inserts there for tp (made per rank)
 
 
 def resolve(passes: str | Iterable[str | tuple] = "default", arm=None, upcast_from=None,
@@ -120,7 +121,7 @@ def resolve(passes: str | Iterable[str | tuple] = "default", arm=None, upcast_fr
         from lowerlm.passes.tensor_parallel import fuse_allreduce_norm, tensor_parallel
 
         at = max((i + 1 for i, (name, _) in enumerate(out) if name in _BEFORE_TP), default=0)
-        out[at:at] = [("tensor_parallel", tensor_parallel(*tp)), ("fuse_allreduce_norm", fuse_allreduce_norm)]
+        out[at:at] = list(zip(TP_PASSES, (tensor_parallel(*tp), fuse_allreduce_norm)))
     if upcast_from is not None:
         out.insert(0, ("upcast", upcast(upcast_from)))
     if passes == "default" and backend is not None:

@@ -56,8 +56,7 @@ class _Plan:
         self.slices: dict = {}  # (node's name, input slot of a weight or bias) -> (axis, ((start, end), ...))
         self.dropped: set = set()  # (node's name, input slot): a bias only rank 0 adds (inside a partial sum)
         self.heads: set = set()  # names of the nodes on H/N heads (attention, rope, reshapes on the head path)
-        self.partial: dict = {}  # name of a node whose result is this rank's part of a sum -> a linear's bias
-        #                          (added after the reduction) or None
+        self.partial: set = set()  # names of the nodes whose result is this rank's part of a sum
         self.gathered: set = set()  # names of the lm_heads computing this rank's slice of the vocabulary
 
 
@@ -133,7 +132,7 @@ def _row_parallel(producer, o: Node, rank: int, world: int, plan: _Plan) -> None
     """o's columns of this rank's heads, its result a partial sum (its bias added after the reduction)."""
     per = producer[o.inputs[1]].results[0].type.shape[1] // world
     plan.slices[(o.name, 1)] = (1, (_shard(rank, per),))
-    plan.partial[o.name] = o.inputs[2]
+    plan.partial.add(o.name)
 
 
 def _plan_mla(producer, users, a: Node, rank: int, world: int, plan: _Plan) -> bool:
@@ -183,7 +182,7 @@ def _plan_mlp(producer, users, down: Node, rank: int, world: int, plan: _Plan) -
             if lin.inputs[2] is not None:
                 plan.slices[(lin.name, 2)] = (0, (_shard(rank, per),))
         plan.slices[(down.name, 1)] = (1, (_shard(rank, per),))
-        plan.partial[down.name] = down.inputs[2]
+        plan.partial.add(down.name)
         return True
     return False
 
@@ -213,7 +212,7 @@ def _plan_experts(producer, n: Node, rank: int, world: int, plan: _Plan) -> bool
     elif n.inputs[5] is not None:
         part = (_shard(rank, shared // world),)
         plan.slices.update({(n.name, 5): (0, part), (n.name, 6): (0, part), (n.name, 7): (1, part)})
-    plan.partial[n.name] = None
+    plan.partial.add(n.name)
     return True
 
 
@@ -349,7 +348,7 @@ def _apply(g: Graph, plan: _Plan, producer: dict, world: int) -> Graph:
             add(Op.ALLGATHER, [part], {"world": world}, [n.results[0].name], n.source)
             continue
         if n.name in plan.partial:
-            bias = plan.partial[n.name]
+            bias = n.inputs[2] if n.op is Op.LINEAR else None  # a linear's bias: added once, after the reduction
             if bias is not None:
                 inputs[2] = None
             partial = fresh(f"{n.name}.partial")

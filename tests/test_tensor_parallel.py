@@ -11,6 +11,7 @@ import torch
 
 import lowerlm
 import lowerlm.ir as ir
+from lowerlm.ir.ops import COLLECTIVES
 from lowerlm.passes import PASSES, run_pass
 from lowerlm.passes.tensor_parallel import fuse_allreduce_norm, tensor_parallel
 from lowerlm.runtime.distributed import launch
@@ -106,6 +107,9 @@ def test_one_rank_is_the_identity():
 
 # ---- two ranks over gloo ---------------------------------------------------------------------------------------
 FAMILIES = ["llama", "qwen3", "mixtral", "kimi"]
+# a decode step's reductions (fused with the next norm) and the lm_head's allgather: two per layer (attention, MLP
+# or experts), Kimi's KDA layer none (replicated) and its MoE one (routed and shared experts reduced together)
+REDUCTIONS = {"llama": 4, "qwen3": 4, "mixtral": 4, "kimi": 3}
 
 
 def _family(family: str):
@@ -123,6 +127,7 @@ def _run(cm, tokens: int) -> dict:
             "sampled": [s[0] for s in cm.generate_ids([[5, 7, 9]], 16, temperature=1.0, top_p=0.9, seed=7,
                                                       stop_ids=[])],
             "ops": sorted({n.op.value for g in cm.ir.graphs for n in g.nodes}),
+            "collectives": sorted(n.op.value for n in cm.ir.graph("decode").nodes if n.op in COLLECTIVES),
             "parts": {g: [p.backend for p in pl.parts] for g, pl in plan.items()}}
 
 
@@ -146,7 +151,8 @@ def _rank(rank: int, world: int, backend: str, families: list, tokens: int, out:
                                                        ("triton", ["llama"], 8)])
 def test_two_ranks_give_the_single_rank_logits_and_tokens(backend, families, tokens, tmp_path):
     """Tiny Llama, Qwen3, Mixtral and Kimi Linear over two gloo ranks: the single-rank logits within 1e-5 of their
-    largest magnitude, and the same 32 greedy tokens; every rank computes the same logits."""
+    largest magnitude, and the same greedy tokens (32; Triton's interpreter 8); every rank computes the same logits
+    and samples the same tokens."""
     out = str(tmp_path / "rank")
     launch(_rank, 2, backend, families, tokens, out)
     results = [torch.load(f"{out}.{r}") for r in range(2)]
@@ -155,6 +161,7 @@ def test_two_ranks_give_the_single_rank_logits_and_tokens(backend, families, tok
         for rank, r in enumerate(results):
             got = r[family]["tp"]
             assert "allreduce_add_rms_norm" in got["ops"], family
+            assert got["collectives"] == ["allgather"] + ["allreduce_add_rms_norm"] * REDUCTIONS[family], family
             if backend == "onnx":  # ONNX sessions, the collectives between them on the reference backend
                 assert got["parts"]["decode"][:3] == ["onnx", "reference", "onnx"], (family, got["parts"])
             # the partial sums are added in another order than one rank's GEMM: equal within f32 rounding
